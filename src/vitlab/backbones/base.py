@@ -1,0 +1,53 @@
+"""The contract every backbone in vitlab follows (see DESIGN.md, "Interfaces").
+
+A backbone is an ``nn.Module`` that
+
+* ``forward(images) -> list[Tensor]``: NCHW feature maps, one per entry of
+  ``strides`` (e.g. 4, 8, 16, 32), with ``out_channels[i]`` channels each; any
+  input size works (families pad internally and interpolate position embeddings);
+* ``forward_features(images)``: whatever the family's classification head reads
+  (pooled vector, token sequence, cls token, ...);
+* ``make_head(num_classes) -> nn.Module``: the family's official classification
+  head, applied to ``forward_features``' output;
+* ``no_weight_decay() -> set[str]``: parameter names exempt from weight decay
+  (timm's optimiser factory reads this; norms and biases are exempt anyway).
+
+Classification models are ``ImageClassifier(backbone, num_classes)``, so every
+state dict in this project has the layout ``backbone.*`` + ``head.*``. A family
+that has official checkpoints provides ``convert_official(state_dict)`` in its
+module, returning that layout; ``vitlab.checkpoints`` picks it up.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Backbone(nn.Module):
+    out_channels: list[int]
+    strides: list[int]
+
+    def forward_features(self, images: torch.Tensor):
+        raise NotImplementedError
+
+    def make_head(self, num_classes: int) -> nn.Module:
+        raise NotImplementedError
+
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+
+class ImageClassifier(nn.Module):
+    """Backbone + its family's head; the model behind ``vitlab.create_model``."""
+
+    def __init__(self, backbone: Backbone, num_classes: int = 1000):
+        super().__init__()
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.head = backbone.make_head(num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone.forward_features(images))
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}

@@ -1,0 +1,179 @@
+"""ImageNet-1K classification data in its folder layout (``train/<wnid>/*``, ``val/<wnid>/*``).
+
+Transforms, mixup/cutmix and the repeated-augmentation sampler are timm's: the
+DeiT recipe the papers train with is exactly what timm implements.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from timm.data import create_transform
+from timm.data.distributed_sampler import RepeatAugSampler
+from torch.utils.data import DataLoader, default_collate
+from torchvision.datasets import ImageFolder
+
+from vitlab.data.base import CorruptImageError, DatasetLayoutError, VitlabDataModule
+
+IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+
+
+def load_rgb(path: str) -> Image.Image:
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise CorruptImageError(f"{path}: cannot be decoded as an image ({err})") from err
+
+
+class ImageFolderDataset(ImageFolder):
+    """torchvision's ImageFolder with a clear error for corrupt files, or skipping them.
+
+    With ``skip_corrupt`` a bad file yields ``None``; ``collate_skipping`` drops it and
+    counts it in the batch, so the count survives worker processes.
+    """
+
+    def __init__(self, root: str, transform=None, skip_corrupt: bool = False):
+        super().__init__(root, transform=transform, loader=load_rgb, is_valid_file=self._has_image_suffix)
+        self.skip_corrupt = skip_corrupt
+
+    @staticmethod
+    def _has_image_suffix(path: str) -> bool:
+        return path.lower().endswith(IMG_EXTENSIONS)
+
+    def __getitem__(self, index: int):
+        try:
+            return super().__getitem__(index)
+        except CorruptImageError as err:
+            if not self.skip_corrupt:
+                raise CorruptImageError(f"{err}. Set data.skip_corrupt=true to skip and count such files.") from None
+            warnings.warn(f"skipping corrupt image: {err}", stacklevel=2)
+            return None
+
+
+def collate_skipping(batch):
+    kept = [b for b in batch if b is not None]
+    images, targets = default_collate(kept)
+    return images, targets, torch.tensor(len(batch) - len(kept))
+
+
+class ImageNetDataModule(VitlabDataModule):
+    layout_help = (
+        "  <root>/train/<wnid>/*.JPEG   (one folder per class, e.g. n01440764)\n"
+        "  <root>/val/<wnid>/*.JPEG     (the same class folders)"
+    )
+
+    def __init__(
+        self,
+        root: str,
+        synthetic: bool = False,
+        synthetic_root: str | None = None,
+        batch_size: int = 128,
+        num_workers: int = 8,
+        smoke: bool = False,
+        skip_corrupt: bool = False,
+        seed: int = 0,
+        img_size: int = 224,
+        crop_pct: float = 0.875,
+        interpolation: str = "bicubic",
+        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+        color_jitter: float = 0.4,
+        reprob: float = 0.25,
+        hflip: float = 0.5,
+        scale: tuple[float, float] = (0.08, 1.0),
+        repeated_aug: bool = False,
+        synthetic_classes: int = 10,
+        synthetic_size: int = 64,
+    ):
+        super().__init__(root, synthetic, synthetic_root, batch_size, num_workers, smoke, skip_corrupt, seed)
+        self.img_size = 32 if smoke else img_size
+        self.crop_pct = crop_pct
+        self.interpolation = interpolation
+        self.auto_augment = auto_augment
+        self.color_jitter = color_jitter
+        self.reprob = reprob
+        self.hflip = hflip
+        self.scale = tuple(scale)
+        self.repeated_aug = repeated_aug
+        self.synthetic_classes = synthetic_classes
+        self.synthetic_size = synthetic_size
+        self.train_set = self.val_set = None
+
+    def check_layout(self, root: Path) -> None:
+        for split in ("train", "val"):
+            folder = root / split
+            if not folder.is_dir():
+                raise DatasetLayoutError(f"ImageNet not found: {folder} is missing")
+            classes = [d for d in folder.iterdir() if d.is_dir()]
+            if not classes:
+                raise DatasetLayoutError(f"{folder} has no class folders (<wnid>/ sub-directories)")
+        train_classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+        val_classes = sorted(d.name for d in (root / "val").iterdir() if d.is_dir())
+        if train_classes != val_classes:
+            extra = sorted(set(train_classes) ^ set(val_classes))[:5]
+            raise DatasetLayoutError(
+                f"{root}: train/ and val/ must hold the same class folders; these differ: {extra}"
+            )
+
+    def generate_synthetic(self, root: Path) -> None:
+        from vitlab.data.synthetic import make_imagenet
+
+        make_imagenet(root, seed=self.seed, num_classes=self.synthetic_classes, size=self.synthetic_size)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """The network's input size (for FLOP counts in summaries)."""
+        return (self.img_size, self.img_size)
+
+    @property
+    def num_classes(self) -> int:
+        root = self.data_root()
+        return sum(1 for d in (root / "train").iterdir() if d.is_dir())
+
+    def train_transform(self):
+        return create_transform(
+            self.img_size,
+            is_training=True,
+            scale=self.scale,
+            hflip=self.hflip,
+            color_jitter=self.color_jitter,
+            auto_augment=self.auto_augment,
+            interpolation=self.interpolation,
+            re_prob=self.reprob,
+            re_mode="pixel",
+        )
+
+    def eval_transform(self):
+        return create_transform(
+            self.img_size, is_training=False, interpolation=self.interpolation, crop_pct=self.crop_pct
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        root = self.data_root()
+        self.train_set = ImageFolderDataset(str(root / "train"), self.train_transform(), self.skip_corrupt)
+        self.val_set = ImageFolderDataset(str(root / "val"), self.eval_transform(), self.skip_corrupt)
+        if self.smoke:  # a few batches are enough to exercise the whole path
+            keep = self.batch_size * 2
+            self.train_set.samples = self.train_set.samples[:: max(1, len(self.train_set) // keep)][:keep]
+            self.val_set.samples = self.val_set.samples[:: max(1, len(self.val_set) // keep)][:keep]
+            self.train_set.targets = [t for _, t in self.train_set.samples]
+            self.val_set.targets = [t for _, t in self.val_set.samples]
+
+    def train_dataloader(self) -> DataLoader:
+        if self.repeated_aug:
+            world = self.trainer.world_size if self.trainer else 1
+            rank = self.trainer.global_rank if self.trainer else 0
+            # timm's RA sampler repeats each image 3x across ranks (DeiT); train.py turns off
+            # Lightning's own distributed sampler for it.
+            sampler = RepeatAugSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True)
+            return DataLoader(
+                self.train_set, self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                collate_fn=collate_skipping, drop_last=True, persistent_workers=self.num_workers > 0,
+            )
+        return self.make_loader(self.train_set, train=True, collate_fn=collate_skipping)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.make_loader(self.val_set, train=False, collate_fn=collate_skipping)

@@ -1,0 +1,125 @@
+"""What every vitlab LightningModule shares: optimiser, LR policy, checkpoint contents.
+
+Subclasses build ``self.model`` from the backbone config and own their losses
+and metrics. The optimiser and schedule come from the ``schedule`` config group
+(see ``conf/schedule/``), so the papers' recipes are data, not code.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRScheduler
+from torch import nn
+
+from vitlab.backbones.base import Backbone
+
+
+def _plain(cfg: Any) -> Any:
+    """Checkpoints are read with ``weights_only=True``: keep hyper-parameters plain containers."""
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Full names of parameters every backbone inside ``model`` exempts from decay."""
+    names = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, Backbone):
+            names |= {f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay()}
+    return names
+
+
+class VitlabTask(L.LightningModule):
+    def __init__(self, backbone: dict, schedule: dict):
+        super().__init__()
+        self.backbone_cfg = _plain(backbone)
+        self.schedule = _plain(schedule)
+        self.run_config: dict | None = None  # the resolved run config, set by train.py
+        self._pending_rng: dict | None = None
+
+    # ---- optimisation ---------------------------------------------------------------
+    def global_batch_size(self) -> int:
+        trainer = self.trainer
+        per_device = trainer.datamodule.batch_size if trainer.datamodule is not None else 1
+        return per_device * trainer.world_size * trainer.accumulate_grad_batches
+
+    def scaled_lr(self) -> float:
+        opt = self.schedule["optimizer"]
+        base = self.schedule.get("base_batch_size")
+        if not self.schedule.get("scale_lr", True) or not base:
+            return opt["lr"]
+        return opt["lr"] * self.global_batch_size() / base  # linear scaling rule (Goyal et al.)
+
+    def configure_optimizers(self):
+        opt = self.schedule["optimizer"]
+        # timm's factory builds the param groups: no decay for 1-D params (norms, biases)
+        # and for the names each backbone lists in no_weight_decay() (pos embeds, tokens).
+        model = self.model
+        model.no_weight_decay = lambda: no_weight_decay_names(model)  # read by timm
+        optimizer = create_optimizer_v2(
+            model,
+            opt=opt.get("name", "adamw"),
+            lr=self.scaled_lr(),
+            weight_decay=opt.get("weight_decay", 0.0),
+            betas=tuple(opt.get("betas", (0.9, 0.999))),
+            eps=opt.get("eps", 1e-8),
+        )
+        del model.no_weight_decay
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._scheduler(optimizer), "interval": "step"}}
+
+    def _scheduler(self, optimizer):
+        policy = dict(self.schedule["lr_policy"])
+        total = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1)) if self.schedule.get("epochs") else 1
+        warmup = int(policy.get("warmup_iters") or round(policy.get("warmup_epochs", 0) * steps_per_epoch))
+        common = dict(
+            warmup_t=min(warmup, max(total - 1, 0)),
+            warmup_lr_init=policy.get("warmup_lr", 1e-6),
+            t_in_epochs=False,  # every schedule is stepped per iteration
+        )
+        name = policy["name"]
+        if name == "cosine":
+            return CosineLRScheduler(optimizer, t_initial=total, lr_min=policy.get("min_lr", 0.0), **common)
+        if name == "poly":
+            return PolyLRScheduler(
+                optimizer, t_initial=total, power=policy.get("power", 1.0), lr_min=policy.get("min_lr", 0.0), **common
+            )
+        if name == "multistep":
+            milestones = [int(m * steps_per_epoch) for m in policy["milestones"]]
+            return MultiStepLRScheduler(optimizer, decay_t=milestones, decay_rate=policy.get("gamma", 0.1), **common)
+        raise ValueError(f"schedule.lr_policy.name={name!r}: expected one of cosine, poly, multistep")
+
+    def lr_scheduler_step(self, scheduler, metric=None) -> None:
+        scheduler.step_update(num_updates=self.global_step)  # timm schedulers are step-indexed
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip = self.schedule.get("clip_grad")
+        self.clip_gradients(optimizer, gradient_clip_val=clip or gradient_clip_val, gradient_clip_algorithm="norm")
+
+    # ---- checkpoints: resolved config + RNG, so runs resume exactly ------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["vitlab_config"] = self.run_config
+        checkpoint["vitlab_rng"] = {
+            "python": list(random.getstate()[1]),
+            "numpy": [int(v) for v in np.random.get_state()[1]],
+            "numpy_tail": list(np.random.get_state()[2:]),  # position, has_gauss, cached_gaussian
+            "torch": torch.get_rng_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._pending_rng = checkpoint.get("vitlab_rng")
+
+    def on_train_start(self) -> None:
+        # Restore RNG only now, after Lightning's own set-up and sanity check, so a resumed
+        # run draws the same augmentations, mixup and drop-path masks as an uninterrupted one.
+        if self._pending_rng:
+            rng = self._pending_rng
+            random.setstate((3, tuple(rng["python"]), None))
+            np.random.set_state(("MT19937", np.array(rng["numpy"], dtype=np.uint32), *rng["numpy_tail"]))
+            torch.set_rng_state(rng["torch"])
+            self._pending_rng = None

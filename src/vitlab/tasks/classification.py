@@ -1,0 +1,84 @@
+"""Image classification: any backbone + its family's head, the DeiT-style recipe via timm."""
+from __future__ import annotations
+
+import torch
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from vitlab.api import build_classifier
+from vitlab.tasks.base import VitlabTask
+
+
+class ClassificationTask(VitlabTask):
+    def __init__(
+        self,
+        backbone: dict,
+        schedule: dict,
+        num_classes: int = 1000,
+        mixup: float = 0.8,
+        cutmix: float = 1.0,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        label_smoothing: float = 0.1,
+        ema_decay: float | None = None,
+    ):
+        super().__init__(backbone, schedule)
+        self.save_hyperparameters(ignore=["backbone", "schedule"])
+        self.hparams.update(backbone=self.backbone_cfg, schedule=self.schedule)
+        self.num_classes = num_classes
+        self.model = build_classifier(self.backbone_cfg, num_classes)
+        self.mixup = None
+        if mixup > 0 or cutmix > 0:
+            self.mixup = Mixup(
+                mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob,
+                label_smoothing=label_smoothing, num_classes=num_classes,
+            )
+            self.train_loss = SoftTargetCrossEntropy()  # mixup makes soft targets (smoothing included)
+        elif label_smoothing > 0:
+            self.train_loss = LabelSmoothingCrossEntropy(smoothing=label_smoothing)
+        else:
+            self.train_loss = nn.CrossEntropyLoss()
+        self.ema = ModelEmaV3(self.model, decay=ema_decay) if ema_decay else None
+        if self.ema is not None:
+            self.ema.requires_grad_(False)
+        top5 = min(5, num_classes)
+        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def training_step(self, batch, batch_idx):
+        images, targets, skipped = batch
+        if self.mixup is not None:
+            if images.shape[0] % 2:  # timm's batch mixup pairs samples: needs an even batch
+                images, targets = images[:-1], targets[:-1]
+            images, targets = self.mixup(images, targets)
+        loss = self.train_loss(self.model(images), targets)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
+        if skipped.item():
+            self.log("data/skipped_corrupt", skipped.float(), reduce_fx="sum")
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
+
+    def validation_step(self, batch, batch_idx):
+        images, targets, _ = batch
+        model = self.ema.module if self.ema is not None else self.model
+        logits = model(images)
+        self.log("val/loss", nn.functional.cross_entropy(logits, targets), sync_dist=True, prog_bar=False)
+        self.val_top1.update(logits, targets)
+        self.val_top5.update(logits, targets)
+
+    def on_validation_epoch_end(self) -> None:
+        # torchmetrics syncs the states across processes before compute()
+        self.log("val/top1", self.val_top1.compute() * 100, prog_bar=True)
+        self.log("val/top5", self.val_top5.compute() * 100)
+        self.val_top1.reset()
+        self.val_top5.reset()
