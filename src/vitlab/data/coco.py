@@ -1,0 +1,383 @@
+"""COCO 2017 detection / instance segmentation data, read with pycocotools.
+
+Layout (the official one)::
+
+    <root>/train2017/*.jpg   <root>/val2017/*.jpg
+    <root>/annotations/instances_train2017.json   instances_val2017.json
+
+Training follows mmdetection's COCO pipeline: images without (non-crowd)
+annotations are dropped, crowd regions are ignored, shorter side resized to
+800 (or a random choice of ``train_scales`` for multi-scale 3x training) with
+the longer side <= 1333, horizontal flip. Transforms are torchvision v2 on
+tv_tensors, so boxes and masks follow the image.
+
+Padding to a multiple of 32 and the mean/std normalisation happen inside the
+model (torchvision's ``GeneralizedRCNNTransform``, see ``vitlab.heads.detection``):
+batches here are lists of float images in [0, 1] of different sizes.
+
+Labels are contiguous ``0..K-1`` in the order of the sorted category ids;
+``category_ids[label]`` maps back (used when writing the results JSON).
+
+Validation targets stay in the original image's coordinates and keep crowd
+regions (``iscrowd=1``), so the metric is COCO's own protocol; the task maps
+predictions back to the original size.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from vitlab.data.base import CorruptImageError, DatasetLayoutError, VitlabDataModule
+from vitlab.data.imagenet import load_rgb
+
+
+class AnnotationError(ValueError):
+    """A malformed annotation file or annotation; the message names the file and the item."""
+
+
+BOX_TOLERANCE = 1.0  # px: COCO boxes derived from polygons may overshoot the border by rounding
+
+
+def load_coco_json(path: Path) -> COCO:
+    """Parse and check an instances JSON; a bad file is an ``AnnotationError`` naming it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise AnnotationError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise AnnotationError(f"{path}: expected a JSON object with images/annotations/categories")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise AnnotationError(f"{path}: missing or non-list '{key}' (COCO instances format)")
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or not {"id", "file_name", "width", "height"} <= img.keys():
+            raise AnnotationError(f"{path}: images[{i}] needs id, file_name, width, height; got {img!r:.200}")
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or "id" not in cat:
+            raise AnnotationError(f"{path}: categories[{i}] has no id")
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or not {"id", "image_id", "category_id", "bbox"} <= ann.keys():
+            raise AnnotationError(
+                f"{path}: annotations[{i}] needs id, image_id, category_id, bbox; got {ann!r:.200}"
+            )
+    coco = COCO()  # pycocotools' documented way to index an already-loaded dict
+    coco.dataset = data
+    coco.createIndex()
+    return coco
+
+
+def check_annotations(coco: COCO, path: Path, clip_boxes: bool) -> int:
+    """Check every annotation's image, category and box; clip (and count) or raise.
+
+    Returns the number of boxes clipped to their image.
+    """
+    clipped = 0
+    for ann in coco.dataset["annotations"]:
+        where = f"{path}: annotation id {ann['id']}"
+        img = coco.imgs.get(ann["image_id"])
+        if img is None:
+            raise AnnotationError(f"{where}: image_id {ann['image_id']} is not in 'images'")
+        where += f" (image {img['file_name']})"
+        if ann["category_id"] not in coco.cats:
+            raise AnnotationError(
+                f"{where}: category_id {ann['category_id']} is not one of the {len(coco.cats)} categories"
+            )
+        box = ann["bbox"]
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+            raise AnnotationError(f"{where}: bbox must be [x, y, width, height]; got {box!r}")
+        x, y, w, h = box
+        if not all(math.isfinite(v) for v in box) or w < 0 or h < 0:
+            raise AnnotationError(f"{where}: bbox {box} has a negative or non-finite size")
+        W, H = img["width"], img["height"]
+        if x < -BOX_TOLERANCE or y < -BOX_TOLERANCE or x + w > W + BOX_TOLERANCE or y + h > H + BOX_TOLERANCE:
+            if not clip_boxes:
+                raise AnnotationError(
+                    f"{where}: bbox {box} (xywh) lies outside its {W}x{H} image; "
+                    f"fix the file or set data.clip_boxes=true to clip such boxes"
+                )
+            x0, y0 = min(max(x, 0.0), W), min(max(y, 0.0), H)
+            x1, y1 = min(max(x + w, 0.0), W), min(max(y + h, 0.0), H)
+            ann["bbox"] = [x0, y0, x1 - x0, y1 - y0]
+            clipped += 1
+    return clipped
+
+
+class CocoDetectionDataset(Dataset):
+    """One COCO split. Items: ``(image float CHW in [0,1], target dict)`` or ``None`` (skipped corrupt file).
+
+    Training targets: ``boxes`` (XYXY ``BoundingBoxes``), ``labels``, ``masks`` (``Mask``, N x H x W)
+    after the transforms, crowd regions removed. Validation targets: original coordinates,
+    crowd regions kept with ``iscrowd``; the image is transformed alone.
+    Both carry ``image_id`` (COCO's) and ``orig_size`` (H, W).
+    """
+
+    def __init__(
+        self,
+        image_dir: Path,
+        ann_file: Path,
+        transforms,
+        train: bool,
+        with_masks: bool,
+        clip_boxes: bool = False,
+        skip_corrupt: bool = False,
+        coco: COCO | None = None,
+    ):
+        self.image_dir, self.ann_file = Path(image_dir), Path(ann_file)
+        self.transforms = transforms
+        self.train = train
+        self.with_masks = with_masks
+        self.skip_corrupt = skip_corrupt
+        self.coco = coco or load_coco_json(self.ann_file)
+        self.num_clipped = check_annotations(self.coco, self.ann_file, clip_boxes)
+        if self.num_clipped:
+            warnings.warn(f"{self.ann_file}: clipped {self.num_clipped} boxes to their image", stacklevel=2)
+        self.category_ids = sorted(self.coco.cats)
+        self.label_of = {cat: i for i, cat in enumerate(self.category_ids)}
+        ids = sorted(self.coco.imgs)
+        if train:  # mmdet's filter_empty_gt: an image with nothing to learn from is dropped
+            ids = [i for i in ids if any(not a.get("iscrowd", 0) for a in self.coco.imgToAnns.get(i, []))]
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def aspect_groups(self) -> list[int]:
+        """0 for landscape (w >= h), 1 for portrait: batches are drawn from one group."""
+        return [int(self.coco.imgs[i]["width"] < self.coco.imgs[i]["height"]) for i in self.ids]
+
+    def _target(self, info: dict, anns: list[dict]) -> dict:
+        H, W = info["height"], info["width"]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(H, W)),
+            "labels": torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.int64),
+            "iscrowd": torch.tensor([int(a.get("iscrowd", 0)) for a in anns], dtype=torch.int64),
+            "area": torch.tensor([float(a.get("area", 0.0)) for a in anns], dtype=torch.float32),
+        }
+        if self.with_masks:
+            masks = np.zeros((len(anns), H, W), dtype=np.uint8)
+            for k, ann in enumerate(anns):
+                if "segmentation" not in ann:
+                    raise AnnotationError(f"{self.ann_file}: annotation id {ann['id']} has no segmentation")
+                try:  # pycocotools reads polygons, compressed and uncompressed RLE
+                    masks[k] = self.coco.annToMask(ann)
+                except Exception as err:
+                    raise AnnotationError(
+                        f"{self.ann_file}: annotation id {ann['id']} (image {info['file_name']}): "
+                        f"unreadable segmentation ({type(err).__name__}: {err})"
+                    ) from None
+            target["masks"] = tv_tensors.Mask(torch.from_numpy(masks))
+        return target
+
+    def __getitem__(self, index: int):
+        image_id = self.ids[index]
+        info = self.coco.imgs[image_id]
+        path = self.image_dir / info["file_name"]
+        try:
+            pil = load_rgb(str(path))
+        except (CorruptImageError, FileNotFoundError) as err:
+            if not self.skip_corrupt:
+                raise CorruptImageError(f"{err}. Set data.skip_corrupt=true to skip and count such files.") from None
+            warnings.warn(f"skipping unreadable image: {err}", stacklevel=2)
+            return None
+        if pil.size != (info["width"], info["height"]):
+            raise AnnotationError(
+                f"{self.ann_file}: image id {image_id}: {path} is {pil.size[0]}x{pil.size[1]} but the JSON "
+                f"says {info['width']}x{info['height']}"
+            )
+        image = tv_tensors.Image(TF.pil_to_tensor(pil))
+        anns = self.coco.imgToAnns.get(image_id, [])
+        if self.train:
+            anns = [a for a in anns if not a.get("iscrowd", 0)]  # crowd regions are ignored in training
+        target = self._target(info, anns)
+        target["image_id"] = image_id
+        target["orig_size"] = (info["height"], info["width"])
+        if self.train:
+            image, target = self.transforms(image, target)
+        else:
+            image = self.transforms(image)
+        return image, target
+
+
+class AspectRatioGroupedSampler(DistributedSampler):
+    """Shuffled batches whose images share an orientation (landscape / portrait).
+
+    mmdetection's DistributedGroupSampler: each group is padded to a multiple of
+    batch x replicas with repeated images, cut into batches, batches shuffled and
+    dealt to the ranks. A sampler (not a batch sampler) so Lightning recognises it
+    as distributed and leaves it alone; torchvision's GroupedBatchSampler lives in
+    its references/, not in the library.
+    """
+
+    def __init__(self, dataset, group_ids: list[int], batch_size: int, num_replicas=1, rank=0, seed=0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.group_ids = torch.as_tensor(group_ids)
+        self.batch_size = batch_size
+
+    def _batches(self) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        chunk = self.batch_size * self.num_replicas
+        batches = []
+        for group in self.group_ids.unique().tolist():
+            idx = torch.nonzero(self.group_ids == group).flatten()
+            idx = idx[torch.randperm(len(idx), generator=g)]
+            pad = (-len(idx)) % chunk
+            idx = torch.cat([idx, idx[torch.randint(len(idx), (pad,), generator=g)]]).tolist()
+            batches += [idx[i : i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+        order = torch.randperm(len(batches), generator=g).tolist()
+        return [batches[i] for i in order][self.rank :: self.num_replicas]
+
+    def __iter__(self):
+        return iter([i for batch in self._batches() for i in batch])
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self._batches())
+
+
+def collate_detection(batch):
+    """Lists of images and targets (sizes differ); skipped corrupt files counted."""
+    kept = [b for b in batch if b is not None]
+    images = [b[0] for b in kept]
+    targets = [b[1] for b in kept]
+    return images, targets, torch.tensor(len(batch) - len(kept))
+
+
+class CocoDataModule(VitlabDataModule):
+    layout_help = (
+        "  <root>/train2017/*.jpg\n"
+        "  <root>/val2017/*.jpg\n"
+        "  <root>/annotations/instances_train2017.json\n"
+        "  <root>/annotations/instances_val2017.json"
+    )
+
+    def __init__(
+        self,
+        root: str,
+        synthetic: bool = False,
+        synthetic_root: str | None = None,
+        batch_size: int = 2,
+        num_workers: int = 4,
+        smoke: bool = False,
+        skip_corrupt: bool = False,
+        seed: int = 0,
+        train_scales: list[int] = (800,),
+        test_scale: int = 800,
+        max_size: int = 1333,
+        flip_prob: float = 0.5,
+        with_masks: bool = False,
+        group_by_aspect_ratio: bool = True,
+        clip_boxes: bool = False,
+        val_batch_size: int = 1,
+        smoke_scale: int = 128,
+        smoke_images: int = 8,
+        synthetic_num_train: int = 96,
+        synthetic_num_val: int = 24,
+        synthetic_size: int = 160,
+    ):
+        super().__init__(root, synthetic, synthetic_root, batch_size, num_workers, smoke, skip_corrupt, seed)
+        if smoke:  # seconds-long runs: small images, few of them
+            train_scales, test_scale, max_size = [smoke_scale], smoke_scale, smoke_scale * 5 // 3
+        self.train_scales = list(train_scales)
+        self.test_scale = test_scale
+        self.max_size = max_size
+        self.flip_prob = flip_prob
+        self.with_masks = with_masks
+        self.group_by_aspect_ratio = group_by_aspect_ratio
+        self.clip_boxes = clip_boxes
+        self.val_batch_size = val_batch_size
+        self.smoke_images = smoke_images
+        self.synthetic_num_train = synthetic_num_train
+        self.synthetic_num_val = synthetic_num_val
+        self.synthetic_size = synthetic_size
+        self.input_size = (test_scale, max_size)  # for the FLOP count (the papers' 1333x800)
+        self.train_set = self.val_set = None
+        self.category_ids: list[int] | None = None
+        self.class_names: list[str] | None = None
+
+    def check_layout(self, root: Path) -> None:
+        for rel in ("train2017", "val2017"):
+            if not (root / rel).is_dir():
+                raise DatasetLayoutError(f"COCO not found: {root / rel} is missing")
+        for split in ("train", "val"):
+            ann = root / "annotations" / f"instances_{split}2017.json"
+            if not ann.is_file():
+                raise DatasetLayoutError(f"COCO annotations not found: {ann} is missing")
+
+    def generate_synthetic(self, root: Path) -> None:
+        from vitlab.data.synthetic_dense import make_coco
+
+        make_coco(root, seed=0, num_train=self.synthetic_num_train, num_val=self.synthetic_num_val,
+                  size=self.synthetic_size)
+
+    def train_transforms(self):
+        resize = (
+            v2.RandomShortestSize(min_size=self.train_scales, max_size=self.max_size)
+            if len(self.train_scales) > 1
+            else v2.Resize(self.train_scales[0], max_size=self.max_size)
+        )
+        return v2.Compose([
+            resize,
+            v2.RandomHorizontalFlip(self.flip_prob),
+            v2.ToDtype(torch.float32, scale=True),  # images only; normalisation is in the model
+            v2.SanitizeBoundingBoxes(min_size=1),  # drops boxes (and their labels, masks) squashed by the resize
+        ])
+
+    def val_transforms(self):
+        return v2.Compose([v2.Resize(self.test_scale, max_size=self.max_size), v2.ToDtype(torch.float32, scale=True)])
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.val_set is not None:
+            return
+        root = self.data_root()
+        ann = root / "annotations"
+        self.val_set = CocoDetectionDataset(
+            root / "val2017", ann / "instances_val2017.json", self.val_transforms(), train=False,
+            with_masks=self.with_masks, clip_boxes=self.clip_boxes, skip_corrupt=self.skip_corrupt,
+        )
+        if stage in (None, "fit"):
+            self.train_set = CocoDetectionDataset(
+                root / "train2017", ann / "instances_train2017.json", self.train_transforms(), train=True,
+                with_masks=self.with_masks, clip_boxes=self.clip_boxes, skip_corrupt=self.skip_corrupt,
+            )
+            if self.train_set.category_ids != self.val_set.category_ids:
+                raise AnnotationError(f"{ann}: train and val JSON list different categories")
+        self.category_ids = self.val_set.category_ids
+        self.class_names = [self.val_set.coco.cats[c]["name"] for c in self.category_ids]
+        if self.smoke:
+            for ds in (self.train_set, self.val_set):
+                if ds is not None:
+                    ds.ids = ds.ids[: self.smoke_images]
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        if self.group_by_aspect_ratio:
+            sampler = AspectRatioGroupedSampler(
+                self.train_set, self.train_set.aspect_groups(), self.batch_size, world, rank, self.seed
+            )
+        else:
+            sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+            collate_fn=collate_detection, persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.val_set, batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers,
+            collate_fn=collate_detection, persistent_workers=self.num_workers > 0,
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

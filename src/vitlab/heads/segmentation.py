@@ -1,0 +1,202 @@
+"""Semantic segmentation heads on our backbones' feature pyramids (mmsegmentation's designs).
+
+* ``SemanticFPNHead``: Panoptic-FPN's semantic branch (Kirillov et al.): torchvision's
+  FPN (256 ch, strides 4-32), each level brought to stride 4 by 3x3 conv-BN-ReLU
+  (+2x bilinear up) stacks of 128 ch, summed, dropout 0.1, 1x1 classifier.
+* ``UperNetHead``: UPerNet (Xiao et al.): pyramid pooling (1, 2, 3, 6) on the last
+  level + FPN fusion, 512 ch. ``FCNHead`` is its auxiliary head on stage 3.
+* ``SegFormerHead``: SegFormer's all-MLP decoder (Xie et al.), mmseg's variant
+  (1x1 conv-BN-ReLU per level, as used by GPViT's mmseg configs).
+
+Heads take the backbone's ``out_channels`` / ``strides`` and the list of feature maps,
+and return logits at stride 4 (``Segmentor`` upsamples them x4 to the input size).
+Blocks are torchvision's ``Conv2dNormActivation``; nothing in torchvision or timm
+provides these decoders themselves, so they are written here. BatchNorm (mmseg uses
+SyncBN: set ``trainer.sync_batchnorm=true`` on several GPUs).
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import Conv2dNormActivation
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
+
+
+def pick_levels(strides: list[int], wanted: list[int], head: str) -> list[int]:
+    missing = [s for s in wanted if s not in strides]
+    if missing:
+        raise ValueError(
+            f"{head} needs feature maps at strides {list(wanted)} but the backbone returns {list(strides)}; "
+            f"single-scale backbones (GPViT) need backbone.out_strides=[4,8,16,32] (multi-scale adapter)"
+        )
+    return [list(strides).index(s) for s in wanted]
+
+
+def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Module:
+    return Conv2dNormActivation(cin, cout, k, norm_layer=nn.BatchNorm2d, activation_layer=nn.ReLU)
+
+
+def up(x: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class _Head(nn.Module):
+    def __init__(self, channels: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        nn.init.normal_(self.classifier.weight, std=0.01)  # mmseg's init of conv_seg
+        nn.init.zeros_(self.classifier.bias)
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(x))
+
+
+class SemanticFPNHead(_Head):
+    def __init__(
+        self,
+        in_channels: list[int],
+        strides: list[int],
+        num_classes: int,
+        in_strides: list[int] = (4, 8, 16, 32),
+        fpn_channels: int = 256,
+        channels: int = 128,
+        dropout: float = 0.1,
+    ):
+        super().__init__(channels, num_classes, dropout)
+        self.levels = pick_levels(strides, in_strides, "Semantic FPN")
+        self.fpn = FeaturePyramidNetwork([in_channels[i] for i in self.levels], fpn_channels)
+        for m in self.fpn.modules():  # Xavier for the FPN, as mmseg's FPN neck
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        base = in_strides[0]
+        self.scale_heads = nn.ModuleList()
+        for stride in in_strides:
+            steps = max(1, int(math.log2(stride // base)))  # 2x upsamplings to reach stride `base`
+            layers = []
+            for k in range(steps):
+                layers.append(conv_bn_relu(fpn_channels if k == 0 else channels, channels, 3))
+                if stride != base:
+                    layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+            self.scale_heads.append(nn.Sequential(*layers))
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        pyramid = list(self.fpn(OrderedDict((str(k), feats[i]) for k, i in enumerate(self.levels))).values())
+        out = self.scale_heads[0](pyramid[0])
+        for head, x in zip(self.scale_heads[1:], pyramid[1:]):
+            out = out + up(head(x), out.shape[-2:])  # sizes can differ by rounding on odd inputs
+        return self.classify(out)
+
+
+class PPM(nn.Module):
+    """Pyramid pooling module (PSPNet): average-pool to each scale, 1x1 conv-BN-ReLU, upsample back."""
+
+    def __init__(self, in_channels: int, channels: int, pool_scales: list[int]):
+        super().__init__()
+        self.stages = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_bn_relu(in_channels, channels, 1)) for s in pool_scales
+        )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [up(stage(x), x.shape[-2:]) for stage in self.stages]
+
+
+class UperNetHead(_Head):
+    def __init__(
+        self,
+        in_channels: list[int],
+        strides: list[int],
+        num_classes: int,
+        in_strides: list[int] = (4, 8, 16, 32),
+        channels: int = 512,
+        pool_scales: list[int] = (1, 2, 3, 6),
+        dropout: float = 0.1,
+    ):
+        super().__init__(channels, num_classes, dropout)
+        self.levels = pick_levels(strides, in_strides, "UperNet")
+        chans = [in_channels[i] for i in self.levels]
+        self.ppm = PPM(chans[-1], channels, pool_scales)
+        self.bottleneck = conv_bn_relu(chans[-1] + len(pool_scales) * channels, channels, 3)
+        self.lateral_convs = nn.ModuleList(conv_bn_relu(c, channels, 1) for c in chans[:-1])
+        self.fpn_convs = nn.ModuleList(conv_bn_relu(channels, channels, 3) for _ in chans[:-1])
+        self.fpn_bottleneck = conv_bn_relu(len(chans) * channels, channels, 3)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        xs = [feats[i] for i in self.levels]
+        laterals = [conv(x) for conv, x in zip(self.lateral_convs, xs[:-1])]
+        laterals.append(self.bottleneck(torch.cat([xs[-1], *self.ppm(xs[-1])], dim=1)))
+        for i in range(len(laterals) - 1, 0, -1):  # top-down
+            laterals[i - 1] = laterals[i - 1] + up(laterals[i], laterals[i - 1].shape[-2:])
+        outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals[:-1])] + [laterals[-1]]
+        size = outs[0].shape[-2:]
+        return self.classify(self.fpn_bottleneck(torch.cat([outs[0]] + [up(o, size) for o in outs[1:]], dim=1)))
+
+
+class FCNHead(_Head):
+    """Auxiliary head (mmseg FCNHead, 1 conv, no input concat) on one level, stage 3 by default."""
+
+    def __init__(
+        self,
+        in_channels: list[int],
+        strides: list[int],
+        num_classes: int,
+        in_stride: int = 16,
+        channels: int = 256,
+        num_convs: int = 1,
+        dropout: float = 0.1,
+    ):
+        super().__init__(channels, num_classes, dropout)
+        (self.level,) = pick_levels(strides, [in_stride], "FCN auxiliary head")
+        cin = in_channels[self.level]
+        self.convs = nn.Sequential(*(conv_bn_relu(cin if k == 0 else channels, channels, 3) for k in range(num_convs)))
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        return self.classify(self.convs(feats[self.level]))
+
+
+class SegFormerHead(_Head):
+    def __init__(
+        self,
+        in_channels: list[int],
+        strides: list[int],
+        num_classes: int,
+        in_strides: list[int] = (4, 8, 16, 32),
+        channels: int = 256,
+        dropout: float = 0.1,
+    ):
+        super().__init__(channels, num_classes, dropout)
+        self.levels = pick_levels(strides, in_strides, "SegFormer head")
+        self.mlps = nn.ModuleList(conv_bn_relu(in_channels[i], channels, 1) for i in self.levels)
+        self.fuse = conv_bn_relu(len(self.levels) * channels, channels, 1)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        xs = [mlp(feats[i]) for mlp, i in zip(self.mlps, self.levels)]
+        size = xs[0].shape[-2:]
+        return self.classify(self.fuse(torch.cat([xs[0]] + [up(x, size) for x in xs[1:]], dim=1)))
+
+
+class Segmentor(nn.Module):
+    """Backbone + decode head (+ auxiliary head): logits at the input size.
+
+    Training returns ``(logits, aux_logits or None)``; evaluation returns logits.
+    """
+
+    def __init__(self, backbone: nn.Module, decode_head: nn.Module, auxiliary_head: nn.Module | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.decode_head = decode_head
+        self.auxiliary_head = auxiliary_head
+
+    def forward(self, images: torch.Tensor):
+        feats = self.backbone(images)
+        size = images.shape[-2:]
+        logits = up(self.decode_head(feats), size)
+        if not self.training:
+            return logits
+        aux = up(self.auxiliary_head(feats), size) if self.auxiliary_head is not None else None
+        return logits, aux
