@@ -323,7 +323,10 @@ class ScalableViT(Backbone):
         self.drop_rate = drop_rate
         self.out_channels = list(embed_dims)
         self.strides = [int(math.prod(patch_sizes[: i + 1])) for i in range(len(depths))]
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # official stochastic depth rule
+        # the official linear stochastic-depth rule (torch.linspace), in plain Python so
+        # that the model can be built on the meta device
+        n = sum(depths)
+        dpr = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]
         stages, cur = [], 0
         for s, depth in enumerate(depths):
             dim = embed_dims[s]
