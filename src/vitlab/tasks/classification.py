@@ -58,10 +58,10 @@ class ClassificationTask(VitlabTask):
                 images, targets = images[:-1], targets[:-1]
             images, targets = self.mixup(images, targets)
         loss = self.train_loss(self.model(images), targets)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
+        self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=images.shape[0])
         if skipped.item():
-            self.log("data/skipped_corrupt", skipped.float(), reduce_fx="sum")
+            self.log("data/skipped_corrupt", skipped.float(), reduce_fx="sum", batch_size=images.shape[0])
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -72,7 +72,7 @@ class ClassificationTask(VitlabTask):
         images, targets, _ = batch
         model = self.ema.module if self.ema is not None else self.model
         logits = model(images)
-        self.log("val/loss", nn.functional.cross_entropy(logits, targets), sync_dist=True, prog_bar=False)
+        self.log("val/loss", nn.functional.cross_entropy(logits, targets), sync_dist=True, batch_size=images.shape[0])
         self.val_top1.update(logits, targets)
         self.val_top5.update(logits, targets)
 

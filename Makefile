@@ -1,0 +1,35 @@
+# Set-up is two commands: `make train` and `make test` (each installs first if needed).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch/torchvision pinned to the newest releases the project allows (see pyproject.toml).
+TORCH := "torch>=2.4,<=2.14.1" "torchvision<=0.29.1"
+PYTEST_ARGS ?=
+
+.PHONY: install train test zoo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[dev,cluster]"
+	touch $(STAMP)
+
+# The embedded default: pvt_v2_b0 learns generated ImageNet-format data on CPU (a few minutes).
+train: install
+	$(PY) src/train.py experiment=demo $(ARGS)
+
+test: install
+	OMP_NUM_THREADS=2 WANDB_MODE=offline $(PY) -m pytest -q $(PYTEST_ARGS)
+
+zoo: install
+	$(PY) -m vitlab.zoo
+
+bench: install
+	$(PY) -m vitlab.bench pvt_v2_b0 pvt_v2_b2 --compare-timm
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,81 @@
+"""Bad input gets a clear error naming the file, field or option and what was expected."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import vitlab
+from conftest import TINY_PVT, run_script
+from vitlab.checkpoints import CheckpointMismatchError
+from vitlab.data.base import CorruptImageError, DatasetLayoutError
+from vitlab.data.imagenet import ImageNetDataModule, collate_skipping
+from vitlab.data.synthetic import make_imagenet
+
+
+def test_missing_imagenet_names_path_layout_and_ways_out(tmp_path, data_dir):
+    proc = run_script("train.py", [*TINY_PVT, "debug=smoke", f"hydra.run.dir={tmp_path}"], data_dir, check=False)
+    assert proc.returncode != 0
+    message = proc.stderr
+    assert f"{data_dir}/imagenet/train is missing" in message
+    assert "<root>/train/<wnid>/*.JPEG" in message
+    assert "data.root=" in message and "data.synthetic=true" in message
+    assert not (data_dir / "synthetic").exists() or "imagenet_" not in message  # no silent fallback
+
+
+def test_wrongly_laid_out_root(tmp_path):
+    (tmp_path / "train" / "n01").mkdir(parents=True)
+    (tmp_path / "val").mkdir()  # no class folders
+    dm = ImageNetDataModule(root=str(tmp_path))
+    with pytest.raises(DatasetLayoutError, match=r"val has no class folders"):
+        dm.data_root()
+
+
+def _dataset_with_corrupt_file(tmp_path):
+    root = make_imagenet(tmp_path / "in", num_classes=2, num_train=4, num_val=2, size=32)
+    bad = root / "train" / "n00000001" / "broken.JPEG"
+    bad.write_bytes(b"this is not a jpeg")
+    return root, bad
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    root, bad = _dataset_with_corrupt_file(tmp_path)
+    dm = ImageNetDataModule(root=str(root), img_size=32, num_workers=0, batch_size=20)
+    dm.setup()
+    index = [p for p, _ in dm.train_set.samples].index(str(bad))
+    with pytest.raises(CorruptImageError, match="broken.JPEG.*skip_corrupt"):
+        dm.train_set[index]
+
+
+def test_corrupt_image_skipped_and_counted(tmp_path):
+    root, bad = _dataset_with_corrupt_file(tmp_path)
+    dm = ImageNetDataModule(root=str(root), img_size=32, num_workers=0, skip_corrupt=True)
+    dm.setup()
+    with pytest.warns(UserWarning, match="broken.JPEG"):
+        images, targets, skipped = collate_skipping([dm.train_set[i] for i in range(len(dm.train_set))])
+    assert skipped.item() == 1 and images.shape[0] == len(dm.train_set) - 1
+
+
+def test_unknown_config_option_lists_choices(tmp_path, data_dir):
+    proc = run_script("train.py", ["backbone=no_such_net", f"hydra.run.dir={tmp_path}"], data_dir, check=False)
+    assert proc.returncode != 0
+    assert "no_such_net" in proc.stderr and "Available options" in proc.stderr and "pvt_v2_b2" in proc.stderr
+
+
+def test_unknown_backbone_name_in_api_lists_available():
+    with pytest.raises(ValueError, match=r"unknown backbone 'nope'; available: .*pvt_v2_b0"):
+        vitlab.create_backbone("nope")
+
+
+def test_checkpoint_from_a_different_backbone_names_the_mismatch(tmp_path):
+    small = vitlab.create_model("pvt_v2_b0", num_classes=10, overrides=["depths=[1,1,1,1]"])
+    torch.save(small.state_dict(), tmp_path / "b0.pth")
+    with pytest.raises(CheckpointMismatchError, match=r"b0.pth does not match .*missing keys \[.*shape mismatches"):
+        vitlab.create_model("pvt_v2_b1", num_classes=10, pretrained=str(tmp_path / "b0.pth"))
+
+
+def test_module_num_classes_must_match_dataset(tmp_path, data_dir):
+    proc = run_script("train.py", [*TINY_PVT, "experiment=demo", "debug=smoke", "module.num_classes=7",
+                                   f"hydra.run.dir={tmp_path}"], data_dir, check=False)
+    assert proc.returncode != 0 and "module.num_classes=7 but the dataset" in proc.stderr
