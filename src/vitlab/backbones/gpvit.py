@@ -527,7 +527,7 @@ class GPViT(Backbone):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], embed_dims))
         self.pos_drop = nn.Dropout(drop_rate)
 
-        dpr = torch.linspace(0, drop_path_rate, num_layers).tolist()
+        dpr = [drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]  # linspace, meta-safe
         tokens_at = dict(zip([i % num_layers for i in gp_layers], group_tokens))
         local = dict(dim=embed_dims, num_heads=num_heads, split_size=split_size, window_size=window_size,
                      ffn_ratio=ffn_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate, norm_eps=norm_eps)
