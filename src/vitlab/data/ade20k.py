@@ -1,0 +1,322 @@
+"""ADE20K (SceneParsing, 150 classes) in its release layout::
+
+    <root>/images/training/ADE_train_*.jpg      <root>/annotations/training/ADE_train_*.png
+    <root>/images/validation/ADE_val_*.jpg      <root>/annotations/validation/ADE_val_*.png
+
+Label maps: 8-bit PNG, 0 = "other" (ignored), 1..150 = classes. With
+``reduce_zero_label`` (mmseg's default for ADE20K) 0 becomes 255 (ignore) and the
+others shift to 0..149.
+
+Training is mmsegmentation's pipeline: random rescale (ratio 0.5-2.0 of
+2048x512, aspect kept), random 512x512 crop whose most frequent class covers at
+most 75% (cat_max_ratio), flip, photometric distortion, normalise, pad to the
+crop size (image 0, label 255). Validation: image resized into 2048x512 (shorter
+side 512), label at its original size (the task resizes logits back, as mmseg).
+Inference mode (whole / slide) and TTA belong to the task module.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from vitlab.data.base import CorruptImageError, DatasetLayoutError, VitlabDataModule
+from vitlab.data.imagenet import load_rgb
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IGNORE_INDEX = 255
+
+ADE20K_CLASSES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
+    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
+    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
+    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
+    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
+    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle",
+    "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
+    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
+    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake",
+    "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray",
+    "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator",
+    "glass", "clock", "flag",
+)
+assert len(ADE20K_CLASSES) == 150
+
+
+class LabelMapError(ValueError):
+    """A label map that does not fit its image or holds unknown class ids; names the file."""
+
+
+class RandomRescale(torch.nn.Module):
+    """mmseg ``Resize(img_scale, ratio_range, keep_ratio=True)``: fit into ``scale x ratio``.
+
+    torchvision's ScaleJitter compares height to height and width to width; mmseg fits the
+    longer side to the larger number whatever the orientation, so portrait images differ.
+    """
+
+    def __init__(self, scale: tuple[int, int], ratio_range: tuple[float, float]):
+        super().__init__()
+        self.scale, self.ratio_range = tuple(scale), tuple(ratio_range)
+
+    def forward(self, image, label):
+        r = float(torch.empty(1).uniform_(*self.ratio_range))
+        h, w = image.shape[-2:]
+        f = min(max(self.scale) * r / max(h, w), min(self.scale) * r / min(h, w))
+        size = [max(1, int(h * f + 0.5)), max(1, int(w * f + 0.5))]
+        return TF.resize(image, size, antialias=True), TF.resize(label, size)  # Mask -> nearest
+
+
+class CatMaxRandomCrop(torch.nn.Module):
+    """mmseg ``RandomCrop(crop_size, cat_max_ratio)``: retry (10x) until no class covers > ratio.
+
+    torchvision's RandomCrop has no class-balance criterion.
+    """
+
+    def __init__(self, size: tuple[int, int], cat_max_ratio: float = 0.75, ignore_index: int = IGNORE_INDEX):
+        super().__init__()
+        self.size, self.cat_max_ratio, self.ignore_index = tuple(size), cat_max_ratio, ignore_index
+
+    def _params(self, h: int, w: int):
+        top = int(torch.randint(0, max(h - self.size[0], 0) + 1, ()))
+        left = int(torch.randint(0, max(w - self.size[1], 0) + 1, ()))
+        return top, left, min(self.size[0], h), min(self.size[1], w)
+
+    def forward(self, image, label):
+        h, w = label.shape[-2:]
+        box = self._params(h, w)
+        if self.cat_max_ratio < 1.0:
+            for _ in range(10):
+                crop = TF.crop(label, *box)
+                _, counts = torch.unique(crop[crop != self.ignore_index], return_counts=True)
+                if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+                    break
+                box = self._params(h, w)
+        return TF.crop(image, *box), TF.crop(label, *box)
+
+
+def photometric_distortion() -> v2.Transform:
+    """mmseg's PhotoMetricDistortion from torchvision pieces, each applied with p=0.5.
+
+    Brightness delta 32/255 is additive in mmseg, multiplicative (x0.875-1.125) here;
+    hue delta 18 of OpenCV's 180 = 0.1 of the circle. torchvision's
+    RandomPhotometricDistort would also permute channels, which mmseg does not.
+    """
+    return v2.Compose([
+        v2.RandomApply([v2.ColorJitter(brightness=32 / 255)], p=0.5),
+        v2.RandomApply([v2.ColorJitter(contrast=(0.5, 1.5))], p=0.5),
+        v2.RandomApply([v2.ColorJitter(saturation=(0.5, 1.5))], p=0.5),
+        v2.RandomApply([v2.ColorJitter(hue=0.1)], p=0.5),
+    ])
+
+
+class TrainTransform:
+    def __init__(self, img_scale, ratio_range, crop_size, cat_max_ratio, flip_prob, photometric, mean, std):
+        self.rescale = RandomRescale(img_scale, ratio_range)
+        self.crop = CatMaxRandomCrop(crop_size, cat_max_ratio)
+        self.flip = v2.RandomHorizontalFlip(flip_prob)
+        self.photometric = photometric_distortion() if photometric else v2.Identity()
+        self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+        self.crop_size = tuple(crop_size)
+
+    def __call__(self, image: tv_tensors.Image, label: tv_tensors.Mask):
+        image, label = self.rescale(image, label)
+        image, label = self.crop(image, label)
+        image, label = self.flip(image, label)
+        image = self.normalize(self.photometric(image))
+        pad = [0, 0, self.crop_size[1] - image.shape[-1], self.crop_size[0] - image.shape[-2]]  # right, bottom
+        if pad[2] > 0 or pad[3] > 0:
+            image, label = TF.pad(image, pad, fill=0), TF.pad(label, pad, fill=IGNORE_INDEX)
+        return image, label
+
+
+class ADE20KDataset(Dataset):
+    """Items: ``(image float CHW normalised, label int64 HW, name)`` or ``None`` (skipped corrupt file)."""
+
+    def __init__(
+        self,
+        root: Path,
+        split: str,
+        transform,
+        train: bool,
+        num_classes: int = 150,
+        reduce_zero_label: bool = True,
+        skip_corrupt: bool = False,
+    ):
+        self.image_dir = Path(root) / "images" / split
+        self.label_dir = Path(root) / "annotations" / split
+        self.transform, self.train = transform, train
+        self.num_classes, self.reduce_zero_label, self.skip_corrupt = num_classes, reduce_zero_label, skip_corrupt
+        self.images = sorted(p for p in self.image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        for img in self.images:
+            if not (self.label_dir / f"{img.stem}.png").is_file():
+                raise DatasetLayoutError(f"{img}: no label map {self.label_dir / (img.stem + '.png')}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def read_label(self, path: Path, image_size: tuple[int, int]) -> torch.Tensor:
+        try:
+            with Image.open(path) as f:
+                if f.mode not in ("L", "P"):
+                    raise LabelMapError(f"{path}: label maps must be 8-bit single-channel PNGs, got mode {f.mode}")
+                label = np.asarray(f)
+        except (OSError, SyntaxError) as err:
+            raise CorruptImageError(f"{path}: cannot be decoded ({err})") from err
+        if (label.shape[1], label.shape[0]) != image_size:
+            raise LabelMapError(
+                f"{path}: label map is {label.shape[1]}x{label.shape[0]} but its image is "
+                f"{image_size[0]}x{image_size[1]}"
+            )
+        top = int(label.max())
+        if top > self.num_classes:
+            bad = sorted(int(v) for v in np.unique(label) if v > self.num_classes)
+            raise LabelMapError(f"{path}: class ids {bad[:10]} out of range (0 = ignore, 1..{self.num_classes})")
+        label = torch.from_numpy(label.astype(np.int64))
+        if self.reduce_zero_label:  # 0 ("other") -> ignore; classes 1..K -> 0..K-1
+            label = torch.where(label == 0, IGNORE_INDEX, label - 1)
+        return label
+
+    def __getitem__(self, index: int):
+        path = self.images[index]
+        try:
+            pil = load_rgb(str(path))
+            label = self.read_label(self.label_dir / f"{path.stem}.png", pil.size)
+        except CorruptImageError as err:
+            if not self.skip_corrupt:
+                raise CorruptImageError(f"{err}. Set data.skip_corrupt=true to skip and count such files.") from None
+            warnings.warn(f"skipping corrupt file: {err}", stacklevel=2)
+            return None
+        image = tv_tensors.Image(TF.pil_to_tensor(pil))
+        if self.train:
+            image, label = self.transform(image, tv_tensors.Mask(label))
+            return image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor), path.stem
+        return self.transform(image).as_subclass(torch.Tensor), label, path.stem
+
+
+def collate_train(batch):
+    kept = [b for b in batch if b is not None]
+    return (torch.stack([b[0] for b in kept]), torch.stack([b[1] for b in kept]), [b[2] for b in kept],
+            torch.tensor(len(batch) - len(kept)))
+
+
+def collate_val(batch):
+    """Lists: validation images and labels keep their own sizes."""
+    kept = [b for b in batch if b is not None]
+    return [b[0] for b in kept], [b[1] for b in kept], [b[2] for b in kept], torch.tensor(len(batch) - len(kept))
+
+
+class ADE20KDataModule(VitlabDataModule):
+    layout_help = (
+        "  <root>/images/training/*.jpg       <root>/annotations/training/*.png\n"
+        "  <root>/images/validation/*.jpg     <root>/annotations/validation/*.png\n"
+        "  (root = .../ADEChallengeData2016; label PNGs: 0 = other/ignored, 1..150 classes)"
+    )
+
+    def __init__(
+        self,
+        root: str,
+        synthetic: bool = False,
+        synthetic_root: str | None = None,
+        batch_size: int = 2,
+        num_workers: int = 4,
+        smoke: bool = False,
+        skip_corrupt: bool = False,
+        seed: int = 0,
+        num_classes: int = 150,
+        reduce_zero_label: bool = True,
+        img_scale: list[int] = (2048, 512),
+        ratio_range: list[float] = (0.5, 2.0),
+        crop_size: list[int] = (512, 512),
+        cat_max_ratio: float = 0.75,
+        flip_prob: float = 0.5,
+        photometric: bool = True,
+        test_scale: list[int] = (2048, 512),
+        mean: list[float] = IMAGENET_MEAN,
+        std: list[float] = IMAGENET_STD,
+        val_batch_size: int = 1,
+        smoke_scale: int = 64,
+        smoke_images: int = 8,
+        synthetic_num_train: int = 96,
+        synthetic_num_val: int = 24,
+        synthetic_size: int = 128,
+    ):
+        super().__init__(root, synthetic, synthetic_root, batch_size, num_workers, smoke, skip_corrupt, seed)
+        if smoke:  # seconds-long runs: small crops and images
+            img_scale = test_scale = (smoke_scale * 4, smoke_scale)
+            crop_size = (smoke_scale, smoke_scale)
+        self.num_classes = num_classes
+        self.reduce_zero_label = reduce_zero_label
+        self.img_scale, self.ratio_range = tuple(img_scale), tuple(ratio_range)
+        self.crop_size, self.cat_max_ratio = tuple(crop_size), cat_max_ratio
+        self.flip_prob, self.photometric = flip_prob, photometric
+        self.test_scale = tuple(test_scale)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.val_batch_size = val_batch_size
+        self.smoke_images = smoke_images
+        self.synthetic_num_train, self.synthetic_num_val = synthetic_num_train, synthetic_num_val
+        self.synthetic_size = synthetic_size
+        self.input_size = tuple(self.crop_size)  # FLOPs at the crop size (the papers' 512x512)
+        self.class_names = list(ADE20K_CLASSES) if num_classes == 150 else [str(i) for i in range(num_classes)]
+        self.train_set = self.val_set = None
+
+    def dataset_dir(self, root: Path) -> Path:
+        """``root`` may be ADEChallengeData2016 itself or the folder holding it (generated data)."""
+        return root / "ADEChallengeData2016" if (root / "ADEChallengeData2016").is_dir() else root
+
+    def check_layout(self, root: Path) -> None:
+        base = self.dataset_dir(root)
+        for kind in ("images", "annotations"):
+            for split in ("training", "validation"):
+                if not (base / kind / split).is_dir():
+                    raise DatasetLayoutError(f"ADE20K not found: {base / kind / split} is missing")
+
+    def generate_synthetic(self, root: Path) -> None:
+        from vitlab.data.synthetic_dense import make_ade20k
+
+        make_ade20k(root, seed=0, num_train=self.synthetic_num_train, num_val=self.synthetic_num_val,
+                    size=self.synthetic_size)
+
+    def val_transform(self):
+        # keep ratio, fit into test_scale (mmseg Resize(keep_ratio=True)): shorter side 512, longer <= 2048
+        return v2.Compose([
+            v2.Resize(min(self.test_scale), max_size=max(self.test_scale)),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(self.mean, self.std),
+        ])
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.val_set is not None:
+            return
+        base = self.dataset_dir(self.data_root())
+        common = dict(num_classes=self.num_classes, reduce_zero_label=self.reduce_zero_label,
+                      skip_corrupt=self.skip_corrupt)
+        self.val_set = ADE20KDataset(base, "validation", self.val_transform(), train=False, **common)
+        if stage in (None, "fit"):
+            train_tf = TrainTransform(self.img_scale, self.ratio_range, self.crop_size, self.cat_max_ratio,
+                                      self.flip_prob, self.photometric, self.mean, self.std)
+            self.train_set = ADE20KDataset(base, "training", train_tf, train=True, **common)
+        if self.smoke:
+            for ds in (self.train_set, self.val_set):
+                if ds is not None:
+                    ds.images = ds.images[: self.smoke_images]
+
+    def train_dataloader(self) -> DataLoader:
+        return self.make_loader(self.train_set, train=True, collate_fn=collate_train)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.make_loader(self.val_set, train=False, collate_fn=collate_val, batch_size=self.val_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -1,0 +1,223 @@
+"""ADE20K semantic segmentation: backbone + decode head (+ auxiliary head), mmseg's recipe.
+
+Loss: cross-entropy (ignore 255) on logits upsampled to the crop, plus
+``aux_weight`` x the auxiliary head's (UperNet: FCN on stage 3, 0.4).
+Evaluation: whole-image or sliding-window inference on the validation image
+(shorter side 512), optional multi-scale + flip TTA (softmax averaged), logits
+resized to the label map's original size; one confusion matrix
+(torchmetrics) accumulated over the whole validation set gives mIoU, per-class
+IoU and pixel accuracy exactly as mmseg computes them (classes absent from both
+prediction and ground truth are left out of the mean).
+"""
+from __future__ import annotations
+
+import hydra
+import torch
+from omegaconf import OmegaConf
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassConfusionMatrix
+from torchvision.utils import draw_segmentation_masks
+
+from vitlab.api import build_backbone
+from vitlab.data.ade20k import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from vitlab.heads.segmentation import Segmentor
+from vitlab.tasks.base import VitlabTask
+from vitlab.tasks.detection import log_images
+from vitlab.trust import check_targets
+
+
+def build_task_model(backbone_cfg, module_cfg: dict) -> nn.Module:
+    """The full segmentor from a backbone config and a task's ``module:`` config (no data needed).
+
+    Used by the task itself and by ``vitlab.zoo`` for full-model parameter counts.
+    """
+    backbone = build_backbone(OmegaConf.create(backbone_cfg))
+    num_classes = module_cfg.get("num_classes", 150)
+
+    def head(cfg):
+        if not cfg:
+            return None
+        cfg = dict(cfg)
+        check_targets(cfg, "module head")
+        return hydra.utils.instantiate(cfg, in_channels=list(backbone.out_channels), strides=list(backbone.strides),
+                                       num_classes=num_classes, _convert_="all")
+
+    return Segmentor(backbone, head(module_cfg["decode_head"]), head(module_cfg.get("auxiliary_head")))
+
+
+def iou_from_confmat(confmat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class IoU (NaN where a class is in neither prediction nor label) and pixel accuracy."""
+    confmat = confmat.double()
+    tp = confmat.diag()
+    union = confmat.sum(0) + confmat.sum(1) - tp
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+    acc = tp.sum() / confmat.sum().clamp(min=1)
+    return iou, acc
+
+
+def palette(num_classes: int) -> list[tuple[int, int, int]]:
+    g = torch.Generator().manual_seed(3)
+    return [tuple(int(v) for v in torch.randint(0, 256, (3,), generator=g)) for _ in range(num_classes)]
+
+
+class SegmentationTask(VitlabTask):
+    def __init__(
+        self,
+        backbone: dict,
+        schedule: dict,
+        decode_head: dict,
+        auxiliary_head: dict | None = None,
+        num_classes: int = 150,
+        aux_weight: float = 0.4,
+        test_mode: str = "whole",
+        crop_size: list[int] = (512, 512),
+        stride: list[int] = (341, 341),
+        size_divisor: int = 32,
+        tta: dict | None = None,
+        num_vis_images: int = 4,
+        mean: list[float] = IMAGENET_MEAN,
+        std: list[float] = IMAGENET_STD,
+    ):
+        super().__init__(backbone, schedule)
+        self.save_hyperparameters(ignore=["backbone", "schedule"])
+        self.hparams.update(backbone=self.backbone_cfg, schedule=self.schedule)
+        if test_mode not in ("whole", "slide"):
+            raise ValueError(f"module.test_mode={test_mode!r}: expected 'whole' or 'slide'")
+        self.num_classes = num_classes
+        self.aux_weight = aux_weight
+        self.test_mode = test_mode
+        self.crop_size, self.stride = tuple(crop_size), tuple(stride)
+        self.size_divisor = size_divisor
+        tta = dict(tta or {})
+        self.tta_scales = [float(s) for s in tta.get("scales", [1.0])]
+        self.tta_flip = bool(tta.get("flip", False))
+        self.num_vis_images = num_vis_images
+        self.register_buffer("mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(3, 1, 1), persistent=False)
+        self.model = build_task_model(
+            self.backbone_cfg, {"decode_head": decode_head, "auxiliary_head": auxiliary_head, "num_classes": num_classes}
+        )
+        self.confmat = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX, validate_args=False)
+        self.class_names = [str(i) for i in range(num_classes)]
+        self.palette = palette(num_classes)
+        self.last_iou: list[float] | None = None
+        self._vis: list[torch.Tensor] = []
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        if dm is not None and getattr(dm, "class_names", None):
+            self.class_names = list(dm.class_names)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    # ---- training -------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        images, labels, _, skipped = batch
+        if skipped.item():
+            self.log("data/skipped_corrupt", skipped.float(), reduce_fx="sum")
+        logits, aux = self.model(images)
+        loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+        self.log("train/loss_decode", loss, batch_size=len(images))
+        if aux is not None:
+            aux_loss = F.cross_entropy(aux, labels, ignore_index=IGNORE_INDEX)
+            self.log("train/loss_aux", aux_loss, batch_size=len(images))
+            loss = loss + self.aux_weight * aux_loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    # ---- inference ------------------------------------------------------------------
+    def predict_whole(self, image: torch.Tensor) -> torch.Tensor:
+        """Logits for a 1x3xHxW image: pad to ``size_divisor`` (zeros after normalisation), crop back."""
+        h, w = image.shape[-2:]
+        d = self.size_divisor
+        padded = F.pad(image, (0, (-w) % d, 0, (-h) % d))
+        return self.model(padded)[..., :h, :w]
+
+    def predict_slide(self, image: torch.Tensor) -> torch.Tensor:
+        """mmseg's sliding-window inference: overlapping crops, logits averaged where they overlap.
+
+        Neither torchvision nor timm has it (MONAI's sliding_window_inference would be a new dependency).
+        """
+        (h, w), (ch, cw), (sh, sw) = image.shape[-2:], self.crop_size, self.stride
+        rows = max(h - ch + sh - 1, 0) // sh + 1
+        cols = max(w - cw + sw - 1, 0) // sw + 1
+        logits = image.new_zeros((1, self.num_classes, h, w))
+        count = image.new_zeros((1, 1, h, w))
+        for r in range(rows):
+            for c in range(cols):
+                y2, x2 = min(r * sh + ch, h), min(c * sw + cw, w)
+                y1, x1 = max(y2 - ch, 0), max(x2 - cw, 0)
+                logits[..., y1:y2, x1:x2] += self.predict_whole(image[..., y1:y2, x1:x2])
+                count[..., y1:y2, x1:x2] += 1
+        return logits / count
+
+    def inference(self, image: torch.Tensor, out_size) -> torch.Tensor:
+        """Class probabilities (1xCxHxW at ``out_size``), averaged over TTA scales and flips."""
+        predict = self.predict_slide if self.test_mode == "slide" else self.predict_whole
+        h, w = image.shape[-2:]
+        probs, n = 0.0, 0
+        for scale in self.tta_scales:
+            x = image if scale == 1.0 else F.interpolate(
+                image, size=(int(h * scale + 0.5), int(w * scale + 0.5)), mode="bilinear", align_corners=False)
+            for flip in ([False, True] if self.tta_flip else [False]):
+                logits = predict(x.flip(-1) if flip else x)
+                logits = logits.flip(-1) if flip else logits
+                logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+                probs = probs + logits.softmax(1)
+                n += 1
+        return probs / n
+
+    # ---- evaluation -----------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._vis = []
+
+    def validation_step(self, batch, batch_idx):
+        images, labels, _, _ = batch
+        for image, label in zip(images, labels):
+            probs = self.inference(image[None], label.shape[-2:])
+            pred = probs.argmax(1)[0]
+            self.confmat.update(pred.flatten(), label.flatten())
+            if len(self._vis) < self.num_vis_images:
+                self._vis.append(self.draw(image, pred, label))
+
+    def colourise(self, canvas: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        classes = [int(c) for c in label.unique() if c != IGNORE_INDEX]
+        if not classes:
+            return canvas
+        masks = torch.stack([label == c for c in classes])
+        return draw_segmentation_masks(canvas, masks, alpha=0.6, colors=[self.palette[c] for c in classes])
+
+    def draw(self, image: torch.Tensor, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Image | prediction | ground truth, at the label map's size."""
+        rgb = (image * self.std + self.mean).clamp(0, 1)[None]
+        rgb = F.interpolate(rgb, size=label.shape[-2:], mode="bilinear", align_corners=False)[0]
+        canvas = (rgb * 255).to(torch.uint8).cpu()
+        return torch.cat([canvas, self.colourise(canvas, pred.cpu()), self.colourise(canvas, label.cpu())], dim=-1)
+
+    def on_validation_epoch_end(self) -> None:
+        iou, acc = iou_from_confmat(self.confmat.compute())  # compute() syncs across processes
+        self.confmat.reset()
+        self.last_iou = iou.tolist()
+        self.log("val/miou", float(iou.nanmean()) * 100, prog_bar=True)
+        self.log("val/acc", float(acc) * 100)
+        log_images(self, "val/predictions", self._vis)
+        self._vis = []
+
+    def test_step(self, batch, batch_idx):
+        return self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
+    def extra_summary(self) -> dict:
+        """Per-class IoU (%) of the last validation, by class name (None: class absent from it)."""
+        if self.last_iou is None:
+            return {}
+        return {"per_class_iou": {n: (None if v != v else round(v * 100, 2))  # v != v: NaN
+                                  for n, v in zip(self.class_names, self.last_iou)}}
