@@ -320,7 +320,6 @@ class ScalableViT(Backbone):
         self.head_type = head
         self.head_hidden_dim = head_hidden_dim
         self.norm_eps = norm_eps
-        self.drop_rate = drop_rate
         self.out_channels = list(embed_dims)
         self.strides = [int(math.prod(patch_sizes[: i + 1])) for i in range(len(depths))]
         # the official linear stochastic-depth rule (torch.linspace), in plain Python so
