@@ -58,6 +58,20 @@ def test_official_fixture_logits():
     assert set(convert_official(dict.fromkeys(official_nwd))) == set(model.no_weight_decay())
 
 
+def test_official_file_through_loader(tmp_path):
+    # the release files are DeiT-style {"model": state_dict}; vitlab.checkpoints detects
+    # the official layout and calls convert_official (classifier and bare backbone)
+    ref = torch.load(FIXTURES / "scalablevit_tiny_official.pt")
+    path = tmp_path / "scalablevit_tiny.pth"
+    torch.save({"model": {k: v.float() for k, v in ref["state_dict"].items()}, "epoch": 300}, path)
+    x = ref["image"].float() / 127.5 - 1.0
+    model = vitlab.create_model("scalablevit_s", num_classes=8, pretrained=str(path), overrides=TINY).eval()
+    backbone = vitlab.create_backbone("scalablevit_s", pretrained=str(path), overrides=TINY).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref["logits"], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(backbone.forward_features(x), model.backbone.forward_features(x))
+
+
 @pytest.mark.parametrize("name,params,gmacs", [
     ("scalablevit_s", 32_000_472, 4.27), ("scalablevit_b", 81_881_624, 8.80), ("scalablevit_l", 109_288_840, 14.99)])
 def test_official_params_and_gmacs(name, params, gmacs):

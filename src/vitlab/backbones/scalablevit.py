@@ -37,7 +37,9 @@ official path, i.e. for ablations or inputs that are not multiples of 224):
   without any local module; ``swsa`` is Swin's shifted-window attention
   (shift = window // 2, Swin's region mask, no relative position bias, since
   the PEG supplies position) with no local module; a single name means every
-  block, two names joined by ``_`` mean even / odd blocks.
+  block, two names joined by ``_`` mean even / odd blocks. Every SWSA block is
+  shifted (the paper swaps IWSA for SWSA; there is no W/SW alternation, the SSA
+  blocks between them already mix windows).
 * Swin's rule is kept for SWSA: no shift where the map is no larger than one
   window in either direction (e.g. stage 4 at 224), as the shift would only cut
   the single window into masked regions.
