@@ -137,20 +137,23 @@ def window_attention(
     if sh or sw:
         qkv = torch.roll(qkv, (-sh, -sw), (1, 2))
     nh, nw = hp // wh, wp // ww
-    # (B, nh, wh, nw, ww, 3, heads, d) -> (3, B, nW, heads, L, d): one copy for q, k and v
+    nwin, length = nh * nw, wh * ww
+    # (B, nh, wh, nw, ww, 3, heads, d) -> (3, B*nW, heads, L, d): one copy for q, k and v; 4-D for the fused kernels
     q, k, v = (
         qkv.view(b, nh, wh, nw, ww, 3, heads, d)
         .permute(5, 0, 1, 3, 6, 2, 4, 7)
-        .reshape(3, b, nh * nw, heads, wh * ww, d)
+        .reshape(3, b * nwin, heads, length, d)
         .unbind(0)
     )
     ids = _window_ids((h, w), (hp, wp), (wh, ww), (sh, sw), qkv.device)
-    mask = None if ids is None else (ids[:, None, :, None] == ids[:, None, None, :])  # (nW, 1, L, L)
+    mask = None
+    if ids is not None:  # (B*nW, 1, L, L); only where padding or a shift needs it
+        mask = (ids[:, :, None] == ids[:, None, :]).expand(b, nwin, length, length).reshape(b * nwin, 1, length, length)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     if lepe is not None:
         # each window's value map as an image: (B*nW, heads*d, wh, ww), head-major channels
-        v_img = v.transpose(-1, -2).reshape(b * nh * nw, heads * d, wh, ww)
-        out = out + lepe(v_img).view(b, nh * nw, heads, d, wh * ww).transpose(-1, -2)
+        v_img = v.transpose(-1, -2).reshape(b * nwin, heads * d, wh, ww)
+        out = out + lepe(v_img).view(b * nwin, heads, d, length).transpose(-1, -2)
     out = out.view(b, nh, nw, heads, wh, ww, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, hp, wp, heads * d)
     if sh or sw:
         out = torch.roll(out, (sh, sw), (1, 2))
