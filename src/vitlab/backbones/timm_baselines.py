@@ -1,0 +1,110 @@
+"""Baselines the PVT papers compare against, taken from timm rather than rewritten.
+
+* ``TimmCNN``: ResNet-18/50/101, ResNeXt-101 32x4d / 64x4d (PVT Tables 2-5):
+  timm's ``features_only`` trunk (strides 4/8/16/32) + timm's own classifier head
+  (global average pool + linear, ``ClassifierHead``), so the classifier has
+  exactly timm's parameters.
+* ``TimmColumnarViT``: PVT Table 8's columnar ViT in a detector. The paper
+  (footnote 3): "we extract the features from the layer 2, 4, 6, and 8 of
+  ViT-Small/32, and interpolate them to different scales". Decisions it leaves
+  open: layers are 1-based (outputs of blocks 1, 3, 5, 7), taken before the
+  final norm; "interpolate" is bilinear resizing (parameter-free: up for
+  ViT-S/32, down for ViT-S/4) of the patch grid to the grid of each output
+  stride, i.e. grid x patch/stride (rounded up). The classification path is
+  timm's whole ViT (12 blocks, norm, class token) + a linear head.
+
+``convert_official`` maps timm's (and torchvision's: same names for ResNets)
+released state dicts to our layout: the trunk goes under ``backbone.body.``,
+``fc.*`` (CNNs) / ``head.*`` (ViT) become our head.
+"""
+from __future__ import annotations
+
+import math
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import ClassifierHead, trunc_normal_
+from torch import nn
+
+from vitlab.backbones.base import Backbone
+
+__all__ = ["TimmCNN", "TimmColumnarViT", "convert_official"]
+
+
+class TimmCNN(Backbone):
+    """A timm CNN (``features_only``) with timm's average-pool + linear classifier head."""
+
+    def __init__(self, *, model_name: str, out_indices: list[int], in_chans: int, drop_rate: float,
+                 drop_path_rate: float):
+        super().__init__()
+        self.body = timm.create_model(model_name, pretrained=False, features_only=True, out_indices=out_indices,
+                                      in_chans=in_chans, drop_path_rate=drop_path_rate)
+        self.out_channels = self.body.feature_info.channels()
+        self.strides = self.body.feature_info.reduction()
+        self.drop_rate = drop_rate
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.body(images)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images)[-1]
+
+    def make_head(self, num_classes: int) -> nn.Module:
+        return ClassifierHead(self.out_channels[-1], num_classes, pool_type="avg", drop_rate=self.drop_rate)
+
+
+class TimmColumnarViT(Backbone):
+    """timm ViT whose intermediate layers are resized to a pyramid (PVT Table 8)."""
+
+    def __init__(self, *, model_name: str, patch_size: int, img_size: int, in_chans: int, out_indices: list[int],
+                 out_strides: list[int], drop_rate: float, drop_path_rate: float):
+        super().__init__()
+        if len(out_indices) != len(out_strides):
+            raise ValueError("out_indices and out_strides need the same length")
+        # num_classes=0: the trunk returns the pooled (class token, normed) vector; our head is the linear
+        self.body = timm.create_model(
+            model_name, pretrained=False, num_classes=0, patch_size=patch_size, img_size=img_size,
+            in_chans=in_chans, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+            dynamic_img_size=True, dynamic_img_pad=True,  # any input size: resized pos. embedding, padding
+        )
+        self.patch_size = patch_size
+        self.out_indices = list(out_indices)
+        self.out_channels = [self.body.embed_dim] * len(out_indices)
+        self.strides = list(out_strides)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        maps = self.body.forward_intermediates(
+            images, indices=self.out_indices, output_fmt="NCHW", intermediates_only=True, stop_early=True
+        )
+        outs = []
+        for x, stride in zip(maps, self.strides):
+            size = tuple(math.ceil(g * self.patch_size / stride) for g in x.shape[-2:])
+            outs.append(x if size == tuple(x.shape[-2:]) else
+                        F.interpolate(x, size=size, mode="bilinear", align_corners=False))
+        return outs
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images)
+
+    def make_head(self, num_classes: int) -> nn.Module:
+        head = nn.Linear(self.body.embed_dim, num_classes)
+        trunc_normal_(head.weight, std=0.02)  # timm's default ViT init for linears
+        nn.init.zeros_(head.bias)
+        return head
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"body.{n}" for n in self.body.no_weight_decay()}
+
+
+def convert_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm / torchvision classifier state dict -> ``backbone.body.*`` + ``head.*``."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("fc."):  # ResNet / ResNeXt classifier -> ClassifierHead.fc
+            out["head." + key] = value
+        elif key.startswith("head."):  # ViT classifier
+            out[key] = value
+        else:
+            out["backbone.body." + key] = value
+    return out

@@ -1,0 +1,84 @@
+"""timm baselines (PVT Tables 2-5 CNNs, Table 8 columnar ViT) against timm's own classifiers."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import vitlab
+from vitlab.backbones.timm_baselines import convert_official
+from vitlab.flops import count_params
+
+# config -> timm model of the same weights; (params of timm's 1000-class classifier are the reference)
+CNNS = {
+    "resnet18": "resnet18",
+    "resnet50": "resnet50",
+    "resnet101": "resnet101",
+    "resnext101_32x4d": "resnext101_32x4d",
+    "resnext101_64x4d": "resnext101_64x4d",
+}
+
+
+def _random(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights everywhere (BN statistics too), so the comparison covers every parameter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point():
+                if name.endswith("running_var"):
+                    t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+                elif t.ndim == 1:
+                    t.copy_(torch.randn(t.shape, generator=g) * 0.1 + float(name.endswith("weight")))
+                else:
+                    t.copy_(torch.randn(t.shape, generator=g) * (2.0 / t[0].numel()) ** 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", list(CNNS))
+def test_cnn_params_equal_timm_classifier(name):
+    with torch.device("meta"):
+        ours = vitlab.create_model(name)
+        ref = timm.create_model(CNNS[name], pretrained=False)
+    assert count_params(ours) == count_params(ref)
+    assert ours.backbone.strides == [4, 8, 16, 32]
+    assert ours.backbone.out_channels[-1] == ref.num_features
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnext101_32x4d"])
+def test_cnn_logits_equal_timm_with_converted_weights(name):
+    ref = _random(timm.create_model(CNNS[name], pretrained=False), seed=0)
+    ours = vitlab.create_model(name)
+    ours.load_state_dict(convert_official(ref.state_dict()), strict=True)
+    ours.eval()
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-4)
+        feats = ours.backbone(x)
+        # stride-32 map = what timm's head pools
+        torch.testing.assert_close(feats[-1], ref.forward_features(x), rtol=1e-4, atol=1e-4)
+    assert [tuple(f.shape[-2:]) for f in feats] == [(16, 12), (8, 6), (4, 3), (2, 2)]
+
+
+def test_vit_small_p32_classifier_and_pyramid_match_timm():
+    ref = _random(timm.create_model("vit_small_patch32_224", pretrained=False, dynamic_img_size=True), seed=1)
+    ours = vitlab.create_model("vit_small_p32")
+    assert count_params(ours) == count_params(ref)
+    ours.load_state_dict(convert_official(ref.state_dict()), strict=True)
+    ours.eval()
+    with torch.no_grad():
+        x = torch.randn(1, 3, 96, 128)  # not the 224 pre-training size: resized position embedding
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-4)
+        feats = ours.backbone(x)
+        # PVT footnote 3: layers 2, 4, 6, 8 (1-based) of ViT-Small/32, resized to strides 4..32
+        layers = ref.forward_intermediates(x, indices=[1, 3, 5, 7], intermediates_only=True)
+    assert [tuple(f.shape[-2:]) for f in feats] == [(24, 32), (12, 16), (6, 8), (3, 4)]
+    torch.testing.assert_close(feats[-1], layers[-1])  # stride 32: the 8th layer itself
+    up = torch.nn.functional.interpolate(layers[0], scale_factor=8, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(feats[0], up)
+
+
+def test_vit_small_p4_builds_with_stride4_grid():
+    with torch.device("meta"):
+        ours = vitlab.create_model("vit_small_p4")
+        feats = ours.backbone(torch.zeros(1, 3, 64, 64, device="meta"))
+    assert [tuple(f.shape[-2:]) for f in feats] == [(16, 16), (8, 8), (4, 4), (2, 2)]
