@@ -23,12 +23,6 @@ def test_smoke_run_writes_summary(tmp_path, train_run):
     assert summary["params"] > 0 and summary["gflops"] > 0
 
 
-def test_tiny_model_learns_generated_classes(tmp_path, train_run):
-    """10 generated classes: chance is 10%; a few epochs of a tiny PVTv2 must do far better."""
-    summary = train_run(tmp_path, *FAST, "schedule.epochs=4")
-    assert summary["val/top1"] > 40, summary
-
-
 def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, train_run):
     """Interrupted after epoch 1 and resumed with ckpt_path=last: same weights as one straight run.
 
@@ -49,8 +43,11 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, train_run):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_eval_rebuilds_from_checkpoint_alone(tmp_path, train_run, data_dir):
+def test_learns_and_eval_rebuilds_from_checkpoint_alone(tmp_path, train_run, data_dir):
+    """10 generated classes (chance 10%): one epoch of a tiny PVTv2 already does far better;
+    eval.py, given only the checkpoint, rebuilds data and model and gets the same top-1."""
     summary = train_run(tmp_path / "run", *FAST, "schedule.epochs=1")
+    assert summary["val/top1"] > 30, summary
     run_script("eval.py", [f"ckpt_path={summary['last_ckpt']}", f"hydra.run.dir={tmp_path / 'eval'}",
                            "trainer.enable_progress_bar=false"], data_dir)
     evaluated = json.loads((tmp_path / "eval" / "summary.json").read_text())

@@ -78,12 +78,25 @@ def run_metadata(cfg: DictConfig) -> dict[str, Any]:
     return meta
 
 
+def _sweep_group() -> str | None:
+    """Runs of one ``-m`` sweep share a W&B group: the sweep directory's name."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    sweep = _choices().get("sweep")
+    return f"{sweep or 'sweep'}-{Path(HydraConfig.get().sweep.dir).name}"
+
+
 def build_loggers(cfg: DictConfig) -> list:
     loggers = []
     for name, logger_cfg in (cfg.get("logger") or {}).items():
         logger_cfg = OmegaConf.to_container(logger_cfg, resolve=True)
-        if name == "wandb" and not logger_cfg.get("name"):
-            logger_cfg["name"] = ",".join(o for o in _overrides() if not o.startswith("hydra")) or "default"
+        if name == "wandb":
+            if not logger_cfg.get("name"):
+                logger_cfg["name"] = ",".join(o for o in _overrides() if not o.startswith("hydra")) or "default"
+            logger_cfg["group"] = _sweep_group() or logger_cfg.get("group")
         loggers.append(hydra.utils.instantiate(logger_cfg))
     return loggers
 
@@ -144,13 +157,14 @@ def train(cfg: DictConfig) -> dict:
         log.info("resuming from %s", ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
-    checkpoint_cb = trainer.checkpoint_callback
+    best_cb = next((c for c in trainer.checkpoint_callbacks if c.monitor), None)
+    last_cb = next((c for c in trainer.checkpoint_callbacks if c.save_last), None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     summary = {
         **metrics,
-        "best_ckpt": checkpoint_cb.best_model_path if checkpoint_cb else None,
-        "best_score": float(checkpoint_cb.best_model_score) if checkpoint_cb and checkpoint_cb.best_model_score is not None else None,
-        "last_ckpt": checkpoint_cb.last_model_path if checkpoint_cb else None,
+        "best_ckpt": best_cb.best_model_path if best_cb else None,
+        "best_score": float(best_cb.best_model_score) if best_cb and best_cb.best_model_score is not None else None,
+        "last_ckpt": last_cb.last_model_path if last_cb else None,
         "params": params,
         "gflops": gflops,
         "global_step": trainer.global_step,
