@@ -473,6 +473,10 @@ class GPViTHead(nn.Module):
         x = self.neck(tokens).flatten(1) if self.neck is not None else tokens.mean(1)
         return self.fc(x)
 
+    def no_weight_decay(self) -> set[str]:
+        # the official recipe exempts every ".group_token", the neck's query included
+        return {"neck.group_token"} if self.neck is not None else set()
+
 
 # --------------------------------------------------------------------------- backbone
 class GPViT(Backbone):
