@@ -221,8 +221,8 @@ class LocalAttention(nn.Module):
 def _dw_conv_tokens(conv: nn.Module, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     """Apply a conv (stack) to a (B, N, C) token sequence seen as a (B, C, H, W) map."""
     b, n, c = x.shape
-    y = conv(x.transpose(1, 2).reshape(b, c, *hw))
-    return y.flatten(2).transpose(1, 2)
+    y = conv(x.reshape(b, *hw, c).permute(0, 3, 1, 2))  # a channels-last view: convs take it without a copy
+    return y.permute(0, 2, 3, 1).reshape(b, n, c)
 
 
 class LocalBlock(nn.Module):
@@ -272,10 +272,10 @@ class ConvPropagationBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        b, n, c = x.shape
-        y = x.transpose(1, 2).reshape(b, c, *hw)
-        y = self.norm2(self.conv2(self.act(self.norm1(self.conv1(y)))))
-        return x + self.drop_path(y.flatten(2).transpose(1, 2))
+        return x + self.drop_path(_dw_conv_tokens(self._convs, x, hw))
+
+    def _convs(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm2(self.conv2(self.act(self.norm1(self.conv1(x)))))
 
 
 # --------------------------------------------------------------------------- GP block
