@@ -76,6 +76,9 @@ def test_checkpoint_from_a_different_backbone_names_the_mismatch(tmp_path):
 
 
 def test_module_num_classes_must_match_dataset(tmp_path, data_dir):
-    proc = run_script("train.py", [*TINY_PVT, "experiment=demo", "debug=smoke", "module.num_classes=7",
-                                   f"hydra.run.dir={tmp_path}"], data_dir, check=False)
+    root = make_imagenet(tmp_path / "in", num_classes=3, num_train=2, num_val=2, size=32)
+    proc = run_script("train.py", [*TINY_PVT, "experiment=demo", "debug=smoke", "data.synthetic=false",
+                                   f"data.root={root}", "module.num_classes=7", f"hydra.run.dir={tmp_path / 'run'}"],
+                      data_dir, check=False)
     assert proc.returncode != 0 and "module.num_classes=7 but the dataset" in proc.stderr
+    assert "has 3 classes" in proc.stderr

@@ -31,13 +31,16 @@ def test_paper_row(row):
         pytest.importorskip("vitlab.tasks.detection" if row["task"].startswith("coco") else "vitlab.tasks.segmentation")
     if row["name"] not in available_backbones():
         pytest.skip(f"{row['name']} is not implemented yet")
-    got = measure(row["name"], row["set"], row["task"], row.get("input"))
+    # Detector FLOPs need a real forward at 800x1280 (seconds each): checked by `python -m vitlab.zoo
+    # --rows`, not here; COCO rows check the full-model params.
+    detection = (row["task"] or "").startswith("coco")
+    got = measure(row["name"], row["set"], row["task"], row.get("input"), flops=not detection)
     if row.get("official_params"):
         assert got.params == row["official_params"], f"{got.params} != official {row['official_params']}"
     elif row.get("paper_params_m"):
         tol = row.get("params_tol", 0.03)
         assert abs(got.params / 1e6 - row["paper_params_m"]) <= tol * row["paper_params_m"], (got.params, row)
-    if row.get("paper_gflops"):
+    if row.get("paper_gflops") and not detection:
         tol = row.get("gflops_tol", 0.10)
         assert abs(got.gflops - row["paper_gflops"]) <= tol * row["paper_gflops"], (got.gflops, row)
 

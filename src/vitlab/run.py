@@ -105,14 +105,18 @@ def instantiate_task(cfg: DictConfig):
     check_targets(cfg.data, "data")
     check_targets(cfg.module, "module")
     datamodule = hydra.utils.instantiate(cfg.data)
-    module = hydra.utils.instantiate(cfg.module, backbone=cfg.backbone, schedule=cfg.schedule, _recursive_=False)
     data_classes = getattr(datamodule, "num_classes", None)
-    wanted = getattr(module, "num_classes", None)
+    wanted = cfg.module.get("num_classes")
     if isinstance(data_classes, int) and wanted is not None and data_classes != wanted:
-        raise ValueError(
-            f"module.num_classes={wanted} but the dataset at {datamodule.data_root()} has {data_classes} classes; "
-            f"set module.num_classes={data_classes}"
-        )
+        if not cfg.data.get("synthetic"):
+            raise ValueError(
+                f"module.num_classes={wanted} but the dataset at {datamodule.data_root()} has {data_classes} "
+                f"classes; set module.num_classes={data_classes}"
+            )
+        # generated data has its own (small) label set: the head follows it
+        log.info("module.num_classes=%s -> %s (the generated dataset's classes)", wanted, data_classes)
+        OmegaConf.update(cfg, "module.num_classes", data_classes)
+    module = hydra.utils.instantiate(cfg.module, backbone=cfg.backbone, schedule=cfg.schedule, _recursive_=False)
     if getattr(module, "flops_input_size", None) is None:
         module.flops_input_size = getattr(datamodule, "input_size", None)
     module.run_config = OmegaConf.to_container(cfg, resolve=True)

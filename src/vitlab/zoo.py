@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from omegaconf import OmegaConf
 
 from vitlab.api import available_backbones, backbone_config, build_backbone, build_classifier
 from vitlab.flops import count_gmacs, count_params
@@ -28,6 +29,8 @@ TABLES_DIR = Path(__file__).parent / "paper_tables"
 DEFAULT_INPUT = (224, 224)
 # Classes of the datasets the dense tasks are counted with (the papers' models).
 TASK_CLASSES = {"coco": 80, "ade20k": 150}
+# The papers' input sizes for dense-task FLOPs (COCO: 1280x800 as mmdet counts; ADE20K: 512x512 crops).
+TASK_INPUT = {"coco": (800, 1280), "ade20k": (512, 512)}
 
 
 @dataclass
@@ -81,10 +84,10 @@ def build_task_model(name: str, overrides: list[str], task: str) -> torch.nn.Mod
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"task={task}", f"backbone={name}", *(f"backbone.{o}" for o in overrides)])
-    module_path = cfg.module._target_.rsplit(".", 1)[0]
-    builder = getattr(importlib.import_module(module_path), "build_task_model")
-    dataset = task.split("_")[0]
-    return builder(cfg.backbone, cfg.module, num_classes=TASK_CLASSES.get(dataset, cfg.module.get("num_classes")))
+    module_cfg = OmegaConf.to_container(cfg.module, resolve=True)  # not `paths`: no Hydra run here
+    module_cfg["num_classes"] = TASK_CLASSES.get(task.split("_")[0], module_cfg.get("num_classes"))
+    builder = getattr(importlib.import_module(module_cfg["_target_"].rsplit(".", 1)[0]), "build_task_model")
+    return builder(OmegaConf.to_container(cfg.backbone, resolve=True), module_cfg)
 
 
 def build_for_count(name: str, overrides: list[str], task: str | None, scope: str) -> torch.nn.Module:
@@ -95,21 +98,38 @@ def build_for_count(name: str, overrides: list[str], task: str | None, scope: st
         return build_backbone(cfg) if scope == "backbone" else build_classifier(cfg, 1000)
 
 
+def task_gmacs(name: str, overrides: list[str], task: str, size: tuple[int, int]) -> float:
+    """Detectors' post-processing (top-k, NMS) is data-dependent, so it cannot run on the
+    meta device: count those on a real CPU forward of a random image (seconds)."""
+    try:
+        return count_gmacs(build_for_count(name, overrides, task, "classifier"), size)
+    except (NotImplementedError, RuntimeError):
+        torch.manual_seed(0)
+        return count_gmacs(build_task_model(name, overrides, task), size)
+
+
 def measure(
-    name: str, overrides: list[str] | None = None, task: str | None = None, input_size=None, scope: str | None = None
+    name: str, overrides: list[str] | None = None, task: str | None = None, input_size=None, scope: str | None = None,
+    flops: bool = True,
 ) -> ZooRow:
     overrides = list(overrides or [])
     row = find_paper_row(name, overrides, task) or {}
     scope = scope or row.get("params_scope", "classifier")
-    size = tuple(input_size or row.get("input") or DEFAULT_INPUT)
+    size = tuple(input_size or row.get("input") or TASK_INPUT.get((task or "").split("_")[0], DEFAULT_INPUT))
     model = build_for_count(name, overrides, task, scope)
+    if not flops:
+        gmacs = float("nan")
+    elif task:
+        gmacs = task_gmacs(name, overrides, task, size)
+    else:
+        gmacs = count_gmacs(model, size)
     return ZooRow(
         name=name,
         overrides=overrides,
         task=task,
         input=list(size),
         params=count_params(model),
-        gflops=round(count_gmacs(model, size), 3),
+        gflops=round(gmacs, 3),
         paper_params=row.get("paper_params_m"),
         paper_gflops=row.get("paper_gflops"),
         official_params=row.get("official_params"),
