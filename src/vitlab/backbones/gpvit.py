@@ -35,10 +35,12 @@ Decisions left open by the paper and the official code:
 * Any input size. The stem's projection pads bottom/right to a multiple of its
   stride (mmcv's "corner" adaptive padding, as official), so the grid is
   ceil(H / 8) x ceil(W / 8). Stripes and windows pad the qkv map with zeros
-  to a multiple of the stripe / window and mask the padded keys; LePE's
-  per-stripe conv then sees zeros there, exactly the zero padding it sees at
-  the image border. The official code only supports grids divisible by the
-  stripe width, where this is the identity.
+  to a multiple of the stripe / window and mask the padded keys (Swin leaves
+  them unmasked); LePE's per-stripe conv then sees zeros there, exactly the
+  zero padding it sees at the image border. The official code only supports
+  grids divisible by the stripe width, where this is the identity. Windows are
+  clipped to the map and, as in Swin, a map no larger than one window is not
+  shifted.
 * Ablations (Tables 6-9, all at L1 width), each a constructor argument:
   ``local_attn`` in {lepe, window, global} swaps only the attention inside the
   local block (qkv, proj, FFN and the depth-wise conv stay, so each table row
@@ -57,8 +59,9 @@ Decisions left open by the paper and the official code:
 * Dense outputs. ``out_indices`` picks the layers whose (normed) token maps
   are returned: the last one through the final norm, others through their own
   LayerNorm (as the official ``norm{i}``; the official segmentation configs use
-  ``[2, 5, 8, 11]`` at stride 8). ``out_strides`` gives each output's stride:
-  8 is the map itself; other strides make a simple feature pyramid from it
+  ``[2, 5, 8, 11]`` at stride 8). ``out_strides`` gives each output's stride
+  in the image: the map's own stride (``patch_size``, 8) returns it as it is;
+  other strides make a simple feature pyramid from it
   (ViTDet-style: 2x2 transposed convs up with LayerNorm + GELU between, max
   pooling down, then a LayerNorm per level), so FPN heads work unchanged. With
   one index and several strides all levels come from that one map. No
