@@ -483,6 +483,13 @@ class GPViTHead(nn.Module):
 
 # --------------------------------------------------------------------------- backbone
 class GPViT(Backbone):
+    """GPViT trunk: conv stem to stride ``patch_size``, position embedding, ``num_layers``
+    local / GP blocks at that one resolution, final LayerNorm (see the module docstring).
+
+    ``forward`` returns the maps of ``out_indices`` at ``out_strides``; ``forward_features``
+    the final normed tokens (B, N, C) that the GroupNeck head reads.
+    """
+
     def __init__(
         self,
         img_size: int | list[int],
@@ -521,6 +528,8 @@ class GPViT(Backbone):
         super().__init__()
         if global_block not in GLOBAL_BLOCKS:
             raise ValueError(f"global_block {global_block!r}: use one of {GLOBAL_BLOCKS}")
+        if head_pool not in HEAD_POOLS:
+            raise ValueError(f"head_pool {head_pool!r}: use one of {HEAD_POOLS}")
         if len(gp_layers) != len(group_tokens):
             raise ValueError("gp_layers and group_tokens need one entry per GP block")
         out_indices = [i % num_layers for i in out_indices]
