@@ -11,7 +11,8 @@ round by round so that both see the same machine load; the table gives the ratio
 * train: forward + cross-entropy + backward (no optimizer step), ``model.train()``;
 * infer: forward under ``torch.inference_mode()``, ``model.eval()``;
 * images/s: batch x steps / wall time after ``--warmup`` steps; the median over
-  ``--rounds`` rounds;
+  ``--rounds`` rounds; the ours/timm ratio is the median of the per-round ratios
+  (paired, so that a load change on a shared machine hits both);
 * peak memory: CUDA -- ``torch.cuda.max_memory_allocated`` during the phase minus
   what was allocated before it (activations, gradients, workspace; weights excluded);
   CPU -- the peak resident set size (RSS, /proc/self/statm sampled every 2 ms by a
@@ -44,6 +45,8 @@ class Result:
     infer_ips: float = float("nan")
     train_mem_mb: float = float("nan")
     infer_mem_mb: float = float("nan")
+    train_ratio: float = float("nan")  # ours / timm images/s: median of the per-round ratios
+    infer_ratio: float = float("nan")
     rounds: dict = field(default_factory=lambda: {"train": [], "infer": []})
 
 
@@ -137,7 +140,7 @@ def _timm_twin(name: str, device: torch.device) -> nn.Module | None:
     return timm.create_model(name, pretrained=False, **kwargs).to(device)
 
 
-def bench(names, batch=8, input_size=(224, 224), compare_timm=False, device="cpu", steps=5, warmup=2, rounds=3):
+def bench(names, batch=8, input_size=(224, 224), compare_timm=False, device="cpu", steps=5, warmup=2, rounds=5):
     device = torch.device(device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, *input_size, generator=gen).to(device)
@@ -160,6 +163,9 @@ def bench(names, batch=8, input_size=(224, 224), compare_timm=False, device="cpu
             for r, m in zip(results, mems):
                 setattr(r, f"{phase}_ips", statistics.median(r.rounds[phase]))
                 setattr(r, f"{phase}_mem_mb", max(m))
+            if len(results) == 2:  # paired per round: both saw (nearly) the same machine load
+                ratios = [a / b for a, b in zip(results[0].rounds[phase], results[1].rounds[phase])]
+                setattr(results[0], f"{phase}_ratio", statistics.median(ratios))
         table.append(results)
         del models
     return table
@@ -175,8 +181,8 @@ def format_table(table, device: str) -> str:
                          f"{r.train_mem_mb:>24.1f} {r.infer_mem_mb:>24.1f}")
         if len(results) == 2:
             ours, ref = results
-            lines.append(f"{'  ours / timm':<24} {'':>9} {ours.train_ips / ref.train_ips:>11.2f}x "
-                         f"{ours.infer_ips / ref.infer_ips:>11.2f}x {ours.train_mem_mb / max(ref.train_mem_mb, 1e-9):>23.2f}x "
+            lines.append(f"{'  ours / timm':<24} {'':>9} {ours.train_ratio:>11.2f}x "
+                         f"{ours.infer_ratio:>11.2f}x {ours.train_mem_mb / max(ref.train_mem_mb, 1e-9):>23.2f}x "
                          f"{ours.infer_mem_mb / max(ref.infer_mem_mb, 1e-9):>23.2f}x")
     return "\n".join(lines)
 
@@ -190,7 +196,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--steps", type=int, default=5, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each round")
-    p.add_argument("--rounds", type=int, default=3, help="rounds per model and phase; the median is reported")
+    p.add_argument("--rounds", type=int, default=5, help="rounds per model and phase; the median is reported")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args(argv)
     if args.threads:

@@ -63,6 +63,12 @@ def _to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
+def _channels_last(images: torch.Tensor) -> torch.Tensor:
+    # A channels-last input makes the first patch-embedding conv write a channels-last map,
+    # whose (B, N, C) token view needs no copy (later stages get channels-last views anyway).
+    return images.contiguous(memory_format=torch.channels_last)
+
+
 class PatchEmbed(nn.Module):
     """Conv patchify + LayerNorm. timm's PatchEmbed has no overlapping (2S-1, pad S-1) form."""
 
@@ -313,7 +319,7 @@ class PyramidVisionTransformer(Backbone):
                 trunc_normal_(p, std=0.02)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        outs, x = [], images
+        outs, x = [], _channels_last(images)
         for stage in self.stages:
             tokens, hw = stage(x)
             x = _to_map(tokens, hw)
@@ -322,7 +328,7 @@ class PyramidVisionTransformer(Backbone):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """The vector the linear head reads: the class token (v1) or the mean token (v2)."""
-        x, last = images, len(self.stages) - 1
+        x, last = _channels_last(images), len(self.stages) - 1
         for i, stage in enumerate(self.stages):
             prefix = None
             if i == last and self.cls_token is not None:
