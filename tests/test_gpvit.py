@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import vitlab
 from vitlab.backbones.base import ImageClassifier
-from vitlab.backbones.gpvit import GPViT, LocalAttention, convert_official, group_attention_maps
+from vitlab.backbones.gpvit import LocalAttention, convert_official, group_attention_maps
 from vitlab.flops import count_params
 
 ROOT = Path(__file__).resolve().parents[1]
