@@ -9,7 +9,9 @@
   (1x1 conv-BN-ReLU per level, as used by GPViT's mmseg configs).
 
 Heads take the backbone's ``out_channels`` / ``strides`` and the list of feature maps,
-and return logits at stride 4 (``Segmentor`` upsamples them x4 to the input size).
+read the maps listed in ``in_index`` (mmseg's convention: GPViT's official configs feed
+four stride-8 maps, ``out_indices=[2,5,8,11]``), and return logits at the first read
+map's stride (``Segmentor`` upsamples them to the input size).
 Blocks are torchvision's ``Conv2dNormActivation``; nothing in torchvision or timm
 provides these decoders themselves, so they are written here. BatchNorm (mmseg uses
 SyncBN: set ``trainer.sync_batchnorm=true`` on several GPUs).
@@ -26,14 +28,15 @@ from torchvision.ops import Conv2dNormActivation
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 
 
-def pick_levels(strides: list[int], wanted: list[int], head: str) -> list[int]:
-    missing = [s for s in wanted if s not in strides]
-    if missing:
+def check_index(in_index: list[int], strides: list[int], head: str) -> list[int]:
+    """mmseg's ``in_index``: which of the backbone's outputs a head reads (any strides, even equal)."""
+    in_index = list(in_index)
+    if any(not 0 <= i < len(strides) for i in in_index):
         raise ValueError(
-            f"{head} needs feature maps at strides {list(wanted)} but the backbone returns {list(strides)}; "
-            f"single-scale backbones (GPViT) need backbone.out_strides=[4,8,16,32] (multi-scale adapter)"
+            f"{head}: in_index {in_index} but the backbone returns {len(strides)} maps (strides {list(strides)}); "
+            f"GPViT returns one map unless backbone.out_indices / out_strides ask for four"
         )
-    return [list(strides).index(s) for s in wanted]
+    return in_index
 
 
 def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Module:
@@ -62,13 +65,14 @@ class SemanticFPNHead(_Head):
         in_channels: list[int],
         strides: list[int],
         num_classes: int,
-        in_strides: list[int] = (4, 8, 16, 32),
+        in_index: list[int] = (0, 1, 2, 3),
         fpn_channels: int = 256,
         channels: int = 128,
         dropout: float = 0.1,
     ):
         super().__init__(channels, num_classes, dropout)
-        self.levels = pick_levels(strides, in_strides, "Semantic FPN")
+        self.levels = check_index(in_index, strides, "Semantic FPN")
+        in_strides = [strides[i] for i in self.levels]
         self.fpn = FeaturePyramidNetwork([in_channels[i] for i in self.levels], fpn_channels)
         for m in self.fpn.modules():  # Xavier for the FPN, as mmseg's FPN neck
             if isinstance(m, nn.Conv2d):
@@ -77,7 +81,7 @@ class SemanticFPNHead(_Head):
         base = in_strides[0]
         self.scale_heads = nn.ModuleList()
         for stride in in_strides:
-            steps = max(1, int(math.log2(stride // base)))  # 2x upsamplings to reach stride `base`
+            steps = max(1, int(math.log2(max(stride // base, 1))))  # 2x upsamplings to reach stride `base`
             layers = []
             for k in range(steps):
                 layers.append(conv_bn_relu(fpn_channels if k == 0 else channels, channels, 3))
@@ -112,13 +116,13 @@ class UperNetHead(_Head):
         in_channels: list[int],
         strides: list[int],
         num_classes: int,
-        in_strides: list[int] = (4, 8, 16, 32),
+        in_index: list[int] = (0, 1, 2, 3),
         channels: int = 512,
         pool_scales: list[int] = (1, 2, 3, 6),
         dropout: float = 0.1,
     ):
         super().__init__(channels, num_classes, dropout)
-        self.levels = pick_levels(strides, in_strides, "UperNet")
+        self.levels = check_index(in_index, strides, "UperNet")
         chans = [in_channels[i] for i in self.levels]
         self.ppm = PPM(chans[-1], channels, pool_scales)
         self.bottleneck = conv_bn_relu(chans[-1] + len(pool_scales) * channels, channels, 3)
@@ -138,20 +142,20 @@ class UperNetHead(_Head):
 
 
 class FCNHead(_Head):
-    """Auxiliary head (mmseg FCNHead, 1 conv, no input concat) on one level, stage 3 by default."""
+    """Auxiliary head (mmseg FCNHead, 1 conv, no input concat) on one level: stage 3 (index 2) by default."""
 
     def __init__(
         self,
         in_channels: list[int],
         strides: list[int],
         num_classes: int,
-        in_stride: int = 16,
+        in_index: int = 2,
         channels: int = 256,
         num_convs: int = 1,
         dropout: float = 0.1,
     ):
         super().__init__(channels, num_classes, dropout)
-        (self.level,) = pick_levels(strides, [in_stride], "FCN auxiliary head")
+        (self.level,) = check_index([in_index], strides, "FCN auxiliary head")
         cin = in_channels[self.level]
         self.convs = nn.Sequential(*(conv_bn_relu(cin if k == 0 else channels, channels, 3) for k in range(num_convs)))
 
@@ -165,12 +169,12 @@ class SegFormerHead(_Head):
         in_channels: list[int],
         strides: list[int],
         num_classes: int,
-        in_strides: list[int] = (4, 8, 16, 32),
+        in_index: list[int] = (0, 1, 2, 3),
         channels: int = 256,
         dropout: float = 0.1,
     ):
         super().__init__(channels, num_classes, dropout)
-        self.levels = pick_levels(strides, in_strides, "SegFormer head")
+        self.levels = check_index(in_index, strides, "SegFormer head")
         self.mlps = nn.ModuleList(conv_bn_relu(in_channels[i], channels, 1) for i in self.levels)
         self.fuse = conv_bn_relu(len(self.levels) * channels, channels, 1)
 

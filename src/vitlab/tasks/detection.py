@@ -177,10 +177,13 @@ class DetectionTask(VitlabTask):
         pred = canvas
         if self.with_masks and keep.any():
             pred = draw_segmentation_masks(pred, det["masks"][keep][:, 0].cpu() > 0.5, alpha=0.4)
-        pred = draw_bounding_boxes(pred, det["boxes"][keep].cpu(), labels=names, colors="red")
+        if keep.any():
+            pred = draw_bounding_boxes(pred, det["boxes"][keep].cpu(), labels=names, colors="red")
         gt_boxes = resize_boxes(tgt["boxes"].as_subclass(torch.Tensor).float(), orig, image.shape[-2:])
-        gt = draw_bounding_boxes(canvas, gt_boxes, labels=[self.class_names[int(l)] for l in tgt["labels"]],
-                                 colors="lime")
+        gt = canvas
+        if len(gt_boxes):
+            gt = draw_bounding_boxes(canvas, gt_boxes, labels=[self.class_names[int(l)] for l in tgt["labels"]],
+                                     colors="lime")
         return torch.cat([pred, gt], dim=-1)
 
     def on_validation_epoch_end(self) -> None:

@@ -1,0 +1,250 @@
+"""COCO: the generated data, the DataModule, bad input, the metric and the results JSON.
+
+Checked against pycocotools (the reference reader and evaluator), not against ourselves.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torchvision.models.detection.transform import resize_boxes
+
+from vitlab.api import backbone_config
+from vitlab.data.base import DatasetLayoutError
+from vitlab.data.coco import AnnotationError, CocoDataModule, CocoDetectionDataset, load_coco_json
+from vitlab.data.synthetic_dense import make_coco
+
+TINY = ["depths=[1,1,1,1]", "embed_dims=[16,32,48,64]", "num_heads=[1,1,2,2]", "drop_path_rate=0.0"]
+
+
+@pytest.fixture(scope="module")
+def coco_root(tmp_path_factory) -> Path:
+    return make_coco(tmp_path_factory.mktemp("coco"), seed=0, num_train=24, num_val=10, size=96)
+
+
+def datamodule(root, **kw) -> CocoDataModule:
+    args = dict(root=str(root), batch_size=4, num_workers=0, train_scales=[96], test_scale=96, max_size=160,
+                with_masks=True)
+    args.update(kw)
+    dm = CocoDataModule(**args)
+    dm.setup("fit")
+    return dm
+
+
+def test_generated_json_is_real_coco(coco_root):
+    coco = COCO(str(coco_root / "annotations" / "instances_train2017.json"))
+    assert len(coco.cats) == 80 and sorted(coco.cats)[-1] == 90  # COCO's ids, with its gaps
+    anns = list(coco.anns.values())
+    crowd = [a for a in anns if a["iscrowd"]]
+    assert crowd and all(isinstance(a["segmentation"]["counts"], list) for a in crowd)  # uncompressed RLE
+    assert any(isinstance(a["segmentation"], list) for a in anns)  # polygons
+    assert any(isinstance(a["segmentation"], dict) and isinstance(a["segmentation"]["counts"], str) for a in anns)
+    assert any(not coco.getAnnIds(imgIds=i) for i in coco.imgs)  # images without annotations
+    for a in anns:  # every mask decodes to the stated area, inside the stated box
+        m = coco.annToMask(a)
+        assert abs(int(m.sum()) - a["area"]) <= 1
+        x, y, w, h = a["bbox"]
+        ys, xs = np.nonzero(m)
+        assert xs.min() >= x and xs.max() < x + w and ys.min() >= y and ys.max() < y + h
+
+
+def test_generator_is_deterministic(tmp_path):
+    a = make_coco(tmp_path / "a", seed=3, num_train=4, num_val=2, size=64)
+    b = make_coco(tmp_path / "b", seed=3, num_train=4, num_val=2, size=64)
+    for split in ("train", "val"):
+        name = f"annotations/instances_{split}2017.json"
+        assert (a / name).read_text() == (b / name).read_text()
+
+
+def test_datamodule_pipeline(coco_root):
+    dm = datamodule(coco_root)
+    coco = dm.train_set.coco
+    # training drops images with no (non-crowd) annotation; validation keeps every image
+    assert len(dm.train_set) == sum(1 for i in coco.imgs if any(not a["iscrowd"] for a in coco.imgToAnns[i]))
+    assert len(dm.val_set) == len(dm.val_set.coco.imgs)
+    assert dm.category_ids == sorted(coco.cats) and dm.class_names[0] == "person"
+    for index in range(len(dm.train_set)):
+        image, target = dm.train_set[index]
+        image_id = dm.train_set.ids[index]
+        anns = [a for a in coco.imgToAnns[image_id] if not a["iscrowd"]]
+        assert min(image.shape[-2:]) == 96 or max(image.shape[-2:]) == 160
+        assert len(target["labels"]) == len(anns)  # crowd regions removed
+        assert sorted(dm.category_ids[int(l)] for l in target["labels"]) == sorted(a["category_id"] for a in anns)
+        assert target["masks"].shape == (len(anns), *image.shape[-2:])
+    # validation: original coordinates, crowd kept and flagged
+    crowd_seen = False
+    for index in range(len(dm.val_set)):
+        image, target = dm.val_set[index]
+        anns = dm.val_set.coco.imgToAnns.get(dm.val_set.ids[index], [])
+        assert len(target["boxes"]) == len(anns)
+        assert tuple(target["masks"].shape[-2:]) == target["orig_size"]
+        crowd_seen |= bool(target["iscrowd"].any())
+    assert crowd_seen
+
+
+def test_aspect_ratio_grouped_batches(coco_root):
+    dm = datamodule(coco_root, batch_size=2)
+    groups = dm.train_set.aspect_groups()
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(1)
+    seen = 0
+    for batch in loader.sampler._batches():
+        assert len({groups[i] for i in batch}) == 1
+        seen += len(batch)
+    assert seen == len(loader.sampler) >= len(dm.train_set)
+    images, targets, skipped = next(iter(loader))
+    assert len(images) == 2 and skipped.item() == 0
+
+
+def _write_variant(root: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the generated val JSON with one edit, as the train and val file of a new root."""
+    data = json.loads((root / "annotations" / "instances_val2017.json").read_text())
+    edit(data)
+    new = tmp_path / "coco"
+    (new / "annotations").mkdir(parents=True)
+    for split in ("train2017", "val2017"):
+        (new / split).symlink_to(root / "val2017")
+        (new / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
+    return new
+
+
+def test_bad_input_malformed_json(tmp_path):
+    path = tmp_path / "instances_val2017.json"
+    path.write_text('{"images": [')
+    with pytest.raises(AnnotationError, match="instances_val2017.json: not valid JSON"):
+        load_coco_json(path)
+    path.write_text('{"images": [], "annotations": [{"id": 1}], "categories": []}')
+    with pytest.raises(AnnotationError, match=r"annotations\[0\] needs"):
+        load_coco_json(path)
+
+
+def test_bad_input_box_outside_image(coco_root, tmp_path):
+    def edit(data):
+        ann = data["annotations"][0]
+        img = next(i for i in data["images"] if i["id"] == ann["image_id"])
+        ann["bbox"] = [img["width"] - 5.0, 2.0, 40.0, 10.0]
+        ann["id"] = 4242
+
+    root = _write_variant(coco_root, tmp_path, edit)
+    ann = root / "annotations" / "instances_val2017.json"
+    with pytest.raises(AnnotationError, match=r"instances_val2017.json: annotation id 4242 .*outside"):
+        CocoDetectionDataset(root / "val2017", ann, None, train=False, with_masks=False)
+    with pytest.warns(UserWarning, match="clipped 1 boxes"):
+        ds = CocoDetectionDataset(root / "val2017", ann, None, train=False, with_masks=False, clip_boxes=True)
+    assert ds.num_clipped == 1
+    x, y, w, h = ds.coco.anns[4242]["bbox"]
+    assert x + w <= ds.coco.imgs[ds.coco.anns[4242]["image_id"]]["width"]
+
+
+def test_bad_input_unknown_category_and_image_size(coco_root, tmp_path):
+    def unknown_category(data):
+        data["annotations"][0]["category_id"] = 12  # not a COCO category id
+        data["annotations"][0]["id"] = 77
+
+    root = _write_variant(coco_root, tmp_path / "a", unknown_category)
+    with pytest.raises(AnnotationError, match="annotation id 77 .*category_id 12 is not one of the 80"):
+        CocoDetectionDataset(root / "val2017", root / "annotations/instances_val2017.json", None, False, False)
+
+    def wrong_size(data):
+        data["images"][0]["width"] += 10
+
+    root = _write_variant(coco_root, tmp_path / "b", wrong_size)
+    ds = CocoDetectionDataset(root / "val2017", root / "annotations/instances_val2017.json", lambda x: x,
+                              train=False, with_masks=False, clip_boxes=True)
+    with pytest.raises(AnnotationError, match="but the JSON says"):
+        ds[ds.ids.index(ds.coco.dataset["images"][0]["id"])]
+
+
+def test_missing_dataset_names_the_layout(tmp_path):
+    dm = CocoDataModule(root=str(tmp_path / "nowhere"), num_workers=0)
+    with pytest.raises(DatasetLayoutError, match="train2017"):
+        dm.setup("fit")
+
+
+def test_ground_truth_as_predictions_scores_ap_1(coco_root, tmp_path):
+    """Through DetectionTask.validation_step (resize back, torchmetrics/pycocotools) and the results JSON."""
+    from vitlab.tasks.detection import DetectionTask
+
+    dm = datamodule(coco_root, test_scale=128, max_size=200)  # validation images are upscaled
+    schedule = {"optimizer": {"lr": 1e-4}, "lr_policy": {"name": "multistep", "milestones": [1]}}
+    head = {"_target_": "vitlab.heads.detection.MaskRCNNDetector", "fpn_channels": 32}
+    task = DetectionTask(backbone_config("pvt_v2_b0", TINY), schedule, head=head, num_classes=80, num_vis_images=0)
+    task.category_ids, task.class_names = dm.category_ids, dm.class_names
+
+    def oracle(images, targets):
+        dets = []
+        for image, t in zip(images, targets):
+            keep = t["iscrowd"] == 0
+            size = image.shape[-2:]
+            masks = t["masks"][keep].float()[:, None]
+            dets.append({
+                "boxes": resize_boxes(t["boxes"][keep].as_subclass(torch.Tensor), t["orig_size"], size),
+                "labels": t["labels"][keep], "scores": torch.ones(int(keep.sum())),
+                "masks": F.interpolate(masks, size=size, mode="nearest") if len(masks) else masks.new_zeros((0, 1, *size)),
+            })
+        return dets
+
+    task.on_validation_epoch_start()
+    for batch in dm.val_dataloader():
+        images, targets, _ = batch
+        task.model.forward = lambda ims, t=targets: oracle(ims, t)  # ground truth in, as detections
+        task.validation_step(batch, 0)
+    result = task.val_map.compute()
+    assert float(result["bbox_map"]) == pytest.approx(1.0)
+    assert float(result["segm_map"]) > 0.99
+    # the results JSON: original category ids, xywh boxes, RLE masks -> pycocotools' own evaluation
+    path = task.write_results(tmp_path / "results.json")
+    gt = COCO(str(coco_root / "annotations" / "instances_val2017.json"))
+    res = gt.loadRes(str(path))
+    assert {r["category_id"] for r in json.loads(path.read_text())} <= set(gt.cats)
+    for iou_type in ("bbox", "segm"):
+        ev = COCOeval(gt, res, iou_type)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+        assert ev.stats[0] > (0.999 if iou_type == "bbox" else 0.99)
+
+
+def test_a_random_detector_scores_near_zero(coco_root):
+    """The metric is not trivially 1: shuffled labels on the true boxes score (almost) nothing."""
+    from torchmetrics.detection import MeanAveragePrecision
+
+    dm = datamodule(coco_root)
+    metric = MeanAveragePrecision(backend="pycocotools", iou_type="bbox")
+    g = torch.Generator().manual_seed(0)
+    for index in range(len(dm.val_set)):
+        _, t = dm.val_set[index]
+        boxes = t["boxes"].as_subclass(torch.Tensor)
+        labels = (t["labels"] + 1 + torch.randint(0, 78, t["labels"].shape, generator=g)) % 80  # always wrong
+        metric.update([{"boxes": boxes, "labels": labels, "scores": torch.ones(len(boxes))}],
+                      [{"boxes": boxes, "labels": t["labels"], "iscrowd": t["iscrowd"], "area": t["area"]}])
+    assert float(metric.compute()["map"]) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("head", ["RetinaNetDetector", "MaskRCNNDetector"])
+def test_detection_task_trains_and_validates(coco_root, head, tmp_path):
+    import lightning as L
+
+    from vitlab.tasks.detection import DetectionTask
+
+    dm = CocoDataModule(root=str(coco_root), batch_size=2, num_workers=0, train_scales=[96], test_scale=96,
+                        max_size=160, with_masks=head == "MaskRCNNDetector")
+    schedule = {"optimizer": {"lr": 1e-4, "weight_decay": 1e-4}, "base_batch_size": 2,
+                "lr_policy": {"name": "multistep", "milestones": [1], "warmup_iters": 1}, "epochs": 1}
+    task = DetectionTask(backbone_config("pvt_v2_b0", TINY), schedule, num_classes=80, num_vis_images=2,
+                         head={"_target_": f"vitlab.heads.detection.{head}", "fpn_channels": 32})
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=2, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=str(tmp_path),
+                        num_sanity_val_steps=0)
+    trainer.fit(task, datamodule=dm)
+    metrics = trainer.callback_metrics
+    assert "val/map" in metrics and ("val/mask_map" in metrics) == (head == "MaskRCNNDetector")
+    assert torch.isfinite(metrics["train/loss"])
+    assert len(list((tmp_path / "predictions" / "epoch_000").glob("*.png"))) == 2
