@@ -172,3 +172,4 @@ def test_component_ablation_ends_at_pvt_v2_b2_li():
     with torch.device("meta"):
         model = vitlab.create_model("pvt_small", overrides=rows)
     assert count_params(model) == ZOO["pvt_v2_b2_li"][0]
+
