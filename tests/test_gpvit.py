@@ -12,6 +12,13 @@
 * Naive loop implementations (below) of LePE stripes and shifted windows, and
   timm's ViT attention, for the attention variants and for padding.
 * The official-code parameter counts in ZOO.md.
+* tests/fixtures/gpvit_adapter_tiny_official.pt: the OFFICIAL mmdet GPViTAdapter and
+  GPViTAdapterSingleStage (ViT-Adapter, COCO) on the tiny trunk above (no extra
+  stem conv) with conv_inplane 8, 2 heads, 2 points, interactions [[0,1],[2,3]],
+  run with mmcv's CPU reference of the deformable-attention op, on a 64x96 input:
+  its state dict (Mask R-CNN variant; the RetinaNet one shares it minus the
+  stride-4 parts) and both variants' outputs. The official adapter parameter
+  counts of L1-L4 were measured with the same code.
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ import torch.nn.functional as F
 
 import vitlab
 from vitlab.backbones.base import ImageClassifier
-from vitlab.backbones.gpvit import LocalAttention, convert_official, group_attention_maps
+from vitlab.backbones.gpvit import LocalAttention, convert_official, group_attention_maps, ms_deform_attn
 from vitlab.flops import count_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,3 +284,68 @@ def test_notebook_executes():
     assert time.monotonic() - start < 60
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert images  # the group maps were plotted
+
+
+# --------------------------------------------------------------------------- ViT-Adapter
+ADAPTER_TINY = [o for o in TINY if not o.startswith("num_convs")] + [
+    "num_convs=0", "conv_inplane=8", "n_points=2", "deform_num_heads=2", "interaction_indexes=[[0,1],[2,3]]",
+]
+
+
+@pytest.mark.parametrize("variant,strides", [("maskrcnn", [4, 8, 16, 32]), ("retinanet", [8, 16, 32])])
+def test_adapter_official_code_outputs(tmp_path, variant, strides):
+    fix = torch.load(FIXTURES / "gpvit_adapter_tiny_official.pt", weights_only=True)
+    official = {k: v.float() if v.is_floating_point() else v for k, v in fix["maskrcnn_state_dict"].items()}
+    if variant == "retinanet":  # GPViTAdapterSingleStage has no stride-4 parts and numbers its norms from 2
+        official = {k: v for k, v in official.items() if not k.startswith(("backbone.spm.fc1", "backbone.up.", "backbone.ad_norm1."))}
+    path = tmp_path / "official_det.pth"
+    torch.save({"state_dict": official}, path)
+    model = vitlab.create_backbone(
+        "gpvit_l1_adapter", pretrained=str(path), overrides=[*ADAPTER_TINY, f"out_strides={strides}".replace(" ", "")]
+    ).eval()
+    with torch.no_grad():
+        outs = model(fix["input"].float())
+    assert model.strides == strides and len(outs) == len(fix[f"{variant}_outputs"])
+    for ours, ref in zip(outs, fix[f"{variant}_outputs"]):
+        torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "name,maskrcnn,retinanet",  # L2-L4 (28,733,370 / 43,209,384 / 87,727,688 ...) are rows of paper_tables/gpvit.yaml
+    [("gpvit_l1_adapter", 12_078_436, 11_877_124)],
+)
+def test_adapter_params_equal_official_code(name, maskrcnn, retinanet):
+    with torch.device("meta"):
+        assert count_params(vitlab.create_backbone(name)) == maskrcnn
+        assert count_params(vitlab.create_backbone(name, overrides=["out_strides=[8,16,32]"])) == retinanet
+
+
+def test_ms_deform_attn_matches_naive_bilinear():
+    """Deformable attention = weighted sum of bilinear samples (zero outside), checked point by point."""
+    torch.manual_seed(0)
+    shapes = [(4, 6), (2, 3)]
+    value = torch.randn(1, 24 + 6, 2, 5)  # (B, S, heads, d)
+    loc = torch.rand(1, 3, 2, 2, 2, 2) * 1.2 - 0.1  # some samples fall outside the map
+    w = torch.rand(1, 3, 2, 2, 2)
+    ours = ms_deform_attn(value, shapes, loc, w)
+
+    def bilinear(img, x, y):  # img (h, w, d); pixel-centre convention of align_corners=False
+        h, wd, _ = img.shape
+        px, py = x * wd - 0.5, y * h - 0.5
+        x0, y0 = math.floor(px), math.floor(py)
+        out = torch.zeros(img.shape[-1])
+        for yy, xx in ((y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)):
+            if 0 <= yy < h and 0 <= xx < wd:
+                out += (1 - abs(px - xx)) * (1 - abs(py - yy)) * img[yy, xx]
+        return out
+
+    starts = [0, 24]
+    ref = torch.zeros(1, 3, 2, 5)
+    for q in range(3):
+        for hd in range(2):
+            for lvl, (h, wd) in enumerate(shapes):
+                img = value[0, starts[lvl]: starts[lvl] + h * wd, hd].view(h, wd, 5)
+                for p in range(2):
+                    x, y = loc[0, q, hd, lvl, p].tolist()
+                    ref[0, q, hd] += w[0, q, hd, lvl, p] * bilinear(img, x, y)
+    torch.testing.assert_close(ours, ref.view(1, 3, 10), atol=1e-5, rtol=1e-5)
