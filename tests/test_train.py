@@ -24,9 +24,10 @@ def test_smoke_run_writes_summary(tmp_path, train_run):
 
 
 def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, train_run):
-    """Interrupted after epoch 1 and resumed with ckpt_path=last: same weights as one straight run.
+    """Interrupted after epoch 1 and resumed with ckpt_path=last: bit-equal weights to one straight run.
 
-    Bit-equal on CPU with num_workers=0 (RNG, sampler epoch, optimiser and scheduler are restored).
+    CPU, num_workers=0: data order (epoch-seeded sampler), augmentation RNG (restored before
+    Lightning builds the training iterator), optimiser state and LR schedule all carry over.
     """
     straight = tmp_path / "straight"
     resumed = tmp_path / "resumed"

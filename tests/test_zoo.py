@@ -18,7 +18,7 @@ from vitlab.flops import count_gmacs
 from vitlab.zoo import main as zoo_main
 from vitlab.zoo import measure, paper_rows
 
-ROWS = [r for r in paper_rows() if r["task"] is None or r.get("check_task", True)]
+ROWS = paper_rows()
 
 
 def _row_id(row):
@@ -29,12 +29,14 @@ def _row_id(row):
 def test_paper_row(row):
     if row["task"] is not None:
         pytest.importorskip("vitlab.tasks.detection" if row["task"].startswith("coco") else "vitlab.tasks.segmentation")
+    if row.get("check_task") is False:
+        pytest.skip(f"known gap, explained in {row['table_file']}: {row.get('source')}")
     if row["name"] not in available_backbones():
         pytest.skip(f"{row['name']} is not implemented yet")
     # Detector FLOPs need a real forward at 800x1280 (seconds each): checked by `python -m vitlab.zoo
     # --rows`, not here; COCO rows check the full-model params.
     detection = (row["task"] or "").startswith("coco")
-    got = measure(row["name"], row["set"], row["task"], row.get("input"), flops=not detection)
+    got = measure(row["name"], row["set"], row["task"], row.get("input"), flops=bool(row.get("paper_gflops")) and not detection)
     if row.get("official_params"):
         assert got.params == row["official_params"], f"{got.params} != official {row['official_params']}"
     elif row.get("paper_params_m"):

@@ -50,4 +50,5 @@ class ImageClassifier(nn.Module):
         return self.head(self.backbone.forward_features(images))
 
     def no_weight_decay(self) -> set[str]:
-        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+        head = self.head.no_weight_decay() if hasattr(self.head, "no_weight_decay") else set()
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()} | {f"head.{n}" for n in head}

@@ -17,7 +17,6 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRScheduler
 from torch import nn
 
-from vitlab.backbones.base import Backbone
 
 
 def _plain(cfg: Any) -> Any:
@@ -26,11 +25,13 @@ def _plain(cfg: Any) -> Any:
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
-    """Full names of parameters every backbone inside ``model`` exempts from decay."""
+    """Full names of the parameters that modules inside ``model`` exempt from weight decay
+    (backbones' position embeddings and tokens, heads' query tokens, timm models' own lists)."""
     names = set()
     for prefix, module in model.named_modules():
-        if isinstance(module, Backbone):
-            names |= {f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay()}
+        listed = getattr(module, "no_weight_decay", None)
+        if callable(listed):
+            names |= {f"{prefix}.{n}" if prefix else n for n in listed()}
     return names
 
 
@@ -40,7 +41,6 @@ class VitlabTask(L.LightningModule):
         self.backbone_cfg = _plain(backbone)
         self.schedule = _plain(schedule)
         self.run_config: dict | None = None  # the resolved run config, set by train.py
-        self._pending_rng: dict | None = None
 
     # ---- optimisation ---------------------------------------------------------------
     def global_batch_size(self) -> int:
@@ -60,14 +60,11 @@ class VitlabTask(L.LightningModule):
         # timm's factory builds the param groups: no decay for 1-D params (norms, biases)
         # and for the names each backbone lists in no_weight_decay() (pos embeds, tokens).
         model = self.model
-        model.no_weight_decay = lambda: no_weight_decay_names(model)  # read by timm
+        exempt = no_weight_decay_names(model)
+        model.no_weight_decay = lambda: exempt  # read by timm's param-group builder
+        extra = {k: tuple(v) if isinstance(v, list) else v for k, v in opt.items() if k not in ("name", "lr", "weight_decay")}
         optimizer = create_optimizer_v2(
-            model,
-            opt=opt.get("name", "adamw"),
-            lr=self.scaled_lr(),
-            weight_decay=opt.get("weight_decay", 0.0),
-            betas=tuple(opt.get("betas", (0.9, 0.999))),
-            eps=opt.get("eps", 1e-8),
+            model, opt=opt.get("name", "adamw"), lr=self.scaled_lr(), weight_decay=opt.get("weight_decay", 0.0), **extra
         )
         del model.no_weight_decay
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._scheduler(optimizer), "interval": "step"}}
@@ -112,14 +109,11 @@ class VitlabTask(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._pending_rng = checkpoint.get("vitlab_rng")
-
-    def on_train_start(self) -> None:
-        # Restore RNG only now, after Lightning's own set-up and sanity check, so a resumed
-        # run draws the same augmentations, mixup and drop-path masks as an uninterrupted one.
-        if self._pending_rng:
-            rng = self._pending_rng
+        # Restore RNG as early as Lightning allows: it builds the training iterator (whose
+        # first batches draw augmentations) before on_train_start, so a resumed run then draws
+        # the same augmentations, mixup and drop-path masks as an uninterrupted one.
+        rng = checkpoint.get("vitlab_rng")
+        if rng:
             random.setstate((3, tuple(rng["python"]), None))
             np.random.set_state(("MT19937", np.array(rng["numpy"], dtype=np.uint32), *rng["numpy_tail"]))
             torch.set_rng_state(rng["torch"])
-            self._pending_rng = None
