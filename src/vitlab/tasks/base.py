@@ -78,6 +78,7 @@ class VitlabTask(L.LightningModule):
             warmup_t=min(warmup, max(total - 1, 0)),
             warmup_lr_init=policy.get("warmup_lr", 1e-6),
             t_in_epochs=False,  # every schedule is stepped per iteration
+            warmup_prefix=False,  # warm-up is part of the timeline (DeiT, mmdet, mmseg), not added before it
         )
         name = policy["name"]
         if name == "cosine":
