@@ -1,7 +1,6 @@
 """Bad input gets a clear error naming the file, field or option and what was expected."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch

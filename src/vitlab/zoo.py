@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

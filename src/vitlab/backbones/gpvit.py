@@ -75,6 +75,7 @@ Decisions left open by the paper and the official code:
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,7 @@ from timm.models.vision_transformer import Block as ViTBlock
 from torch import nn
 
 from vitlab.backbones.base import Backbone
+from vitlab.backbones.layers import init_vit_weights
 
 LOCAL_ATTNS = ("lepe", "window", "global")
 GLOBAL_BLOCKS = ("gp", "none", "conv", "global_attn", "shifted_window")
@@ -585,18 +587,7 @@ class GPViT(Backbone):
         for m in self.modules():
             if isinstance(m, TokenGrouping):
                 trunc_normal_(m.group_token, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # the official classifier config: trunc-normal(0.02) linears with zero bias; LN 1 / 0
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(partial(init_vit_weights, convs=False))  # the official classifier config: convs keep torch's init
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed"} | {n for n, _ in self.named_parameters() if n.endswith("group_token")}

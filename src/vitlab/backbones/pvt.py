@@ -40,7 +40,6 @@ strides (no copies). The dense outputs are such views. Attention is
 """
 from __future__ import annotations
 
-import math
 import re
 
 import torch
@@ -49,6 +48,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from vitlab.backbones.base import Backbone
+from vitlab.backbones.layers import init_vit_weights
 
 __all__ = ["PyramidVisionTransformer", "convert_official"]
 
@@ -313,7 +313,7 @@ class PyramidVisionTransformer(Backbone):
         self.norm = None if stage_norm else nn.LayerNorm(dims[-1], eps=norm_eps)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dims[-1])) if cls_token else None
         self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, dims[-1])) if cls_token and pos_embed else None
-        self.apply(_init_weights)
+        self.apply(init_vit_weights)
         for name, p in self.named_parameters():
             if name.endswith(("pos_embed", "cls_token")):
                 trunc_normal_(p, std=0.02)
@@ -342,28 +342,13 @@ class PyramidVisionTransformer(Backbone):
 
     def make_head(self, num_classes: int) -> nn.Module:
         head = nn.Linear(self.out_channels[-1], num_classes)
-        _init_weights(head)
+        init_vit_weights(head)
         return head
 
     def no_weight_decay(self) -> set[str]:
         # Position embeddings and the class token, as DeiT and PVTv2's code list them (the v1
         # code exempted only cls_token; its comment: "has pos_embed may be better").
         return {n for n, _ in self.named_parameters() if n.endswith(("pos_embed", "cls_token"))}
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
-        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 def _stage(m: re.Match) -> str:

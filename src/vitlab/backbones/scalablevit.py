@@ -58,10 +58,11 @@ import re
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp
 from torch import nn
 
 from vitlab.backbones.base import Backbone
+from vitlab.backbones.layers import init_vit_weights
 
 ATTENTIONS = ("iwsa", "wsa", "swsa", "ssa")
 LOCAL_MODULES = ("none", "lem", "lim")
@@ -76,24 +77,6 @@ def parse_block_pattern(pattern: str) -> tuple[str, str]:
     if len(names) != 2 or any(n not in ATTENTIONS for n in names):
         raise ValueError(f"block_pattern {pattern!r}: use one or two of {ATTENTIONS} joined by '_'")
     return names[0], names[1]
-
-
-def _init_weights(m: nn.Module) -> None:
-    """The official initialisation (trunc-normal linears, fan-out normal convs)."""
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
-        # torch's kaiming_normal_ computes fan_out without dividing by groups;
-        # the official code divides (depth-wise convs get a larger std).
-        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 def _nchw(x: torch.Tensor) -> torch.Tensor:
@@ -343,7 +326,7 @@ class ScalableViT(Backbone):
             cur += depth
         self.stages = nn.ModuleList(stages)
         self.norm = nn.LayerNorm(embed_dims[-1], eps=norm_eps)
-        self.apply(_init_weights)
+        self.apply(init_vit_weights)
 
     def _forward_nhwc(self, x: torch.Tensor) -> list[torch.Tensor]:
         outs = []
@@ -372,7 +355,7 @@ class ScalableViT(Backbone):
                 nn.GELU(),
                 nn.Linear(self.head_hidden_dim, num_classes),
             )
-        head.apply(_init_weights)
+        head.apply(init_vit_weights)
         return head
 
     def no_weight_decay(self) -> set[str]:
