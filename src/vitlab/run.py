@@ -52,11 +52,11 @@ def model_gflops(module: L.LightningModule) -> float | None:
     if size is None or model is None:
         return None
     try:
-        return round(count_gmacs(copy.deepcopy(model).to("meta"), tuple(size)), 3)
+        return float(f"{count_gmacs(copy.deepcopy(model).to('meta'), tuple(size)):.4g}")
     except Exception as err:  # some detection post-processing is data-dependent: count for real
         log.info("meta-device FLOP count failed (%s); counting on CPU", err)
         try:
-            return round(count_gmacs(copy.deepcopy(model).cpu(), tuple(size)), 3)
+            return float(f"{count_gmacs(copy.deepcopy(model).cpu(), tuple(size)):.4g}")
         except Exception as err2:
             log.warning("could not count FLOPs: %s", err2)
             return None
