@@ -203,6 +203,8 @@ def evaluate(cfg: DictConfig) -> dict:
     run_cfg = OmegaConf.create(config)
     for key, value in (cfg.get("overrides") or {}).items():
         OmegaConf.update(run_cfg, key, value, force_add=True)
+    if cfg.get("module"):  # e.g. tta=ms_flip sets module.tta
+        run_cfg.module = OmegaConf.merge(run_cfg.module, cfg.module)
     run_cfg.backbone.pretrained = None  # weights come from the checkpoint
     check_targets(run_cfg, "config")
     L.seed_everything(cfg.seed, workers=True)
