@@ -163,7 +163,7 @@ def test_tta_config_group():
     from vitlab.api import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["task=ade20k_upernet", "schedule=160k", "+tta=ms_flip"])
+        cfg = compose("train", overrides=["task=ade20k_upernet", "schedule=160k", "tta=ms_flip"])
     assert cfg.module.tta.scales == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] and cfg.module.tta.flip
     assert cfg.module.auxiliary_head.in_index == 2 and cfg.schedule.lr_policy.power == 1.0
 

@@ -178,9 +178,12 @@ def train(cfg: DictConfig) -> dict:
         summary["extra"] = module.extra_summary()
     if trainer.is_global_zero:
         write_summary(out_dir, summary)
-        for logger in loggers:
-            if type(logger).__name__ == "WandbLogger":
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            if trainer.is_global_zero:
                 logger.experiment.summary.update({k: v for k, v in summary.items() if k != "extra"})
+            # Close the run: writes its files, and the next job of a -m sweep (same process) gets its own run.
+            logger.experiment.finish()
     return summary
 
 
