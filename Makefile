@@ -23,7 +23,8 @@ train: install
 	$(PY) src/train.py experiment=demo $(ARGS)
 
 test: install
-	OMP_NUM_THREADS=2 WANDB_MODE=offline $(PY) -m pytest -q $(PYTEST_ARGS)
+	# two pytest workers, one thread each: most tests are single-threaded subprocess runs
+	OMP_NUM_THREADS=1 WANDB_MODE=offline $(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 zoo: install
 	$(PY) -m vitlab.zoo

@@ -4,7 +4,6 @@ Checked against pycocotools (the reference reader and evaluator), not against ou
 """
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformerBlock
 
 import vitlab
-from vitlab.backbones.scalablevit import (ScalableSelfAttention, ScalableViT, WindowAttention,
+from vitlab.backbones.scalablevit import (ScalableSelfAttention, WindowAttention,
                                           convert_official)
 from vitlab.flops import count_gmacs, count_params
 
