@@ -7,6 +7,7 @@ and metrics. The optimiser and schedule come from the ``schedule`` config group
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRScheduler
 from torch import nn
+from torchvision.io import write_png
 
 
 
@@ -98,6 +100,31 @@ class VitlabTask(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         clip = self.schedule.get("clip_grad")
         self.clip_gradients(optimizer, gradient_clip_val=clip or gradient_clip_val, gradient_clip_algorithm="norm")
+
+    # ---- shared by the tasks ----------------------------------------------------------
+    def log_images(self, tag: str, images: list[torch.Tensor]) -> None:
+        """uint8 CHW images -> W&B (WandbLogger) or PNGs under ``<run dir>/predictions/epoch_XXX/``."""
+        trainer = self.trainer
+        if not images or not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        for logger in self.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                logger.log_image(key=tag, images=[im.permute(1, 2, 0).cpu().numpy() for im in images],
+                                 step=self.global_step)
+                return
+        out = Path(trainer.default_root_dir) / "predictions" / f"epoch_{self.current_epoch:03d}"
+        out.mkdir(parents=True, exist_ok=True)
+        for i, im in enumerate(images):
+            write_png(im.cpu(), str(out / f"{tag.replace('/', '_')}_{i}.png"))
+
+    def test_step(self, batch, batch_idx):  # testing = validating on the test loader
+        return self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
 
     # ---- checkpoints: resolved config + RNG, so runs resume exactly ------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

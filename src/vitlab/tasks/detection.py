@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
-from torchvision.io import write_png
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
@@ -41,22 +40,6 @@ def build_task_model(backbone_cfg, module_cfg: dict) -> nn.Module:
     check_targets(head, "module.head")
     return hydra.utils.instantiate(head, backbone=build_backbone(OmegaConf.create(backbone_cfg)),
                                    num_classes=module_cfg.get("num_classes", 80), _convert_="all")
-
-
-def log_images(module, tag: str, images: list[torch.Tensor]) -> None:
-    """uint8 CHW images -> W&B (WandbLogger) or PNGs under ``<run dir>/predictions/epoch_XXX/``."""
-    trainer = module.trainer
-    if not images or not trainer.is_global_zero or trainer.sanity_checking:
-        return
-    for logger in module.loggers:
-        if type(logger).__name__ == "WandbLogger":
-            logger.log_image(key=tag, images=[im.permute(1, 2, 0).cpu().numpy() for im in images],
-                             step=module.global_step)
-            return
-    out = Path(trainer.default_root_dir) / "predictions" / f"epoch_{module.current_epoch:03d}"
-    out.mkdir(parents=True, exist_ok=True)
-    for i, im in enumerate(images):
-        write_png(im.cpu(), str(out / f"{tag.replace('/', '_')}_{i}.png"))
 
 
 class DetectionTask(VitlabTask):
@@ -195,17 +178,8 @@ class DetectionTask(VitlabTask):
                 if value is not None:  # in percent, as the papers; pycocotools' -1 (no such objects) stays -1
                     value = float(value) * 100 if float(value) >= 0 else -1.0
                     self.log(f"val/{prefix}{key}", value, prog_bar=key == "map", sync_dist=False)
-        log_images(self, "val/predictions", self._vis)
+        self.log_images("val/predictions", self._vis)
         self._vis = []
-
-    def test_step(self, batch, batch_idx):
-        return self.validation_step(batch, batch_idx)
-
-    def on_test_epoch_start(self) -> None:
-        self.on_validation_epoch_start()
-
-    def on_test_epoch_end(self) -> None:
-        self.on_validation_epoch_end()
 
     # ---- results --------------------------------------------------------------------
     def write_results(self, path: str | Path) -> Path:

@@ -23,7 +23,6 @@ from vitlab.api import build_backbone
 from vitlab.data.ade20k import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from vitlab.heads.segmentation import Segmentor
 from vitlab.tasks.base import VitlabTask
-from vitlab.tasks.detection import log_images
 from vitlab.trust import check_targets
 
 
@@ -203,17 +202,9 @@ class SegmentationTask(VitlabTask):
         self.last_iou = iou.tolist()
         self.log("val/miou", float(iou.nanmean()) * 100, prog_bar=True)
         self.log("val/acc", float(acc) * 100)
-        log_images(self, "val/predictions", self._vis)
+        self.log_images("val/predictions", self._vis)
         self._vis = []
 
-    def test_step(self, batch, batch_idx):
-        return self.validation_step(batch, batch_idx)
-
-    def on_test_epoch_start(self) -> None:
-        self.on_validation_epoch_start()
-
-    def on_test_epoch_end(self) -> None:
-        self.on_validation_epoch_end()
 
     def extra_summary(self) -> dict:
         """Per-class IoU (%) of the last validation, by class name (None: class absent from it)."""
