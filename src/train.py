@@ -1,20 +1,11 @@
 """Train any backbone on any task: ``python src/train.py backbone=pvt_v2_b2 task=imagenet_cls``.
 
-Composes ``conf/train.yaml`` with the command line, instantiates the DataModule,
-the task module and a Lightning Trainer, fits, and writes ``summary.json`` to the
-run directory. See ``conf/train.yaml`` for the config groups.
+Composes ``conf/train.yaml`` with the command line, builds the DataModule, the task module and
+a Lightning Trainer, fits (resuming the run when its directory holds a checkpoint), and writes
+``summary.json`` to the run directory. The body is ``vitlab.run.train``; ``vitlab-train`` is the
+same command for an installed vitlab.
 """
-import hydra
-from omegaconf import DictConfig
-
-from vitlab.run import train
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    summary = train(cfg)
-    return summary.get("best_score")  # what sweepers optimise
-
+from vitlab.cli import train_main
 
 if __name__ == "__main__":
-    main()
+    train_main()

@@ -13,7 +13,7 @@ from vitlab.api import backbone_config
 from vitlab.data.ade20k import (
     IGNORE_INDEX, ADE20KDataModule, ADE20KDataset, CatMaxRandomCrop, LabelMapError,
 )
-from vitlab.data.base import DatasetLayoutError
+from vitlab.data.base import DatasetInfo, DatasetLayoutError
 from vitlab.data.synthetic_dense import ADE_BACKGROUNDS, ADE_OBJECTS, make_ade20k
 from vitlab.tasks.segmentation import SegmentationTask, iou_from_confmat
 
@@ -36,9 +36,13 @@ def datamodule(root, **kw) -> ADE20KDataModule:
     return dm
 
 
-def task(head: str = "SemanticFPNHead", **kw) -> SegmentationTask:
-    return SegmentationTask(backbone_config("pvt_v2_b0", TINY), SCHEDULE, num_vis_images=0,
-                            decode_head={"_target_": f"vitlab.heads.segmentation.{head}"}, **kw)
+def ade_info(num_classes: int = 150) -> DatasetInfo:
+    return ADE20KDataModule(root="unused", num_classes=num_classes, crop_size=[64, 64]).info
+
+
+def task(head: str = "SemanticFPNHead", num_classes: int = 150, **kw) -> SegmentationTask:
+    return SegmentationTask(backbone_config("pvt_v2_b0", TINY), SCHEDULE, ade_info(num_classes), num_vis_images=0,
+                            head={"_target_": f"vitlab.heads.segmentation.{head}"}, **kw)
 
 
 def test_generated_layout_and_labels(ade_root):
@@ -160,9 +164,9 @@ def test_slide_inference_matches_whole_for_a_pointwise_model():
 def test_tta_config_group():
     from hydra import compose, initialize_config_dir
 
-    from vitlab.api import CONF_DIR
+    from vitlab.resources import conf_dir
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose("train", overrides=["task=ade20k_upernet", "schedule=160k", "tta=ms_flip"])
     assert cfg.module.tta.scales == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] and cfg.module.tta.flip
     assert cfg.module.auxiliary_head.in_index == 2 and cfg.schedule.lr_policy.power == 1.0
@@ -172,8 +176,8 @@ def test_segmentation_task_fits_and_reports_per_class_iou(ade_root, tmp_path):
     import lightning as L
 
     dm = datamodule(ade_root)
-    t = SegmentationTask(backbone_config("pvt_v2_b0", TINY), SCHEDULE, num_vis_images=2,
-                         decode_head={"_target_": "vitlab.heads.segmentation.UperNetHead", "channels": 32},
+    t = SegmentationTask(backbone_config("pvt_v2_b0", TINY), SCHEDULE, dm.info, num_vis_images=2,
+                         head={"_target_": "vitlab.heads.segmentation.UperNetHead", "channels": 32},
                          auxiliary_head={"_target_": "vitlab.heads.segmentation.FCNHead", "channels": 16})
     trainer = L.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, default_root_dir=str(tmp_path), num_sanity_val_steps=0)

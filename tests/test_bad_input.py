@@ -74,10 +74,13 @@ def test_checkpoint_from_a_different_backbone_names_the_mismatch(tmp_path):
         vitlab.create_model("pvt_v2_b1", num_classes=10, pretrained=str(tmp_path / "b0.pth"))
 
 
-def test_module_num_classes_must_match_dataset(tmp_path, data_dir):
+def test_checkpoint_classes_must_match_the_evaluation_data(tmp_path, data_dir, train_run):
+    """The class count comes from the dataset; evaluating a checkpoint on data with other classes
+    is an error naming both counts."""
+    summary = train_run(tmp_path / "run", *TINY_PVT, "experiment=demo", "debug=smoke", "data.synthetic_classes=4")
     root = make_imagenet(tmp_path / "in", num_classes=3, num_train=2, num_val=2, size=32)
-    proc = run_script("train.py", [*TINY_PVT, "experiment=demo", "debug=smoke", "data.synthetic=false",
-                                   f"data.root={root}", "module.num_classes=7", f"hydra.run.dir={tmp_path / 'run'}"],
+    proc = run_script("eval.py", [f"ckpt_path={summary['last_ckpt']}", "+overrides.data.synthetic=false",
+                                  f"+overrides.data.root={root}", f"hydra.run.dir={tmp_path / 'eval'}"],
                       data_dir, check=False)
-    assert proc.returncode != 0 and "module.num_classes=7 but the dataset" in proc.stderr
-    assert "has 3 classes" in proc.stderr
+    assert proc.returncode != 0 and "trained on 4 classes but the data has 3" in proc.stderr
+    assert not (tmp_path / "eval").exists()  # a failed command leaves no run directory

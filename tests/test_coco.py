@@ -68,14 +68,14 @@ def test_datamodule_pipeline(coco_root):
     # training drops images with no (non-crowd) annotation; validation keeps every image
     assert len(dm.train_set) == sum(1 for i in coco.imgs if any(not a["iscrowd"] for a in coco.imgToAnns[i]))
     assert len(dm.val_set) == len(dm.val_set.coco.imgs)
-    assert dm.category_ids == sorted(coco.cats) and dm.class_names[0] == "person"
+    assert list(dm.info.category_ids) == sorted(coco.cats) and dm.info.class_names[0] == "person"
     for index in range(len(dm.train_set)):
         image, target = dm.train_set[index]
         image_id = dm.train_set.ids[index]
         anns = [a for a in coco.imgToAnns[image_id] if not a["iscrowd"]]
         assert min(image.shape[-2:]) == 96 or max(image.shape[-2:]) == 160
         assert len(target["labels"]) == len(anns)  # crowd regions removed
-        assert sorted(dm.category_ids[int(l)] for l in target["labels"]) == sorted(a["category_id"] for a in anns)
+        assert sorted(dm.info.category_ids[int(l)] for l in target["labels"]) == sorted(a["category_id"] for a in anns)
         assert target["masks"].shape == (len(anns), *image.shape[-2:])
     # validation: original coordinates, crowd kept and flagged
     crowd_seen = False
@@ -174,8 +174,7 @@ def test_ground_truth_as_predictions_scores_ap_1(coco_root, tmp_path):
     dm = datamodule(coco_root, test_scale=128, max_size=200)  # validation images are upscaled
     schedule = {"optimizer": {"lr": 1e-4}, "lr_policy": {"name": "multistep", "milestones": [1]}}
     head = {"_target_": "vitlab.heads.detection.MaskRCNNDetector", "fpn_channels": 32}
-    task = DetectionTask(backbone_config("pvt_v2_b0", TINY), schedule, head=head, num_classes=80, num_vis_images=0)
-    task.category_ids, task.class_names = dm.category_ids, dm.class_names
+    task = DetectionTask(backbone_config("pvt_v2_b0", TINY), schedule, dm.info, head=head, num_vis_images=0)
 
     def oracle(images, targets):
         dets = []
@@ -237,7 +236,7 @@ def test_detection_task_trains_and_validates(coco_root, head, tmp_path):
                         max_size=160, with_masks=head == "MaskRCNNDetector")
     schedule = {"optimizer": {"lr": 1e-4, "weight_decay": 1e-4}, "base_batch_size": 2,
                 "lr_policy": {"name": "multistep", "milestones": [1], "warmup_iters": 1}, "epochs": 1}
-    task = DetectionTask(backbone_config("pvt_v2_b0", TINY), schedule, num_classes=80, num_vis_images=2,
+    task = DetectionTask(backbone_config("pvt_v2_b0", TINY), schedule, dm.info, num_vis_images=2,
                          head={"_target_": f"vitlab.heads.detection.{head}", "fpn_channels": 32})
     trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=2, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, default_root_dir=str(tmp_path),

@@ -7,6 +7,7 @@ from unittest import mock
 
 import pytest
 
+from vitlab.data.base import DatasetInfo
 from vitlab.tasks.classification import ClassificationTask
 
 BACKBONE = {"_target_": "vitlab.backbones.pvt.PyramidVisionTransformer", "img_size": 32, "patch_sizes": [4, 2, 2, 2],
@@ -21,7 +22,8 @@ def make_task(policy: dict, epochs=10, steps_per_epoch=100, batch=64, world=2):
     schedule = {"epochs": epochs, "max_steps": -1, "base_batch_size": 512, "scale_lr": True,
                 "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05, "betas": [0.9, 0.999]},
                 "lr_policy": policy, "clip_grad": None}
-    task = ClassificationTask(BACKBONE, schedule, num_classes=10, mixup=0, cutmix=0)
+    info = DatasetInfo(class_names=tuple(map(str, range(10))), input_size=(224, 224))
+    task = ClassificationTask(BACKBONE, schedule, info, mixup=0, cutmix=0)
     trainer = SimpleNamespace(datamodule=SimpleNamespace(batch_size=batch), world_size=world, accumulate_grad_batches=1,
                               estimated_stepping_batches=epochs * steps_per_epoch, max_epochs=epochs)
     patcher = mock.patch.object(ClassificationTask, "trainer", new_callable=mock.PropertyMock, return_value=trainer)

@@ -10,26 +10,20 @@ does on the command line.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterable
 
-import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
-from vitlab.backbones.base import Backbone, ImageClassifier
-from vitlab.trust import check_targets
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-
-# Keys of a backbone config that are not constructor arguments.
-NON_CONSTRUCTOR_KEYS = ("pretrained",)
+from vitlab.backbones.base import Backbone
+from vitlab.build import build_backbone, build_classifier
+from vitlab.resources import conf_dir
 
 
 def available_backbones() -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / "backbone").glob("*.yaml"))
+    return sorted(p.stem for p in (conf_dir() / "backbone").glob("*.yaml"))
 
 
 def _relative_to_backbone(override: str) -> str:
@@ -48,35 +42,9 @@ def backbone_config(name: str, overrides: Iterable[str] | None = None) -> DictCo
     if GlobalHydra.instance().is_initialized():  # inside a Hydra app: its search path has conf/
         cfg = compose(overrides=hydra_overrides)
     else:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             cfg = compose(overrides=hydra_overrides)
     return cfg.backbone
-
-
-def build_backbone(cfg: DictConfig) -> Backbone:
-    """Instantiate a backbone config (as found under ``backbone:`` in any run config)."""
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    pretrained = cfg.get("pretrained")
-    for key in NON_CONSTRUCTOR_KEYS:
-        cfg.pop(key, None)
-    check_targets(cfg)
-    backbone = hydra.utils.instantiate(cfg, _convert_="all")
-    if pretrained:
-        from vitlab.checkpoints import load_pretrained
-
-        load_pretrained(backbone, pretrained)
-    return backbone
-
-
-def build_classifier(cfg: DictConfig, num_classes: int) -> ImageClassifier:
-    """Backbone config -> ``ImageClassifier``; ``cfg.pretrained`` loads backbone and head."""
-    pretrained = cfg.get("pretrained")
-    model = ImageClassifier(build_backbone(OmegaConf.merge(cfg, {"pretrained": None})), num_classes)
-    if pretrained:
-        from vitlab.checkpoints import load_pretrained
-
-        load_pretrained(model, pretrained)
-    return model
 
 
 def create_backbone(name: str, pretrained: str | None = None, overrides: Iterable[str] | None = None) -> Backbone:

@@ -10,43 +10,100 @@ and ``{"model": ...}`` wrappers. Our layout is ``backbone.*`` + ``head.*``
 """
 from __future__ import annotations
 
+import logging
+import os
+import pickle
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from vitlab.backbones.base import Backbone, ImageClassifier
+
+
+log = logging.getLogger("vitlab")
 
 
 class CheckpointMismatchError(RuntimeError):
     pass
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_checkpoint(path: str | Path, key: str = "checkpoint") -> dict:
+    """A ``torch.save`` file read with ``weights_only=True`` (no pickled code runs), or a
+    ``.safetensors`` file; ``key`` names the option the path came from in error messages."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"{key}={path}: no such file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        sd = load_file(str(path))
-    else:
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # weights_only refuses pickled objects: say so plainly
-            raise CheckpointMismatchError(
-                f"{path}: cannot be read as a weights-only checkpoint ({err.__class__.__name__}: {err})"
-            ) from err
+            return load_file(str(path))
+        except Exception as err:
+            raise CheckpointMismatchError(f"{key}={path}: not a readable safetensors file ({err})") from None
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
+        raise CheckpointMismatchError(
+            f"{key}={path}: not a checkpoint: expected a file written by torch.save (a vitlab .ckpt, a state "
+            f"dict .pth/.pt) or a .safetensors file"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refuses pickled objects: say so plainly
+        raise CheckpointMismatchError(
+            f"{key}={path}: refused: the file holds pickled objects other than tensors and plain containers, "
+            f"and checkpoints are read weights-only, so no code in them can run ({str(err).splitlines()[0]})"
+        ) from None
+    except Exception as err:  # not a torch.save file at all (a text file, an image, a truncated write)
+        raise CheckpointMismatchError(
+            f"{key}={path}: not a checkpoint: expected a file written by torch.save (a vitlab .ckpt, a state "
+            f"dict .pth/.pt) or a .safetensors file ({type(err).__name__}: {err})"
+        ) from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointMismatchError(f"{key}={path}: expected a dict (a checkpoint or a state dict), "
+                                      f"got {type(ckpt).__name__}")
+    return ckpt
+
+
+# Where a vitlab Lightning checkpoint keeps the backbone, per task (classification and
+# segmentation: ``model.backbone``; detection: torchvision's ``backbone.body`` inside the detector).
+_VITLAB_BACKBONE_PREFIXES = ("backbone.", "model.backbone.body.")
+
+
+def _from_vitlab_checkpoint(sd: dict[str, torch.Tensor], ema: bool, path: Path) -> dict | None:
+    """A vitlab checkpoint's weights in our ``backbone.*`` (+ ``head.*`` for classifiers) layout;
+    None if ``sd`` is not one. ``ema``: the EMA copy the classification task keeps."""
+    root = "ema.module." if ema else "model."
+    if not any(k.startswith("model.") for k in sd):
+        return None
+    if ema and not any(k.startswith(root) for k in sd):
+        raise CheckpointMismatchError(f"{path}: has no EMA weights (train with module.ema_decay=...); "
+                                      f"use backbone.pretrained_ema=false")
+    inner = {k[len(root):]: v for k, v in sd.items() if k.startswith(root)}
+    out = {}
+    for prefix in _VITLAB_BACKBONE_PREFIXES:
+        out.update({"backbone." + k[len(prefix):]: v for k, v in inner.items() if k.startswith(prefix)})
+    out.update({k: v for k, v in inner.items() if k.startswith("head.")})  # a classifier's head
+    return out or None
+
+
+def read_state_dict(path: str | Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    """Weights from any file ``load_pretrained`` accepts: a vitlab checkpoint of any task (its
+    backbone, and a classifier's head), a state dict, or a family's official release file."""
+    path = Path(path)
+    sd = read_checkpoint(path, "pretrained")
     for wrapper in ("state_dict", "model", "module"):
-        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+        if isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
             break
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    if not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointMismatchError(f"{path}: expected a state dict of tensors")
-    if any(k.startswith("model.backbone.") for k in sd):  # a vitlab Lightning checkpoint
-        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
-    return sd
+    ours = _from_vitlab_checkpoint(sd, ema, path)
+    if ema and ours is None:
+        raise CheckpointMismatchError(f"{path}: pretrained_ema=true needs a vitlab checkpoint with EMA weights")
+    return ours if ours is not None else sd
 
 
 def _family_converter(backbone: nn.Module):
@@ -87,12 +144,24 @@ def _check_and_load(model: nn.Module, sd: dict, source: str) -> None:
     model.load_state_dict(sd, strict=True)
 
 
-def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load ``path`` strictly into an ``ImageClassifier`` or a bare ``Backbone`` (head dropped)."""
-    sd = read_state_dict(path)
+def load_pretrained(model: nn.Module, path: str | Path, ema: bool = False) -> nn.Module:
+    """Load ``path`` strictly into an ``ImageClassifier`` or a bare ``Backbone`` (head dropped).
+
+    A classifier whose head does not fit the file (another class count, or a file without a head:
+    a detection or segmentation checkpoint) gets the backbone only, and the log says so."""
+    sd = read_state_dict(path, ema=ema)
     if isinstance(model, ImageClassifier):
         expected = set(model.state_dict())
         sd = to_classifier_layout(sd, model.backbone, expected)
+        own = model.state_dict()
+        head = {k: v for k, v in sd.items() if k.startswith("head.")}
+        if {k for k in own if k.startswith("head.")} != set(head) or any(
+                own[k].shape != v.shape for k, v in head.items()):
+            log.info("%s: loading the backbone only; the classification head keeps its initialisation "
+                     "(the file's head does not fit %d classes)", path, model.num_classes)
+            backbone_sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+            _check_and_load(model.backbone, backbone_sd, str(path))
+            return model
         _check_and_load(model, sd, str(path))
     elif isinstance(model, Backbone):
         expected = {f"backbone.{k}" for k in model.state_dict()}
@@ -102,3 +171,15 @@ def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
     else:
         _check_and_load(model, sd, str(path))
     return model
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint writes that a kill cannot break: write ``<file>.tmp``, then rename it over the
+    file (``os.replace`` is atomic on POSIX), so ``last.ckpt`` is always the old or the new one."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)

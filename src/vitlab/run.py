@@ -1,21 +1,40 @@
-"""The bodies of ``src/train.py`` and ``src/eval.py``: instantiate, fit/validate, summarise."""
+"""The bodies of ``src/train.py`` and ``src/eval.py``: check, build, fit/validate, summarise.
+
+Data flow of a training run (see docs/design.md):
+
+    composed config --check_run_config--> DataModule (data:) --.info--> task module (module:,
+    backbone:, schedule:) --> Lightning Trainer (trainer:, callbacks:, logger:) --fit-->
+    checkpoints (+ the resolved config) --> summary.json
+
+The run directory is a function of the command (``vitlab.rundir``); ``resume=auto`` continues a
+run from its ``last.ckpt``. Every object is built through ``vitlab.build.instantiate``, which
+only accepts the classes vitlab's own configs name.
+"""
 from __future__ import annotations
 
 import copy
 import json
 import logging
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
-import torch
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from vitlab.checkpoints import CheckpointMismatchError
+from vitlab.build import instantiate, locate
+from vitlab.callbacks import RunConfigInCheckpoint
+from vitlab.checkpoints import AtomicCheckpointIO, CheckpointMismatchError, read_checkpoint
+from vitlab.data.base import DatasetInfo
 from vitlab.flops import count_gmacs, count_params
+from vitlab.loggers import ResumableCSVLogger
+from vitlab.rundir import register_resolvers
 from vitlab.trust import check_targets
+from vitlab.validate import check_run_config
 
+register_resolvers()
 log = logging.getLogger("vitlab")
 
 
@@ -33,24 +52,49 @@ def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
-    """``last``: resume from ``<run dir>/checkpoints/last.ckpt`` if a previous attempt left one."""
-    if ckpt_path in (None, "", "none", "null"):
-        return None
-    if ckpt_path == "last":
-        last = Path(output_dir) / "checkpoints" / "last.ckpt"
-        return str(last) if last.exists() else None
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
-    return ckpt_path
+# ---- resume -----------------------------------------------------------------------------
+def plan_resume(cfg: DictConfig, run_dir: Path) -> tuple[str | None, dict | None]:
+    """(checkpoint to resume from or None, the summary of an already finished run or None); logs
+    which of the cases applies."""
+    resume, ckpt_path = cfg.get("resume", "auto"), cfg.get("ckpt_path")
+    if ckpt_path == "last":  # vitlab < 0.2 spelled resume=auto this way
+        ckpt_path = None
+    if ckpt_path not in (None, "", "null", "none"):
+        read_checkpoint(ckpt_path, "ckpt_path")  # a clear error for a missing or non-checkpoint file
+        log.info("resuming from ckpt_path=%s (run dir %s)", ckpt_path, run_dir)
+        return str(ckpt_path), None
+    last = run_dir / "checkpoints" / "last.ckpt"
+    summary = run_dir / "summary.json"
+    if resume == "auto" and summary.is_file():
+        done = json.loads(summary.read_text())
+        if done.get("status") == "finished":
+            log.info("run %s already finished (summary.json); nothing to do. resume=never starts a new run "
+                     "beside it", run_dir)
+            return None, done
+    if resume == "auto" and last.is_file():
+        log.info("resuming from %s (resume=auto; resume=never starts a new run)", last)
+        return str(last), None
+    log.info("starting a new run in %s", run_dir)
+    return None, None
+
+
+def _holds_only_hydra_files(run_dir: Path) -> bool:
+    """A run directory Hydra has just made: its .hydra/ folder and log file, nothing of ours."""
+    return run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir())
+
+
+# ---- building -----------------------------------------------------------------------------
+def build_data_and_module(run_cfg: dict) -> tuple[L.LightningDataModule, L.LightningModule]:
+    """The DataModule, then the task module with the dataset's description (``info``)."""
+    datamodule = instantiate(run_cfg["data"], "data")
+    module = instantiate(run_cfg["module"], "module", backbone=run_cfg["backbone"], schedule=run_cfg["schedule"],
+                         info=datamodule.info)
+    return datamodule, module
 
 
 def model_gflops(module: L.LightningModule) -> float | None:
     """GMACs of the module's model at its input size, counted on a meta-device copy (no compute)."""
-    size = getattr(module, "flops_input_size", None)
-    model = getattr(module, "flops_model", None) or getattr(module, "model", None)
-    if size is None or model is None:
-        return None
+    size, model = module.flops_input_size, module.model
     try:
         return float(f"{count_gmacs(copy.deepcopy(model).to('meta'), tuple(size)):.4g}")
     except Exception as err:  # some detection post-processing is data-dependent: count for real
@@ -71,6 +115,7 @@ def run_metadata(cfg: DictConfig) -> dict[str, Any]:
         "schedule": choices.get("schedule"),
         "experiment": choices.get("experiment"),
         "overrides": _overrides(),
+        "seed": cfg.get("seed"),
     }
     for key, value in OmegaConf.to_container(cfg.backbone, resolve=True).items():
         if not key.startswith("_") and key not in meta:
@@ -85,42 +130,37 @@ def _sweep_group() -> str | None:
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
-    sweep = _choices().get("sweep")
-    return f"{sweep or 'sweep'}-{Path(HydraConfig.get().sweep.dir).name}"
+    return Path(HydraConfig.get().sweep.dir).name
 
 
-def build_loggers(cfg: DictConfig) -> list:
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of this run directory, made once and kept in ``<run dir>/wandb_run_id``:
+    every attempt of a run (resume, SLURM requeue) logs into the same W&B run."""
+    path = run_dir / "wandb_run_id"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    if L.fabric.utilities.rank_zero.rank_zero_only.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id)
+    return run_id
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> list:
     loggers = []
     for name, logger_cfg in (cfg.get("logger") or {}).items():
         logger_cfg = OmegaConf.to_container(logger_cfg, resolve=True)
-        if name == "wandb":
+        cls = locate(logger_cfg["_target_"]) if isinstance(logger_cfg, dict) and "_target_" in logger_cfg else None
+        extra = {}
+        if cls is not None and issubclass(cls, WandbLogger):
             if not logger_cfg.get("name"):
                 logger_cfg["name"] = ",".join(o for o in _overrides() if not o.startswith("hydra")) or "default"
             logger_cfg["group"] = _sweep_group() or logger_cfg.get("group")
-        loggers.append(hydra.utils.instantiate(logger_cfg))
+            extra = {"id": wandb_run_id(run_dir), "resume": "allow"}
+        elif cls is not None and issubclass(cls, ResumableCSVLogger):
+            extra = {"resume_step": resume_step}
+        loggers.append(instantiate(logger_cfg, f"logger.{name}", trusted=True, **extra))
     return loggers
-
-
-def instantiate_task(cfg: DictConfig):
-    check_targets(cfg.data, "data")
-    check_targets(cfg.module, "module")
-    datamodule = hydra.utils.instantiate(cfg.data)
-    data_classes = getattr(datamodule, "num_classes", None)
-    wanted = cfg.module.get("num_classes")
-    if isinstance(data_classes, int) and wanted is not None and data_classes != wanted:
-        if not cfg.data.get("synthetic"):
-            raise ValueError(
-                f"module.num_classes={wanted} but the dataset at {datamodule.data_root()} has {data_classes} "
-                f"classes; set module.num_classes={data_classes}"
-            )
-        # generated data has its own (small) label set: the head follows it
-        log.info("module.num_classes=%s -> %s (the generated dataset's classes)", wanted, data_classes)
-        OmegaConf.update(cfg, "module.num_classes", data_classes)
-    module = hydra.utils.instantiate(cfg.module, backbone=cfg.backbone, schedule=cfg.schedule, _recursive_=False)
-    if getattr(module, "flops_input_size", None) is None:
-        module.flops_input_size = getattr(datamodule, "input_size", None)
-    module.run_config = OmegaConf.to_container(cfg, resolve=True)
-    return datamodule, module
 
 
 def write_summary(out_dir: Path, summary: dict) -> None:
@@ -139,47 +179,77 @@ def write_summary(out_dir: Path, summary: dict) -> None:
     Console().print(table)
 
 
-def train(cfg: DictConfig) -> dict:
+# ---- train --------------------------------------------------------------------------------
+def _cleaned_up_on_failure(body):
+    """A command that fails before it has written a checkpoint or a summary leaves no directory."""
+
+    def run(cfg: DictConfig) -> dict:
+        run_dir = Path(cfg.paths.output_dir)
+        fresh = not run_dir.exists() or _holds_only_hydra_files(run_dir)
+        try:
+            return body(cfg, run_dir)
+        except BaseException:
+            if fresh and not (run_dir / "checkpoints").exists() and not (run_dir / "summary.json").exists():
+                shutil.rmtree(run_dir, ignore_errors=True)
+                for parent in (run_dir.parent, run_dir.parent.parent):  # e.g. <task>/<backbone>/ made for it
+                    if parent.is_dir() and not any(parent.iterdir()):
+                        parent.rmdir()
+            raise
+
+    run.__doc__ = body.__doc__
+    return run
+
+
+@_cleaned_up_on_failure
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Fit (or resume) the run the config describes and return its summary."""
+    check_run_config(cfg)
+    resume_from, finished = plan_resume(cfg, run_dir)
+    if finished is not None:
+        return finished
+    resume_step = None
+    if resume_from:
+        resume_step = int(read_checkpoint(resume_from, "checkpoint").get("global_step", 0))
     L.seed_everything(cfg.seed, workers=True)
-    out_dir = Path(cfg.paths.output_dir)
-    datamodule, module = instantiate_task(cfg)
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    loggers = build_loggers(cfg)
-    trainer_kwargs = {}
-    if cfg.data.get("repeated_aug"):
-        trainer_kwargs["use_distributed_sampler"] = False  # the RA sampler distributes itself
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **trainer_kwargs)
+    run_cfg = OmegaConf.to_container(cfg, resolve=True)
+    datamodule, module = build_data_and_module(run_cfg)
+    # the user's own run-level objects (a checkpoint never rebuilds these): any class may be named
+    callbacks = [instantiate(c, f"callbacks.{k}", trusted=True) for k, c in (run_cfg.get("callbacks") or {}).items() if c]
+    callbacks.append(RunConfigInCheckpoint(run_cfg))
+    loggers = build_loggers(cfg, run_dir, resume_step)
+    trainer: L.Trainer = instantiate(run_cfg["trainer"], "trainer", trusted=True, callbacks=callbacks,
+                                     logger=loggers or False, plugins=[AtomicCheckpointIO()])
 
     meta = run_metadata(cfg)
     params = count_params(module.model)
     gflops = model_gflops(module)
     for logger in loggers:
-        logger.log_hyperparams({**meta, "params": params, "gflops": gflops, "config": module.run_config})
+        logger.log_hyperparams({**meta, "params": params, "gflops": gflops, "config": run_cfg})
 
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), str(out_dir))
-    if ckpt_path:
-        log.info("resuming from %s", ckpt_path)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
 
-    best_cb = next((c for c in trainer.checkpoint_callbacks if c.monitor), None)
-    last_cb = next((c for c in trainer.checkpoint_callbacks if c.save_last), None)
+    best_cb = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
+    last = run_dir / "checkpoints" / "last.ckpt"
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     summary = {
         **metrics,
+        "status": "finished",
         "best_ckpt": best_cb.best_model_path if best_cb else None,
         "best_score": float(best_cb.best_model_score) if best_cb and best_cb.best_model_score is not None else None,
-        "last_ckpt": last_cb.last_model_path if last_cb else None,
+        "last_ckpt": str(last) if last.is_file() else None,
+        "run_dir": str(run_dir),
+        "resumed_from": resume_from,
         "params": params,
         "gflops": gflops,
         "global_step": trainer.global_step,
-        **{k: meta[k] for k in ("backbone", "task", "schedule", "experiment", "overrides")},
+        **{k: meta[k] for k in ("backbone", "task", "schedule", "experiment", "overrides", "seed")},
     }
     if hasattr(module, "extra_summary"):
         summary["extra"] = module.extra_summary()
     if trainer.is_global_zero:
-        write_summary(out_dir, summary)
+        write_summary(run_dir, summary)
     for logger in loggers:
-        if type(logger).__name__ == "WandbLogger":
+        if isinstance(logger, WandbLogger):
             if trainer.is_global_zero:
                 logger.experiment.summary.update({k: v for k, v in summary.items() if k != "extra"})
             # Close the run: writes its files, and the next job of a -m sweep (same process) gets its own run.
@@ -187,40 +257,76 @@ def train(cfg: DictConfig) -> dict:
     return summary
 
 
+# ---- evaluate -----------------------------------------------------------------------------
 def load_checkpoint_config(ckpt_path: str) -> tuple[dict, dict]:
-    """Read a vitlab checkpoint safely: weights only, and a config that names trusted classes only."""
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file") from None
+    """Read a vitlab checkpoint safely: weights only, and a config that names allowed classes only."""
+    ckpt = read_checkpoint(ckpt_path, "ckpt_path")
     config = ckpt.get("vitlab_config")
-    if not config:
-        raise CheckpointMismatchError(f"{ckpt_path}: not a vitlab checkpoint (no stored run config)")
-    check_targets(config, f"{ckpt_path}:config")
+    if not isinstance(config, dict) or not {"data", "module", "backbone"} <= config.keys():
+        raise CheckpointMismatchError(
+            f"ckpt_path={ckpt_path}: not a vitlab training checkpoint (it holds no stored run config); "
+            f"expected checkpoints/last.ckpt or best.ckpt of a vitlab run"
+        )
+    for part in ("data", "module", "backbone"):  # everything eval, predict and export build from it
+        check_targets(config[part], f"{ckpt_path}: {part}")
     return ckpt, config
 
 
-def evaluate(cfg: DictConfig) -> dict:
-    """Rebuild data and model from the checkpoint alone and validate."""
-    ckpt, config = load_checkpoint_config(cfg.ckpt_path)
+def check_same_dataset(stored: dict | None, info: DatasetInfo, ckpt_path: str) -> None:
+    """A checkpoint's classes must be the evaluation data's classes, in the same order."""
+    if not stored:
+        return
+    trained = DatasetInfo.from_dict(stored)
+    if trained.class_names != info.class_names:
+        diff = next((i for i, (a, b) in enumerate(zip(trained.class_names, info.class_names)) if a != b),
+                    min(trained.num_classes, info.num_classes))
+        raise CheckpointMismatchError(
+            f"{ckpt_path} was trained on {trained.num_classes} classes but the data has {info.num_classes}; "
+            f"they first differ at label {diff}. Point +overrides.data.root= at the dataset it was trained on."
+        )
+
+
+def module_from_checkpoint(ckpt_path: str, overrides: dict | None = None, module_overrides: dict | None = None):
+    """(DataModule, task module with the checkpoint's weights, checkpoint dict) rebuilt from the file.
+
+    ``overrides``: dotted keys of the stored run config to change (``{"data": {"root": ...}}``);
+    ``module_overrides``: merged into ``module`` (``tta=ms_flip`` sets ``module.tta``)."""
+    ckpt, config = load_checkpoint_config(ckpt_path)
     run_cfg = OmegaConf.create(config)
-    for key, value in (cfg.get("overrides") or {}).items():
+    for key, value in (overrides or {}).items():
         OmegaConf.update(run_cfg, key, value, force_add=True)
-    if cfg.get("module"):  # e.g. tta=ms_flip sets module.tta
-        run_cfg.module = OmegaConf.merge(run_cfg.module, cfg.module)
+    if module_overrides:
+        run_cfg.module = OmegaConf.merge(run_cfg.module, module_overrides)
     run_cfg.backbone.pretrained = None  # weights come from the checkpoint
-    check_targets(run_cfg, "config")
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule, module = instantiate_task(run_cfg)
+    run_cfg = OmegaConf.to_container(run_cfg, resolve=True)
+    for part in ("data", "module", "backbone"):
+        check_targets(run_cfg[part], part)
+    datamodule = instantiate(run_cfg["data"], "data")
+    check_same_dataset(ckpt.get("hyper_parameters", {}).get("info"), datamodule.info, ckpt_path)
+    module = instantiate(run_cfg["module"], "module", backbone=run_cfg["backbone"], schedule=run_cfg["schedule"],
+                         info=datamodule.info)
     module.load_state_dict(ckpt["state_dict"], strict=True)
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])
+    return datamodule, module, ckpt
+
+
+@_cleaned_up_on_failure
+def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
+    """Rebuild data and model from the checkpoint alone and validate."""
+    L.seed_everything(cfg.seed, workers=True)
+    overrides = OmegaConf.to_container(cfg.overrides, resolve=True) if cfg.get("overrides") else {}
+    module_overrides = OmegaConf.to_container(cfg.module, resolve=True) if cfg.get("module") else None
+    datamodule, module, _ = module_from_checkpoint(cfg.ckpt_path, overrides, module_overrides)
+    trainer: L.Trainer = instantiate(OmegaConf.to_container(cfg.trainer, resolve=True), "trainer", trusted=True,
+                                     logger=False, callbacks=[])
     results = trainer.validate(module, datamodule=datamodule)[0]
-    summary = {**{k: float(v) for k, v in results.items()}, "ckpt_path": cfg.ckpt_path}
+    summary = {**{k: float(v) for k, v in results.items()}, "ckpt_path": str(cfg.ckpt_path)}
     if cfg.get("results_path"):
         if not hasattr(module, "write_results"):
-            raise ValueError(f"results_path is set but task {run_cfg.get('task_name')} writes no results file")
+            raise ValueError("results_path is set but the checkpoint's task writes no results file")
         module.write_results(cfg.results_path)
         summary["results_path"] = cfg.results_path
+    if hasattr(module, "extra_summary"):
+        summary["extra"] = module.extra_summary()
     if trainer.is_global_zero:
-        write_summary(Path(cfg.paths.output_dir), summary)
+        write_summary(run_dir, summary)
     return summary

@@ -13,7 +13,6 @@ The papers' numbers live in ``src/vitlab/paper_tables/*.yaml``, one file per fam
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,8 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from vitlab.api import available_backbones, backbone_config, build_backbone, build_classifier
+from vitlab.api import available_backbones, backbone_config
+from vitlab.build import build_backbone, build_classifier
 from vitlab.flops import count_gmacs, count_params
 
 TABLES_DIR = Path(__file__).parent / "paper_tables"
@@ -77,17 +77,24 @@ def find_paper_row(name: str, overrides: list[str], task: str | None) -> dict | 
 
 
 def build_task_model(name: str, overrides: list[str], task: str) -> torch.nn.Module:
-    """The full model of a dense task (backbone + neck + heads), as the papers count it."""
+    """The full model of a dense task (backbone + neck + heads), as the papers count it: the task
+    class's own ``build_model`` with the real dataset's class count and the papers' input size."""
     from hydra import compose, initialize_config_dir
 
-    from vitlab.api import CONF_DIR
+    from vitlab.build import locate
+    from vitlab.data.base import DatasetInfo
+    from vitlab.resources import conf_dir
+    from vitlab.trust import check_targets
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose("train", overrides=[f"task={task}", f"backbone={name}", *(f"backbone.{o}" for o in overrides)])
     module_cfg = OmegaConf.to_container(cfg.module, resolve=True)  # not `paths`: no Hydra run here
-    module_cfg["num_classes"] = TASK_CLASSES.get(task.split("_")[0], module_cfg.get("num_classes"))
-    builder = getattr(importlib.import_module(module_cfg["_target_"].rsplit(".", 1)[0]), "build_task_model")
-    return builder(OmegaConf.to_container(cfg.backbone, resolve=True), module_cfg)
+    check_targets(module_cfg, "module")
+    dataset = task.split("_")[0]
+    info = DatasetInfo(class_names=tuple(str(i) for i in range(TASK_CLASSES[dataset])), input_size=TASK_INPUT[dataset],
+                       with_masks=bool(cfg.data.get("with_masks", False)))
+    return locate(module_cfg["_target_"]).build_model(OmegaConf.to_container(cfg.backbone, resolve=True),
+                                                       module_cfg, info)
 
 
 def build_for_count(name: str, overrides: list[str], task: str | None, scope: str) -> torch.nn.Module:

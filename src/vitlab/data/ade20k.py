@@ -27,11 +27,12 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from vitlab.data.base import CorruptImageError, DatasetLayoutError, VitlabDataModule
+from vitlab.data.base import (
+    IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DatasetInfo, DatasetLayoutError, SegmentationBatch,
+    VitlabDataModule,
+)
 from vitlab.data.imagenet import load_rgb
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE_INDEX = 255
 
 ADE20K_CLASSES = (
@@ -205,16 +206,17 @@ class ADE20KDataset(Dataset):
         return self.transform(image).as_subclass(torch.Tensor), label, path.stem
 
 
-def collate_train(batch):
+def collate_train(batch) -> SegmentationBatch:
     kept = [b for b in batch if b is not None]
-    return (torch.stack([b[0] for b in kept]), torch.stack([b[1] for b in kept]), [b[2] for b in kept],
-            torch.tensor(len(batch) - len(kept)))
+    return SegmentationBatch(torch.stack([b[0] for b in kept]), torch.stack([b[1] for b in kept]),
+                             [b[2] for b in kept], torch.tensor(len(batch) - len(kept)))
 
 
-def collate_val(batch):
+def collate_val(batch) -> SegmentationBatch:
     """Lists: validation images and labels keep their own sizes."""
     kept = [b for b in batch if b is not None]
-    return [b[0] for b in kept], [b[1] for b in kept], [b[2] for b in kept], torch.tensor(len(batch) - len(kept))
+    return SegmentationBatch([b[0] for b in kept], [b[1] for b in kept], [b[2] for b in kept],
+                             torch.tensor(len(batch) - len(kept)))
 
 
 class ADE20KDataModule(VitlabDataModule):
@@ -267,9 +269,14 @@ class ADE20KDataModule(VitlabDataModule):
         self.smoke_images = smoke_images
         self.synthetic_num_train, self.synthetic_num_val = synthetic_num_train, synthetic_num_val
         self.synthetic_size = synthetic_size
-        self.input_size = tuple(self.crop_size)  # FLOPs at the crop size (the papers' 512x512)
-        self.class_names = list(ADE20K_CLASSES) if num_classes == 150 else [str(i) for i in range(num_classes)]
         self.train_set = self.val_set = None
+
+    @property
+    def info(self) -> DatasetInfo:
+        """The 150 SceneParsing classes (label value 255 ignored); FLOPs at the crop size (512x512)."""
+        names = ADE20K_CLASSES if self.num_classes == 150 else tuple(str(i) for i in range(self.num_classes))
+        return DatasetInfo(class_names=tuple(names), input_size=tuple(self.crop_size), mean=self.mean, std=self.std,
+                           ignore_index=IGNORE_INDEX)
 
     def dataset_dir(self, root: Path) -> Path:
         """``root`` may be ADEChallengeData2016 itself or the folder holding it (generated data)."""

@@ -7,11 +7,91 @@ error naming the path and the layout, never a silent fallback.
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Everything a task needs to know about its dataset, settled once by the DataModule.
+
+    The task receives it at construction (``info=``) and stores it in its checkpoints, so a
+    model can be rebuilt, exported or run on images without the dataset. Reading it is cheap:
+    no image is decoded and no generated dataset is written.
+    """
+
+    class_names: tuple[str, ...]
+    input_size: tuple[int, int]  # (H, W) the network sees at evaluation: the FLOP count's input
+    mean: tuple[float, ...] = IMAGENET_MEAN  # normalisation of the images (in the loader or the model)
+    std: tuple[float, ...] = IMAGENET_STD
+    category_ids: tuple[int, ...] | None = None  # COCO: the dataset's id of each label 0..K-1
+    ignore_index: int | None = None  # segmentation: the label value that is never scored
+    with_masks: bool = False  # detection: targets carry instance masks
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists and numbers: checkpoints are read with ``weights_only=True``."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: "DatasetInfo | dict") -> "DatasetInfo":
+        if isinstance(d, DatasetInfo):
+            return d
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+class ImageBatch(NamedTuple):
+    """Classification: a stacked image tensor, integer targets, and how many files were skipped."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    skipped: torch.Tensor
+
+
+class DetectionBatch(NamedTuple):
+    """Detection: images of different sizes in [0, 1] and their target dicts (boxes, labels, ...)."""
+
+    images: list[torch.Tensor]
+    targets: list[dict]
+    skipped: torch.Tensor
+
+
+class SegmentationBatch(NamedTuple):
+    """Segmentation: normalised images and label maps (stacked crops in training, lists in
+    validation where each image keeps its size), the images' file stems."""
+
+    images: torch.Tensor | list[torch.Tensor]
+    labels: torch.Tensor | list[torch.Tensor]
+    names: list[str]
+    skipped: torch.Tensor
+
+
+class EvalDistributedSampler(DistributedSampler):
+    """Every evaluation image exactly once across the processes: rank r takes r, r+W, r+2W, ...
+
+    torch's DistributedSampler pads the index list to a multiple of the world size, so some
+    images would be scored twice; Lightning leaves a DistributedSampler in place. Ranks may get
+    one image fewer: the metrics (torchmetrics) gather uneven states.
+    """
+
+    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
 
 
 class DatasetLayoutError(FileNotFoundError):
@@ -48,6 +128,11 @@ class VitlabDataModule(L.LightningDataModule):
         self.seed = seed
 
     # ---- subclasses --------------------------------------------------------------------
+    @property
+    def info(self) -> DatasetInfo:
+        """The dataset's description for the task (cheap: no decoding, no generation)."""
+        raise NotImplementedError
+
     def check_layout(self, root: Path) -> None:
         """Raise ``DatasetLayoutError`` unless ``root`` holds the dataset in its real layout."""
         raise NotImplementedError
@@ -80,15 +165,18 @@ class VitlabDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         self.data_root()  # generation happens once, on one process
 
+    def world(self) -> tuple[int, int]:
+        """(number of processes, this process's rank)."""
+        return (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+
     def make_loader(self, dataset: Dataset, train: bool, collate_fn=None, batch_size: int | None = None) -> DataLoader:
-        sampler = None
+        world, rank = self.world()
         if train:
             # An epoch-seeded sampler (Lightning calls set_epoch) makes the shuffle order a
             # function of (seed, epoch): resuming from a checkpoint replays the same order.
-            world, rank = 1, 0
-            if self.trainer is not None:
-                world, rank = self.trainer.world_size, self.trainer.global_rank
             sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        else:
+            sampler = EvalDistributedSampler(dataset, world, rank)
         return DataLoader(
             dataset,
             batch_size=batch_size or self.batch_size,

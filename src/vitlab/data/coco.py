@@ -37,7 +37,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from vitlab.data.base import CorruptImageError, DatasetLayoutError, VitlabDataModule
+from vitlab.data.base import (
+    IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DatasetInfo, DatasetLayoutError, DetectionBatch, VitlabDataModule,
+)
 from vitlab.data.imagenet import load_rgb
 
 
@@ -245,12 +247,10 @@ class AspectRatioGroupedSampler(DistributedSampler):
         return sum(len(b) for b in self._batches())
 
 
-def collate_detection(batch):
+def collate_detection(batch) -> DetectionBatch:
     """Lists of images and targets (sizes differ); skipped corrupt files counted."""
     kept = [b for b in batch if b is not None]
-    images = [b[0] for b in kept]
-    targets = [b[1] for b in kept]
-    return images, targets, torch.tensor(len(batch) - len(kept))
+    return DetectionBatch([b[0] for b in kept], [b[1] for b in kept], torch.tensor(len(batch) - len(kept)))
 
 
 class CocoDataModule(VitlabDataModule):
@@ -302,8 +302,25 @@ class CocoDataModule(VitlabDataModule):
         self.synthetic_size = synthetic_size
         self.input_size = (test_scale, max_size)  # for the FLOP count (the papers' 1333x800)
         self.train_set = self.val_set = None
-        self.category_ids: list[int] | None = None
-        self.class_names: list[str] | None = None
+        self._info: DatasetInfo | None = None
+
+    @property
+    def info(self) -> DatasetInfo:
+        """Categories from the validation JSON (contiguous labels in sorted id order), or the 80 COCO
+        categories the generated data lists. Images are normalised inside the detector."""
+        if self._info is None:
+            if self.synthetic:
+                from vitlab.data.synthetic_dense import COCO_CATEGORIES
+
+                cats = sorted(COCO_CATEGORIES)
+            else:
+                ann = self.data_root() / "annotations" / "instances_val2017.json"
+                cats = sorted((c["id"], c.get("name", str(c["id"]))) for c in load_coco_json(ann).dataset["categories"])
+            self._info = DatasetInfo(
+                class_names=tuple(name for _, name in cats), category_ids=tuple(i for i, _ in cats),
+                input_size=self.input_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, with_masks=self.with_masks,
+            )
+        return self._info
 
     def check_layout(self, root: Path) -> None:
         for rel in ("train2017", "val2017"):
@@ -352,15 +369,15 @@ class CocoDataModule(VitlabDataModule):
             )
             if self.train_set.category_ids != self.val_set.category_ids:
                 raise AnnotationError(f"{ann}: train and val JSON list different categories")
-        self.category_ids = self.val_set.category_ids
-        self.class_names = [self.val_set.coco.cats[c]["name"] for c in self.category_ids]
+        if tuple(self.val_set.category_ids) != self.info.category_ids:
+            raise AnnotationError(f"{ann}: the categories changed since the task was built")
         if self.smoke:
             for ds in (self.train_set, self.val_set):
                 if ds is not None:
                     ds.ids = ds.ids[: self.smoke_images]
 
     def train_dataloader(self) -> DataLoader:
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        world, rank = self.world()
         if self.group_by_aspect_ratio:
             sampler = AspectRatioGroupedSampler(
                 self.train_set, self.train_set.aspect_groups(), self.batch_size, world, rank, self.seed
@@ -374,10 +391,7 @@ class CocoDataModule(VitlabDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.val_set, batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers,
-            collate_fn=collate_detection, persistent_workers=self.num_workers > 0,
-        )
+        return self.make_loader(self.val_set, train=False, collate_fn=collate_detection, batch_size=self.val_batch_size)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -12,10 +12,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader, DistributedSampler, default_collate
 from torchvision.datasets import ImageFolder
 
-from vitlab.data.base import CorruptImageError, DatasetLayoutError, VitlabDataModule
+from vitlab.data.base import (
+    IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DatasetInfo, DatasetLayoutError, ImageBatch, VitlabDataModule,
+)
 
 IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
@@ -54,10 +56,25 @@ class ImageFolderDataset(ImageFolder):
             return None
 
 
-def collate_skipping(batch):
+def collate_skipping(batch) -> ImageBatch:
     kept = [b for b in batch if b is not None]
     images, targets = default_collate(kept)
-    return images, targets, torch.tensor(len(batch) - len(kept))
+    return ImageBatch(images, targets, torch.tensor(len(batch) - len(kept)))
+
+
+class DistributedRepeatAugSampler(RepeatAugSampler, DistributedSampler):
+    """timm's repeated-augmentation sampler, marked as distributed so that Lightning leaves it in
+    place (it splits the data over the processes itself) without a Trainer option."""
+
+
+def read_synset_names(root: Path, wnids: list[str]) -> list[str]:
+    """Readable class names from ImageNet's ``LOC_synset_mapping.txt`` ("n01440764 tench, Tinca tinca")
+    next to train/ (or one level up); the wnids themselves where there is none."""
+    for path in (root / "LOC_synset_mapping.txt", root.parent / "LOC_synset_mapping.txt"):
+        if path.is_file():
+            mapping = dict(line.split(" ", 1) for line in path.read_text().splitlines() if " " in line)
+            return [mapping.get(w, w).split(",")[0].strip() for w in wnids]
+    return list(wnids)
 
 
 class ImageNetDataModule(VitlabDataModule):
@@ -101,6 +118,7 @@ class ImageNetDataModule(VitlabDataModule):
         self.synthetic_classes = synthetic_classes
         self.synthetic_size = synthetic_size
         self.train_set = self.val_set = None
+        self._info: DatasetInfo | None = None
 
     def check_layout(self, root: Path) -> None:
         for split in ("train", "val"):
@@ -124,14 +142,23 @@ class ImageNetDataModule(VitlabDataModule):
         make_imagenet(root, seed=self.seed, num_classes=self.synthetic_classes, size=self.synthetic_size)
 
     @property
-    def input_size(self) -> tuple[int, int]:
-        """The network's input size (for FLOP counts in summaries)."""
-        return (self.img_size, self.img_size)
+    def info(self) -> DatasetInfo:
+        """Classes = the class folders (sorted wnids, as ImageFolder labels them), named from
+        ``LOC_synset_mapping.txt`` when the dataset has it; generated data is described without
+        generating it."""
+        if self._info is None:
+            if self.synthetic:
+                from vitlab.data.synthetic import wnid
 
-    @property
-    def num_classes(self) -> int:
-        root = self.data_root()
-        return sum(1 for d in (root / "train").iterdir() if d.is_dir())
+                wnids = [wnid(i) for i in range(self.synthetic_classes)]
+                names = wnids
+            else:
+                root = self.data_root()
+                wnids = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+                names = read_synset_names(root, wnids)
+            self._info = DatasetInfo(class_names=tuple(names), input_size=(self.img_size, self.img_size),
+                                     mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        return self._info
 
     def train_transform(self):
         return create_transform(
@@ -164,11 +191,9 @@ class ImageNetDataModule(VitlabDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.repeated_aug:
-            world = self.trainer.world_size if self.trainer else 1
-            rank = self.trainer.global_rank if self.trainer else 0
-            # timm's RA sampler repeats each image 3x across ranks (DeiT); train.py turns off
-            # Lightning's own distributed sampler for it.
-            sampler = RepeatAugSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True)
+            world, rank = self.world()
+            # timm's RA sampler repeats each image 3x across ranks (DeiT)
+            sampler = DistributedRepeatAugSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True)
             return DataLoader(
                 self.train_set, self.batch_size, sampler=sampler, num_workers=self.num_workers,
                 collate_fn=collate_skipping, drop_last=True, persistent_workers=self.num_workers > 0,

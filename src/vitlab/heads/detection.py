@@ -38,8 +38,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from vitlab.data.base import IMAGENET_MEAN, IMAGENET_STD
+
 
 
 def select_levels(backbone: nn.Module, strides: list[int]) -> list[int]:

@@ -1,11 +1,18 @@
 """What every vitlab LightningModule shares: optimiser, LR policy, checkpoint contents.
 
-Subclasses build ``self.model`` from the backbone config and own their losses
-and metrics. The optimiser and schedule come from the ``schedule`` config group
+A task is built from plain configs and the dataset's description::
+
+    Task(backbone=<backbone config>, schedule=<schedule config>, info=DatasetInfo, **module fields)
+
+Subclasses implement the classmethod ``build_model(backbone, module, info)`` (the whole
+network, also used by ``vitlab.zoo`` to count parameters and FLOPs without data) and own
+their losses and metrics. The optimiser and schedule come from the ``schedule`` config group
 (see ``conf/schedule/``), so the papers' recipes are data, not code.
 """
 from __future__ import annotations
 
+import copy
+import inspect
 import random
 from pathlib import Path
 from typing import Any
@@ -13,17 +20,28 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
-from timm.optim import create_optimizer_v2
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRScheduler
 from torch import nn
 from torchvision.io import write_png
 
+from vitlab.data.base import DatasetInfo
 
 
 def _plain(cfg: Any) -> Any:
-    """Checkpoints are read with ``weights_only=True``: keep hyper-parameters plain containers."""
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    """Checkpoints are read with ``weights_only=True``: hyper-parameters must be plain containers
+    (dicts, lists, numbers, strings) all the way down, whoever constructed the task."""
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(cfg, DatasetInfo):
+        return cfg.to_dict()
+    if isinstance(cfg, dict):
+        return {k: _plain(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [_plain(v) for v in cfg]
+    return cfg
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
@@ -37,12 +55,43 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
+def check_legacy_num_classes(num_classes: int | None, info: DatasetInfo) -> None:
+    """Configs stored by vitlab < 0.2 carry ``module.num_classes``; it must agree with the dataset."""
+    if num_classes is not None and num_classes != info.num_classes:
+        raise ValueError(
+            f"module.num_classes={num_classes} but the dataset has {info.num_classes} classes; the class "
+            f"count now comes from the dataset: drop module.num_classes"
+        )
+
+
 class VitlabTask(L.LightningModule):
-    def __init__(self, backbone: dict, schedule: dict):
+    def __init__(self, backbone: dict, schedule: dict, info: DatasetInfo | dict):
         super().__init__()
         self.backbone_cfg = _plain(backbone)
         self.schedule = _plain(schedule)
-        self.run_config: dict | None = None  # the resolved run config, set by train.py
+        self.info = DatasetInfo.from_dict(info)
+
+    def save_plain_hyperparameters(self, ignore: list[str] = ()) -> None:
+        """Lightning's ``save_hyperparameters`` for the subclass's constructor, as plain containers
+        (the dataset description as a dict) so that checkpoints load with ``weights_only=True``."""
+        self.save_hyperparameters(ignore=list(ignore), frame=inspect.currentframe().f_back)
+        for key in list(self.hparams):
+            self.hparams[key] = _plain(self.hparams[key])
+        # What Lightning logs to the loggers: the module's own fields. The backbone and schedule reach
+        # them as top-level keys and the whole run config (vitlab.run), so "backbone" stays its name.
+        self._hparams_initial = copy.deepcopy(
+            type(self._hparams)({k: v for k, v in self._hparams.items() if k not in ("backbone", "schedule", "info")}))
+
+    @classmethod
+    def build_model(cls, backbone: dict, module: dict, info: DatasetInfo) -> nn.Module:
+        """The task's whole network from the backbone config, the task's ``module:`` fields and the
+        dataset's description (no data needed: the zoo counts models with it)."""
+        raise NotImplementedError
+
+    @property
+    def flops_input_size(self) -> tuple[int, int]:
+        """The input size FLOPs are counted at: what the network sees at evaluation."""
+        return tuple(self.info.input_size)
 
     # ---- optimisation ---------------------------------------------------------------
     def global_batch_size(self) -> int:
@@ -57,18 +106,19 @@ class VitlabTask(L.LightningModule):
             return opt["lr"]
         return opt["lr"] * self.global_batch_size() / base  # linear scaling rule (Goyal et al.)
 
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """timm's weight-decay groups: no decay for 1-D parameters (norms, biases) and for the names
+        the modules list in ``no_weight_decay()`` (position embeddings, tokens)."""
+        return param_groups_weight_decay(self.model, weight_decay, no_weight_decay_list=no_weight_decay_names(self.model))
+
     def configure_optimizers(self):
         opt = self.schedule["optimizer"]
-        # timm's factory builds the param groups: no decay for 1-D params (norms, biases)
-        # and for the names each backbone lists in no_weight_decay() (pos embeds, tokens).
-        model = self.model
-        exempt = no_weight_decay_names(model)
-        model.no_weight_decay = lambda: exempt  # read by timm's param-group builder
         extra = {k: tuple(v) if isinstance(v, list) else v for k, v in opt.items() if k not in ("name", "lr", "weight_decay")}
+        weight_decay = opt.get("weight_decay", 0.0)
         optimizer = create_optimizer_v2(
-            model, opt=opt.get("name", "adamw"), lr=self.scaled_lr(), weight_decay=opt.get("weight_decay", 0.0), **extra
+            self.param_groups(weight_decay), opt=opt.get("name", "adamw"), lr=self.scaled_lr(),
+            weight_decay=weight_decay, **extra,
         )
-        del model.no_weight_decay
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._scheduler(optimizer), "interval": "step"}}
 
     def _scheduler(self, optimizer):
@@ -108,7 +158,7 @@ class VitlabTask(L.LightningModule):
         if not images or not trainer.is_global_zero or trainer.sanity_checking:
             return
         for logger in self.loggers:
-            if type(logger).__name__ == "WandbLogger":
+            if isinstance(logger, WandbLogger):
                 logger.log_image(key=tag, images=[im.permute(1, 2, 0).cpu().numpy() for im in images],
                                  step=self.global_step)
                 return
@@ -126,14 +176,15 @@ class VitlabTask(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.on_validation_epoch_end()
 
-    # ---- checkpoints: resolved config + RNG, so runs resume exactly ------------------
+    # ---- checkpoints: plain hyper-parameters + RNG, so runs resume exactly -------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["vitlab_config"] = self.run_config
+        checkpoint["hyper_parameters"] = _plain(dict(checkpoint.get("hyper_parameters", {})))
         checkpoint["vitlab_rng"] = {
             "python": list(random.getstate()[1]),
             "numpy": [int(v) for v in np.random.get_state()[1]],
             "numpy_tail": list(np.random.get_state()[2:]),  # position, has_gauss, cached_gaussian
             "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -145,3 +196,5 @@ class VitlabTask(L.LightningModule):
             random.setstate((3, tuple(rng["python"]), None))
             np.random.set_state(("MT19937", np.array(rng["numpy"], dtype=np.uint32), *rng["numpy_tail"]))
             torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])

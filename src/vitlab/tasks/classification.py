@@ -6,10 +6,12 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from vitlab.api import build_classifier
-from vitlab.tasks.base import VitlabTask
+from vitlab.build import build_classifier
+from vitlab.data.base import DatasetInfo, ImageBatch
+from vitlab.tasks.base import VitlabTask, check_legacy_num_classes
 
 
 class ClassificationTask(VitlabTask):
@@ -17,19 +19,20 @@ class ClassificationTask(VitlabTask):
         self,
         backbone: dict,
         schedule: dict,
-        num_classes: int = 1000,
+        info: DatasetInfo | dict,
         mixup: float = 0.8,
         cutmix: float = 1.0,
         mixup_prob: float = 1.0,
         mixup_switch_prob: float = 0.5,
         label_smoothing: float = 0.1,
         ema_decay: float | None = None,
+        num_classes: int | None = None,  # stored configs of vitlab < 0.2; the dataset decides now
     ):
-        super().__init__(backbone, schedule)
-        self.save_hyperparameters(ignore=["backbone", "schedule"])
-        self.hparams.update(backbone=self.backbone_cfg, schedule=self.schedule)
-        self.num_classes = num_classes
-        self.model = build_classifier(self.backbone_cfg, num_classes)
+        super().__init__(backbone, schedule, info)
+        check_legacy_num_classes(num_classes, self.info)
+        self.save_plain_hyperparameters(ignore=["num_classes"])
+        num_classes = self.info.num_classes
+        self.model = self.build_model(self.backbone_cfg, {}, self.info)
         self.mixup = None
         if mixup > 0 or cutmix > 0:
             self.mixup = Mixup(
@@ -47,12 +50,17 @@ class ClassificationTask(VitlabTask):
         top5 = min(5, num_classes)
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        self.val_loss = MeanMetric()  # weighted by images, synced once at the end (uneven ranks are fine)
+
+    @classmethod
+    def build_model(cls, backbone: dict, module: dict, info: DatasetInfo) -> nn.Module:
+        return build_classifier(backbone, info.num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
-    def training_step(self, batch, batch_idx):
-        images, targets, skipped = batch
+    def training_step(self, batch: ImageBatch, batch_idx):
+        images, targets = batch.images, batch.targets
         if self.mixup is not None:
             if images.shape[0] % 2:  # timm's batch mixup pairs samples: needs an even batch
                 images, targets = images[:-1], targets[:-1]
@@ -60,25 +68,25 @@ class ClassificationTask(VitlabTask):
         loss = self.train_loss(self.model(images), targets)
         self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=images.shape[0])
-        if skipped.item():
-            self.log("data/skipped_corrupt", skipped.float(), reduce_fx="sum", batch_size=images.shape[0])
+        if batch.skipped.item():
+            self.log("data/skipped_corrupt", batch.skipped.float(), reduce_fx="sum", batch_size=images.shape[0])
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)
 
-    def validation_step(self, batch, batch_idx):
-        images, targets, _ = batch
+    def validation_step(self, batch: ImageBatch, batch_idx):
         model = self.ema.module if self.ema is not None else self.model
-        logits = model(images)
-        self.log("val/loss", nn.functional.cross_entropy(logits, targets), sync_dist=True, batch_size=images.shape[0])
-        self.val_top1.update(logits, targets)
-        self.val_top5.update(logits, targets)
+        logits = model(batch.images)
+        self.val_loss.update(nn.functional.cross_entropy(logits, batch.targets), weight=len(batch.targets))
+        self.val_top1.update(logits, batch.targets)
+        self.val_top5.update(logits, batch.targets)
 
     def on_validation_epoch_end(self) -> None:
         # torchmetrics syncs the states across processes before compute()
+        self.log("val/loss", self.val_loss.compute())
         self.log("val/top1", self.val_top1.compute() * 100, prog_bar=True)
         self.log("val/top5", self.val_top5.compute() * 100)
-        self.val_top1.reset()
-        self.val_top5.reset()
+        for metric in (self.val_loss, self.val_top1, self.val_top5):
+            metric.reset()

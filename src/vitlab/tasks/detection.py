@@ -1,7 +1,7 @@
 """COCO detection / instance segmentation: our backbones in torchvision's RetinaNet / Mask R-CNN.
 
 The detector is ``module.head`` (a ``_target_`` in ``vitlab.heads.detection``, built
-with the backbone and ``num_classes``). Metrics are torchmetrics'
+with the backbone, the dataset's class count and its normalisation statistics). Metrics are torchmetrics'
 ``MeanAveragePrecision`` with the pycocotools backend (COCO's own evaluation),
 on the original image sizes, crowd regions marked ``iscrowd``. ``write_results``
 writes the last validation's detections as a COCO results JSON.
@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import OmegaConf
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from torch import nn
@@ -21,25 +19,14 @@ from torchmetrics.detection import MeanAveragePrecision
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from vitlab.api import build_backbone
+from vitlab.build import build_backbone, instantiate
+from vitlab.data.base import DatasetInfo, DetectionBatch
 from vitlab.heads.detection import MaskRCNNDetector
-from vitlab.tasks.base import VitlabTask
-from vitlab.trust import check_targets
+from vitlab.tasks.base import VitlabTask, check_legacy_num_classes
 
 # torchmetrics' result keys -> ours (``val/<prefix><name>``)
 MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100",
             "mar_small", "mar_medium", "mar_large")
-
-
-def build_task_model(backbone_cfg, module_cfg: dict) -> nn.Module:
-    """The full detector from a backbone config and a task's ``module:`` config (no data needed).
-
-    Used by the task itself and by ``vitlab.zoo`` for full-model parameter counts.
-    """
-    head = dict(module_cfg["head"])
-    check_targets(head, "module.head")
-    return hydra.utils.instantiate(head, backbone=build_backbone(OmegaConf.create(backbone_cfg)),
-                                   num_classes=module_cfg.get("num_classes", 80), _convert_="all")
 
 
 class DetectionTask(VitlabTask):
@@ -47,47 +34,45 @@ class DetectionTask(VitlabTask):
         self,
         backbone: dict,
         schedule: dict,
+        info: DatasetInfo | dict,
         head: dict,
-        num_classes: int = 80,
         num_vis_images: int = 4,
         vis_score_thresh: float = 0.3,
         tta: dict | None = None,
+        num_classes: int | None = None,  # stored configs of vitlab < 0.2; the dataset decides now
     ):
-        super().__init__(backbone, schedule)
-        self.save_hyperparameters(ignore=["backbone", "schedule"])
-        self.hparams.update(backbone=self.backbone_cfg, schedule=self.schedule)
+        super().__init__(backbone, schedule, info)
+        check_legacy_num_classes(num_classes, self.info)
+        self.save_plain_hyperparameters(ignore=["num_classes"])
         if tta and (list(tta.get("scales", [1.0])) != [1.0] or tta.get("flip")):
             raise ValueError(f"test-time augmentation {tta} is implemented for segmentation only; use tta=none")
-        self.num_classes = num_classes
+        self.num_classes = self.info.num_classes
         self.num_vis_images = num_vis_images
         self.vis_score_thresh = vis_score_thresh
-        self.model = build_task_model(self.backbone_cfg, {"head": head, "num_classes": num_classes})
+        self.model = self.build_model(self.backbone_cfg, {"head": head}, self.info)
         self.with_masks = isinstance(self.model, MaskRCNNDetector)
+        if self.with_masks != self.info.with_masks:
+            raise ValueError(f"data.with_masks={self.info.with_masks} does not match module.head "
+                             f"({type(self.model).__name__}): Mask R-CNN needs masks, the box-only detectors none")
         iou_types = ("bbox", "segm") if self.with_masks else ("bbox",)
         self.val_map = MeanAveragePrecision(backend="pycocotools", iou_type=iou_types)
-        self.category_ids: list[int] = list(range(1, num_classes + 1))  # replaced by the dataset's in setup()
-        self.class_names: list[str] = [str(c) for c in self.category_ids]
+        self.category_ids = list(self.info.category_ids or range(1, self.num_classes + 1))
+        self.class_names = list(self.info.class_names)
         self.results: list[dict] = []  # COCO results of the last validation (for write_results)
         self._vis: list[torch.Tensor] = []
 
-    def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule if self.trainer is not None else None
-        if dm is not None and getattr(dm, "category_ids", None):
-            if len(dm.category_ids) != self.num_classes:
-                raise ValueError(
-                    f"module.num_classes={self.num_classes} but the annotations list {len(dm.category_ids)} "
-                    f"categories; set module.num_classes={len(dm.category_ids)}"
-                )
-            if getattr(dm, "with_masks", self.with_masks) != self.with_masks:
-                raise ValueError(f"data.with_masks={dm.with_masks} does not match the head "
-                                 f"({type(self.model).__name__}); Mask R-CNN needs masks, RetinaNet none")
-            self.category_ids, self.class_names = list(dm.category_ids), list(dm.class_names)
+    @classmethod
+    def build_model(cls, backbone: dict, module: dict, info: DatasetInfo) -> nn.Module:
+        """The detector: ``module["head"]`` around the backbone, for the dataset's classes; images are
+        normalised inside the model with the dataset's statistics."""
+        return instantiate(module["head"], "module.head", backbone=build_backbone(backbone),
+                           num_classes=info.num_classes, image_mean=list(info.mean), image_std=list(info.std))
 
     def forward(self, images: list[torch.Tensor]):
         return self.model(images)
 
     # ---- training -------------------------------------------------------------------
-    def training_step(self, batch, batch_idx):
+    def training_step(self, batch: DetectionBatch, batch_idx):
         images, targets, skipped = batch
         if skipped.item():
             self.log("data/skipped_corrupt", skipped.float(), reduce_fx="sum")
@@ -118,8 +103,8 @@ class DetectionTask(VitlabTask):
     def on_validation_epoch_start(self) -> None:
         self.results, self._vis = [], []
 
-    def validation_step(self, batch, batch_idx):
-        images, targets, _ = batch
+    def validation_step(self, batch: DetectionBatch, batch_idx):
+        images, targets = batch.images, batch.targets
         if not images:
             return
         detections = self.model(images)

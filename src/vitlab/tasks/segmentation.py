@@ -11,38 +11,16 @@ prediction and ground truth are left out of the mean).
 """
 from __future__ import annotations
 
-import hydra
 import torch
-from omegaconf import OmegaConf
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchvision.utils import draw_segmentation_masks
 
-from vitlab.api import build_backbone
-from vitlab.data.ade20k import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from vitlab.build import build_backbone, instantiate
+from vitlab.data.base import DatasetInfo, SegmentationBatch
 from vitlab.heads.segmentation import Segmentor
-from vitlab.tasks.base import VitlabTask
-from vitlab.trust import check_targets
-
-
-def build_task_model(backbone_cfg, module_cfg: dict) -> nn.Module:
-    """The full segmentor from a backbone config and a task's ``module:`` config (no data needed).
-
-    Used by the task itself and by ``vitlab.zoo`` for full-model parameter counts.
-    """
-    backbone = build_backbone(OmegaConf.create(backbone_cfg))
-    num_classes = module_cfg.get("num_classes", 150)
-
-    def head(cfg):
-        if not cfg:
-            return None
-        cfg = dict(cfg)
-        check_targets(cfg, "module head")
-        return hydra.utils.instantiate(cfg, in_channels=list(backbone.out_channels), strides=list(backbone.strides),
-                                       num_classes=num_classes, _convert_="all")
-
-    return Segmentor(backbone, head(module_cfg["decode_head"]), head(module_cfg.get("auxiliary_head")))
+from vitlab.tasks.base import VitlabTask, check_legacy_num_classes
 
 
 def iou_from_confmat(confmat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,9 +43,9 @@ class SegmentationTask(VitlabTask):
         self,
         backbone: dict,
         schedule: dict,
-        decode_head: dict,
+        info: DatasetInfo | dict,
+        head: dict | None = None,
         auxiliary_head: dict | None = None,
-        num_classes: int = 150,
         aux_weight: float = 0.4,
         test_mode: str = "whole",
         crop_size: list[int] = (512, 512),
@@ -75,15 +53,22 @@ class SegmentationTask(VitlabTask):
         size_divisor: int = 32,
         tta: dict | None = None,
         num_vis_images: int = 4,
-        mean: list[float] = IMAGENET_MEAN,
-        std: list[float] = IMAGENET_STD,
+        decode_head: dict | None = None,  # the name of `head` in configs stored by vitlab < 0.2
+        num_classes: int | None = None,  # likewise: the dataset decides now
+        mean: list[float] | None = None,  # likewise: the dataset's statistics are in `info`
+        std: list[float] | None = None,
     ):
-        super().__init__(backbone, schedule)
-        self.save_hyperparameters(ignore=["backbone", "schedule"])
-        self.hparams.update(backbone=self.backbone_cfg, schedule=self.schedule)
+        super().__init__(backbone, schedule, info)
+        check_legacy_num_classes(num_classes, self.info)
+        head = head or decode_head
+        if head is None:
+            raise ValueError("module.head is missing: the segmentation task needs a decode head (conf/head/)")
+        self.save_plain_hyperparameters(ignore=["decode_head", "num_classes", "mean", "std", "head"])
+        self.hparams["head"] = head
         if test_mode not in ("whole", "slide"):
             raise ValueError(f"module.test_mode={test_mode!r}: expected 'whole' or 'slide'")
-        self.num_classes = num_classes
+        self.num_classes = self.info.num_classes
+        self.ignore_index = self.info.ignore_index if self.info.ignore_index is not None else -100
         self.aux_weight = aux_weight
         self.test_mode = test_mode
         self.crop_size, self.stride = tuple(crop_size), tuple(stride)
@@ -92,35 +77,43 @@ class SegmentationTask(VitlabTask):
         self.tta_scales = [float(s) for s in tta.get("scales", [1.0])]
         self.tta_flip = bool(tta.get("flip", False))
         self.num_vis_images = num_vis_images
-        self.register_buffer("mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(3, 1, 1), persistent=False)
-        self.model = build_task_model(
-            self.backbone_cfg, {"decode_head": decode_head, "auxiliary_head": auxiliary_head, "num_classes": num_classes}
-        )
-        self.confmat = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX, validate_args=False)
-        self.class_names = [str(i) for i in range(num_classes)]
-        self.palette = palette(num_classes)
+        self.register_buffer("mean", torch.tensor(self.info.mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.info.std).view(3, 1, 1), persistent=False)
+        self.model = self.build_model(self.backbone_cfg, {"head": head, "auxiliary_head": auxiliary_head}, self.info)
+        self.confmat = MulticlassConfusionMatrix(self.num_classes, ignore_index=self.info.ignore_index,
+                                                 validate_args=False)
+        self.class_names = list(self.info.class_names)
+        self.palette = palette(self.num_classes)
         self.last_iou: list[float] | None = None
         self._vis: list[torch.Tensor] = []
 
-    def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule if self.trainer is not None else None
-        if dm is not None and getattr(dm, "class_names", None):
-            self.class_names = list(dm.class_names)
+    @classmethod
+    def build_model(cls, backbone: dict, module: dict, info: DatasetInfo) -> nn.Module:
+        """Backbone + ``module["head"]`` (+ ``module["auxiliary_head"]``) for the dataset's classes."""
+        backbone = build_backbone(backbone)
+
+        def head(cfg, where):
+            if not cfg:
+                return None
+            return instantiate(cfg, where, in_channels=list(backbone.out_channels), strides=list(backbone.strides),
+                               num_classes=info.num_classes)
+
+        return Segmentor(backbone, head(module["head"], "module.head"),
+                         head(module.get("auxiliary_head"), "module.auxiliary_head"))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
     # ---- training -------------------------------------------------------------------
-    def training_step(self, batch, batch_idx):
-        images, labels, _, skipped = batch
+    def training_step(self, batch: SegmentationBatch, batch_idx):
+        images, labels, skipped = batch.images, batch.labels, batch.skipped
         if skipped.item():
             self.log("data/skipped_corrupt", skipped.float(), reduce_fx="sum")
         logits, aux = self.model(images)
-        loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(logits, labels, ignore_index=self.ignore_index)
         self.log("train/loss_decode", loss, batch_size=len(images))
         if aux is not None:
-            aux_loss = F.cross_entropy(aux, labels, ignore_index=IGNORE_INDEX)
+            aux_loss = F.cross_entropy(aux, labels, ignore_index=self.ignore_index)
             self.log("train/loss_aux", aux_loss, batch_size=len(images))
             loss = loss + self.aux_weight * aux_loss
         self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
@@ -173,9 +166,8 @@ class SegmentationTask(VitlabTask):
     def on_validation_epoch_start(self) -> None:
         self._vis = []
 
-    def validation_step(self, batch, batch_idx):
-        images, labels, _, _ = batch
-        for image, label in zip(images, labels):
+    def validation_step(self, batch: SegmentationBatch, batch_idx):
+        for image, label in zip(batch.images, batch.labels):
             probs = self.inference(image[None], label.shape[-2:])
             pred = probs.argmax(1)[0]
             self.confmat.update(pred.flatten(), label.flatten())
@@ -183,7 +175,7 @@ class SegmentationTask(VitlabTask):
                 self._vis.append(self.draw(image, pred, label))
 
     def colourise(self, canvas: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        classes = [int(c) for c in label.unique() if c != IGNORE_INDEX]
+        classes = [int(c) for c in label.unique() if c != self.info.ignore_index]
         if not classes:
             return canvas
         masks = torch.stack([label == c for c in classes])

@@ -1,0 +1,78 @@
+"""Objects from config dicts: ``{"_target_": "pkg.Class", **kwargs}`` -> ``pkg.Class(**kwargs)``,
+and backbones / classifiers from backbone configs.
+
+The layer below the CLI: tasks build their heads and the run builds data and task modules
+through here, so every object made from a config (the user's, or one stored in a checkpoint)
+passes the allow-list in ``vitlab.trust`` first. Deliberately smaller than
+``hydra.utils.instantiate``: one level, keyword arguments only, nothing else to exploit.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from vitlab.trust import check_targets
+
+
+def plain(cfg: Any) -> Any:
+    """OmegaConf containers -> dicts and lists (resolved); anything else unchanged."""
+    if isinstance(cfg, DictConfig) or OmegaConf.is_list(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def locate(target: str):
+    module_name, _, attr = target.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ImportError(f"_target_={target!r} cannot be imported ({err})") from None
+
+
+def instantiate(cfg: Mapping | DictConfig, where: str = "config", trusted: bool = False, **kwargs) -> Any:
+    """``cfg["_target_"](**rest_of_cfg, **kwargs)`` after the trust check; ``where`` names the
+    config key in error messages (e.g. ``module.head``). ``trusted=True`` skips the allow-list:
+    only for the run-level objects of the user's own command (callbacks, loggers, the Trainer),
+    never for anything a checkpoint can name (data, module, backbone, heads)."""
+    cfg = plain(cfg)
+    if not isinstance(cfg, Mapping) or "_target_" not in cfg:
+        raise ValueError(f"{where}: expected a config with a _target_, got {cfg!r:.200}")
+    if not trusted:
+        check_targets(cfg, where)
+    args = {k: v for k, v in cfg.items() if k != "_target_"}
+    try:
+        return locate(cfg["_target_"])(**args, **kwargs)
+    except TypeError as err:  # an unknown or missing argument: say which config it came from
+        if "argument" in str(err):
+            raise TypeError(f"{where} ({cfg['_target_']}): {err}") from None
+        raise
+
+
+def build_backbone(cfg: Mapping | DictConfig):
+    """Instantiate a backbone config (as found under ``backbone:`` in any run config);
+    ``pretrained`` loads weights (ours or the family's official release)."""
+    cfg = dict(plain(cfg))
+    pretrained, use_ema = cfg.pop("pretrained", None), cfg.pop("pretrained_ema", False)
+    backbone = instantiate(cfg, "backbone")
+    if pretrained:
+        from vitlab.checkpoints import load_pretrained
+
+        load_pretrained(backbone, pretrained, ema=use_ema)
+    return backbone
+
+
+def build_classifier(cfg: Mapping | DictConfig, num_classes: int):
+    """Backbone config -> ``ImageClassifier``; ``pretrained`` loads backbone and head."""
+    from vitlab.backbones.base import ImageClassifier
+
+    cfg = dict(plain(cfg))
+    pretrained, use_ema = cfg.pop("pretrained", None), cfg.pop("pretrained_ema", False)
+    model = ImageClassifier(build_backbone(cfg), num_classes)
+    if pretrained:
+        from vitlab.checkpoints import load_pretrained
+
+        load_pretrained(model, pretrained, ema=use_ema)
+    return model
