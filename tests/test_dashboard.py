@@ -208,3 +208,11 @@ def test_a_wandb_group_source_merges_attempts(sweep_dir, monkeypatch):
     assert [r["n"] for r in dashboard.setting_rows(sweep)] == [2, 2]
     with pytest.raises(ValueError, match="--project"):
         dashboard.load_sweep("pale_size-2026")
+
+
+def test_config_keys_follow_what_run_metadata_logs(sweep_dir):
+    config = logged(sweep_dir)[0]["config"]
+    # backbone fields and config-group choices at the top level, the whole run config under `config`
+    assert dashboard.config_key("backbone.mlp_ratios") in config and dashboard.config_key("+debug") in config
+    assert dashboard.config_key("schedule.optimizer.lr") == "config.schedule.optimizer.lr"
+    assert config["config"]["schedule"]["optimizer"]["lr"] == 2.0e-3  # experiment=demo's value
