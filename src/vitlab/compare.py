@@ -15,6 +15,8 @@ import csv
 import json
 from pathlib import Path
 
+import yaml
+
 SKIP_OVERRIDE_PREFIXES = ("hydra.", "hydra/", "+sweep=", "debug=", "data.", "trainer.", "logger", "callbacks")
 
 
@@ -37,6 +39,8 @@ def load_local_runs(paths: list[str | Path]) -> list[dict]:
     for run_dir in find_run_dirs(paths):
         summary = json.loads((run_dir / "summary.json").read_text())
         summary["run_dir"] = str(run_dir)
+        if (run_dir / ".hydra" / "config.yaml").is_file():  # the composed config: backbone fields, monitor
+            summary["run_config"] = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
         runs.append(summary)
     return runs
 
@@ -51,6 +55,8 @@ def load_wandb_runs(project: str, group: str | None = None) -> list[dict]:
         summary = {k: v for k, v in run.summary.items() if not k.startswith("_")}
         summary.setdefault("overrides", run.config.get("overrides", []))
         summary["run_dir"] = run.url
+        summary["run_config"] = run.config.get("config", {})
+        summary["wandb_id"] = run.id
         runs.append(summary)
     return runs
 
@@ -60,11 +66,20 @@ def setting_label(run: dict, varying: list[str]) -> str:
     return " ".join(overrides) or run.get("backbone") or Path(run["run_dir"]).name
 
 
+def override_dict(run: dict) -> dict[str, str]:
+    return dict(o.split("=", 1) for o in run.get("overrides", []) if "=" in o)
+
+
+def varied_fields(runs: list[dict]) -> list[str]:
+    """The override keys whose values differ between runs (all of them when none differ)."""
+    keyed = [override_dict(r) for r in runs]
+    all_keys = sorted({k for d in keyed for k in d if not k.startswith(SKIP_OVERRIDE_PREFIXES)})
+    return [k for k in all_keys if len({d.get(k) for d in keyed}) > 1] or all_keys
+
+
 def comparison_rows(runs: list[dict]) -> list[dict]:
     """One row per run: the overrides that differ between runs name the setting."""
-    keyed = [dict(o.split("=", 1) for o in r.get("overrides", []) if "=" in o) for r in runs]
-    all_keys = sorted({k for d in keyed for k in d if not k.startswith(SKIP_OVERRIDE_PREFIXES)})
-    varying = [k for k in all_keys if len({d.get(k) for d in keyed}) > 1] or all_keys
+    varying = varied_fields(runs)
     metric_keys = sorted({k for r in runs for k in r if k.startswith("val/")})
     rows = []
     for run in runs:

@@ -120,6 +120,8 @@ def run_metadata(cfg: DictConfig) -> dict[str, Any]:
     for key, value in OmegaConf.to_container(cfg.backbone, resolve=True).items():
         if not key.startswith("_") and key not in meta:
             meta[key] = value
+    # every other config-group choice too (e.g. `ablation` of +ablation=... sweeps): dashboards group by it
+    meta.update({k: v for k, v in choices.items() if not k.startswith("hydra") and k not in meta})
     return meta
 
 
