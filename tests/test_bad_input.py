@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vitlab
-from conftest import TINY_PVT, run_script
+from support import TINY_PVT, run_script
 from vitlab.checkpoints import CheckpointMismatchError
 from vitlab.data.base import CorruptImageError, DatasetLayoutError
 from vitlab.data.imagenet import ImageNetDataModule, collate_skipping

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import TINY_PVT, run_script
+from support import TINY_PVT, run_script
 from vitlab import dashboard, paper
 
 RATIOS = ["[4,4,4,4]", "[2,2,2,2]"]

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from conftest import run_script
-from test_train import FAST
+from support import FAST, run_script
+
 from vitlab.dashboard import wandb_records
 
 

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from conftest import REPO, TINY_PVT, run_script
-from test_train import FAST
+from support import FAST, REPO, TINY_PVT, run_script
+
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from conftest import REPO, run_script
+from support import REPO, run_script
 
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "sweep").glob("*.yaml"))
 SMOKE = ["debug=smoke", "data.synthetic=true", "logger=csv"]

@@ -6,10 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_PVT, run_script
-
-FAST = [*TINY_PVT, "experiment=demo", "data.num_workers=0", "data.img_size=32", "data.batch_size=16",
-        "trainer.enable_progress_bar=false", "callbacks.progress_bar=null"]
+from support import FAST, TINY_PVT, run_script
 
 
 def test_smoke_run_writes_summary(tmp_path, train_run):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import run_script
+from support import run_script
 from vitlab.trust import UntrustedTargetError, check_targets
 
 
