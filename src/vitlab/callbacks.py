@@ -109,5 +109,7 @@ class LastCheckpoint(L.Callback):
             job = f"{job}_{task}" if os.environ.get("SLURM_ARRAY_JOB_ID") and task else job
             result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
             log.warning("scontrol requeue %s: %s", job, "done" if result.returncode == 0 else result.stderr.strip())
+        for logger in trainer.loggers:  # what this attempt logged reaches the files (CSV history)
+            logger.save()
         sys.stdout.flush()
         os._exit(self.exit_code)  # at once: the time limit is close

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -169,22 +170,20 @@ class VitlabDataModule(L.LightningDataModule):
         """(number of processes, this process's rank)."""
         return (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
 
-    def make_loader(self, dataset: Dataset, train: bool, collate_fn=None, batch_size: int | None = None) -> DataLoader:
+    def make_loader(self, dataset: Dataset, train: bool, collate_fn=None, batch_size: int | None = None,
+                    sampler: DistributedSampler | None = None) -> DataLoader:
+        """Training: torchdata's ``StatefulDataLoader``, whose position in the epoch Lightning saves in
+        checkpoints, so a run resumed mid-epoch sees exactly the batches it had not seen; an
+        epoch-seeded sampler (Lightning calls set_epoch) makes the order a function of (seed, epoch),
+        and the loader's own generator keeps its iterator from drawing on the global RNG (which the
+        checkpoint restores for the model's dropout, drop-path and mixup). Evaluation: every image
+        exactly once over the processes."""
         world, rank = self.world()
-        if train:
-            # An epoch-seeded sampler (Lightning calls set_epoch) makes the shuffle order a
-            # function of (seed, epoch): resuming from a checkpoint replays the same order.
+        common = dict(batch_size=batch_size or self.batch_size, num_workers=self.num_workers, collate_fn=collate_fn,
+                      persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+        if not train:
+            return DataLoader(dataset, sampler=EvalDistributedSampler(dataset, world, rank), shuffle=False, **common)
+        if sampler is None:
             sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
-        else:
-            sampler = EvalDistributedSampler(dataset, world, rank)
-        return DataLoader(
-            dataset,
-            batch_size=batch_size or self.batch_size,
-            sampler=sampler,
-            shuffle=False,
-            num_workers=self.num_workers,
-            collate_fn=collate_fn,
-            drop_last=train,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return StatefulDataLoader(dataset, sampler=sampler, drop_last=True,
+                                  generator=torch.Generator().manual_seed(self.seed), **common)

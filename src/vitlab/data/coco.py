@@ -384,11 +384,7 @@ class CocoDataModule(VitlabDataModule):
             )
         else:
             sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
-        return DataLoader(
-            self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-            collate_fn=collate_detection, persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return self.make_loader(self.train_set, train=True, collate_fn=collate_detection, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self.make_loader(self.val_set, train=False, collate_fn=collate_detection, batch_size=self.val_batch_size)

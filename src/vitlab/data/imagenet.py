@@ -194,10 +194,7 @@ class ImageNetDataModule(VitlabDataModule):
             world, rank = self.world()
             # timm's RA sampler repeats each image 3x across ranks (DeiT)
             sampler = DistributedRepeatAugSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True)
-            return DataLoader(
-                self.train_set, self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                collate_fn=collate_skipping, drop_last=True, persistent_workers=self.num_workers > 0,
-            )
+            return self.make_loader(self.train_set, train=True, collate_fn=collate_skipping, sampler=sampler)
         return self.make_loader(self.train_set, train=True, collate_fn=collate_skipping)
 
     def val_dataloader(self) -> DataLoader:

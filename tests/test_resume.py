@@ -1,0 +1,133 @@
+"""Kill a training run the ways a user's run dies, re-run the same command, and compare.
+
+Every run here is ``python src/train.py <the same overrides>`` from a temporary working directory
+with ``VITLAB_OUTPUT`` set, exactly as a user re-runs a command: no ``hydra.run.dir``, no test-only
+callback in the command. The run directory is found from the command, the re-run resumes from
+``last.ckpt`` and must end bit-equal to a run that was never interrupted.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from support import FAST, REPO, run_script
+
+# 2 epochs of 20 steps; mixup (numpy RNG) and drop path (torch RNG) on, so the restored RNG matters;
+# last.ckpt every 3 steps, so a kill lands mid-epoch after a mid-epoch checkpoint.
+COMMAND = [*FAST, "schedule.epochs=2", "data.synthetic_classes=4", "data.batch_size=8",
+           "schedule.checkpoint_every_n_steps=3", "module.mixup=0.8", "backbone.drop_path_rate=0.1",
+           "trainer.log_every_n_steps=1"]
+STEPS = 2 * (4 * 80 // 8)  # 4 generated classes x 80 training images, batch 8
+
+
+def run_dir(output: Path) -> Path:
+    dirs = list(output.glob("imagenet_cls/pvt_v2_b0/*"))
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def start(output: Path, data_dir: Path, env: dict | None = None) -> subprocess.Popen:
+    full_env = {**os.environ, "VITLAB_OUTPUT": str(output), "VITLAB_DATA": str(data_dir), "WANDB_MODE": "offline",
+                "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.Popen([sys.executable, str(REPO / "src" / "train.py"), *COMMAND], cwd=output.parent,
+                            env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_mid_epoch_checkpoint(proc: subprocess.Popen, output: Path, timeout: float = 300) -> None:
+    """Until the run has written a step checkpoint (training is under way, handlers installed)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        last = list(output.glob("imagenet_cls/pvt_v2_b0/*/checkpoints/last.ckpt"))
+        if last:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before it wrote a checkpoint:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint within the time-out")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data_dir) -> Path:
+    """The uninterrupted run."""
+    output = tmp_path_factory.mktemp("straight") / "outputs"
+    proc = start(output, data_dir)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    return run_dir(output)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa = torch.load(a / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    wb = torch.load(b / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def rerun(output: Path, data_dir: Path) -> dict:
+    proc = start(output, data_dir)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    return json.loads((run_dir(output) / "summary.json").read_text())
+
+
+def test_sigkill_mid_epoch_then_same_command_is_bit_equal(tmp_path, data_dir, straight):
+    output = tmp_path / "outputs"
+    proc = start(output, data_dir)
+    wait_for_mid_epoch_checkpoint(proc, output)
+    proc.kill()  # SIGKILL: nothing runs after this
+    proc.wait()
+    assert not (run_dir(output) / "summary.json").exists()
+    summary = rerun(output, data_dir)
+    assert summary["resumed_from"].endswith("last.ckpt") and summary["global_step"] == STEPS
+    assert_same_weights(straight, run_dir(output))
+    assert "resuming from" in (run_dir(output) / "train.log").read_text()
+
+
+def test_preemption_signal_saves_requeues_and_resumes(tmp_path, data_dir, straight):
+    """SLURM's pre-emption / time-limit signal: the run saves at the next step, asks SLURM to requeue
+    it (a stand-in ``scontrol`` records the call) and exits; the requeued command resumes."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+    output = tmp_path / "outputs"
+    proc = start(output, data_dir, env={"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    wait_for_mid_epoch_checkpoint(proc, output)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "received SIGUSR1" in out
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    saved = torch.load(run_dir(output) / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 0 < saved < STEPS
+    summary = rerun(output, data_dir)
+    assert summary["global_step"] == STEPS
+    assert_same_weights(straight, run_dir(output))
+    # the history continues: one CSV holds both attempts, each step once
+    rows = list(csv.DictReader((run_dir(output) / "csv" / "metrics.csv").open()))
+    steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    assert steps == sorted(set(steps)) and steps[0] < saved < steps[-1]
+
+
+def test_finished_run_is_reported_not_repeated_and_resume_never_starts_fresh(tmp_path, data_dir, straight):
+    output = tmp_path / "outputs"
+    command = [*FAST, "debug=smoke"]
+    env = {"VITLAB_OUTPUT": str(output)}
+    run_script("train.py", command, data_dir, env=env, cwd=tmp_path)
+    again = run_script("train.py", command, data_dir, env=env, cwd=tmp_path)
+    assert "already finished" in again.stdout + again.stderr
+    run_script("train.py", [*command, "resume=never"], data_dir, env=env, cwd=tmp_path)
+    names = sorted(p.name for p in output.glob("imagenet_cls/pvt_v2_b0/*"))
+    assert len(names) == 2 and names[1] == names[0] + "-2"
