@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from torch import nn
@@ -27,6 +28,27 @@ from vitlab.tasks.base import VitlabTask, check_legacy_num_classes
 # torchmetrics' result keys -> ours (``val/<prefix><name>``)
 MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100",
             "mar_small", "mar_medium", "mar_large")
+
+
+def gather_per_image_states(metric: MeanAveragePrecision, image_ids: list[int], results: list[dict]) -> list[dict]:
+    """Every process's per-image mAP states (and COCO results) on every process, in image-id order.
+
+    torchmetrics syncs MeanAveragePrecision's per-image lists one tensor at a time, which needs the
+    same number of images on every process; exact evaluation (each image once, no padding) gives
+    the processes different counts, so the states travel as Python objects instead. Sorting by
+    image id makes the result identical to a single process's, whatever the number of processes.
+    Returns the gathered results (the metric's states are replaced in place).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return results
+    states = {k: [v.cpu() if isinstance(v, torch.Tensor) else v for v in vals] for k, vals in metric.metric_state.items()}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, {"ids": image_ids, "states": states, "results": results})
+    order = sorted((image_id, rank, i) for rank, part in enumerate(gathered) for i, image_id in enumerate(part["ids"]))
+    for key, values in states.items():
+        if len(values) == len(image_ids):  # per-image lists (the mask lists stay empty for boxes only)
+            setattr(metric, key, [gathered[rank]["states"][key][i] for _, rank, i in order])
+    return sorted((r for part in gathered for r in part["results"]), key=lambda r: r["image_id"])
 
 
 class DetectionTask(VitlabTask):
@@ -55,7 +77,9 @@ class DetectionTask(VitlabTask):
             raise ValueError(f"data.with_masks={self.info.with_masks} does not match module.head "
                              f"({type(self.model).__name__}): Mask R-CNN needs masks, the box-only detectors none")
         iou_types = ("bbox", "segm") if self.with_masks else ("bbox",)
-        self.val_map = MeanAveragePrecision(backend="pycocotools", iou_type=iou_types)
+        # Synced by gather_per_image_states (see there), not by torchmetrics itself.
+        self.val_map = MeanAveragePrecision(backend="pycocotools", iou_type=iou_types, sync_on_compute=False)
+        self._val_image_ids: list[int] = []  # the image of each entry in val_map's per-image states
         self.category_ids = list(self.info.category_ids or range(1, self.num_classes + 1))
         self.class_names = list(self.info.class_names)
         self.results: list[dict] = []  # COCO results of the last validation (for write_results)
@@ -101,7 +125,7 @@ class DetectionTask(VitlabTask):
         return out
 
     def on_validation_epoch_start(self) -> None:
-        self.results, self._vis = [], []
+        self.results, self._vis, self._val_image_ids = [], [], []
 
     def validation_step(self, batch: DetectionBatch, batch_idx):
         images, targets = batch.images, batch.targets
@@ -120,6 +144,7 @@ class DetectionTask(VitlabTask):
             preds.append(pred)
             gts.append(gt)
             self._collect_results(int(tgt["image_id"]), pred)
+            self._val_image_ids.append(int(tgt["image_id"]))
             if len(self._vis) < self.num_vis_images:
                 self._vis.append(self.draw(image, det, tgt, orig))
         self.val_map.update(preds, gts)
@@ -155,7 +180,8 @@ class DetectionTask(VitlabTask):
         return torch.cat([pred, gt], dim=-1)
 
     def on_validation_epoch_end(self) -> None:
-        result = self.val_map.compute()  # syncs across processes; runs pycocotools' COCOeval
+        self.results = gather_per_image_states(self.val_map, self._val_image_ids, self.results)
+        result = self.val_map.compute()  # runs pycocotools' COCOeval on every process's images
         self.val_map.reset()
         for iou_type, prefix in (("bbox", ""), ("segm", "mask_")):
             for key in MAP_KEYS:
@@ -168,10 +194,8 @@ class DetectionTask(VitlabTask):
 
     # ---- results --------------------------------------------------------------------
     def write_results(self, path: str | Path) -> Path:
-        """The last validation's detections as a COCO results JSON (original category ids, xywh, RLE).
-
-        Each process writes the images it evaluated; run ``eval.py`` on one device for one file.
-        """
+        """The last validation's detections (of every process) as a COCO results JSON (original
+        category ids, xywh boxes, RLE masks)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.results))
