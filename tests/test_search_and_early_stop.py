@@ -15,7 +15,8 @@ TINY = [o for o in TINY_PVT if not o.startswith("backbone.drop_path_rate")]
 def test_two_trial_optuna_search_maximises_best_score(tmp_path, data_dir):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     run_script("train.py", ["-m", "hparams_search=demo_optuna", "hydra.sweeper.n_trials=2", "debug=smoke",
-                            "data.synthetic=true", *TINY, f"hydra.sweep.dir={tmp_path}"], data_dir)
+                            "data.synthetic=true", *TINY, f"hydra.sweep.dir={tmp_path}",
+                            f"hydra.sweeper.storage=sqlite:///{tmp_path / 'study.db'}"], data_dir)
     trials = [json.loads((tmp_path / str(i) / "summary.json").read_text()) for i in range(2)]
     searched = [dict(o.split("=", 1) for o in t["overrides"] if o.startswith(("schedule.optimizer.", "backbone.drop")))
                 for t in trials]
@@ -28,6 +29,7 @@ def test_two_trial_optuna_search_maximises_best_score(tmp_path, data_dir):
     best = max(range(2), key=lambda i: trials[i]["best_score"])
     assert results["best_value"] == pytest.approx(trials[best]["best_score"])
     assert {k: pytest.approx(float(v)) for k, v in searched[best].items()} == results["best_params"]
+    assert (tmp_path / "study.db").stat().st_size > 0  # the study is kept (it can be continued)
 
 
 def test_early_stop_ends_the_run_when_the_metric_stalls(tmp_path, train_run):

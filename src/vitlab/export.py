@@ -133,7 +133,7 @@ def export(ckpt_path: str, fmt: str, part: str = "model", input_size=None, out: 
     size = tuple(input_size or default_input(config, kind))
     example = example_input(kind, part, size)
     suffix = ".onnx" if fmt == "onnx" else ".pt"
-    out_path = Path(out) if out else Path(ckpt_path).with_suffix("").with_name(
+    out_path = Path(out) if out else Path(ckpt_path).with_name(
         Path(ckpt_path).stem + ("" if part == "model" else f".{part}") + suffix)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
