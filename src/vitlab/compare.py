@@ -40,7 +40,6 @@ import csv
 import json
 import math
 import statistics
-from functools import lru_cache
 from pathlib import Path
 
 import yaml
@@ -251,16 +250,6 @@ def aggregate(rows: list[dict], metric: str | None = None, baseline: str | int |
     return table
 
 
-@lru_cache(maxsize=None)
-def zoo_counts(name: str, overrides: tuple[str, ...], task: str | None) -> tuple[float, float | None]:
-    """Params (M) and GFLOPs of a paper row's model (its classes and input size) as the zoo counts them
-    (detectors' GFLOPs need a real forward pass: params only for COCO rows)."""
-    from vitlab import zoo
-
-    measured = zoo.measure(name, list(overrides), task, flops=not (task or "").startswith("coco"))
-    return round(measured.params / 1e6, 2), None if math.isnan(measured.gflops) else measured.gflops
-
-
 def join_paper(table: list[dict], runs: list[dict], paper_rows: list[dict], metric: str | None) -> float | None:
     """Add the paper's row (``vitlab.paper.table_rows``) each setting reproduces: ``paper_source``,
     the paper's numbers, ``vs_<paper key>`` = ours - paper, the zoo's params and GFLOPs of the
@@ -280,7 +269,12 @@ def join_paper(table: list[dict], runs: list[dict], paper_rows: list[dict], metr
             row[key] = value
             mine = row.get(paper.our_column(key))
             row[f"vs_{key}"] = None if mine is None else mine - value
-        row["zoo_params_m"], row["zoo_gflops"] = zoo_counts(found["name"], tuple(found["set"]), found["task"])
+        # the paper's model (its classes and input size) counted by the zoo, beside the paper's counts
+        # (detectors' GFLOPs need a real forward pass: params only for COCO rows)
+        size = tuple(found["input"]) if found.get("input") else None
+        params_m, gflops = paper.model_counts(found["name"], tuple(found["set"]), found["task"], size,
+                                              flops=not paper.row_task(found).startswith("coco"))
+        row["zoo_params_m"], row["zoo_gflops"] = round(params_m, 2), None if math.isnan(gflops) else gflops
         if metric and row.get(metric) is not None and found.get(paper.paper_key(metric)) is not None:
             ours.append(row[metric])
             theirs.append(found[paper.paper_key(metric)])

@@ -125,6 +125,17 @@ def match_row(rows: list[dict], run: dict) -> dict | None:
     return max(found, key=lambda r: len(r.get("set", [])), default=None)
 
 
+@lru_cache(maxsize=None)
+def model_counts(name: str, overrides: tuple[str, ...] = (), task: str | None = None,
+                 input_size: tuple[int, int] | None = None, flops: bool = True) -> tuple[float, float]:
+    """Params (M) and GMACs (NaN when ``flops`` is false) of a model as ``vitlab.zoo.measure`` counts
+    it (meta device), once per process: a paper row's model (compare) or a sweep job's (plan)."""
+    from vitlab.zoo import measure
+
+    row = measure(name, list(overrides), task, input_size, flops=flops)
+    return row.params / 1e6, row.gflops
+
+
 def kendall_tau(x: list[float], y: list[float]) -> float:
     """Kendall's tau-b (ties counted as scipy does); 1: same ordering, -1: reversed."""
     try:

@@ -176,11 +176,10 @@ def expand(overrides: list[str], train_images: int | None = None) -> list[Job]:
 
 def count(job: Job) -> tuple[float, float]:
     """Params (M) and GMACs of the job's model, on the meta device (the zoo's counting)."""
-    from vitlab.zoo import measure
+    from vitlab.paper import model_counts
 
-    row = measure(job.backbone, job.backbone_overrides, None if job.task == "imagenet_cls" else job.task,
-                  job.input_size)
-    return row.params / 1e6, row.gflops
+    return model_counts(job.backbone, tuple(job.backbone_overrides), None if job.task == "imagenet_cls" else job.task,
+                        tuple(job.input_size) if job.input_size else None)
 
 
 def measured_tflops(job: Job, device: str, batch: int) -> float:
@@ -250,13 +249,9 @@ def main(argv: list[str] | None = None) -> list[Job]:
     args = parser.parse_args(argv)
 
     jobs = expand(args.overrides, args.train_images)
-    counted: dict[tuple, tuple[float, float]] = {}
     measured: dict[str, float] = {}
     for job in jobs:
-        key = (job.backbone, tuple(job.backbone_overrides), job.task, tuple(job.input_size or ()))
-        if key not in counted:
-            counted[key] = count(job)
-        job.params_m, job.gflops = counted[key]
+        job.params_m, job.gflops = count(job)  # once per model (seeds, schedules share one)
         if args.measure:
             import torch
 
