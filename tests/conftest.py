@@ -1,4 +1,5 @@
-"""Shared fixtures: a generated dataset made once per session, and a runner for src/train.py."""
+"""Shared fixtures: a generated dataset made once per session, a runner for src/train.py, and
+one smoke sweep shared by the compare, dashboard and export tests."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from support import run_script
+from support import SWEEP_RATIOS, SWEEP_SEEDS, TINY_PVT, run_script
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +25,15 @@ def train_run(data_dir):
         return json.loads((Path(run_dir) / "summary.json").read_text())
 
     return _run
+
+
+@pytest.fixture(scope="session")
+def smoke_sweep(tmp_path_factory, data_dir) -> Path:
+    """The sweep directory of ``train.py -m`` over ``backbone.mlp_ratios`` (SWEEP_RATIOS) x ``seed``
+    (SWEEP_SEEDS): four W&B-offline smoke jobs of the tiny PVTv2 on generated data, one per
+    ``<sweep dir>/<job number>``. Tests read it; they write elsewhere."""
+    sweep = tmp_path_factory.mktemp("multirun") / "sweep-smoke"
+    run_script("train.py", ["-m", *TINY_PVT, "experiment=demo", "debug=smoke", "data.img_size=32", "logger=wandb",
+                            f"backbone.mlp_ratios={','.join(SWEEP_RATIOS)}", f"seed={','.join(map(str, SWEEP_SEEDS))}",
+                            f"hydra.sweep.dir={sweep}"], data_dir)
+    return sweep

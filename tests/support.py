@@ -17,6 +17,9 @@ TINY_PVT = [
     "backbone.num_heads=[1,1,2,2]",
     "backbone.drop_path_rate=0.0",
 ]
+# The shared smoke sweep (conftest.py ``smoke_sweep``): a backbone field with two values, times two seeds.
+SWEEP_RATIOS = ["[4,4,4,4]", "[2,2,2,2]"]
+SWEEP_SEEDS = [0, 1]
 # The demo on 32 px images, no workers, no progress bar: a real training run in seconds.
 FAST = [*TINY_PVT, "experiment=demo", "data.num_workers=0", "data.img_size=32", "data.batch_size=16",
         "trainer.enable_progress_bar=false", "callbacks.progress_bar=null"]

@@ -6,22 +6,18 @@ import os
 import statistics
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
-from support import TINY_PVT, run_script
-from vitlab import dashboard, paper
-
-RATIOS = ["[4,4,4,4]", "[2,2,2,2]"]
+from support import SWEEP_RATIOS as RATIOS
+from vitlab import compare, dashboard, paper
 
 
-@pytest.fixture(scope="module")
-def sweep_dir(tmp_path_factory, data_dir):
-    """Four W&B-offline smoke jobs: a backbone field (two values) times two seeds."""
-    sweep = tmp_path_factory.mktemp("dash") / "sweep"
-    run_script("train.py", ["-m", *TINY_PVT, "experiment=demo", "debug=smoke", "data.img_size=32", "logger=wandb",
-                            f"backbone.mlp_ratios={','.join(RATIOS)}", "seed=0,1", f"hydra.sweep.dir={sweep}"], data_dir)
-    return sweep
+@pytest.fixture
+def sweep_dir(smoke_sweep):
+    """conftest's smoke sweep: backbone.mlp_ratios (two values) x two seeds, logged to W&B offline."""
+    return smoke_sweep
 
 
 def summaries(sweep_dir):
@@ -42,8 +38,8 @@ def test_dry_run_spec_holds_every_varied_field_and_metric(sweep_dir, tmp_path):
     runset = section["runSets"][0]
     # the sweep's runs only (vitlab names a -m sweep's W&B group after its directory), grouped by setting:
     # the varied backbone field, not the seed, so seeds (and requeued attempts) aggregate
-    assert spec["project"] == "vitlab" and spec["displayName"] == f"vitlab sweep-{sweep_dir.name}"
-    assert runset["filters"]["filters"][0]["value"] == f"sweep-{sweep_dir.name}"
+    assert spec["project"] == "vitlab" and spec["displayName"] == f"vitlab {sweep_dir.name}"
+    assert runset["filters"]["filters"][0]["value"] == sweep_dir.name
     assert runset["grouping"] == [{"section": "config", "name": "mlp_ratios.value"}]
     panels = [p for s in section["panelBankConfig"]["sections"] for p in s["panels"]]
     kinds = {p["viewType"] for p in panels}
@@ -69,25 +65,27 @@ def test_dry_run_spec_holds_every_varied_field_and_metric(sweep_dir, tmp_path):
 def test_table_aggregates_seeds_per_setting(sweep_dir):
     sweep = dashboard.load_sweep(str(sweep_dir))
     assert sweep.fields == ["backbone.mlp_ratios"] and sweep.seeded and sweep.monitor == "val/top1"
-    rows = dashboard.setting_rows(sweep)
+    rows = dashboard.results_table(sweep)  # vitlab.compare's aggregation
     assert [r["backbone.mlp_ratios"] for r in rows] == RATIOS
     for row in rows:
         mine = [s for s in summaries(sweep_dir) if f"backbone.mlp_ratios={row['backbone.mlp_ratios']}" in s["overrides"]]
-        assert row["n"] == len(mine) == 2
+        assert row["n"] == len(mine) == 2 and row["seeds"] == "0 1"
         assert row["val/top5"] == pytest.approx(statistics.mean(s["val/top5"] for s in mine))
-        assert row["best val/top1 std"] == pytest.approx(statistics.stdev(s["best_score"] for s in mine))
-        assert row["params (M)"] == pytest.approx(mine[0]["params"] / 1e6)
-    assert rows[0]["params (M)"] > rows[1]["params (M)"]  # mlp ratio 4 > 2
-    table = dashboard.markdown_table(rows)
-    assert len(table.splitlines()) == 2 + 2 and "best val/top1" in table and " ± " in table
+        assert row["best_score"] == pytest.approx(statistics.mean(s["best_score"] for s in mine))
+        assert row["best_score_std"] == pytest.approx(statistics.stdev(s["best_score"] for s in mine))
+        assert row["params_m"] == pytest.approx(mine[0]["params"] / 1e6, abs=0.005)
+    assert rows[0]["params_m"] > rows[1]["params_m"]  # mlp ratio 4 > 2
+    table = dashboard.markdown_table(rows, {"best_score": sweep.main_label})
+    assert len(table.splitlines()) == 2 + 2 and "| backbone.mlp_ratios |" in table
+    assert "best val/top1" in table and " ± " in table and "run_dirs" not in table
 
 
 def test_repeated_attempts_of_a_job_do_not_add_rows(sweep_dir):
     sweep = dashboard.load_sweep(str(sweep_dir))
     first = sweep.runs[0]
     retry = {**first, "global_step": 0, "run_dir": "https://wandb.ai/x/y/runs/older-attempt"}
-    assert dashboard.merge_attempts([retry, *sweep.runs]) == sweep.runs
-    assert dashboard.merge_attempts([*sweep.runs, retry]) == sweep.runs
+    assert compare.merge_attempts([retry, *sweep.runs]) == sweep.runs
+    assert compare.merge_attempts([*sweep.runs, retry]) == sweep.runs
 
 
 def test_paper_join_on_synthetic_rows(sweep_dir):
@@ -106,27 +104,19 @@ def test_paper_join_on_synthetic_rows(sweep_dir):
     with pytest.raises(ValueError, match="toy:Table3, toy:Table4"):
         paper.table_rows("toy:Table9", rows)
     sweep = dashboard.load_sweep(str(sweep_dir))
-    joined = dashboard.setting_rows(sweep, table)
-    assert [r.get("paper top1") for r in joined] == [60.0, 55.0, 61.0]  # ADE20K row: another task
+    joined = dashboard.results_table(sweep, table)
+    assert [r.get("paper_top1") for r in joined] == [60.0, 55.0, 61.0]  # ADE20K row: another task
     for row, ref in zip(joined, (60.0, 55.0)):
-        assert row["paper row"].startswith("Toy Table 3")
-        assert row["Δ top1"] == pytest.approx(row["val/top1"] - ref)
-        assert row["Δ params_m"] == pytest.approx(row["params (M)"] - row["paper params_m"])
+        assert row["paper_source"].startswith("Toy Table 3")
+        assert row["vs_paper_top1"] == pytest.approx(row["val/top1"] - ref)
+        assert row["vs_paper_params_m"] == pytest.approx(row["params_m"] - row["paper_params_m"])
+    # the paper's model counted by the zoo: the full PVTv2-B0 with MLP ratio 4 has more parameters than with 2
+    assert joined[0]["zoo_params_m"] > joined[1]["zoo_params_m"] > 1
     assert "n" not in joined[2] and "val/top1" not in joined[2]  # the paper's row no setting reproduced
     spec = dashboard.workspace_spec(dashboard.build_workspace(sweep, table, "toy:Table3"))
     markdown = next(p["config"]["value"] for s in spec["spec"]["section"]["panelBankConfig"]["sections"]
                     for p in s["panels"] if p["viewType"] == "Markdown Panel")
-    assert "paper top1" in markdown and "Toy Table 3 (ratio 8)" in markdown and "toy:Table3" in markdown
-
-
-def test_paper_table_keys_on_the_shipped_tables():
-    # Pale Table 7 (pale size, ImageNet rows): the paper's GFLOPs 3.8 / 4.1 / 4.4 / 4.2 / 5.4
-    rows = [r for r in paper.table_rows("pale:Table7") if r["task"] is None]
-    assert [paper.paper_values(r)["gflops"] for r in rows] == [3.8, 4.1, 4.4, 4.2, 5.4]
-    assert paper.find_row(rows, "pale_t", {"pale_size": 9}, "imagenet_cls")["source"] == "Pale Table 7 (pale size 9999)"
-    assert paper.find_row(rows, "pale_t", {"pale_size": "[9,9,9,9]"}, "imagenet_cls") is None
-    assert paper.table_rows("Pale:table 7") == paper.table_rows("pale:7")
-    assert "pvtv2:Table6" in paper.available_tables() and "scalablevit:Table5a" in paper.available_tables()
+    assert "paper_top1" in markdown and "Toy Table 3 (ratio 8)" in markdown and "toy:Table3" in markdown
 
 
 def test_same_group_same_workspace_name(sweep_dir):
@@ -195,17 +185,34 @@ def without_ids(obj):
 
 
 def test_a_wandb_group_source_merges_attempts(sweep_dir, monkeypatch):
-    """The W&B-group path with the API replaced by the runs' summaries (what W&B's run.summary holds),
-    one job logged twice (a requeued attempt before resume kept the run id)."""
-    api_runs = [{**s, "train/loss": 2.3, "run_dir": f"https://wandb.test/run{i}"} for i, s in enumerate(summaries(sweep_dir))]
-    api_runs.append({**api_runs[0], "global_step": 1, "run_dir": "https://wandb.test/attempt-1"})
+    """The W&B-group path (compare.load_wandb_runs) with wandb.Api replaced by the runs as W&B holds
+    them (summary, config as run_metadata logs it), one job logged twice (a requeued attempt from
+    before the W&B run id was kept across attempts)."""
+    import wandb
+    import yaml
+
+    def api_run(summary, config, url, **changes):
+        logged = {**{k: summary[k] for k in ("overrides", "seed", "backbone")}, "config": config}
+        return SimpleNamespace(summary={**summary, "train/loss": 2.3, "_step": 2, **changes}, config=logged, url=url,
+                               id=url.rsplit("/", 1)[1])
+
+    configs = [yaml.safe_load(p.read_text()) for p in sorted(sweep_dir.glob("*/.hydra/config.yaml"))]
+    api_runs = [api_run(s, c, f"https://wandb.test/run{i}") for i, (s, c) in enumerate(zip(summaries(sweep_dir), configs))]
+    api_runs.append(api_run(summaries(sweep_dir)[0], configs[0], "https://wandb.test/attempt-1", global_step=1))
     asked = []
-    monkeypatch.setattr(dashboard.compare, "load_wandb_runs", lambda path, group: asked.append((path, group)) or api_runs)
+
+    class Api:
+        def runs(self, path, filters):
+            asked.append((path, filters))
+            return api_runs
+
+    monkeypatch.setattr(wandb, "Api", Api)
     sweep = dashboard.load_sweep("pale_size-2026", project="vitlab", entity="me")
-    assert asked == [("me/vitlab", "pale_size-2026")] and sweep.group == "pale_size-2026"
+    assert asked == [("me/vitlab", {"group": "pale_size-2026"})] and sweep.group == "pale_size-2026"
     assert len(sweep.runs) == 4 and "https://wandb.test/attempt-1" not in {r["run_dir"] for r in sweep.runs}
-    assert sweep.fields == ["backbone.mlp_ratios"] and "train/loss" in sweep.curves
-    assert [r["n"] for r in dashboard.setting_rows(sweep)] == [2, 2]
+    assert sweep.fields == ["backbone.mlp_ratios"] and sweep.seeded and sweep.monitor == "val/top1"
+    assert "train/loss" in sweep.curves and "_step" not in sweep.runs[0]
+    assert [r["n"] for r in dashboard.results_table(sweep)] == [2, 2]
     with pytest.raises(ValueError, match="--project"):
         dashboard.load_sweep("pale_size-2026")
 

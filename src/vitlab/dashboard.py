@@ -1,17 +1,17 @@
 """W&B dashboards as code: one command turns a sweep into a comparison workspace.
 
-    python -m vitlab.dashboard multirun/2026-11-22_10-00-00 --project vitlab        # a local sweep dir
-    python -m vitlab.dashboard pale_size-2026-11-22_10-00-00 --project vitlab --entity me   # a W&B group
-    python -m vitlab.dashboard multirun/... --project vitlab --paper pale:Table7     # paper numbers beside ours
-    python -m vitlab.dashboard multirun/... --project vitlab --dry-run spec.json     # no network: write the spec
+    python -m vitlab.dashboard multirun/pale_size-1a2b3c4d --project vitlab        # a local sweep dir
+    python -m vitlab.dashboard pale_size-1a2b3c4d --project vitlab --entity me     # a W&B group
+    python -m vitlab.dashboard multirun/... --project vitlab --paper pale:Table7   # paper numbers beside ours
+    python -m vitlab.dashboard multirun/... --project vitlab --dry-run spec.json   # no network: write the spec
     python -m vitlab.dashboard sync outputs/ --watch 300     # login node: upload offline runs as they grow
 
 The workspace (a saved view of the project, built with the official ``wandb-workspaces``
 library) shows the sweep's runs only, grouped by the fields the sweep varied (seeds and
 repeated attempts of one setting fall into one group), with: the paper-style table (one row
-per setting, seeds aggregated, the paper's numbers when ``--paper`` is given), the main
-metric against GFLOPs, parallel coordinates over the varied fields, and the training and
-validation curves grouped by setting. Everything is derived from the sweep itself.
+per setting, seeds aggregated, the paper's numbers when ``--paper`` is given: the table of
+``python -m vitlab.compare``), the main metric against GFLOPs, parallel coordinates over the
+varied fields, and the training and validation curves grouped by setting. Everything is derived from the sweep itself.
 Saving it again updates the same workspace (its name is a function of entity/project/group).
 """
 from __future__ import annotations
@@ -20,8 +20,6 @@ import argparse
 import csv
 import hashlib
 import json
-import math
-import statistics
 import struct
 import subprocess
 import sys
@@ -32,7 +30,6 @@ from typing import Any, Iterator
 
 from vitlab import compare, paper
 
-SEED_FIELDS = ("seed",)
 # Keys that run_metadata (vitlab.run) logs at the top level of the W&B config besides the backbone fields.
 META_KEYS = ("backbone", "task", "schedule", "experiment")
 
@@ -108,9 +105,9 @@ class Sweep:
     group: str | None
     project: str | None
     entity: str | None
-    runs: list[dict]          # one per job: repeated attempts of a job are merged
+    runs: list[dict]          # one per job (compare.load_wandb_runs merges repeated attempts of a job)
     fields: list[str]         # override keys that name a setting (what the sweep varied, seeds excluded)
-    seeded: bool              # the sweep varied the seed: settings aggregate over seeds
+    seeded: bool              # the runs used several seeds: settings aggregate over seeds
     metrics: list[str]        # final val/ metrics in the runs' summaries
     monitor: str | None       # the task's monitored metric (best checkpoint), e.g. val/top1
     curves: list[str]         # logged train/ and val/ series
@@ -135,29 +132,6 @@ def config_key(override_key: str) -> str:
     if key.startswith("backbone."):
         return key.removeprefix("backbone.")
     return key if "." not in key else f"config.{key}"
-
-
-def is_seed(field: str) -> bool:
-    return field.lstrip("+~") in SEED_FIELDS
-
-
-def job_key(run: dict) -> tuple:
-    return tuple(sorted(o for o in run.get("overrides", []) if not o.startswith("hydra")))
-
-
-def merge_attempts(runs: list[dict]) -> list[dict]:
-    """One run per job: W&B runs of requeued attempts of one job (same overrides) collapse into
-    the attempt that got furthest, so they never add rows."""
-    best: dict[tuple, dict] = {}
-    for run in runs:
-        key = job_key(run)
-        if key not in best or (run.get("global_step") or 0) >= (best[key].get("global_step") or 0):
-            best[key] = run
-    return list(best.values())
-
-
-def numeric(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def load_sweep(source: str, project: str | None = None, entity: str | None = None, group: str | None = None) -> Sweep:
@@ -189,14 +163,12 @@ def load_sweep(source: str, project: str | None = None, entity: str | None = Non
         runs = compare.load_wandb_runs(f"{entity}/{project}" if entity else project, group)
         if not runs:
             raise ValueError(f"no runs in W&B group {group!r} of {entity or '<default entity>'}/{project}")
-        curves = {k for r in runs for k, v in r.items() if numeric(v)}
-    runs = merge_attempts(runs)
-    varied = compare.varied_fields(runs)
-    metrics = sorted({k for r in runs for k, v in r.items() if k.startswith("val/") and numeric(v)})
+        curves = {k for r in runs for k, v in r.items() if compare.is_number(v)}
+    metrics = sorted({k for r in runs for k, v in r.items() if k.startswith("val/") and compare.is_number(v)})
     monitors = {((r.get("run_config") or {}).get("monitor") or {}).get("metric") for r in runs} - {None}
     return Sweep(
         group=group, project=project, entity=entity, runs=runs,
-        fields=[f for f in varied if not is_seed(f)], seeded=any(is_seed(f) for f in varied),
+        fields=compare.varied_fields(runs), seeded=len({compare.run_seed(r) for r in runs}) > 1,
         metrics=metrics, monitor=min(monitors) if monitors else None,
         curves=sorted(k for k in curves if k.startswith(("train/", "val/"))),
         step_metric=next((s for s in step_metrics if s), None) or "Step",
@@ -210,81 +182,27 @@ def unlogged_fields(sweep: Sweep) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- the paper-style table
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    values = [v for v in values if numeric(v)]
-    if not values:
-        return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
-
-
-def backbone_fields(run: dict) -> dict:
-    """The run's backbone config values (the composed config), overrides on top."""
-    fields = dict((run.get("run_config") or {}).get("backbone") or {})
-    fields.update({k.lstrip("+").removeprefix("backbone."): v for k, v in compare.override_dict(run).items()
-                   if k.lstrip("+").startswith("backbone.")})
-    return fields
-
-
-def setting_rows(sweep: Sweep, paper_rows: list[dict] | None = None) -> list[dict]:
-    """One row per setting (the values of the varied fields), seeds aggregated as mean and std;
-    with ``paper_rows`` (a paper table), the paper's numbers of the matching row and the deltas,
-    then the table's rows no setting matched."""
-    settings: dict[tuple, list[dict]] = {}
-    for run in sweep.runs:
-        values = compare.override_dict(run)
-        settings.setdefault(tuple(values.get(f) for f in sweep.fields), []).append(run)
-    columns = ["params", "gflops", sweep.main_metric, *sweep.metrics]
-    rows, matched = [], []
-    for values, runs in settings.items():
-        row: dict[str, Any] = dict(zip(sweep.fields, values))
-        row["backbone"] = runs[0].get("backbone")
-        row["n"] = len(runs)
-        for col in dict.fromkeys(columns):
-            mean, std = mean_std([r.get(col) for r in runs])
-            scale = 1e6 if col == "params" else 1.0
-            name = {"params": "params (M)", sweep.main_metric: sweep.main_label}.get(col, col)
-            row[name] = None if mean is None else mean / scale
-            if sweep.seeded:
-                row[f"{name} std"] = None if std is None else std / scale
-        if paper_rows is not None:
-            found = paper.find_row(paper_rows, runs[0].get("backbone"), backbone_fields(runs[0]), runs[0].get("task"))
-            matched.append(found)
-            row.update(paper_columns(row, found))
-        rows.append(row)
+def results_table(sweep: Sweep, paper_rows: list[dict] | None = None) -> list[dict]:
+    """``vitlab.compare``'s table of the sweep: one row per setting, seeds aggregated (mean, ``_std``,
+    n); with ``paper_rows`` (``vitlab.paper.table_rows``), the paper's numbers joined, then the
+    table's rows no setting reproduced."""
+    table = compare.aggregate(compare.comparison_rows(sweep.runs))
     if paper_rows is not None:
-        task = sweep.runs[0].get("task")
-        for extra in paper_rows:
-            if extra not in matched and (extra.get("task") or paper.CLASSIFIER_TASK) == task:
-                rows.append({"backbone": extra["name"], **paper_columns({}, extra)})
-    return rows
+        compare.join_paper(table, sweep.runs, paper_rows, sweep.monitor)
+    return table
 
 
-def paper_columns(row: dict, found: dict | None) -> dict:
-    """``paper <x>`` per number of the paper's row and ``Δ <x>`` where we measure the same ``x``
-    (``top1`` is ours ``val/top1``; params in millions)."""
-    if found is None:
-        return {"paper row": None}
-    out: dict[str, Any] = {"paper row": f"{found['source']} ({' '.join(found.get('set', [])) or found['name']})"}
-    for key, value in paper.paper_values(found).items():
-        out[f"paper {key}"] = value
-        ours = row.get({"params_m": "params (M)"}.get(key, key), row.get(f"val/{key}"))
-        if numeric(ours) and numeric(value):
-            out[f"Δ {key}"] = ours - value
-    return out
+# Columns of compare's table the workspace's markdown leaves out (the varied fields have columns of their own).
+NOT_IN_MARKDOWN = ("setting", "seeds", "run_dirs")
 
 
-def fmt(value: Any, std: Any = None) -> str:
-    if value is None:
-        return ""
-    text = f"{value:.4g}" if isinstance(value, float) else str(value)
-    return f"{text} ± {std:.2g}" if numeric(std) else text
-
-
-def markdown_table(rows: list[dict]) -> str:
-    columns = [c for c in dict.fromkeys(k for r in rows for k in r) if not c.endswith(" std")]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+def markdown_table(rows: list[dict], labels: dict[str, str] | None = None) -> str:
+    """The table as markdown, ``mean ± std`` cells; ``labels`` renames columns."""
+    shown = compare.columns(rows, NOT_IN_MARKDOWN)
+    header = [(labels or {}).get(c, c) for c in shown]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(shown)]
     for r in rows:
-        lines.append("| " + " | ".join(fmt(r.get(c), r.get(f"{c} std")).replace("|", "/") for c in columns) + " |")
+        lines.append("| " + " | ".join(compare.cell(r.get(c), r.get(f"{c}_std")).replace("|", "/") for c in shown) + " |")
     return "\n".join(lines)
 
 
@@ -316,9 +234,9 @@ def build_workspace(sweep: Sweep, paper_rows: list[dict] | None = None, paper_ke
     main = wr.SummaryMetric(sweep.main_metric)
     fields = [wr.Config(config_key(f)) for f in sweep.fields]
     title = f"{sweep.group or 'sweep'}: one row per setting" + (", mean ± std over seeds" if sweep.seeded else "")
-    table = markdown_table(setting_rows(sweep, paper_rows))
+    table = markdown_table(results_table(sweep, paper_rows), {"best_score": sweep.main_label})
     if paper_key:
-        table += f"\n\nPaper: {paper_key} (src/vitlab/paper_tables); Δ = ours − paper."
+        table += f"\n\nPaper: {paper_key} (src/vitlab/paper_tables); vs_paper_<x> = ours − paper."
     grouped = {"groupby_aggfunc": "mean", "groupby_rangefunc": "stddev"}  # panels follow the runs-table grouping
     sections = [
         ws.Section(name="Results", is_open=True, layout_settings=ws.SectionLayoutSettings(columns=1, rows=1),
