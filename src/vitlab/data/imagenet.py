@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from timm.data import create_transform
+from timm.data import auto_augment, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
 from torchvision.datasets import ImageFolder
@@ -20,6 +20,27 @@ from vitlab.data.base import (
 )
 
 IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+
+_timm_posterize = auto_augment.posterize
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's Posterize op, with 0 bits giving a black image as it did on Pillow < 13.
+
+    RandAugment ``inc1`` (PosterizeIncreasing: 4 - 4 = 0 bits at magnitude 10, which ``mstd0.5``
+    draws around m9) and AutoAugment ``v0`` (``('Posterize', 0.8, 2)``: 0 bits) ask for 0 bits.
+    Pillow 13's ``ImageOps.posterize`` refuses them (ValueError); older Pillow masked every bit
+    away (``i & ~255 == 0``), a black image, which is what the recipes were tuned with (timm's v0
+    policy notes it). Registered into timm's op table below, so every timm policy uses it.
+    """
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return _timm_posterize(img, bits_to_keep, **kwargs)
+
+
+# AugmentOp looks its function up in this table when it is built, i.e. inside create_transform.
+for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+    auto_augment.NAME_TO_OP[_name] = posterize
 
 
 def load_rgb(path: str) -> Image.Image:
