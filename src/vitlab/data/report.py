@@ -34,6 +34,9 @@ UNSKIPPABLE = {BAD_ANNOTATION_FILE, CATEGORIES_DIFFER}
 ZERO_AREA_BOX = "zero-area box (left out of training targets)"
 CLIPPED_BOX = "box clipped to its image (data.clip_boxes=true)"
 IGNORED_FILE = "file without an image suffix (ignored)"
+ORDER = (MISSING, UNDECODABLE, EMPTY, SIZE_MISMATCH, LABEL_SIZE, LABEL_FORMAT, LABEL_IDS, UNKNOWN_CATEGORY,
+         UNKNOWN_IMAGE, BAD_BOX, BOX_OUTSIDE, BAD_SEGMENTATION, BAD_ANNOTATION_FILE, CATEGORIES_DIFFER,
+         ZERO_AREA_BOX, CLIPPED_BOX, IGNORED_FILE)  # of the kinds in a report
 
 HINTS = {
     BOX_OUTSIDE: "data.clip_boxes=true clips such boxes to their image",
@@ -74,7 +77,7 @@ class DataReport:
                 continue
             total = sum(len(v) for v in found.values())
             lines.append(f"{total} {heading}{'s' * (total != 1)}:")
-            for kind, details in found.items():
+            for kind, details in sorted(found.items(), key=lambda item: ORDER.index(item[0])):
                 hint = f" ({HINTS[kind]})" if kind in HINTS else ""
                 lines.append(f"  {kind}: {len(details)}{hint}")
                 lines += [f"    {d}" for d in details[:examples]]
