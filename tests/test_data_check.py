@@ -149,6 +149,23 @@ def test_coco_zero_area_boxes_are_counted_warned_and_not_learned(generated, tmp_
     assert len(item["labels"]) == len(non_crowd) - 1
 
 
+def test_coco_malformed_boxes_and_segmentations(generated, tmp_path):
+    root = copy_of(generated, "coco", tmp_path)
+    path = root / "annotations" / "instances_val2017.json"
+    data = json.loads(path.read_text())
+    anns = data["annotations"]
+    anns[0]["bbox"] = [1.0, 2.0, -3.0, 4.0]
+    anns[1]["bbox"] = "oops"
+    del anns[2]["segmentation"]
+    anns[3]["segmentation"] = [[1, 2, 3]]                          # not a polygon: only decoding tells
+    anns[4]["segmentation"] = {"counts": [100], "size": [10, 10]}  # an RLE of another size
+    path.write_text(json.dumps(data))
+    dm = CocoDataModule(root=str(root), num_workers=0, with_masks=True)
+    assert counts(dm.check()) == {kinds.BAD_BOX: 2, kinds.BAD_SEGMENTATION: 1}
+    assert counts(dm.check(full=True)) == {kinds.BAD_BOX: 2, kinds.BAD_SEGMENTATION: 3}
+    assert "segmentation is 10x10, its image" in dm.check(full=True).summary()
+
+
 def test_coco_missing_image_is_missing_not_undecodable(generated, tmp_path):
     root = copy_of(generated, "coco", tmp_path)
     ds = CocoDetectionDataset(root / "val2017", root / "annotations/instances_val2017.json", lambda x: x,
@@ -171,6 +188,8 @@ def test_coco_unreadable_json_and_category_mismatch_cannot_be_skipped(generated,
         dm.preflight()
     (root / "annotations" / "instances_train2017.json").write_text('{"images": [')
     assert counts(dm.check()) == {kinds.BAD_ANNOTATION_FILE: 1}
+    path.write_text(json.dumps({**data, "images": [], "annotations": []}))
+    assert counts(dm.check()) == {kinds.BAD_ANNOTATION_FILE: 1, kinds.EMPTY: 1}
 
 
 # ---- ADE20K --------------------------------------------------------------------------------

@@ -396,11 +396,16 @@ class CocoDataModule(VitlabDataModule):
             if full and self.with_masks:
                 for ann in coco.dataset["annotations"]:
                     if ann["id"] not in invalid:
+                        where = f"{ann_file}: annotation id {ann['id']}: segmentation"
+                        size = coco.imgs[ann["image_id"]]["height"], coco.imgs[ann["image_id"]]["width"]
                         try:
-                            coco.annToMask(ann)
+                            shape = coco.annToMask(ann).shape
                         except Exception as err:  # pycocotools raises anything from a bad polygon or RLE
-                            report.problem(BAD_SEGMENTATION, f"{ann_file}: annotation id {ann['id']}: unreadable "
-                                                             f"segmentation ({type(err).__name__}: {err})")
+                            report.problem(BAD_SEGMENTATION, f"{where} unreadable ({type(err).__name__}: {err})")
+                            continue
+                        if shape != size:  # an RLE carries its own size
+                            report.problem(BAD_SEGMENTATION, f"{where} is {shape[1]}x{shape[0]}, its image "
+                                                             f"{size[1]}x{size[0]}")
             on_disk = {e.name for e in os.scandir(image_dir)}
             for info in coco.imgs.values():
                 path = image_dir / info["file_name"]

@@ -201,8 +201,9 @@ class ImageNetDataModule(VitlabDataModule):
                 for folder, _, files in sorted(os.walk(root / split / wnid, followlinks=True)):
                     for name in sorted(files):
                         if name.lower().endswith(IMG_EXTENSIONS):
-                            images.append(os.path.join(folder, name))
                             found += 1
+                            if full:
+                                images.append(os.path.join(folder, name))
                         else:
                             report.warn(IGNORED_FILE, os.path.join(folder, name))
                 if not found:
