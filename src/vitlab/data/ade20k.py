@@ -29,10 +29,10 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from vitlab.data.base import (
-    IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DatasetInfo, DatasetLayoutError, MissingFileError,
-    SegmentationBatch, VitlabDataModule,
+    IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DatasetInfo, DatasetLayoutError, SegmentationBatch,
+    VitlabDataModule,
 )
-from vitlab.data.imagenet import load_rgb, read_header, read_problem
+from vitlab.data.imagenet import load_rgb, read_header, read_problem, reading
 from vitlab.data.report import (
     EMPTY, LABEL_FORMAT, LABEL_IDS, LABEL_SIZE, MISSING, DataReport, check_all, skip_or_raise,
 )
@@ -69,13 +69,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 def decode_label(path: Path) -> tuple[np.ndarray, str]:
     """The label map's values and its PIL mode; errors as ``load_rgb``'s."""
-    try:
-        with Image.open(path) as f:
-            return np.asarray(f), f.mode
-    except FileNotFoundError:
-        raise MissingFileError(f"{path}: file is missing") from None
-    except (OSError, SyntaxError) as err:
-        raise CorruptImageError(f"{path}: cannot be decoded ({err})") from err
+    with reading(path), Image.open(path) as f:
+        return np.asarray(f), f.mode
 
 
 def label_format_problem(path: Path, size: tuple[int, int], mode: str,

@@ -6,6 +6,7 @@ DeiT recipe the papers train with is exactly what timm implements.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -45,26 +46,26 @@ for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
     auto_augment.NAME_TO_OP[_name] = posterize
 
 
-def load_rgb(path: str) -> Image.Image:
+@contextmanager
+def reading(path):
+    """Pillow's errors for ``path`` as a ``MissingFileError`` or a ``CorruptImageError`` naming it."""
     try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            return img.convert("RGB")
+        yield
     except FileNotFoundError:
         raise MissingFileError(f"{path}: file is missing") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise CorruptImageError(f"{path}: cannot be decoded as an image ({err})") from err
 
 
+def load_rgb(path: str) -> Image.Image:
+    with reading(path), open(path, "rb") as f:
+        return Image.open(f).convert("RGB")
+
+
 def read_header(path: str) -> tuple[tuple[int, int], str]:
     """(width, height) and mode from the file's header, no pixel decoded; errors as ``load_rgb``'s."""
-    try:
-        with Image.open(path) as img:  # lazy: reads the header only
-            return img.size, img.mode
-    except FileNotFoundError:
-        raise MissingFileError(f"{path}: file is missing") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise CorruptImageError(f"{path}: cannot be read as an image ({err})") from err
+    with reading(path), Image.open(path) as img:  # lazy: reads the header only
+        return img.size, img.mode
 
 
 def read_problem(err: CorruptImageError) -> tuple[str, str]:
