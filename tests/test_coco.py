@@ -135,7 +135,7 @@ def test_bad_input_box_outside_image(coco_root, tmp_path):
     ann = root / "annotations" / "instances_val2017.json"
     with pytest.raises(AnnotationError, match=r"instances_val2017.json: annotation id 4242 .*outside"):
         CocoDetectionDataset(root / "val2017", ann, None, train=False, with_masks=False)
-    with pytest.warns(UserWarning, match="clipped 1 boxes"):
+    with pytest.warns(UserWarning, match=r"box clipped to its image .*: 1\n"):
         ds = CocoDetectionDataset(root / "val2017", ann, None, train=False, with_masks=False, clip_boxes=True)
     assert ds.num_clipped == 1
     x, y, w, h = ds.coco.anns[4242]["bbox"]

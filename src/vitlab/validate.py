@@ -71,6 +71,7 @@ RULES: dict[str, Any] = {
     "data.synthetic": _bool,
     "data.smoke": _bool,
     "data.skip_corrupt": _bool,
+    "data.verify": _choice("cheap", "full", "none"),
     "data.img_size": _int(1),
     "data.max_size": _int(1),
     "data.flip_prob": _fraction,

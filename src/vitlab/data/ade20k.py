@@ -3,8 +3,8 @@
     <root>/images/training/ADE_train_*.jpg      <root>/annotations/training/ADE_train_*.png
     <root>/images/validation/ADE_val_*.jpg      <root>/annotations/validation/ADE_val_*.png
 
-Label maps: 8-bit PNG, 0 = "other" (ignored), 1..150 = classes. With
-``reduce_zero_label`` (mmseg's default for ADE20K) 0 becomes 255 (ignore) and the
+Label maps: 8-bit PNG, 0 = "other" (ignored), 1..150 = classes, 255 = ignored too.
+With ``reduce_zero_label`` (mmseg's default for ADE20K) 0 becomes 255 (ignore) and the
 others shift to 0..149.
 
 Training is mmsegmentation's pipeline: random rescale (ratio 0.5-2.0 of
@@ -16,7 +16,8 @@ Inference mode (whole / slide) and TTA belong to the task module.
 """
 from __future__ import annotations
 
-import warnings
+import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,10 @@ from vitlab.data.base import (
     IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DatasetInfo, DatasetLayoutError, SegmentationBatch,
     VitlabDataModule,
 )
-from vitlab.data.imagenet import load_rgb
+from vitlab.data.imagenet import load_rgb, read_header, read_problem, reading
+from vitlab.data.report import (
+    EMPTY, LABEL_FORMAT, LABEL_IDS, LABEL_SIZE, MISSING, DataReport, check_all, skip_or_raise,
+)
 
 IGNORE_INDEX = 255
 
@@ -58,6 +62,37 @@ assert len(ADE20K_CLASSES) == 150
 
 class LabelMapError(ValueError):
     """A label map that does not fit its image or holds unknown class ids; names the file."""
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def decode_label(path: Path) -> tuple[np.ndarray, str]:
+    """The label map's values and its PIL mode; errors as ``load_rgb``'s."""
+    with reading(path), Image.open(path) as f:
+        return np.asarray(f), f.mode
+
+
+def label_format_problem(path: Path, size: tuple[int, int], mode: str,
+                         image_size: tuple[int, int]) -> tuple[str, str] | None:
+    """A label map must be 8-bit single-channel and as large as its image (both from headers)."""
+    if mode not in ("L", "P"):
+        return LABEL_FORMAT, f"{path}: label maps must be 8-bit single-channel PNGs, got mode {mode}"
+    if size != image_size:
+        return LABEL_SIZE, (f"{path}: label map is {size[0]}x{size[1]} but its image is "
+                            f"{image_size[0]}x{image_size[1]}")
+    return None
+
+
+def label_ids_problem(path: Path, label: np.ndarray, num_classes: int, reduce_zero_label: bool) -> str | None:
+    """Class ids 0..K (0 = "other" with reduce_zero_label) or 0..K-1, and 255 = ignored."""
+    top = num_classes if reduce_zero_label else num_classes - 1
+    present = np.flatnonzero(np.bincount(label.ravel(), minlength=256))
+    bad = [int(v) for v in present if v > top and v != IGNORE_INDEX]
+    if not bad:
+        return None
+    allowed = f"0 = other (ignored), 1..{top}" if reduce_zero_label else f"0..{top}"
+    return f"{path}: class ids {bad[:10]} out of range ({allowed}, {IGNORE_INDEX} = ignored)"
 
 
 class RandomRescale(torch.nn.Module):
@@ -159,34 +194,27 @@ class ADE20KDataset(Dataset):
         self.label_dir = Path(root) / "annotations" / split
         self.transform, self.train = transform, train
         self.num_classes, self.reduce_zero_label, self.skip_corrupt = num_classes, reduce_zero_label, skip_corrupt
-        self.images = sorted(p for p in self.image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-        for img in self.images:
-            if not (self.label_dir / f"{img.stem}.png").is_file():
-                raise DatasetLayoutError(f"{img}: no label map {self.label_dir / (img.stem + '.png')}")
+        images = sorted(p for p in self.image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        labels = {e.name for e in os.scandir(self.label_dir)}
+        report = DataReport(str(self.label_dir))
+        for img in images:
+            if f"{img.stem}.png" not in labels:
+                report.problem(MISSING, f"{img}: no label map {self.label_dir / (img.stem + '.png')}")
+        report.enforce(skip_corrupt, DatasetLayoutError)  # skip_corrupt: images without one are left out
+        self.images = [img for img in images if f"{img.stem}.png" in labels]
 
     def __len__(self) -> int:
         return len(self.images)
 
     def read_label(self, path: Path, image_size: tuple[int, int]) -> torch.Tensor:
-        try:
-            with Image.open(path) as f:
-                if f.mode not in ("L", "P"):
-                    raise LabelMapError(f"{path}: label maps must be 8-bit single-channel PNGs, got mode {f.mode}")
-                label = np.asarray(f)
-        except (OSError, SyntaxError) as err:
-            raise CorruptImageError(f"{path}: cannot be decoded ({err})") from err
-        if (label.shape[1], label.shape[0]) != image_size:
-            raise LabelMapError(
-                f"{path}: label map is {label.shape[1]}x{label.shape[0]} but its image is "
-                f"{image_size[0]}x{image_size[1]}"
-            )
-        top = int(label.max())
-        if top > self.num_classes:
-            bad = sorted(int(v) for v in np.unique(label) if v > self.num_classes)
-            raise LabelMapError(f"{path}: class ids {bad[:10]} out of range (0 = ignore, 1..{self.num_classes})")
+        label, mode = decode_label(path)
+        problem = label_format_problem(path, (label.shape[1], label.shape[0]), mode, image_size)
+        problem = problem[1] if problem else label_ids_problem(path, label, self.num_classes, self.reduce_zero_label)
+        if problem:
+            raise LabelMapError(problem)
         label = torch.from_numpy(label.astype(np.int64))
-        if self.reduce_zero_label:  # 0 ("other") -> ignore; classes 1..K -> 0..K-1
-            label = torch.where(label == 0, IGNORE_INDEX, label - 1)
+        if self.reduce_zero_label:  # 0 ("other") -> ignore; classes 1..K -> 0..K-1; 255 stays ignored
+            label = torch.where((label == 0) | (label == IGNORE_INDEX), IGNORE_INDEX, label - 1)
         return label
 
     def __getitem__(self, index: int):
@@ -194,11 +222,8 @@ class ADE20KDataset(Dataset):
         try:
             pil = load_rgb(str(path))
             label = self.read_label(self.label_dir / f"{path.stem}.png", pil.size)
-        except CorruptImageError as err:
-            if not self.skip_corrupt:
-                raise CorruptImageError(f"{err}. Set data.skip_corrupt=true to skip and count such files.") from None
-            warnings.warn(f"skipping corrupt file: {err}", stacklevel=2)
-            return None
+        except (CorruptImageError, LabelMapError) as err:
+            return skip_or_raise(err, self.skip_corrupt)
         image = tv_tensors.Image(TF.pil_to_tensor(pil))
         if self.train:
             image, label = self.transform(image, tv_tensors.Mask(label))
@@ -236,6 +261,7 @@ class ADE20KDataModule(VitlabDataModule):
         smoke: bool = False,
         skip_corrupt: bool = False,
         seed: int = 0,
+        verify: str = "cheap",
         num_classes: int = 150,
         reduce_zero_label: bool = True,
         img_scale: list[int] = (2048, 512),
@@ -254,7 +280,7 @@ class ADE20KDataModule(VitlabDataModule):
         synthetic_num_val: int = 24,
         synthetic_size: int = 128,
     ):
-        super().__init__(root, synthetic, synthetic_root, batch_size, num_workers, smoke, skip_corrupt, seed)
+        super().__init__(root, synthetic, synthetic_root, batch_size, num_workers, smoke, skip_corrupt, seed, verify)
         if smoke:  # seconds-long runs: small crops and images
             img_scale = test_scale = (smoke_scale * 4, smoke_scale)
             crop_size = (smoke_scale, smoke_scale)
@@ -288,6 +314,49 @@ class ADE20KDataModule(VitlabDataModule):
             for split in ("training", "validation"):
                 if not (base / kind / split).is_dir():
                     raise DatasetLayoutError(f"ADE20K not found: {base / kind / split} is missing")
+
+    def check(self, full: bool = False) -> DataReport:
+        """Every image has its label map (directory listings), both readable and of the same size
+        (headers), label maps 8-bit single-channel; ``full`` decodes every image and label map and
+        checks the class ids (0..num_classes, 255 = ignored)."""
+        base = self.dataset_dir(self.data_root())
+        how = "full: every image and label map decoded" if full else \
+            "cheap: listings and headers; data.verify=full decodes every file and checks the class ids"
+        report = DataReport(f"ADE20K at {base} ({how})")
+        pairs = []
+        for split in ("training", "validation"):
+            image_dir, label_dir = base / "images" / split, base / "annotations" / split
+            images = sorted(e.name for e in os.scandir(image_dir) if e.name.lower().endswith(IMAGE_SUFFIXES))
+            labels = {e.name for e in os.scandir(label_dir)}
+            for name in images:
+                label = f"{Path(name).stem}.png"
+                if label in labels:
+                    pairs.append((image_dir / name, label_dir / label))
+                else:
+                    report.problem(MISSING, f"{image_dir / name}: no label map {label_dir / label}")
+            if not images:
+                report.problem(EMPTY, f"{image_dir}: no images")
+            report.checked.append(f"{split}: {len(images)} images, {len(labels)} label maps")
+        check_all(report, partial(self.pair_problems, full=full), pairs, self.num_workers)
+        return report
+
+    def pair_problems(self, pair: tuple[Path, Path], full: bool) -> list[tuple[str, str]]:
+        image, label_path = pair
+        try:
+            size = load_rgb(str(image)).size if full else read_header(str(image))[0]
+            if full:
+                label, mode = decode_label(label_path)
+                label_size = (label.shape[1], label.shape[0])
+            else:
+                label_size, mode = read_header(str(label_path))
+        except CorruptImageError as err:
+            return [read_problem(err)]
+        problem = label_format_problem(label_path, label_size, mode, size)
+        if problem:
+            return [problem]
+        if full and (detail := label_ids_problem(label_path, label, self.num_classes, self.reduce_zero_label)):
+            return [(LABEL_IDS, detail)]
+        return []
 
     def generate_synthetic(self, root: Path) -> None:
         from vitlab.data.synthetic_dense import make_ade20k

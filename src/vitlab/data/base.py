@@ -16,6 +16,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from vitlab.data.report import DataReport
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -103,6 +105,13 @@ class CorruptImageError(RuntimeError):
     pass
 
 
+class MissingFileError(CorruptImageError):
+    """A file the dataset lists is not on disk (``data.skip_corrupt`` skips these too)."""
+
+
+VERIFY_MODES = ("cheap", "full", "none")
+
+
 class VitlabDataModule(L.LightningDataModule):
     #: shown in the "dataset not found" message
     layout_help: str = ""
@@ -117,8 +126,11 @@ class VitlabDataModule(L.LightningDataModule):
         smoke: bool = False,
         skip_corrupt: bool = False,
         seed: int = 0,
+        verify: str = "cheap",
     ):
         super().__init__()
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"data.verify={verify!r}: expected one of {', '.join(VERIFY_MODES)}")
         self.root = root
         self.synthetic = synthetic
         self.synthetic_root = synthetic_root
@@ -127,6 +139,7 @@ class VitlabDataModule(L.LightningDataModule):
         self.smoke = smoke
         self.skip_corrupt = skip_corrupt
         self.seed = seed
+        self.verify = verify
 
     # ---- subclasses --------------------------------------------------------------------
     @property
@@ -139,6 +152,12 @@ class VitlabDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def generate_synthetic(self, root: Path) -> None:
+        raise NotImplementedError
+
+    def check(self, full: bool = False) -> DataReport:
+        """Every problem of the dataset (both splits) in one pass, with counts. Cheap by default:
+        file listings (``os.scandir``), image headers where the format needs them, annotations;
+        ``full`` decodes every image and label map as the loaders do."""
         raise NotImplementedError
 
     # ---- shared ------------------------------------------------------------------------
@@ -162,6 +181,21 @@ class VitlabDataModule(L.LightningDataModule):
                 f"generated dataset in the same format with data.synthetic=true."
             ) from None
         return root
+
+    def preflight(self) -> DataReport | None:
+        """The data check at the start of a run, as ``data.verify`` says: ``cheap`` (the default; no
+        pixel decoded), ``full`` (every image and label map decoded) or ``none`` (skipped).
+
+        Raises ``DataCheckError`` listing every problem with its count and examples, unless
+        ``data.skip_corrupt=true``: then it warns, and the loaders leave those files and annotations
+        out (skipped images are counted in each batch's ``skipped``). Warnings (e.g. zero-area
+        boxes) are reported either way. Returns the report (``None`` with ``verify=none``).
+        """
+        if self.verify == "none":
+            return None
+        report = self.check(full=self.verify == "full")
+        report.enforce(skip=self.skip_corrupt)
+        return report
 
     def prepare_data(self) -> None:
         self.data_root()  # generation happens once, on one process

@@ -24,9 +24,12 @@ predictions back to the original size.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
-import warnings
+import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +43,11 @@ from torchvision.transforms.v2 import functional as TF
 from vitlab.data.base import (
     IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DatasetInfo, DatasetLayoutError, DetectionBatch, VitlabDataModule,
 )
-from vitlab.data.imagenet import load_rgb
+from vitlab.data.imagenet import load_rgb, read_header, read_problem
+from vitlab.data.report import (
+    BAD_ANNOTATION_FILE, BAD_BOX, BAD_SEGMENTATION, BOX_OUTSIDE, CATEGORIES_DIFFER, CLIPPED_BOX, EMPTY, MISSING,
+    SIZE_MISMATCH, UNKNOWN_CATEGORY, UNKNOWN_IMAGE, ZERO_AREA_BOX, DataReport, check_all, skip_or_raise,
+)
 
 
 class AnnotationError(ValueError):
@@ -74,44 +81,80 @@ def load_coco_json(path: Path) -> COCO:
             )
     coco = COCO()  # pycocotools' documented way to index an already-loaded dict
     coco.dataset = data
-    coco.createIndex()
+    index(coco)
     return coco
 
 
-def check_annotations(coco: COCO, path: Path, clip_boxes: bool) -> int:
-    """Check every annotation's image, category and box; clip (and count) or raise.
+def index(coco: COCO) -> None:
+    """pycocotools' ``createIndex`` without its progress prints on stdout (check reports go there)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
 
-    Returns the number of boxes clipped to their image.
+
+def check_annotations(coco: COCO, path: Path, clip_boxes: bool, report: DataReport, with_masks: bool = False) -> set[int]:
+    """Every annotation's image, category and box (and segmentation, with masks) into ``report``.
+
+    Boxes that leave their image are clipped (and counted) with ``clip_boxes``, problems without;
+    zero-area boxes are counted as warnings (COCO 2017 train has two: they are left out of the
+    training targets). Returns the ids of the invalid annotations (``data.skip_corrupt`` drops them).
     """
-    clipped = 0
+    invalid = set()
     for ann in coco.dataset["annotations"]:
         where = f"{path}: annotation id {ann['id']}"
         img = coco.imgs.get(ann["image_id"])
         if img is None:
-            raise AnnotationError(f"{where}: image_id {ann['image_id']} is not in 'images'")
+            report.problem(UNKNOWN_IMAGE, f"{where}: image_id {ann['image_id']} is not in 'images'")
+            invalid.add(ann["id"])
+            continue
         where += f" (image {img['file_name']})"
         if ann["category_id"] not in coco.cats:
-            raise AnnotationError(
-                f"{where}: category_id {ann['category_id']} is not one of the {len(coco.cats)} categories"
-            )
+            report.problem(UNKNOWN_CATEGORY,
+                           f"{where}: category_id {ann['category_id']} is not one of the {len(coco.cats)} categories")
+            invalid.add(ann["id"])
+        if with_masks and "segmentation" not in ann:
+            report.problem(BAD_SEGMENTATION, f"{where}: no segmentation (data.with_masks=true needs one)")
+            invalid.add(ann["id"])
         box = ann["bbox"]
         if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
-            raise AnnotationError(f"{where}: bbox must be [x, y, width, height]; got {box!r}")
+            report.problem(BAD_BOX, f"{where}: bbox must be [x, y, width, height]; got {box!r}")
+            invalid.add(ann["id"])
+            continue
         x, y, w, h = box
         if not all(math.isfinite(v) for v in box) or w < 0 or h < 0:
-            raise AnnotationError(f"{where}: bbox {box} has a negative or non-finite size")
+            report.problem(BAD_BOX, f"{where}: bbox {box} has a negative or non-finite size")
+            invalid.add(ann["id"])
+            continue
         W, H = img["width"], img["height"]
         if x < -BOX_TOLERANCE or y < -BOX_TOLERANCE or x + w > W + BOX_TOLERANCE or y + h > H + BOX_TOLERANCE:
             if not clip_boxes:
-                raise AnnotationError(
-                    f"{where}: bbox {box} (xywh) lies outside its {W}x{H} image; "
-                    f"fix the file or set data.clip_boxes=true to clip such boxes"
-                )
+                report.problem(BOX_OUTSIDE, f"{where}: bbox {box} (xywh) lies outside its {W}x{H} image")
+                invalid.add(ann["id"])
+                continue
             x0, y0 = min(max(x, 0.0), W), min(max(y, 0.0), H)
             x1, y1 = min(max(x + w, 0.0), W), min(max(y + h, 0.0), H)
             ann["bbox"] = [x0, y0, x1 - x0, y1 - y0]
-            clipped += 1
-    return clipped
+            report.warn(CLIPPED_BOX, f"{where}: bbox {box} -> {ann['bbox']}")
+        if ann["bbox"][2] == 0 or ann["bbox"][3] == 0:
+            report.warn(ZERO_AREA_BOX, f"{where}: bbox {ann['bbox']}")
+    return invalid
+
+
+def learnable(ann: dict) -> bool:
+    """Training uses non-crowd annotations with a box of positive area (mmdetection's rule)."""
+    return not ann.get("iscrowd", 0) and ann["bbox"][2] > 0 and ann["bbox"][3] > 0
+
+
+def image_problems(item: tuple[Path, dict, str], full: bool) -> list[tuple[str, str]]:
+    """The image file of one ``images`` entry: readable (decoded with ``full``), of the listed size."""
+    path, info, listed_in = item
+    try:
+        size = load_rgb(str(path)).size if full else read_header(str(path))[0]
+    except CorruptImageError as err:
+        return [read_problem(err)]
+    if size != (info["width"], info["height"]):
+        return [(SIZE_MISMATCH, f"{path} is {size[0]}x{size[1]} but {listed_in} says "
+                                f"{info['width']}x{info['height']} (image id {info['id']})")]
+    return []
 
 
 class CocoDetectionDataset(Dataset):
@@ -140,14 +183,18 @@ class CocoDetectionDataset(Dataset):
         self.with_masks = with_masks
         self.skip_corrupt = skip_corrupt
         self.coco = coco or load_coco_json(self.ann_file)
-        self.num_clipped = check_annotations(self.coco, self.ann_file, clip_boxes)
-        if self.num_clipped:
-            warnings.warn(f"{self.ann_file}: clipped {self.num_clipped} boxes to their image", stacklevel=2)
+        report = DataReport(str(self.ann_file))
+        invalid = check_annotations(self.coco, self.ann_file, clip_boxes, report, with_masks)
+        report.enforce(skip_corrupt, AnnotationError)
+        self.num_clipped = report.count(CLIPPED_BOX)
+        if invalid:  # data.skip_corrupt=true: left out (enforce warned with their count)
+            self.coco.dataset["annotations"] = [a for a in self.coco.dataset["annotations"] if a["id"] not in invalid]
+            index(self.coco)
         self.category_ids = sorted(self.coco.cats)
         self.label_of = {cat: i for i, cat in enumerate(self.category_ids)}
         ids = sorted(self.coco.imgs)
         if train:  # mmdet's filter_empty_gt: an image with nothing to learn from is dropped
-            ids = [i for i in ids if any(not a.get("iscrowd", 0) for a in self.coco.imgToAnns.get(i, []))]
+            ids = [i for i in ids if any(learnable(a) for a in self.coco.imgToAnns.get(i, []))]
         self.ids = ids
 
     def __len__(self) -> int:
@@ -188,20 +235,17 @@ class CocoDetectionDataset(Dataset):
         path = self.image_dir / info["file_name"]
         try:
             pil = load_rgb(str(path))
-        except (CorruptImageError, FileNotFoundError) as err:
-            if not self.skip_corrupt:
-                raise CorruptImageError(f"{err}. Set data.skip_corrupt=true to skip and count such files.") from None
-            warnings.warn(f"skipping unreadable image: {err}", stacklevel=2)
-            return None
-        if pil.size != (info["width"], info["height"]):
-            raise AnnotationError(
-                f"{self.ann_file}: image id {image_id}: {path} is {pil.size[0]}x{pil.size[1]} but the JSON "
-                f"says {info['width']}x{info['height']}"
-            )
+            if pil.size != (info["width"], info["height"]):
+                raise AnnotationError(
+                    f"{self.ann_file}: image id {image_id}: {path} is {pil.size[0]}x{pil.size[1]} but the JSON "
+                    f"says {info['width']}x{info['height']}"
+                )
+        except (CorruptImageError, AnnotationError) as err:
+            return skip_or_raise(err, self.skip_corrupt)
         image = tv_tensors.Image(TF.pil_to_tensor(pil))
         anns = self.coco.imgToAnns.get(image_id, [])
-        if self.train:
-            anns = [a for a in anns if not a.get("iscrowd", 0)]  # crowd regions are ignored in training
+        if self.train:  # crowd regions are ignored in training, and so are zero-area boxes (counted)
+            anns = [a for a in anns if learnable(a)]
         target = self._target(info, anns)
         target["image_id"] = image_id
         target["orig_size"] = (info["height"], info["width"])
@@ -271,6 +315,7 @@ class CocoDataModule(VitlabDataModule):
         smoke: bool = False,
         skip_corrupt: bool = False,
         seed: int = 0,
+        verify: str = "cheap",
         train_scales: list[int] = (800,),
         test_scale: int = 800,
         max_size: int = 1333,
@@ -285,7 +330,7 @@ class CocoDataModule(VitlabDataModule):
         synthetic_num_val: int = 24,
         synthetic_size: int = 160,
     ):
-        super().__init__(root, synthetic, synthetic_root, batch_size, num_workers, smoke, skip_corrupt, seed)
+        super().__init__(root, synthetic, synthetic_root, batch_size, num_workers, smoke, skip_corrupt, seed, verify)
         if smoke:  # seconds-long runs: small images, few of them
             train_scales, test_scale, max_size = [smoke_scale], smoke_scale, smoke_scale * 5 // 3
         self.train_scales = list(train_scales)
@@ -330,6 +375,53 @@ class CocoDataModule(VitlabDataModule):
             ann = root / "annotations" / f"instances_{split}2017.json"
             if not ann.is_file():
                 raise DatasetLayoutError(f"COCO annotations not found: {ann} is missing")
+
+    def check(self, full: bool = False) -> DataReport:
+        """Both JSON files (every annotation: image, category, box), every listed image on disk
+        (one directory listing per split) and its size from the file header; ``full`` decodes every
+        image (and, with masks, every segmentation)."""
+        root = self.data_root()
+        how = "full: every image decoded" if full else "cheap: listings, image headers, annotations; data.verify=full decodes every image"
+        report = DataReport(f"COCO at {root} ({how})")
+        categories, images = {}, []
+        for split in ("train", "val"):
+            ann_file, image_dir = root / "annotations" / f"instances_{split}2017.json", root / f"{split}2017"
+            try:
+                coco = load_coco_json(ann_file)
+            except AnnotationError as err:
+                report.problem(BAD_ANNOTATION_FILE, str(err))
+                continue
+            categories[split] = sorted(coco.cats)
+            invalid = check_annotations(coco, ann_file, self.clip_boxes, report, self.with_masks)
+            if full and self.with_masks:
+                for ann in coco.dataset["annotations"]:
+                    if ann["id"] not in invalid:
+                        where = f"{ann_file}: annotation id {ann['id']}: segmentation"
+                        size = coco.imgs[ann["image_id"]]["height"], coco.imgs[ann["image_id"]]["width"]
+                        try:
+                            shape = coco.annToMask(ann).shape
+                        except Exception as err:  # pycocotools raises anything from a bad polygon or RLE
+                            report.problem(BAD_SEGMENTATION, f"{where} unreadable ({type(err).__name__}: {err})")
+                            continue
+                        if shape != size:  # an RLE carries its own size
+                            report.problem(BAD_SEGMENTATION, f"{where} is {shape[1]}x{shape[0]}, its image "
+                                                             f"{size[1]}x{size[0]}")
+            on_disk = {e.name for e in os.scandir(image_dir)}
+            for info in coco.imgs.values():
+                path = image_dir / info["file_name"]
+                if info["file_name"] in on_disk or path.is_file():  # is_file: names with a sub-folder
+                    images.append((path, info, ann_file.name))
+                else:
+                    report.problem(MISSING, f"{path}: listed in {ann_file.name} (image id {info['id']}) but not on disk")
+            if not coco.imgs:
+                report.problem(EMPTY, f"{ann_file}: lists no images")
+            report.checked.append(f"{split}2017: {len(coco.imgs)} images and {len(coco.anns)} annotations in "
+                                  f"{ann_file.name}, {len(on_disk)} files in {image_dir.name}/")
+        if len(categories) == 2 and categories["train"] != categories["val"]:
+            report.problem(CATEGORIES_DIFFER, f"{root / 'annotations'}: the train and val JSON list different "
+                                              f"category ids ({len(categories['train'])} vs {len(categories['val'])})")
+        check_all(report, partial(image_problems, full=full), images, self.num_workers)
+        return report
 
     def generate_synthetic(self, root: Path) -> None:
         from vitlab.data.synthetic_dense import make_coco

@@ -5,41 +5,94 @@ DeiT recipe the papers train with is exactly what timm implements.
 """
 from __future__ import annotations
 
-import warnings
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from timm.data import create_transform
+from timm.data import auto_augment, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
 from torchvision.datasets import ImageFolder
 
 from vitlab.data.base import (
-    IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DatasetInfo, DatasetLayoutError, ImageBatch, VitlabDataModule,
+    IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DatasetInfo, DatasetLayoutError, ImageBatch, MissingFileError,
+    VitlabDataModule,
 )
+from vitlab.data.report import EMPTY, IGNORED_FILE, MISSING, UNDECODABLE, DataReport, check_all, skip_or_raise
 
 IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
+_timm_posterize = auto_augment.posterize
 
-def load_rgb(path: str) -> Image.Image:
+
+def posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's Posterize op, with 0 bits giving a black image as it did on Pillow < 13.
+
+    RandAugment ``inc1`` (PosterizeIncreasing: 4 - 4 = 0 bits at magnitude 10, which ``mstd0.5``
+    draws around m9) and AutoAugment ``v0`` (``('Posterize', 0.8, 2)``: 0 bits) ask for 0 bits.
+    Pillow 13's ``ImageOps.posterize`` refuses them (ValueError); older Pillow masked every bit
+    away (``i & ~255 == 0``), a black image, which is what the recipes were tuned with (timm's v0
+    policy notes it). Registered into timm's op table below, so every timm policy uses it.
+    """
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return _timm_posterize(img, bits_to_keep, **kwargs)
+
+
+# AugmentOp looks its function up in this table when it is built, i.e. inside create_transform.
+for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+    auto_augment.NAME_TO_OP[_name] = posterize
+
+
+@contextmanager
+def reading(path):
+    """Pillow's errors for ``path`` as a ``MissingFileError`` or a ``CorruptImageError`` naming it."""
     try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            return img.convert("RGB")
+        yield
+    except FileNotFoundError:
+        raise MissingFileError(f"{path}: file is missing") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise CorruptImageError(f"{path}: cannot be decoded as an image ({err})") from err
+
+
+def load_rgb(path: str) -> Image.Image:
+    with reading(path), open(path, "rb") as f:
+        return Image.open(f).convert("RGB")
+
+
+def read_header(path: str) -> tuple[tuple[int, int], str]:
+    """(width, height) and mode from the file's header, no pixel decoded; errors as ``load_rgb``'s."""
+    with reading(path), Image.open(path) as img:  # lazy: reads the header only
+        return img.size, img.mode
+
+
+def read_problem(err: CorruptImageError) -> tuple[str, str]:
+    """A check's finding for a file the loaders could not read."""
+    return (MISSING if isinstance(err, MissingFileError) else UNDECODABLE), str(err)
+
+
+def decode_problems(path: str) -> list[tuple[str, str]]:
+    """A full check's finding for one image: decoded exactly as the loaders decode it."""
+    try:
+        load_rgb(path)
+    except CorruptImageError as err:
+        return [read_problem(err)]
+    return []
 
 
 class ImageFolderDataset(ImageFolder):
     """torchvision's ImageFolder with a clear error for corrupt files, or skipping them.
 
     With ``skip_corrupt`` a bad file yields ``None``; ``collate_skipping`` drops it and
-    counts it in the batch, so the count survives worker processes.
+    counts it in the batch, so the count survives worker processes. A class folder without
+    images is an error unless ``skip_corrupt`` (then the class simply has no training images).
     """
 
     def __init__(self, root: str, transform=None, skip_corrupt: bool = False):
-        super().__init__(root, transform=transform, loader=load_rgb, is_valid_file=self._has_image_suffix)
+        super().__init__(root, transform=transform, loader=load_rgb, is_valid_file=self._has_image_suffix,
+                         allow_empty=skip_corrupt)
         self.skip_corrupt = skip_corrupt
 
     @staticmethod
@@ -50,10 +103,7 @@ class ImageFolderDataset(ImageFolder):
         try:
             return super().__getitem__(index)
         except CorruptImageError as err:
-            if not self.skip_corrupt:
-                raise CorruptImageError(f"{err}. Set data.skip_corrupt=true to skip and count such files.") from None
-            warnings.warn(f"skipping corrupt image: {err}", stacklevel=2)
-            return None
+            return skip_or_raise(err, self.skip_corrupt)
 
 
 def collate_skipping(batch) -> ImageBatch:
@@ -93,6 +143,7 @@ class ImageNetDataModule(VitlabDataModule):
         smoke: bool = False,
         skip_corrupt: bool = False,
         seed: int = 0,
+        verify: str = "cheap",
         img_size: int = 224,
         crop_pct: float = 0.875,
         interpolation: str = "bicubic",
@@ -105,7 +156,7 @@ class ImageNetDataModule(VitlabDataModule):
         synthetic_classes: int = 10,
         synthetic_size: int = 64,
     ):
-        super().__init__(root, synthetic, synthetic_root, batch_size, num_workers, smoke, skip_corrupt, seed)
+        super().__init__(root, synthetic, synthetic_root, batch_size, num_workers, smoke, skip_corrupt, seed, verify)
         self.img_size = 32 if smoke else img_size
         self.crop_pct = crop_pct
         self.interpolation = interpolation
@@ -135,6 +186,34 @@ class ImageNetDataModule(VitlabDataModule):
             raise DatasetLayoutError(
                 f"{root}: train/ and val/ must hold the same class folders; these differ: {extra}"
             )
+
+    def check(self, full: bool = False) -> DataReport:
+        """Class folders and their images as ImageFolder finds them (``os.walk``: directory listings
+        only, no file opened, fast on the 1.28M files of ImageNet); ``full`` decodes every image."""
+        root = self.data_root()
+        how = "full: every image decoded" if full else "cheap: folder listings; data.verify=full decodes every image"
+        report = DataReport(f"ImageNet at {root} ({how})")
+        images = []
+        for split in ("train", "val"):
+            classes = sorted(e.name for e in os.scandir(root / split) if e.is_dir())
+            count = 0
+            for wnid in classes:
+                found = 0
+                for folder, _, files in sorted(os.walk(root / split / wnid, followlinks=True)):
+                    for name in sorted(files):
+                        if name.lower().endswith(IMG_EXTENSIONS):
+                            found += 1
+                            if full:
+                                images.append(os.path.join(folder, name))
+                        else:
+                            report.warn(IGNORED_FILE, os.path.join(folder, name))
+                if not found:
+                    report.problem(EMPTY, f"{root / split / wnid}: a class folder without images")
+                count += found
+            report.checked.append(f"{split}/: {len(classes)} class folders, {count} images")
+        if full:
+            check_all(report, decode_problems, images, self.num_workers)
+        return report
 
     def generate_synthetic(self, root: Path) -> None:
         from vitlab.data.synthetic import make_imagenet
