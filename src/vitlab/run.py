@@ -85,8 +85,11 @@ def _holds_only_hydra_files(run_dir: Path) -> bool:
 
 # ---- building -----------------------------------------------------------------------------
 def build_data_and_module(run_cfg: dict) -> tuple[L.LightningDataModule, L.LightningModule]:
-    """The DataModule, then the task module with the dataset's description (``info``)."""
+    """The DataModule (its data checked first: ``data.verify``), then the task module with the
+    dataset's description (``info``)."""
     datamodule = instantiate(run_cfg["data"], "data")
+    if not datamodule.synthetic:  # generated data is made by us in the right format (and may not exist yet)
+        datamodule.preflight()
     module = instantiate(run_cfg["module"], "module", backbone=run_cfg["backbone"], schedule=run_cfg["schedule"],
                          info=datamodule.info)
     return datamodule, module

@@ -11,10 +11,12 @@ Registered as OmegaConf resolvers (``vitlab.run_dir``, ``vitlab.sweep_dir``) use
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+SWEEP_DIR_ENV = "VITLAB_SWEEP_DIR"
 # Overrides that do not change what a run computes, or that the path already names.
 NOT_IN_HASH = ("resume", "ckpt_path", "task", "backbone", "experiment")
 
@@ -48,9 +50,17 @@ def run_dir(root: str, task: str, backbone: str, experiment, overrides, resume: 
 
 
 def sweep_dir(root: str, sweep, overrides, resume: str = "auto") -> str:
+    """Hydra resolves the sweep directory in the launching process (with the sweep's overrides,
+    ``lr=1e-3,1e-4``) and again in every job (with that job's values). The launching process's
+    answer is the sweep's: it is kept in the environment, which jobs inherit (in-process jobs, and
+    submitit/SLURM jobs, requeued ones included)."""
+    if os.environ.get(SWEEP_DIR_ENV):
+        return os.environ[SWEEP_DIR_ENV]
     kept = [o for o in overrides or [] if _key(str(o)) not in ("resume", "ckpt_path")]
     digest = hashlib.sha1("\n".join(sorted(map(str, kept))).encode()).hexdigest()[:8]
-    return str(_fresh(Path(root) / f"{sweep or 'sweep'}-{digest}", str(resume)))
+    path = str(_fresh(Path(root) / f"{sweep or 'sweep'}-{digest}", str(resume)))
+    os.environ[SWEEP_DIR_ENV] = path
+    return path
 
 
 def register_resolvers() -> None:

@@ -7,6 +7,7 @@ error naming the path and the layout, never a silent fallback.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -15,6 +16,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
+
+# torchdata 0.11 calls a torch API that torch 2.14 deprecated, once per loader; nothing to act on.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 from vitlab.data.report import DataReport
 
