@@ -170,3 +170,52 @@ def test_segmentation_class_maps_on_files(tmp_path, data_dir):
         shares = {names[c]: float((expected == c).float().mean() * 100) for c in expected.unique().tolist()}
         assert record["classes"] == pytest.approx(shares, abs=0.01)
     check_figures(result, tmp_path / "out", panels=2)  # image | prediction
+
+
+def test_classification_per_class_top1_and_confusions(tmp_path):
+    """A stand-in model whose logits are its input: per-class top-1, the confusions and the confusion
+    image from a real validation loop, against counting by hand."""
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset, default_collate
+
+    from vitlab.api import backbone_config
+    from vitlab.data.base import DatasetInfo, ImageBatch
+    from vitlab.tasks.classification import ClassificationTask
+
+    names = ("cat", "dog", "owl", "eel", "yak")
+    info = DatasetInfo(class_names=names, input_size=(32, 32))
+    schedule = {"optimizer": {"lr": 1e-3}, "lr_policy": {"name": "cosine"}}
+    task = ClassificationTask(backbone_config("pvt_v2_b0", [o.split(".", 1)[1] for o in TINY_PVT[1:]]), schedule,
+                              info, mixup=0, cutmix=0)
+    task.model = nn.Flatten()  # images of shape (B, 5, 1, 1) are their own logits
+    g = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, 4, (60,), generator=g)  # "yak" never occurs
+    logits = torch.randn(60, 5, generator=g) + 2 * nn.functional.one_hot(targets, 5)
+    loader = DataLoader(TensorDataset(logits[:, :, None, None], targets), batch_size=16,
+                        collate_fn=lambda items: ImageBatch(*default_collate(items), torch.tensor(0)))
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              default_root_dir=str(tmp_path)).validate(task, dataloaders=loader, verbose=False)
+    extra = task.extra_summary()
+    predicted = logits.argmax(1)
+    for c, name in enumerate(names):
+        n = int((targets == c).sum())
+        expected = None if n == 0 else round(float(((predicted == c) & (targets == c)).sum()) / n * 100, 2)
+        assert extra["per_class_top1"][name] == expected, name
+    top = extra["top_confusions"][0]
+    t, p = names.index(top["true"]), names.index(top["predicted"])
+    counts = {(a, b): int(((targets == a) & (predicted == b)).sum()) for a in range(5) for b in range(5) if a != b}
+    assert top["count"] == counts[(t, p)] == max(counts.values())
+    assert (tmp_path / "predictions" / "epoch_000" / "val_confusion_0.png").is_file()
+
+
+def test_compare_lists_per_class_results_by_setting(tmp_path):
+    from vitlab.compare import main as compare_main
+
+    for name, backbone, iou in (("a", "pvt_v2_b0", {"wall": 50.0, "sky": None}),
+                                ("b", "pvt_v2_b1", {"wall": 61.5, "sky": 20.0})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(
+            {"val/miou": 1.0, "overrides": [f"backbone={backbone}"], "extra": {"per_class_iou": iou}}))
+    compare_main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path)])
+    lines = (tmp_path / "compare_per_class.csv").read_text().splitlines()
+    assert lines == ["per_class_iou,backbone=pvt_v2_b0,backbone=pvt_v2_b1", "wall,50.0,61.5", "sky,,20.0"]

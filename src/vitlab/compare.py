@@ -137,6 +137,18 @@ def print_table(rows: list[dict]) -> None:
     Console(width=200).print(table)
 
 
+def per_class_rows(runs: list[dict], rows: list[dict]) -> list[dict]:
+    """One row per class, one column per setting: the per-class result runs keep in summary.json's
+    ``extra`` (classification ``per_class_top1``, COCO ``per_class_ap``, ADE20K ``per_class_iou``)."""
+    extras = [run.get("extra") or {} for run in runs]
+    key = next((k for extra in extras for k in extra if k.startswith("per_class_")), None)
+    if key is None:
+        return []
+    classes = list(dict.fromkeys(c for extra in extras for c in extra.get(key, {})))
+    return [{key: c, **{row["setting"]: extra.get(key, {}).get(c) for extra, row in zip(extras, rows)}}
+            for c in classes]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="*", help="run or sweep directories")
@@ -158,6 +170,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     write_csv(rows, out / "compare.csv")
     if metric:
         plot(rows, metric, out / "compare.png")
+    per_class = per_class_rows(runs, rows)
+    if per_class:
+        write_csv(per_class, out / "compare_per_class.csv")
     print(f"wrote {out / 'compare.csv'}" + (f" and {out / 'compare.png'} ({metric})" if metric else ""))
     return rows
 

@@ -126,8 +126,8 @@ class ClassificationTask(VitlabTask):
         records = []
         for original, score, label in zip(batch.originals, scores.tolist(), labels.tolist()):
             topk = [{"label": l, "class": self.info.class_names[l], "score": round(s, 6)} for l, s in zip(label, score)]
-            bars = [(f"{t['class']}  {t['score']:.3f}", t["score"]) for t in topk]
-            figure = render([Panel(to_rgb_array(original), "input"), Panel(to_rgb_array(original), f"prediction: top-{len(topk)}",
-                                                                         bars=bars)], self.info.class_names)
-            records.append({"topk": topk, "figure": figure})
+            rgb = to_rgb_array(original)
+            bars = Panel(rgb, f"prediction: top-{len(topk)}", bars=[(f"{t['class']}  {t['score']:.3f}", t["score"])
+                                                                     for t in topk])
+            records.append({"topk": topk, "figure": render([Panel(rgb, "input"), bars], self.info.class_names)})
         return records

@@ -246,7 +246,7 @@ class DetectionTask(VitlabTask):
             pred = {k: v[keep] for k, v in pred.items()}
             entries = coco_results(pred, self.category_ids)
             for entry, label in zip(entries, pred["labels"].tolist()):
-                entry.update(label=label, **{"class": self.class_names[label]})
+                entry["label"], entry["class"] = label, self.class_names[label]
             title = f"prediction (score >= {self.vis_score_thresh:g})"
             records.append({"detections": entries,
                             "figure": render([self.panel(original, pred, title)], self.class_names)})
