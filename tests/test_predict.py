@@ -209,13 +209,16 @@ def test_classification_per_class_top1_and_confusions(tmp_path):
 
 
 def test_compare_lists_per_class_results_by_setting(tmp_path):
-    from vitlab.compare import main as compare_main
+    from vitlab.compare import main as compare_main, per_class_rows
 
-    for name, backbone, iou in (("a", "pvt_v2_b0", {"wall": 50.0, "sky": None}),
-                                ("b", "pvt_v2_b1", {"wall": 61.5, "sky": 20.0})):
+    runs = [{"extra": {"per_class_iou": {"wall": 50.0, "sky": None}}}, {"extra": {"per_class_iou": {"wall": 60.0}}},
+            {"extra": {"per_class_iou": {"wall": 61.5, "sky": 20.0}}}]
+    rows = per_class_rows(runs, [{"setting": "a"}, {"setting": "a"}, {"setting": "b"}])  # a: two seeds
+    assert rows == [{"per_class_iou": "wall", "a": 55.0, "b": 61.5}, {"per_class_iou": "sky", "a": None, "b": 20.0}]
+    for name, backbone, run in (("a", "pvt_v2_b0", runs[0]), ("b", "pvt_v2_b1", runs[2])):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "summary.json").write_text(json.dumps(
-            {"val/miou": 1.0, "overrides": [f"backbone={backbone}"], "extra": {"per_class_iou": iou}}))
+        (tmp_path / name / "summary.json").write_text(json.dumps({"val/miou": 1.0, "overrides": [f"backbone={backbone}"],
+                                                                  **run}))
     compare_main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path)])
     lines = (tmp_path / "compare_per_class.csv").read_text().splitlines()
     assert lines == ["per_class_iou,backbone=pvt_v2_b0,backbone=pvt_v2_b1", "wall,50.0,61.5", "sky,,20.0"]

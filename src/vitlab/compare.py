@@ -138,15 +138,23 @@ def print_table(rows: list[dict]) -> None:
 
 
 def per_class_rows(runs: list[dict], rows: list[dict]) -> list[dict]:
-    """One row per class, one column per setting: the per-class result runs keep in summary.json's
-    ``extra`` (classification ``per_class_top1``, COCO ``per_class_ap``, ADE20K ``per_class_iou``)."""
+    """One row per class, one column per setting (the mean over its runs, e.g. seeds): the per-class
+    result runs keep in summary.json's ``extra`` (``per_class_top1``, ``per_class_ap``, ``per_class_iou``).
+    ``rows``: one per run, in the same order, with its ``setting``."""
     extras = [run.get("extra") or {} for run in runs]
     key = next((k for extra in extras for k in extra if k.startswith("per_class_")), None)
     if key is None:
         return []
-    classes = list(dict.fromkeys(c for extra in extras for c in extra.get(key, {})))
-    return [{key: c, **{row["setting"]: extra.get(key, {}).get(c) for extra, row in zip(extras, rows)}}
-            for c in classes]
+    by_setting: dict[str, list[dict]] = {}
+    for extra, row in zip(extras, rows):
+        by_setting.setdefault(row["setting"], []).append(extra.get(key, {}))
+
+    def mean(values: list) -> float | None:
+        values = [v for v in values if v is not None]
+        return round(sum(values) / len(values), 2) if values else None
+
+    classes = dict.fromkeys(c for extra in extras for c in extra.get(key, {}))
+    return [{key: c, **{s: mean([t.get(c) for t in tables]) for s, tables in by_setting.items()}} for c in classes]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
