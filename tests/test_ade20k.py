@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -13,7 +14,7 @@ from vitlab.api import backbone_config
 from vitlab.data.ade20k import (
     IGNORE_INDEX, ADE20KDataModule, ADE20KDataset, CatMaxRandomCrop, LabelMapError,
 )
-from vitlab.data.base import DatasetInfo, DatasetLayoutError
+from vitlab.data.base import DatasetInfo, DatasetLayoutError, SegmentationBatch
 from vitlab.data.synthetic_dense import ADE_BACKGROUNDS, ADE_OBJECTS, make_ade20k
 from vitlab.tasks.segmentation import SegmentationTask, iou_from_confmat
 
@@ -161,6 +162,24 @@ def test_slide_inference_matches_whole_for_a_pointwise_model():
         assert t.inference(image, (50, 70)).shape == (1, 6, 50, 70)
 
 
+def test_validation_loss_is_the_cross_entropy_per_labelled_pixel():
+    """val/loss over images of different sizes, with ignored pixels, against torch's cross-entropy
+    summed over all labelled pixels of the set."""
+    t = task(num_classes=6, size_divisor=1)
+    t.model = PointwiseModel(6)
+    t.eval()
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randn(3, 20, 30, generator=g), torch.randn(3, 16, 12, generator=g)]
+    labels = [torch.randint(0, 6, im.shape[-2:], generator=g) for im in images]
+    labels[0][:5] = IGNORE_INDEX
+    with torch.no_grad():
+        t.validation_step(SegmentationBatch(images, labels, ["a", "b"], torch.tensor(0)), 0)
+        total = sum(F.cross_entropy(t.model(im[None]), lab[None], ignore_index=IGNORE_INDEX, reduction="sum")
+                    for im, lab in zip(images, labels))
+    pixels = sum(int((lab != IGNORE_INDEX).sum()) for lab in labels)
+    assert float(t.val_loss.compute()) == pytest.approx(float(total) / pixels, rel=1e-5)
+
+
 def test_tta_config_group():
     from hydra import compose, initialize_config_dir
 
@@ -182,7 +201,7 @@ def test_segmentation_task_fits_and_reports_per_class_iou(ade_root, tmp_path):
     trainer = L.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, default_root_dir=str(tmp_path), num_sanity_val_steps=0)
     trainer.fit(t, datamodule=dm)
-    assert {"val/miou", "val/acc", "train/loss_aux"} <= set(trainer.callback_metrics)
+    assert {"val/miou", "val/acc", "val/loss", "train/loss_aux"} <= set(trainer.callback_metrics)
     per_class = t.extra_summary()["per_class_iou"]
     assert len(per_class) == 150 and "wall" in per_class and per_class["flag"] is None
     assert len(list((tmp_path / "predictions" / "epoch_000").glob("*.png"))) == 2

@@ -174,7 +174,8 @@ def test_ground_truth_as_predictions_scores_ap_1(coco_root, tmp_path):
     dm = datamodule(coco_root, test_scale=128, max_size=200)  # validation images are upscaled
     schedule = {"optimizer": {"lr": 1e-4}, "lr_policy": {"name": "multistep", "milestones": [1]}}
     head = {"_target_": "vitlab.heads.detection.MaskRCNNDetector", "fpn_channels": 32}
-    task = DetectionTask(backbone_config("pvt_v2_b0", TINY), schedule, dm.info, head=head, num_vis_images=0)
+    task = DetectionTask(backbone_config("pvt_v2_b0", TINY), schedule, dm.info, head=head, num_vis_images=0,
+                         val_loss=False)  # the stand-in forward below only detects
 
     def oracle(images, targets):
         dets = []
@@ -208,6 +209,53 @@ def test_ground_truth_as_predictions_scores_ap_1(coco_root, tmp_path):
         ev.accumulate()
         ev.summarize()
         assert ev.stats[0] > (0.999 if iou_type == "bbox" else 0.99)
+
+
+def test_per_class_ap_matches_pycocotools(coco_root, tmp_path):
+    """Noisy detections (jittered boxes, random scores, some wrong labels) through the task: its
+    per-class AP (torchmetrics' class_metrics) equals pycocotools' COCOeval restricted to each category,
+    run on the results JSON against the original annotation file."""
+    from vitlab.tasks.detection import DetectionTask
+
+    dm = datamodule(coco_root, with_masks=False)
+    schedule = {"optimizer": {"lr": 1e-4}, "lr_policy": {"name": "multistep", "milestones": [1]}}
+    head = {"_target_": "vitlab.heads.detection.RetinaNetDetector", "fpn_channels": 16}
+    task = DetectionTask(backbone_config("pvt_v2_b0", TINY), schedule, dm.info, head=head, num_vis_images=0,
+                         val_loss=False)
+    g = torch.Generator().manual_seed(0)
+
+    def noisy(images, targets):
+        dets = []
+        for image, t in zip(images, targets):
+            boxes = resize_boxes(t["boxes"].as_subclass(torch.Tensor), t["orig_size"], image.shape[-2:])
+            boxes = boxes + torch.randn(boxes.shape, generator=g) * 3
+            labels = t["labels"].clone()
+            wrong = torch.rand(len(labels), generator=g) < 0.3
+            labels[wrong] = (labels[wrong] + 1) % 80
+            dets.append({"boxes": boxes, "labels": labels, "scores": torch.rand(len(labels), generator=g)})
+        return dets
+
+    task.on_validation_epoch_start()
+    for batch in dm.val_dataloader():
+        task.model.forward = lambda ims, t=batch.targets: noisy(ims, t)
+        task.validation_step(batch, 0)
+    per_class = task.per_class_ap(task.val_map.compute())["ap"]
+    gt = COCO(str(coco_root / "annotations" / "instances_val2017.json"))
+    res = gt.loadRes(str(task.write_results(tmp_path / "results.json")))
+    checked = 0
+    for label, cat in enumerate(dm.info.category_ids):
+        name = dm.info.class_names[label]
+        if not gt.getAnnIds(catIds=[cat]):
+            assert per_class[name] is None, name  # no ground truth: no AP
+            continue
+        ev = COCOeval(gt, res, "bbox")
+        ev.params.catIds = [cat]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+        assert per_class[name] == pytest.approx(ev.stats[0] * 100, abs=0.01), name
+        checked += 1
+    assert checked >= 3 and len({v for v in per_class.values() if v is not None}) > 1  # several, not all equal
 
 
 def test_a_random_detector_scores_near_zero(coco_root):
@@ -245,4 +293,10 @@ def test_detection_task_trains_and_validates(coco_root, head, tmp_path):
     metrics = trainer.callback_metrics
     assert "val/map" in metrics and ("val/mask_map" in metrics) == (head == "MaskRCNNDetector")
     assert torch.isfinite(metrics["train/loss"])
+    names = set(task.model.loss_names)
+    assert {f"val/{n}" for n in names} <= set(metrics)
+    assert float(metrics["val/loss"]) == pytest.approx(sum(float(metrics[f"val/{n}"]) for n in names), rel=1e-5)
+    extra = task.extra_summary()
+    assert set(extra) == ({"per_class_ap", "per_class_mask_ap"} if head == "MaskRCNNDetector" else {"per_class_ap"})
+    assert len(extra["per_class_ap"]) == 80 and any(v is not None for v in extra["per_class_ap"].values())
     assert len(list((tmp_path / "predictions" / "epoch_000").glob("*.png"))) == 2

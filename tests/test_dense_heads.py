@@ -85,6 +85,32 @@ def test_detectors_train_and_predict(cls):
     assert list(features) == names
 
 
+@pytest.mark.parametrize("cls", [RetinaNetDetector, MaskRCNNDetector])
+def test_validation_losses_are_the_training_losses(cls):
+    """detect_and_losses (backbone run once, for validation) = a plain evaluation pass + a plain
+    training-mode pass under the same seed (the stand-in backbone has no dropout or norm, so its modes
+    agree); training's RNG stream and the module's mode are left as they were."""
+    torch.manual_seed(0)
+    detector = cls(StandIn(), num_classes=5, fpn_channels=16).eval()
+    images, targets = [torch.rand(3, 64, 80)], _targets(5)
+    calls = []
+    hook = detector.model.backbone.body.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        rng = torch.get_rng_state()
+        detections, losses = detector.detect_and_losses(images, targets)
+        assert torch.equal(torch.get_rng_state(), rng) and not detector.training
+        assert len(calls) == 1  # the backbone ran once
+        hook.remove()
+        expected_detections = detector(images)
+        torch.manual_seed(0)
+        expected_losses = detector.train()(images, targets)
+    assert set(losses) == set(cls.loss_names) == set(expected_losses)
+    for name in losses:
+        torch.testing.assert_close(losses[name], expected_losses[name])
+    for key in ("boxes", "scores", "labels"):
+        torch.testing.assert_close(detections[0][key], expected_detections[0][key])
+
+
 def test_detector_internals_follow_the_recipe():
     backbone = StandIn(channels=(8, 16, 24, 256))  # C5 with 256 channels: torchvision would pick P5
     retina = RetinaNetDetector(backbone, 80)

@@ -1,5 +1,5 @@
-"""Command-line entry points: ``src/train.py`` / ``src/eval.py`` and the console scripts
-``vitlab-train`` / ``vitlab-eval`` (pyproject.toml) run these same functions.
+"""Command-line entry points: ``src/train.py`` / ``src/eval.py`` / ``src/predict.py`` and the console
+scripts ``vitlab-train`` / ``vitlab-eval`` / ``vitlab-predict`` (pyproject.toml) run these same functions.
 
 The configs are found through ``vitlab.resources.conf_dir()``: the repository's ``conf/`` in a
 source checkout, the package data of an installed wheel, so the commands work from any directory.
@@ -24,3 +24,11 @@ def train_main(cfg: DictConfig) -> float | None:
 def eval_main(cfg: DictConfig) -> None:
     """Evaluate a checkpoint: ``vitlab-eval ckpt_path=.../best.ckpt``."""
     evaluate(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="predict")
+def predict_main(cfg: DictConfig) -> None:
+    """Run a checkpoint on image files: ``vitlab-predict ckpt_path=.../best.ckpt inputs=photos/``."""
+    from vitlab.predict import predict
+
+    predict(cfg)

@@ -365,6 +365,26 @@ def print_table(rows: list[dict], title: str = "vitlab compare", hidden=()) -> N
     Console(width=240).print(table)
 
 
+def per_class_rows(runs: list[dict], rows: list[dict]) -> list[dict]:
+    """One row per class, one column per setting (the mean over its runs, e.g. seeds): the per-class
+    result runs keep in summary.json's ``extra`` (``per_class_top1``, ``per_class_ap``, ``per_class_iou``).
+    ``rows``: one per run, in the same order, with its ``setting``."""
+    extras = [run.get("extra") or {} for run in runs]
+    key = next((k for extra in extras for k in extra if k.startswith("per_class_")), None)
+    if key is None:
+        return []
+    by_setting: dict[str, list[dict]] = {}
+    for extra, row in zip(extras, rows):
+        by_setting.setdefault(row["setting"], []).append(extra.get(key, {}))
+
+    def mean(values: list) -> float | None:
+        values = [v for v in values if v is not None]
+        return round(sum(values) / len(values), 2) if values else None
+
+    classes = dict.fromkeys(c for extra in extras for c in extra.get(key, {}))
+    return [{key: c, **{s: mean([t.get(c) for t in tables]) for s, tables in by_setting.items()}} for c in classes]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m vitlab.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -411,6 +431,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         {"metric": metric, "baseline": args.baseline, "paper": args.paper, "kendall_tau": tau, "rows": table}, indent=2))
     if metric:
         plot(table, metric, out / "compare.png")
+    per_class = per_class_rows(runs, per_run)
+    if per_class:
+        write_csv(per_class, out / "compare_per_class.csv")
     print(f"wrote {out / 'compare.csv'}" + (f" and {out / 'compare.png'} ({metric})" if metric else ""))
     return table
 

@@ -101,7 +101,7 @@ def export(ckpt_path: str, fmt: str, part: str = "model", input_size=None, out: 
     """Export, run both models on the same input, and return the file and the largest difference."""
     from vitlab.run import module_from_checkpoint
 
-    module = module_from_checkpoint(ckpt_path)[1].eval()
+    module = module_from_checkpoint(ckpt_path, with_data=False)[1].eval()  # the dataset need not exist
     kind = task_kind(module)
     if fmt == "torchscript" and kind == "detection" and part == "model":
         raise ValueError("--format torchscript: detectors cannot be traced (torchvision returns a list of dicts, "

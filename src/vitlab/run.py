@@ -291,11 +291,15 @@ def check_same_dataset(stored: dict | None, info: DatasetInfo, ckpt_path: str) -
         )
 
 
-def module_from_checkpoint(ckpt_path: str, overrides: dict | None = None, module_overrides: dict | None = None):
+def module_from_checkpoint(ckpt_path: str, overrides: dict | None = None, module_overrides: dict | None = None,
+                           with_data: bool = True):
     """(DataModule, task module with the checkpoint's weights, checkpoint dict) rebuilt from the file.
 
     ``overrides``: dotted keys of the stored run config to change (``{"data": {"root": ...}}``);
-    ``module_overrides``: merged into ``module`` (``tta=ms_flip`` sets ``module.tta``)."""
+    ``module_overrides``: merged into ``module`` (``tta=ms_flip`` sets ``module.tta``).
+    ``with_data=False``: the task gets the dataset description stored in the checkpoint, so the
+    dataset need not exist (predict, export); the DataModule is constructed, which reads no file,
+    for its evaluation transform, but not set up."""
     ckpt, config = load_checkpoint_config(ckpt_path)
     run_cfg = OmegaConf.create(config)
     for key, value in (overrides or {}).items():
@@ -307,9 +311,17 @@ def module_from_checkpoint(ckpt_path: str, overrides: dict | None = None, module
     for part in ("data", "module", "backbone"):
         check_targets(run_cfg[part], part)
     datamodule = instantiate(run_cfg["data"], "data")
-    check_same_dataset(ckpt.get("hyper_parameters", {}).get("info"), datamodule.info, ckpt_path)
+    stored = ckpt.get("hyper_parameters", {}).get("info")
+    if with_data:
+        info = datamodule.info
+        check_same_dataset(stored, info, ckpt_path)
+    elif not stored:
+        raise CheckpointMismatchError(f"ckpt_path={ckpt_path}: holds no dataset description (hyper_parameters.info; "
+                                      f"checkpoints of vitlab < 0.2): it needs its dataset to be rebuilt")
+    else:
+        info = DatasetInfo.from_dict(stored)
     module = instantiate(run_cfg["module"], "module", backbone=run_cfg["backbone"], schedule=run_cfg["schedule"],
-                         info=datamodule.info)
+                         info=info)
     module.load_state_dict(ckpt["state_dict"], strict=True)
     return datamodule, module, ckpt
 

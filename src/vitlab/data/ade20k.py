@@ -372,6 +372,9 @@ class ADE20KDataModule(VitlabDataModule):
             v2.Normalize(self.mean, self.std),
         ])
 
+    def eval_image_transform(self):
+        return v2.Compose([v2.ToImage(), self.val_transform()])  # uint8 tensor first, as the dataset does
+
     def setup(self, stage: str | None = None) -> None:
         if self.val_set is not None:
             return

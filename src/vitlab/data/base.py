@@ -84,6 +84,15 @@ class SegmentationBatch(NamedTuple):
     skipped: torch.Tensor
 
 
+class PredictBatch(NamedTuple):
+    """``predict.py``: images as the evaluation transform leaves them (each its own size), the decoded
+    originals (uint8 CHW) and their file paths."""
+
+    images: list[torch.Tensor]
+    originals: list[torch.Tensor]
+    paths: list[str]
+
+
 class EvalDistributedSampler(DistributedSampler):
     """Every evaluation image exactly once across the processes: rank r takes r, r+W, r+2W, ...
 
@@ -149,6 +158,11 @@ class VitlabDataModule(L.LightningDataModule):
     @property
     def info(self) -> DatasetInfo:
         """The dataset's description for the task (cheap: no decoding, no generation)."""
+        raise NotImplementedError
+
+    def eval_image_transform(self):
+        """The evaluation transform of one decoded image (PIL RGB) -> what the task's model takes,
+        exactly as the validation set applies it (``predict.py`` uses it on any image file)."""
         raise NotImplementedError
 
     def check_layout(self, root: Path) -> None:

@@ -445,6 +445,9 @@ class CocoDataModule(VitlabDataModule):
     def val_transforms(self):
         return v2.Compose([v2.Resize(self.test_scale, max_size=self.max_size), v2.ToDtype(torch.float32, scale=True)])
 
+    def eval_image_transform(self):
+        return v2.Compose([v2.ToImage(), self.val_transforms()])  # uint8 tensor first, as the dataset does
+
     def setup(self, stage: str | None = None) -> None:
         if self.val_set is not None:
             return

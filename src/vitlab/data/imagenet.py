@@ -257,6 +257,9 @@ class ImageNetDataModule(VitlabDataModule):
             self.img_size, is_training=False, interpolation=self.interpolation, crop_pct=self.crop_pct
         )
 
+    def eval_image_transform(self):
+        return self.eval_transform()  # timm's, on the PIL image as ImageFolder decodes it
+
     def setup(self, stage: str | None = None) -> None:
         root = self.data_root()
         self.train_set = ImageFolderDataset(str(root / "train"), self.train_transform(), self.skip_corrupt)

@@ -30,6 +30,7 @@ Decisions:
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -69,14 +70,29 @@ class BackboneWithFPN(nn.Module):
         in_channels = [backbone.out_channels[i] for i in self.levels]
         self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=extra_blocks)
         self.out_channels = out_channels  # read by torchvision's detectors
+        self._reuse, self._features = False, None
         for m in self.fpn.modules():  # RECIPES: Xavier for the FPN (torchvision initialises Kaiming)
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    @contextmanager
+    def features_reused(self):
+        """Inside: calls after the first return the first call's features (same images, computed once)."""
+        self._reuse, self._features = True, None
+        try:
+            yield
+        finally:
+            self._reuse, self._features = False, None
+
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        if self._features is not None:
+            return self._features
         feats = self.body(images)
-        return self.fpn(OrderedDict((str(k), feats[i]) for k, i in enumerate(self.levels)))
+        out = self.fpn(OrderedDict((str(k), feats[i]) for k, i in enumerate(self.levels)))
+        if self._reuse:
+            self._features = out
+        return out
 
 
 class PreResizedTransform(GeneralizedRCNNTransform):
@@ -90,6 +106,7 @@ class _Detector(nn.Module):
     """Shared wrapper: label offset in and out, plain tensors for torchvision."""
 
     label_offset = 0
+    loss_names: tuple[str, ...] = ()  # the keys of torchvision's loss dict
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
         if targets is not None:
@@ -108,6 +125,29 @@ class _Detector(nn.Module):
             det["labels"] = det["labels"] - self.label_offset
         return out
 
+    def detect_and_losses(self, images: list[torch.Tensor], targets: list[dict]) -> tuple[list[dict], dict]:
+        """Detections (evaluation mode) and the training losses of the same images, for validation.
+
+        torchvision computes losses in training mode only. The second, training-mode pass reuses the
+        first pass's backbone + FPN features (run once, in evaluation mode: no drop-path), and only the
+        detector's heads, anchor / proposal sampling and loss terms run again: the exact training loss
+        of an evaluation-mode backbone. The sampling draws from a fixed seed in a forked RNG, so the
+        loss is repeatable and training's random stream is untouched. ``targets``: boxes (and masks)
+        in the coordinates of ``images``, crowd regions removed.
+        """
+        was_training = self.training
+        devices = [images[0].device.index] if images[0].is_cuda else []
+        with self.model.backbone.features_reused():
+            detections = self(images)
+            self.train()  # the backbone + FPN do not run again: their features are reused
+            try:
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(0)
+                    losses = self(images, targets)
+            finally:
+                self.train(was_training)
+        return detections, losses
+
 
 def _transform(size_divisible: int, image_mean, image_std) -> PreResizedTransform:
     return PreResizedTransform(1, 1, list(image_mean), list(image_std), size_divisible=size_divisible)
@@ -115,6 +155,8 @@ def _transform(size_divisible: int, image_mean, image_std) -> PreResizedTransfor
 
 class RetinaNetDetector(_Detector):
     """RetinaNet (Lin et al.): FPN over strides 8-32 + P6/P7, 4-conv class and box subnets."""
+
+    loss_names = ("classification", "bbox_regression")
 
     def __init__(
         self,
@@ -157,6 +199,7 @@ class MaskRCNNDetector(_Detector):
     """Mask R-CNN (He et al.): FPN over strides 4-32 + max-pooled P6, RPN, RoIAlign, 2-FC box head, 4-conv mask head."""
 
     label_offset = 1  # torchvision's class 0 is the background
+    loss_names = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 
     def __init__(
         self,

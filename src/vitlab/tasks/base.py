@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from PIL import Image
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRScheduler
 from torch import nn
-from torchvision.io import write_png
 
-from vitlab.data.base import DatasetInfo
+from vitlab.data.base import DatasetInfo, PredictBatch
 
 
 def _plain(cfg: Any) -> Any:
@@ -156,20 +156,38 @@ class VitlabTask(L.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val=clip or gradient_clip_val, gradient_clip_algorithm="norm")
 
     # ---- shared by the tasks ----------------------------------------------------------
-    def log_images(self, tag: str, images: list[torch.Tensor]) -> None:
-        """uint8 CHW images -> W&B (WandbLogger) or PNGs under ``<run dir>/predictions/epoch_XXX/``."""
+    def log_images(self, tag: str, images: list[np.ndarray]) -> None:
+        """H x W x 3 uint8 figures (``vitlab.visualize``) -> W&B (WandbLogger) or PNGs under
+        ``<run dir>/predictions/epoch_XXX/``."""
         trainer = self.trainer
         if not images or not trainer.is_global_zero or trainer.sanity_checking:
             return
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key=tag, images=[im.permute(1, 2, 0).cpu().numpy() for im in images],
-                                 step=self.global_step)
+                logger.log_image(key=tag, images=list(images), step=self.global_step)
                 return
         out = Path(trainer.default_root_dir) / "predictions" / f"epoch_{self.current_epoch:03d}"
         out.mkdir(parents=True, exist_ok=True)
         for i, im in enumerate(images):
-            write_png(im.cpu(), str(out / f"{tag.replace('/', '_')}_{i}.png"))
+            Image.fromarray(im).save(out / f"{tag.replace('/', '_')}_{i}.png")
+
+    def log_table(self, tag: str, columns: list[str], rows: list[list]) -> None:
+        """A table (e.g. per-class results) for W&B; other loggers get it through summary.json."""
+        trainer = self.trainer
+        if not rows or not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table(key=tag, columns=columns, data=rows, step=self.global_step)
+
+    def extra_summary(self) -> dict:
+        """Per-class results of the last validation for summary.json's ``extra`` (by class name)."""
+        return {}
+
+    def predict_step(self, batch: PredictBatch, batch_idx: int) -> list[dict]:
+        """``predict.py``: one JSON-ready record per image, plus ``figure`` (H x W x 3 uint8, drawn by
+        ``vitlab.visualize``) and optionally ``label_map`` (H x W class ids), which are written as PNGs."""
+        raise NotImplementedError(f"{type(self).__name__} has no prediction for image files")
 
     def test_step(self, batch, batch_idx):  # testing = validating on the test loader
         return self.validation_step(batch, batch_idx)

@@ -7,11 +7,12 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from vitlab.build import build_classifier
-from vitlab.data.base import DatasetInfo, ImageBatch
+from vitlab.data.base import DatasetInfo, ImageBatch, PredictBatch
 from vitlab.tasks.base import VitlabTask, check_legacy_num_classes
+from vitlab.visualize import Panel, confusion_figure, render, to_rgb_array, top_confusions
 
 
 class ClassificationTask(VitlabTask):
@@ -51,6 +52,10 @@ class ClassificationTask(VitlabTask):
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
         self.val_loss = MeanMetric()  # weighted by images, synced once at the end (uneven ranks are fine)
+        # per-class accuracy and the confusions: one C x C count matrix (8 MB for ImageNet's 1000)
+        self.val_confmat = MulticlassConfusionMatrix(num_classes, validate_args=False)
+        self.last_confmat: torch.Tensor | None = None
+        self.predict_topk = 5  # predict.py's topk=
 
     @classmethod
     def build_model(cls, backbone: dict, module: dict, info: DatasetInfo) -> nn.Module:
@@ -82,11 +87,47 @@ class ClassificationTask(VitlabTask):
         self.val_loss.update(nn.functional.cross_entropy(logits, batch.targets), weight=len(batch.targets))
         self.val_top1.update(logits, batch.targets)
         self.val_top5.update(logits, batch.targets)
+        self.val_confmat.update(logits.argmax(1), batch.targets)
 
     def on_validation_epoch_end(self) -> None:
         # torchmetrics syncs the states across processes before compute()
         self.log("val/loss", self.val_loss.compute())
         self.log("val/top1", self.val_top1.compute() * 100, prog_bar=True)
         self.log("val/top5", self.val_top5.compute() * 100)
-        for metric in (self.val_loss, self.val_top1, self.val_top5):
+        self.last_confmat = self.val_confmat.compute().cpu()
+        for metric in (self.val_loss, self.val_top1, self.val_top5, self.val_confmat):
             metric.reset()
+        names = self.info.class_names
+        per_class = self.per_class_accuracy()
+        self.log_table("val/per_class", ["class", "top1", "images"],
+                       [[n, per_class[n], int(c)] for n, c in zip(names, self.last_confmat.sum(1))])
+        self.log_images("val/confusion", [confusion_figure(
+            self.last_confmat, names, f"validation confusion matrix, epoch {self.current_epoch}")])
+
+    def per_class_accuracy(self) -> dict[str, float | None]:
+        """Top-1 (%) of each class in the last validation (None: no image of that class)."""
+        confmat = self.last_confmat.double()
+        images = confmat.sum(1)
+        return {n: (round(float(confmat[i, i] / images[i]) * 100, 2) if images[i] else None)
+                for i, n in enumerate(self.info.class_names)}
+
+    def extra_summary(self) -> dict:
+        """Per-class top-1 and the most frequent confusions of the last validation."""
+        if self.last_confmat is None:
+            return {}
+        return {"per_class_top1": self.per_class_accuracy(),
+                "top_confusions": top_confusions(self.last_confmat, self.info.class_names)}
+
+    def predict_step(self, batch: PredictBatch, batch_idx: int) -> list[dict]:
+        """Top-k classes with their probabilities; the figure shows the image and the top-k as bars."""
+        model = self.ema.module if self.ema is not None else self.model
+        probs = model(torch.stack(batch.images)).softmax(1)
+        scores, labels = probs.topk(min(self.predict_topk, self.info.num_classes), dim=1)
+        records = []
+        for original, score, label in zip(batch.originals, scores.tolist(), labels.tolist()):
+            topk = [{"label": l, "class": self.info.class_names[l], "score": round(s, 6)} for l, s in zip(label, score)]
+            rgb = to_rgb_array(original)
+            bars = Panel(rgb, f"prediction: top-{len(topk)}", bars=[(f"{t['class']}  {t['score']:.3f}", t["score"])
+                                                                     for t in topk])
+            records.append({"topk": topk, "figure": render([Panel(rgb, "input"), bars], self.info.class_names)})
+        return records

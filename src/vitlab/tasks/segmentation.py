@@ -7,20 +7,24 @@ Evaluation: whole-image or sliding-window inference on the validation image
 resized to the label map's original size; one confusion matrix
 (torchmetrics) accumulated over the whole validation set gives mIoU, per-class
 IoU and pixel accuracy exactly as mmseg computes them (classes absent from both
-prediction and ground truth are left out of the mean).
+prediction and ground truth are left out of the mean). ``val/loss``: the decode head's
+cross-entropy of the evaluated class probabilities per labelled pixel (no auxiliary head; compare it
+with ``train/loss_decode``).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
-from torchvision.utils import draw_segmentation_masks
 
 from vitlab.build import build_backbone, instantiate
-from vitlab.data.base import DatasetInfo, SegmentationBatch
+from vitlab.data.base import DatasetInfo, PredictBatch, SegmentationBatch
 from vitlab.heads.segmentation import Segmentor
 from vitlab.tasks.base import VitlabTask, check_legacy_num_classes
+from vitlab.visualize import Panel, render, to_rgb_array
 
 
 def iou_from_confmat(confmat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,11 +35,6 @@ def iou_from_confmat(confmat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
     acc = tp.sum() / confmat.sum().clamp(min=1)
     return iou, acc
-
-
-def palette(num_classes: int) -> list[tuple[int, int, int]]:
-    g = torch.Generator().manual_seed(3)
-    return [tuple(int(v) for v in torch.randint(0, 256, (3,), generator=g)) for _ in range(num_classes)]
 
 
 class SegmentationTask(VitlabTask):
@@ -82,10 +81,10 @@ class SegmentationTask(VitlabTask):
         self.model = self.build_model(self.backbone_cfg, {"head": head, "auxiliary_head": auxiliary_head}, self.info)
         self.confmat = MulticlassConfusionMatrix(self.num_classes, ignore_index=self.info.ignore_index,
                                                  validate_args=False)
+        self.val_loss = MeanMetric()  # cross-entropy per labelled pixel over the validation set
         self.class_names = list(self.info.class_names)
-        self.palette = palette(self.num_classes)
         self.last_iou: list[float] | None = None
-        self._vis: list[torch.Tensor] = []
+        self._vis: list[np.ndarray] = []
 
     @classmethod
     def build_model(cls, backbone: dict, module: dict, info: DatasetInfo) -> nn.Module:
@@ -171,22 +170,21 @@ class SegmentationTask(VitlabTask):
             probs = self.inference(image[None], label.shape[-2:])
             pred = probs.argmax(1)[0]
             self.confmat.update(pred.flatten(), label.flatten())
+            valid = label != self.ignore_index
+            if valid.any():  # -log p(true class) per labelled pixel: cross-entropy of the evaluated logits
+                nll = F.nll_loss(probs.clamp_min(1e-12).log(), label[None], ignore_index=self.ignore_index)
+                self.val_loss.update(nll, weight=int(valid.sum()))
             if len(self._vis) < self.num_vis_images:
                 self._vis.append(self.draw(image, pred, label))
 
-    def colourise(self, canvas: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        classes = [int(c) for c in label.unique() if c != self.info.ignore_index]
-        if not classes:
-            return canvas
-        masks = torch.stack([label == c for c in classes])
-        return draw_segmentation_masks(canvas, masks, alpha=0.6, colors=[self.palette[c] for c in classes])
-
-    def draw(self, image: torch.Tensor, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def draw(self, image: torch.Tensor, pred: torch.Tensor, label: torch.Tensor) -> np.ndarray:
         """Image | prediction | ground truth, at the label map's size."""
         rgb = (image * self.std + self.mean).clamp(0, 1)[None]
-        rgb = F.interpolate(rgb, size=label.shape[-2:], mode="bilinear", align_corners=False)[0]
-        canvas = (rgb * 255).to(torch.uint8).cpu()
-        return torch.cat([canvas, self.colourise(canvas, pred.cpu()), self.colourise(canvas, label.cpu())], dim=-1)
+        rgb = to_rgb_array(F.interpolate(rgb, size=label.shape[-2:], mode="bilinear", align_corners=False)[0])
+        ignore = self.info.ignore_index
+        return render([Panel(rgb, "image"), Panel(rgb, "prediction", label_map=pred.cpu().numpy(), ignore_index=ignore),
+                       Panel(rgb, "ground truth", label_map=label.cpu().numpy(), ignore_index=ignore)],
+                      self.class_names)
 
     def on_validation_epoch_end(self) -> None:
         iou, acc = iou_from_confmat(self.confmat.compute())  # compute() syncs across processes
@@ -194,9 +192,12 @@ class SegmentationTask(VitlabTask):
         self.last_iou = iou.tolist()
         self.log("val/miou", float(iou.nanmean()) * 100, prog_bar=True)
         self.log("val/acc", float(acc) * 100)
+        self.log("val/loss", self.val_loss.compute())
+        self.val_loss.reset()
+        per_class = self.extra_summary()["per_class_iou"]
+        self.log_table("val/per_class", ["class", "iou"], [[n, v] for n, v in per_class.items() if v is not None])
         self.log_images("val/predictions", self._vis)
         self._vis = []
-
 
     def extra_summary(self) -> dict:
         """Per-class IoU (%) of the last validation, by class name (None: class absent from it)."""
@@ -204,3 +205,18 @@ class SegmentationTask(VitlabTask):
             return {}
         return {"per_class_iou": {n: (None if v != v else round(v * 100, 2))  # v != v: NaN
                                   for n, v in zip(self.class_names, self.last_iou)}}
+
+    # ---- prediction -----------------------------------------------------------------
+    def predict_step(self, batch: PredictBatch, batch_idx: int) -> list[dict]:
+        """The class map at the original size (evaluation's inference: whole or sliding window, TTA),
+        each class's share of the pixels, and the image | prediction figure."""
+        records = []
+        for image, original in zip(batch.images, batch.originals):
+            pred = self.inference(image[None], original.shape[-2:]).argmax(1)[0].cpu().numpy()
+            ids, counts = np.unique(pred, return_counts=True)
+            order = np.argsort(-counts, kind="stable")
+            shares = {self.class_names[int(ids[i])]: round(float(counts[i] / pred.size) * 100, 2) for i in order}
+            rgb = to_rgb_array(original)
+            figure = render([Panel(rgb, "image"), Panel(rgb, "prediction", label_map=pred)], self.class_names)
+            records.append({"classes": shares, "label_map": pred, "figure": figure})
+        return records
