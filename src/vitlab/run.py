@@ -298,7 +298,7 @@ def module_from_checkpoint(ckpt_path: str, overrides: dict | None = None, module
     ``overrides``: dotted keys of the stored run config to change (``{"data": {"root": ...}}``);
     ``module_overrides``: merged into ``module`` (``tta=ms_flip`` sets ``module.tta``).
     ``with_data=False``: the task gets the dataset description stored in the checkpoint, so the
-    dataset need not exist (predict, export); the DataModule is constructed, which reads no file,
+    dataset need not exist (predict, export; older checkpoints without one still read the dataset); the DataModule is constructed, which reads no file,
     for its evaluation transform, but not set up."""
     ckpt, config = load_checkpoint_config(ckpt_path)
     run_cfg = OmegaConf.create(config)
@@ -312,12 +312,9 @@ def module_from_checkpoint(ckpt_path: str, overrides: dict | None = None, module
         check_targets(run_cfg[part], part)
     datamodule = instantiate(run_cfg["data"], "data")
     stored = ckpt.get("hyper_parameters", {}).get("info")
-    if with_data:
+    if with_data or not stored:  # checkpoints of vitlab < 0.2 store no description: ask the dataset
         info = datamodule.info
         check_same_dataset(stored, info, ckpt_path)
-    elif not stored:
-        raise CheckpointMismatchError(f"ckpt_path={ckpt_path}: holds no dataset description (hyper_parameters.info; "
-                                      f"checkpoints of vitlab < 0.2): it needs its dataset to be rebuilt")
     else:
         info = DatasetInfo.from_dict(stored)
     module = instantiate(run_cfg["module"], "module", backbone=run_cfg["backbone"], schedule=run_cfg["schedule"],

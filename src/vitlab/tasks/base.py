@@ -127,7 +127,8 @@ class VitlabTask(L.LightningModule):
         # Lightning builds (and starts iterating) the training loader to estimate the steps, before it
         # restores a checkpoint's loop state; dropping that loader makes the fit loop build it again
         # after the restore, with the saved position in the epoch (exact mid-epoch resume).
-        self.trainer.fit_loop._combined_loader = None
+        if hasattr(self.trainer, "fit_loop"):
+            self.trainer.fit_loop._combined_loader = None
         steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1)) if self.schedule.get("epochs") else 1
         warmup = int(policy.get("warmup_iters") or round(policy.get("warmup_epochs", 0) * steps_per_epoch))
         common = dict(
