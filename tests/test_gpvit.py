@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 import vitlab
 from vitlab.backbones.base import ImageClassifier
-from vitlab.backbones.gpvit import LocalAttention, convert_official, group_attention_maps, ms_deform_attn
+from vitlab.backbones.gpvit import GPViT, GPViTAdapter, LocalAttention, group_attention_maps, ms_deform_attn
 from vitlab.flops import count_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def test_official_code_outputs(tmp_path):
 
 def test_official_l1_key_layout():
     shapes = json.loads((FIXTURES / "gpvit_l1_official_keys.json").read_text())
-    converted = convert_official({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    converted = GPViT.convert_official({k: torch.empty(s, device="meta") for k, s in shapes.items()})
     with torch.device("meta"):
         model = ImageClassifier(vitlab.create_backbone("gpvit_l1"), 1000)
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -287,7 +287,7 @@ def test_notebook_executes():
 
 
 # --------------------------------------------------------------------------- ViT-Adapter
-ADAPTER_TINY = [o for o in TINY if not o.startswith("num_convs")] + [
+ADAPTER_TINY = [o for o in TINY if not o.startswith(("num_convs", "neck_heads"))] + [
     "num_convs=0", "conv_inplane=8", "n_points=2", "deform_num_heads=2", "interaction_indexes=[[0,1],[2,3]]",
 ]
 
@@ -318,6 +318,22 @@ def test_adapter_params_equal_official_code(name, maskrcnn, retinanet):
     with torch.device("meta"):
         assert count_params(vitlab.create_backbone(name)) == maskrcnn
         assert count_params(vitlab.create_backbone(name, overrides=["out_strides=[8,16,32]"])) == retinanet
+
+
+def test_adapter_holds_a_trunk_and_builds_nothing_it_does_not_use(tmp_path):
+    torch.manual_seed(0)
+    model = vitlab.create_backbone("gpvit_l1_adapter", overrides=ADAPTER_TINY).eval()
+    assert isinstance(model.trunk, GPViT) and not isinstance(model, GPViT)
+    assert model.trunk.norm is None and len(model.trunk.out_norms) == 0 and len(model.trunk.resample) == 0
+    outs = model(torch.randn(1, 3, 64, 96))
+    sum(o.sum() for o in outs).backward()
+    assert not [n for n, p in model.named_parameters() if p.grad is None]  # every parameter is used
+    # a state dict of the earlier layout (the trunk's modules at the top) still loads, through convert_official
+    old = {f"backbone.{k.removeprefix('trunk.')}": v for k, v in model.state_dict().items()}
+    torch.save(old, tmp_path / "round1.pth")
+    fresh = vitlab.create_backbone("gpvit_l1_adapter", pretrained=str(tmp_path / "round1.pth"), overrides=ADAPTER_TINY)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[k], v)
 
 
 def test_ms_deform_attn_matches_naive_bilinear():

@@ -50,7 +50,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _family_converter(backbone: nn.Module):
-    return getattr(sys.modules[type(backbone).__module__], "convert_official", None)
+    return getattr(type(backbone), "convert_official", None) or getattr(
+        sys.modules[type(backbone).__module__], "convert_official", None)
 
 
 def to_classifier_layout(sd: dict[str, torch.Tensor], backbone: nn.Module, expected: set[str]) -> dict:

@@ -1,4 +1,4 @@
-"""GPViT (Yang et al., "GPViT: A High Resolution Non-Hierarchical Vision
+"""The GPViT trunk (Yang et al., "GPViT: A High Resolution Non-Hierarchical Vision
 Transformer with Group Propagation", ICLR 2023; seed 003).
 
 A conv stem brings the image to stride 8 (7x7/2 conv-BN-ReLU with 64 channels,
@@ -65,10 +65,8 @@ Decisions left open by the paper and the official code:
   (ViTDet-style: 2x2 transposed convs up with LayerNorm + GELU between, max
   pooling down, then a LayerNorm per level), so FPN heads work unchanged. With
   one index and several strides all levels come from that one map. The
-  paper's COCO backbone, GPViT + ViT-Adapter, is ``GPViTAdapter`` below
-  (official mmdet ``GPViTAdapter`` / ``GPViTAdapterSingleStage``, checked
-  against that code); its deformable attention is the pure-PyTorch form
-  (``grid_sample``) of the op, as mmcv's CPU reference computes it.
+  paper's COCO backbone, GPViT + ViT-Adapter, is ``adapter.GPViTAdapter``,
+  which holds a trunk built with ``final_norm=False`` and no dense outputs.
 * ``head_pool``: ``group`` is the official GroupNeck, ``mean`` averages the
   tokens instead.
 """
@@ -84,6 +82,7 @@ from timm.models.vision_transformer import Block as ViTBlock
 from torch import nn
 
 from vitlab.backbones.base import Backbone
+from vitlab.backbones.gpvit.convert import convert_official
 from vitlab.backbones.layers import init_vit_weights
 
 LOCAL_ATTNS = ("lepe", "window", "global")
@@ -492,8 +491,12 @@ class GPViT(Backbone):
     local / GP blocks at that one resolution, final LayerNorm (see the module docstring).
 
     ``forward`` returns the maps of ``out_indices`` at ``out_strides``; ``forward_features``
-    the final normed tokens (B, N, C) that the GroupNeck head reads.
+    the final normed tokens (B, N, C) that the GroupNeck head reads. A trunk held by another
+    backbone (the ViT-Adapter) is built with ``final_norm=False`` and no ``out_indices``, so it
+    has no module it would not use.
     """
+
+    convert_official = staticmethod(convert_official)
 
     def __init__(
         self,
@@ -525,10 +528,11 @@ class GPViT(Backbone):
         drop_path_rate: float,
         norm_eps: float,
         interpolate_mode: str,
-        out_indices: list[int],
-        out_strides: list[int],
-        head_pool: str,
-        neck_heads: int,
+        out_indices: list[int] = (-1,),
+        out_strides: list[int] = (8,),
+        head_pool: str = "group",
+        neck_heads: int = 6,
+        final_norm: bool = True,
     ):
         super().__init__()
         if global_block not in GLOBAL_BLOCKS:
@@ -570,7 +574,7 @@ class GPViT(Backbone):
             else:  # shifted_window
                 layers.append(LocalBlock(mode="window", shift=True, drop_path=dpr[i], **local))
         self.layers = nn.ModuleList(layers)
-        self.norm = nn.LayerNorm(embed_dims, eps=norm_eps)
+        self.norm = nn.LayerNorm(embed_dims, eps=norm_eps) if final_norm else None
 
         # dense outputs: own LayerNorm for intermediate layers (official norm{i}), resampling per stride
         self.out_indices = out_indices
@@ -604,7 +608,7 @@ class GPViT(Backbone):
         x, hw = self._embed(images)
         for layer in self.layers:
             x = layer(x, hw)
-        return self.norm(x)
+        return x if self.norm is None else self.norm(x)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         x, hw = self._embed(images)
@@ -623,393 +627,3 @@ class GPViT(Backbone):
         return GPViTHead(self.embed_dims, num_classes, self.head_pool, self.neck_heads)
 
 
-# --------------------------------------------------------------------------- ViT-Adapter (COCO)
-def ms_deform_attn(value, shapes, locations, weights):
-    """Multi-scale deformable attention, the pure-PyTorch form of Deformable DETR's op.
-
-    value (B, S, heads, d) over the levels' flattened maps of ``shapes`` [(h, w), ...];
-    locations (B, Q, heads, levels, points, 2) as (x, y) in [0, 1]; weights
-    (B, Q, heads, levels, points). Returns (B, Q, heads * d). One ``grid_sample`` per
-    level (at most three): the levels differ in size, so they cannot share one call.
-    """
-    b, _, heads, d = value.shape
-    q, levels, points = locations.shape[1], locations.shape[3], locations.shape[4]
-    grids = 2 * locations - 1
-    sampled, start = [], 0
-    for lvl, (h, w) in enumerate(shapes):
-        v = value[:, start : start + h * w].permute(0, 2, 3, 1).reshape(b * heads, d, h, w)
-        start += h * w
-        g = grids[:, :, :, lvl].transpose(1, 2).reshape(b * heads, q, points, 2)
-        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    weights = weights.transpose(1, 2).reshape(b * heads, 1, q, levels * points)
-    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # (B*heads, d, Q)
-    return out.view(b, heads * d, q).transpose(1, 2)
-
-
-def _reference_points(shapes, device) -> torch.Tensor:
-    """Pixel centres of every level, normalised to [0, 1], as (1, sum h*w, 1, 2) (x, y)."""
-    refs = []
-    for h, w in shapes:
-        y, x = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, device=device) / h,
-                              torch.linspace(0.5, w - 0.5, w, device=device) / w, indexing="ij")
-        refs.append(torch.stack((x.reshape(-1), y.reshape(-1)), -1))
-    return torch.cat(refs)[None, :, None]
-
-
-class MSDeformAttn(nn.Module):
-    """Deformable attention of ViT-Adapter (offsets and weights from the query)."""
-
-    def __init__(self, dim: int, n_levels: int, n_heads: int, n_points: int, ratio: float):
-        super().__init__()
-        self.n_levels, self.n_heads, self.n_points = n_levels, n_heads, n_points
-        self.sampling_offsets = nn.Linear(dim, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(dim, n_heads * n_levels * n_points)
-        self.value_proj = nn.Linear(dim, int(dim * ratio))
-        self.output_proj = nn.Linear(int(dim * ratio), dim)
-
-    def reset_parameters(self) -> None:
-        """Deformable DETR's init: offsets start on a ring of directions, one per head."""
-        nn.init.zeros_(self.sampling_offsets.weight)
-        theta = torch.arange(self.n_heads, dtype=torch.float32) * (2 * math.pi / self.n_heads)
-        grid = torch.stack([theta.cos(), theta.sin()], -1)
-        grid = grid / grid.abs().max(-1, keepdim=True)[0]
-        grid = grid[:, None, None, :] * torch.arange(1, self.n_points + 1, dtype=torch.float32)[None, None, :, None]
-        with torch.no_grad():
-            self.sampling_offsets.bias.copy_(grid.expand(-1, self.n_levels, -1, -1).reshape(-1))
-        nn.init.zeros_(self.attention_weights.weight)
-        nn.init.zeros_(self.attention_weights.bias)
-        for lin in (self.value_proj, self.output_proj):
-            nn.init.xavier_uniform_(lin.weight)
-            nn.init.zeros_(lin.bias)
-
-    def forward(self, query, reference_points, feat, shapes) -> torch.Tensor:
-        b, q, _ = query.shape
-        value = self.value_proj(feat).view(b, feat.shape[1], self.n_heads, -1)
-        offsets = self.sampling_offsets(query).view(b, q, self.n_heads, self.n_levels, self.n_points, 2)
-        weights = self.attention_weights(query).view(b, q, self.n_heads, -1).softmax(-1)
-        weights = weights.view(b, q, self.n_heads, self.n_levels, self.n_points)
-        normaliser = torch.tensor([(w, h) for h, w in shapes], dtype=query.dtype, device=query.device)
-        locations = reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
-        return self.output_proj(ms_deform_attn(value, shapes, locations, weights))
-
-
-class _ConvFFN(nn.Module):
-    """ViT-Adapter's FFN with a 3x3 depth-wise conv (shared) on each level of the token pyramid."""
-
-    def __init__(self, dim: int, hidden: int, drop: float):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor, shapes) -> torch.Tensor:
-        x = self.fc1(x)
-        x = torch.cat([_dw_conv_tokens(self.dwconv, t, s) for t, s in
-                       zip(x.split([h * w for h, w in shapes], dim=1), shapes)], dim=1)  # three levels
-        return self.drop(self.fc2(self.drop(self.act(x))))
-
-
-class _Extractor(nn.Module):
-    """Pyramid tokens c gather from the trunk tokens x (one level), then a ConvFFN."""
-
-    def __init__(self, dim, heads, points, ratio, cffn_ratio, drop, drop_path):
-        super().__init__()
-        self.query_norm = nn.LayerNorm(dim, eps=1e-6)
-        self.feat_norm = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = MSDeformAttn(dim, 1, heads, points, ratio)
-        self.ffn = _ConvFFN(dim, int(dim * cffn_ratio), drop)
-        self.ffn_norm = nn.LayerNorm(dim, eps=1e-6)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, c, ref, x, x_shape, c_shapes):
-        c = c + self.attn(self.query_norm(c), ref, self.feat_norm(x), [x_shape])
-        return c + self.drop_path(self.ffn(self.ffn_norm(c), c_shapes))
-
-
-class _Injector(nn.Module):
-    """Trunk tokens x gather from the pyramid tokens c (three levels), scaled by gamma."""
-
-    def __init__(self, dim, heads, points, ratio, init_values):
-        super().__init__()
-        self.query_norm = nn.LayerNorm(dim, eps=1e-6)
-        self.feat_norm = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = MSDeformAttn(dim, 3, heads, points, ratio)
-        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
-
-    def forward(self, x, ref, c, c_shapes):
-        return x + self.gamma * self.attn(self.query_norm(x), ref, self.feat_norm(c), c_shapes)
-
-
-class _Interaction(nn.Module):
-    def __init__(self, dim, heads, points, ratio, cffn_ratio, init_values, drop, drop_path, extra_extractors: int):
-        super().__init__()
-        self.injector = _Injector(dim, heads, points, ratio, init_values)
-        self.extractor = _Extractor(dim, heads, points, ratio, cffn_ratio, drop, drop_path)
-        self.extra_extractors = nn.ModuleList(
-            _Extractor(dim, heads, points, ratio, cffn_ratio, drop, drop_path) for _ in range(extra_extractors)
-        )
-
-
-class SpatialPriorModule(nn.Module):
-    """ViT-Adapter's conv branch: ResNet-like stem to stride 4, then 3x3/2 convs to strides 8, 16, 32,
-    each projected to the trunk width by a 1x1 conv (stride 4 only when it is an output)."""
-
-    def __init__(self, inplanes: int, dim: int, out_c1: bool):
-        super().__init__()
-
-        def cbr(cin, cout, stride):
-            return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
-        self.stem = nn.Sequential(*cbr(3, inplanes, 2), *cbr(inplanes, inplanes, 1), *cbr(inplanes, inplanes, 1),
-                                  nn.MaxPool2d(3, 2, 1))
-        self.conv2 = nn.Sequential(*cbr(inplanes, 2 * inplanes, 2))
-        self.conv3 = nn.Sequential(*cbr(2 * inplanes, 4 * inplanes, 2))
-        self.conv4 = nn.Sequential(*cbr(4 * inplanes, 4 * inplanes, 2))
-        self.fc1 = nn.Conv2d(inplanes, dim, 1) if out_c1 else None
-        self.fc2 = nn.Conv2d(2 * inplanes, dim, 1)
-        self.fc3 = nn.Conv2d(4 * inplanes, dim, 1)
-        self.fc4 = nn.Conv2d(4 * inplanes, dim, 1)
-
-    def forward(self, x: torch.Tensor):
-        c1 = self.stem(x)
-        c2 = self.conv2(c1)
-        c3 = self.conv3(c2)
-        c4 = self.conv4(c3)
-        return (self.fc1(c1) if self.fc1 is not None else None), self.fc2(c2), self.fc3(c3), self.fc4(c4)
-
-
-class GPViTAdapter(GPViT):
-    """GPViT with ViT-Adapter for COCO (the paper's detection backbone; official
-    ``GPViTAdapter`` / ``GPViTAdapterSingleStage``): a conv branch (SpatialPriorModule)
-    makes stride 8/16/32 tokens that exchange information with the trunk through
-    deformable attention around each group of layers in ``interaction_indexes``
-    (injector before the group, extractor(s) after it); outputs are those tokens plus
-    the trunk map resized (bilinear) to each stride, each through a BatchNorm.
-    ``out_strides`` [4, 8, 16, 32] (Mask R-CNN) adds the stride-4 level (stride-4 conv
-    features + the 2x transposed-conv of stride 8); [8, 16, 32] (RetinaNet) does not.
-    As official there is no final LayerNorm. Inputs are padded to a multiple of 32 (the
-    official code needs it) and outputs cropped to ceil(H / stride).
-    """
-
-    def __init__(
-        self,
-        *,
-        conv_inplane: int,
-        n_points: int,
-        deform_num_heads: int,
-        init_values: float,
-        interaction_indexes: list[list[int]],
-        cffn_ratio: float,
-        deform_ratio: float,
-        extra_extractors: int,
-        add_vit_feature: bool,
-        **kwargs,
-    ):
-        out_strides = list(kwargs["out_strides"])
-        if out_strides not in ([4, 8, 16, 32], [8, 16, 32]) or kwargs["patch_size"] != 8:
-            raise ValueError("GPViTAdapter: out_strides [4, 8, 16, 32] or [8, 16, 32], patch_size 8")
-        super().__init__(**{**kwargs, "out_strides": [8]})
-        dim = self.embed_dims
-        self.norm = None  # official detection backbones run with final_norm=False
-        self.resample = None
-        self.strides, self.out_channels = out_strides, [dim] * len(out_strides)
-        self.interaction_indexes = [list(ix) for ix in interaction_indexes]
-        self.add_vit_feature = add_vit_feature
-        out_c1 = 4 in out_strides
-        self.level_embed = nn.Parameter(torch.zeros(3, dim))
-        self.spm = SpatialPriorModule(conv_inplane, dim, out_c1)
-        drop_path = kwargs["drop_path_rate"]  # official: every adapter block gets the trunk's maximum rate
-        self.interactions = nn.ModuleList(
-            _Interaction(dim, deform_num_heads, n_points, deform_ratio, cffn_ratio, init_values, kwargs["drop_rate"],
-                         drop_path, extra_extractors if i == len(interaction_indexes) - 1 else 0)
-            for i in range(len(interaction_indexes))
-        )
-        self.up = nn.ConvTranspose2d(dim, dim, 2, 2) if out_c1 else None
-        self.ad_norms = nn.ModuleList(nn.BatchNorm2d(dim) for _ in out_strides)
-        if self.level_embed.is_meta:  # counting only
-            return
-        # official init of the new parts: trunc-normal linears, fan-out normal convs, then Deformable DETR's
-        for part in (self.spm, self.interactions, self.up):
-            if part is not None:
-                part.apply(self._init_adapter)
-        for m in self.interactions.modules():
-            if isinstance(m, MSDeformAttn):
-                m.reset_parameters()
-        nn.init.normal_(self.level_embed)
-
-    @staticmethod
-    def _init_adapter(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-            nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    def no_weight_decay(self) -> set[str]:
-        return super().no_weight_decay() | {"level_embed"}
-
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("GPViTAdapter is a dense backbone; classify with GPViT")
-
-    def make_head(self, num_classes: int) -> nn.Module:
-        raise NotImplementedError("GPViTAdapter is a dense backbone; classify with GPViT")
-
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        h0, w0 = images.shape[-2:]
-        pad_h, pad_w = (-h0) % 32, (-w0) % 32
-        if pad_h or pad_w:
-            images = F.pad(images, (0, pad_w, 0, pad_h))
-        c1, c2, c3, c4 = self.spm(images)
-        c_shapes = [tuple(t.shape[-2:]) for t in (c2, c3, c4)]
-        c = torch.cat([(t.flatten(2).transpose(1, 2) + self.level_embed[i]) for i, t in enumerate((c2, c3, c4))], 1)
-        x, hw = self._embed(images)
-        # reference points: trunk tokens look into the three c levels, c tokens into the trunk map
-        ref_x = _reference_points([hw], images.device).expand(-1, -1, 3, -1)
-        ref_c = _reference_points(c_shapes, images.device)
-        for block, ix in zip(self.interactions, self.interaction_indexes):
-            x = block.injector(x, ref_x, c, c_shapes)
-            for layer in self.layers[ix[0] : ix[-1] + 1]:
-                x = layer(x, hw)
-            for extractor in [block.extractor, *block.extra_extractors]:
-                c = extractor(c, ref_c, x, hw, c_shapes)
-        b, dim = x.shape[0], self.embed_dims
-        maps = [t.transpose(1, 2).reshape(b, dim, *s) for t, s in zip(c.split([h * w for h, w in c_shapes], 1), c_shapes)]
-        if self.up is not None:  # stride 4: conv features + the stride-8 tokens upsampled (before the trunk is added)
-            maps = [self.up(maps[0]) + c1] + maps
-        if self.add_vit_feature:  # the trunk map resized to every level
-            x8 = x.transpose(1, 2).reshape(b, dim, *hw)
-            maps = [m + (x8 if m.shape[-2:] == x8.shape[-2:] else
-                         F.interpolate(x8, size=m.shape[-2:], mode="bilinear", align_corners=False)) for m in maps]
-        return [norm(m)[..., : math.ceil(h0 / s), : math.ceil(w0 / s)]
-                for norm, m, s in zip(self.ad_norms, maps, self.strides)]
-
-
-# --------------------------------------------------------------------------- visualisation
-@torch.no_grad()
-def group_attention_maps(backbone: GPViT, image: torch.Tensor) -> list[torch.Tensor]:
-    """Per GP block, the grouping attention (averaged over heads) as one map per group
-    token, upsampled to the image resolution: a list of (B, M, H, W) tensors (GPViT Fig. 6).
-
-    ``image``: (B, 3, H, W) or (3, H, W).
-    """
-    if image.dim() == 3:
-        image = image[None]
-    groupings = [m.group for m in backbone.layers if isinstance(m, GPBlock)]
-    inputs: list[torch.Tensor] = []
-    hooks = [g.register_forward_pre_hook(lambda mod, args: inputs.append(args[0])) for g in groupings]
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        x, hw = backbone._embed(image)
-        for layer in backbone.layers:
-            x = layer(x, hw)
-    finally:
-        for h in hooks:
-            h.remove()
-        backbone.train(was_training)
-    b, _, height, width = image.shape
-    maps = []
-    for g, tokens in zip(groupings, inputs):
-        attn = g.attention_weights(tokens).mean(1).view(b, -1, *hw)  # (B, M, h, w)
-        up = F.interpolate(attn, size=(hw[0] * backbone.patch_size, hw[1] * backbone.patch_size), mode="bilinear",
-                           align_corners=False)
-        maps.append(up[:, :, :height, :width])
-    return maps
-
-
-# --------------------------------------------------------------------------- official checkpoints
-def convert_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Official mmcls GPViT checkpoint (``backbone.`` / ``neck.`` / ``head.`` keys, the
-    "state_dict" wrapper already removed) -> our ``backbone.*`` + ``head.*`` layout.
-    The ``backbone.`` part of the official mmdet ViT-Adapter checkpoints maps the same way."""
-    out: dict[str, torch.Tensor] = {}
-    first_ad_norm = 1 if "backbone.ad_norm1.weight" in state_dict else 2  # ViT-Adapter: ad_norm1 only with stride 4
-    for key, value in state_dict.items():
-        if key.startswith("backbone.ad_norm"):
-            level, _, rest = key[len("backbone.ad_norm"):].partition(".")
-            out[f"backbone.ad_norms.{int(level) - first_ad_norm}.{rest}"] = value
-        else:
-            out[_convert_key(key)] = value
-    return out
-
-
-def _convert_key(key: str) -> str:
-    prefix, _, rest = key.partition(".")
-    if prefix == "neck":  # GroupNeck: group_token, norm_query, attn.k_proj
-        return "head.neck." + rest.replace("attn.k_proj", "k_proj")
-    if prefix == "head":  # LinearClsHead: fc
-        return "head." + rest
-    if prefix != "backbone":
-        return key
-    parts = rest.split(".")
-    if parts[0] == "patch_embed":
-        if parts[1] == "stem":
-            return "backbone." + rest
-        if parts[1] == "convs":  # convs.{3j+k} follow the 3 stem modules in our single Sequential
-            return "backbone.patch_embed.stem." + ".".join([str(int(parts[2]) + 3), *parts[3:]])
-        if parts[1] == "projection":
-            return "backbone.patch_embed.proj." + ".".join(parts[2:])
-    if parts[0] == "ln1":
-        return "backbone.norm." + ".".join(parts[1:])
-    if parts[0].startswith("norm") and parts[0][4:].isdigit():  # norm{i}: intermediate output norms
-        return f"backbone.out_norms.{parts[0][4:]}." + ".".join(parts[1:])
-    if parts[0] == "interactions":  # ViT-Adapter (mmdet checkpoints): the ConvFFN's conv is not wrapped here
-        return "backbone." + rest.replace(".ffn.dwconv.dwconv.", ".ffn.dwconv.")
-    if parts[0] == "layers":
-        head, tail = ".".join(parts[:2]), ".".join(parts[2:])
-        return f"backbone.{head}.{_convert_layer_key(tail)}"
-    return "backbone." + rest
-
-
-_LAYER_RENAMES = (
-    # LePE block
-    ("qkv.", "attn.qkv."),
-    ("attns.0.get_v.", "attn.lepe.0."),
-    ("attns.1.get_v.", "attn.lepe.1."),
-    ("proj.", "attn.proj."),
-    ("ffn.layers.0.0.", "mlp.fc1."),
-    ("ffn.layers.1.", "mlp.fc2."),
-    # GP block
-    ("group_token", "group.group_token"),
-    ("group_layer.norm_query.", "group.norm_query."),
-    ("group_layer.norm_key.", "group.norm_key."),
-    ("group_layer.attn.k_proj.", "group.k_proj."),
-    ("un_group_layer.norm_query.", "ungroup.norm_query."),
-    ("un_group_layer.norm_key.", "ungroup.norm_key."),
-    ("un_group_layer.attn.q_proj.", "ungroup.q_proj."),
-    ("un_group_layer.attn.k_proj.", "ungroup.k_proj."),
-    ("un_group_layer.attn.v_proj.", "ungroup.v_proj."),
-    ("un_group_layer.attn.proj.", "ungroup.proj."),
-    ("un_group_layer.proj.", "ungroup.cat_proj."),
-    ("un_group_layer.norm2.", "ungroup.norm2."),
-    ("un_group_layer.ffn.layers.0.0.", "ungroup.mlp.fc1."),
-    ("un_group_layer.ffn.layers.1.", "ungroup.mlp.fc2."),
-    ("dwconv.", "dw."),
-)
-
-_MIXER_RENAMES = (
-    ("patch_mixer.0.", "token_mlp.fc1."),
-    ("patch_mixer.3.", "token_mlp.fc2."),
-    ("channel_mixer.0.", "channel_mlp.fc1."),
-    ("channel_mixer.3.", "channel_mlp.fc2."),
-)
-
-
-def _convert_layer_key(tail: str) -> str:
-    if tail.startswith("mixer.layers."):  # mixer.layers.{d}.X -> propagate.{d}.X
-        d, _, rest = tail[len("mixer.layers."):].partition(".")
-        for old, new in _MIXER_RENAMES:
-            if rest.startswith(old):
-                rest = new + rest[len(old):]
-                break
-        return f"propagate.{d}.{rest}"
-    for old, new in _LAYER_RENAMES:
-        if tail.startswith(old) and not (old == "group_token" and tail != "group_token"):
-            return new + tail[len(old):]
-    return tail  # norm1, norm2, dw
