@@ -6,6 +6,7 @@ tests/test_zoo.py; here: what only this family has.
 from __future__ import annotations
 
 import math
+import logging
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+import vitlab
 from vitlab.api import backbone_config, build_backbone
 from vitlab.backbones.base import ImageClassifier
 from vitlab.backbones.pale import PaleAttention, PaleTransformer
@@ -251,3 +253,20 @@ def test_sweep_presets_build_the_table_rows(sweep):
             assert block.attn.mode == {"pale_sequential": "pale_cols"}.get(value, value)
         else:
             assert (block.cpe is not None, model.stages[0].pos_embed is not None) == (value == "cpe", value == "ape")
+
+
+def test_ape_classifier_at_224_loads_into_a_dense_backbone_of_another_size(tmp_path, caplog):
+    # Table 9's dense APE rows: grids made for the dense input size, initialised from ImageNet (224)
+    tiny = ["embed_dims=[16,32,48,64]", "depths=[1,1,1,1]", "num_heads=[2,2,4,4]", "pos_embed=ape"]
+    torch.manual_seed(0)
+    src = vitlab.create_model("pale_t", num_classes=10, overrides=tiny)
+    torch.save(src.state_dict(), tmp_path / "pale_ape_224.pth")
+    with caplog.at_level(logging.INFO, logger="vitlab.checkpoints"):
+        dst = vitlab.create_backbone("pale_t", pretrained=str(tmp_path / "pale_ape_224.pth"),
+                                     overrides=[*tiny, "ape_size=[96,160]"])
+    for i, size in enumerate([(24, 40), (12, 20), (6, 10), (3, 5)]):
+        old = src.backbone.stages[i].pos_embed.detach()
+        ref = F.interpolate(old.permute(0, 3, 1, 2), size=size, mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+        torch.testing.assert_close(dst.stages[i].pos_embed.detach(), ref)
+    assert sum("resized" in r.message for r in caplog.records) == 4
+    assert torch.equal(dst.stages[2].blocks[0].attn.q.conv_dw.weight, src.backbone.stages[2].blocks[0].attn.q.conv_dw.weight)

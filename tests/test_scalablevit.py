@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformerBlock
 
 import vitlab
-from vitlab.backbones.scalablevit import (ScalableSelfAttention, WindowAttention,
-                                          convert_official)
+from vitlab.backbones.scalablevit import ScalableSelfAttention, ScalableViT, WindowAttention
 from vitlab.flops import count_gmacs, count_params
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -47,7 +46,7 @@ TINY = [
 def test_official_fixture_logits():
     ref = torch.load(FIXTURES / "scalablevit_tiny_official.pt")
     model = vitlab.create_model("scalablevit_s", num_classes=8, overrides=TINY).eval()
-    sd = convert_official({k: v.float() for k, v in ref["state_dict"].items()})
+    sd = ScalableViT.convert_official({k: v.float() for k, v in ref["state_dict"].items()})
     model.load_state_dict(sd, strict=True)
     x = ref["image"].float() / 127.5 - 1.0
     with torch.no_grad():
@@ -55,7 +54,7 @@ def test_official_fixture_logits():
     torch.testing.assert_close(logits, ref["logits"], atol=2e-5, rtol=1e-4)
     # the official no_weight_decay() names the PEG (pos_block) parameters
     official_nwd = {k for k in ref["state_dict"] if k.startswith("pos_block.")}
-    assert set(convert_official(dict.fromkeys(official_nwd))) == set(model.no_weight_decay())
+    assert set(ScalableViT.convert_official(dict.fromkeys(official_nwd))) == set(model.no_weight_decay())
 
 
 def test_official_file_through_loader(tmp_path):

@@ -5,18 +5,22 @@ Accepted files: ``.safetensors``; ``torch.save`` files read with
 pickled code is ever executed); Lightning checkpoints of this project
 (``state_dict`` with a ``model.`` prefix); mmcls-style ``{"state_dict": ...}``
 and ``{"model": ...}`` wrappers. Our layout is ``backbone.*`` + ``head.*``
-(``ImageClassifier``); anything else goes through the family's
-``convert_official`` and is then loaded strictly.
+(``ImageClassifier``): a file whose keys are all in it is used as it is, anything
+else goes through ``type(backbone).convert_official``. Then the backbone's
+``adapt_state_dict`` resizes size-dependent tensors (position embeddings, relative
+position bias tables) to the model's shapes (logged), and the load is strict.
 """
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from vitlab.backbones.base import Backbone, ImageClassifier
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -49,20 +53,21 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _family_converter(backbone: nn.Module):
-    return getattr(type(backbone), "convert_official", None) or getattr(
-        sys.modules[type(backbone).__module__], "convert_official", None)
-
-
-def to_classifier_layout(sd: dict[str, torch.Tensor], backbone: nn.Module, expected: set[str]) -> dict:
-    """Return ``sd`` in our ``backbone.*``/``head.*`` layout, converting official files."""
-    ours = sum(k in expected for k in sd)
-    if ours >= 0.9 * len(sd):
+def to_our_layout(sd: dict[str, torch.Tensor], backbone: Backbone, expected: set[str], bare: bool) -> dict:
+    """``sd`` in our ``backbone.*``/``head.*`` layout: as it is when every key is one of the model's
+    (``head.*`` keys too when loading a bare backbone, which drops them), else converted by the family."""
+    if all(k in expected or (bare and k.startswith("head.")) for k in sd):
         return sd
-    convert = _family_converter(backbone)
-    if convert is None:
-        return sd  # nothing to convert with: the strict load below lists what differs
-    return convert(dict(sd))
+    return type(backbone).convert_official(dict(sd))
+
+
+def _adapt(sd: dict[str, torch.Tensor], backbone: Backbone, source: str) -> dict[str, torch.Tensor]:
+    """Resize the ``backbone.*`` tensors whose shape depends on the input size to the model's."""
+    part = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    part, messages = backbone.adapt_state_dict(part)
+    for message in messages:
+        log.info("%s: resized %s", source, message)
+    return {**{k: v for k, v in sd.items() if not k.startswith("backbone.")}, **{f"backbone.{k}": v for k, v in part.items()}}
 
 
 def _check_and_load(model: nn.Module, sd: dict, source: str) -> None:
@@ -92,14 +97,12 @@ def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
     """Load ``path`` strictly into an ``ImageClassifier`` or a bare ``Backbone`` (head dropped)."""
     sd = read_state_dict(path)
     if isinstance(model, ImageClassifier):
-        expected = set(model.state_dict())
-        sd = to_classifier_layout(sd, model.backbone, expected)
+        sd = _adapt(to_our_layout(sd, model.backbone, set(model.state_dict()), bare=False), model.backbone, str(path))
         _check_and_load(model, sd, str(path))
     elif isinstance(model, Backbone):
-        expected = {f"backbone.{k}" for k in model.state_dict()}
-        sd = to_classifier_layout(sd, model, expected)
-        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-        _check_and_load(model, sd, str(path))
+        sd = to_our_layout(sd, model, {f"backbone.{k}" for k in model.state_dict()}, bare=True)
+        sd = _adapt(sd, model, str(path))
+        _check_and_load(model, {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}, str(path))
     else:
         _check_and_load(model, sd, str(path))
     return model

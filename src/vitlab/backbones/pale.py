@@ -40,6 +40,7 @@ from timm.layers import DropPath, LayerNorm2d, Mlp, NormMlpClassifierHead, Separ
 from torch import nn
 
 from vitlab.backbones.base import Backbone
+from vitlab.backbones.layers import adapt_shapes, resize_grid
 
 ATTN_MODES = ("pale_parallel", "pale_sequential", "pale_vanilla", "cross", "axial")
 POS_EMBEDS = ("none", "ape", "cpe")
@@ -429,6 +430,14 @@ class PaleTransformer(Backbone):
         trunc_normal_(head.fc.weight, std=0.02)
         nn.init.zeros_(head.fc.bias)
         return head
+
+    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """APE grids of another ``img_size`` are resized (bicubic, as at run time) to this model's."""
+
+        def resize(key, value, target):
+            return resize_grid(value, tuple(target.shape[1:3]), "bicubic")
+
+        return adapt_shapes(self, state_dict, {"pos_embed": (resize, "bicubic")})
 
     def no_weight_decay(self) -> set[str]:
         return {f"stages.{i}.pos_embed" for i, s in enumerate(self.stages) if s.pos_embed is not None}

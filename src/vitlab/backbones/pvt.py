@@ -3,7 +3,7 @@
 One implementation; what separates v1 from v2 are constructor switches, so the
 PVTv2 component ablation (v1 -> +OPE -> +CFFN -> +LSRA) is a set of overrides.
 Official code: github.com/whai362/PVT, classification/pvt.py and pvt_v2.py;
-``convert_official`` maps its released state dicts onto our layout.
+``PyramidVisionTransformer.convert_official`` maps its released state dicts onto our layout.
 
 * ``overlap_patch_embed``: v1 patchifies with a conv of kernel = stride = S; v2
   uses kernel 2S-1 with padding S-1 ("overlapping patch embedding").
@@ -48,9 +48,9 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from vitlab.backbones.base import Backbone
-from vitlab.backbones.layers import init_vit_weights
+from vitlab.backbones.layers import adapt_shapes, init_vit_weights, resize_token_grid
 
-__all__ = ["PyramidVisionTransformer", "convert_official"]
+__all__ = ["PyramidVisionTransformer"]
 
 
 def _to_map(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -251,6 +251,23 @@ class Stage(nn.Module):
         return self.norm(x), hw
 
 
+def _stage(m: re.Match) -> str:
+    return f"backbone.stages.{int(m[1]) - 1}"
+
+
+# official key (1-based stage numbers) -> ours; the first matching rule wins
+_OFFICIAL_RULES = [
+    (r"^patch_embed(\d+)\.", lambda m: f"{_stage(m)}.patch_embed."),
+    (r"^pos_embed(\d+)$", lambda m: f"{_stage(m)}.pos_embed"),
+    (r"^block(\d+)\.(\d+)\.attn\.sr\.", lambda m: f"{_stage(m)}.blocks.{m[2]}.attn.sr.conv."),
+    (r"^block(\d+)\.(\d+)\.attn\.norm\.", lambda m: f"{_stage(m)}.blocks.{m[2]}.attn.sr.norm."),
+    (r"^block(\d+)\.(\d+)\.mlp\.dwconv\.dwconv\.", lambda m: f"{_stage(m)}.blocks.{m[2]}.mlp.dwconv."),
+    (r"^block(\d+)\.(\d+)\.", lambda m: f"{_stage(m)}.blocks.{m[2]}."),
+    (r"^norm(\d+)\.", lambda m: f"{_stage(m)}.norm."),
+    (r"^(norm\.|cls_token$)", lambda m: f"backbone.{m[1]}"),
+]
+
+
 class PyramidVisionTransformer(Backbone):
     """PVT v1 / PVTv2 (see the module docstring for every switch)."""
 
@@ -345,45 +362,37 @@ class PyramidVisionTransformer(Backbone):
         init_vit_weights(head)
         return head
 
+    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """v1's per-stage position embeddings (square grids of the checkpoint's img_size) are
+        resized bilinearly to this model's grids, as the official v1 code resizes them at run time."""
+
+        def resize(key, value, target):
+            return resize_token_grid(value, self.stages[int(key.split(".")[1])].pos_grid, "bilinear")
+
+        return adapt_shapes(self, state_dict, {"pos_embed": (resize, "bilinear")})
+
     def no_weight_decay(self) -> set[str]:
         # Position embeddings and the class token, as DeiT and PVTv2's code list them (the v1
         # code exempted only cls_token; its comment: "has pos_embed may be better").
         return {n for n, _ in self.named_parameters() if n.endswith(("pos_embed", "cls_token"))}
 
+    @staticmethod
+    def convert_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """whai362/PVT classification state dict (v1 or v2) -> ``backbone.*`` + ``head.*``.
 
-def _stage(m: re.Match) -> str:
-    return f"backbone.stages.{int(m[1]) - 1}"
-
-
-# official key (1-based stage numbers) -> ours; the first matching rule wins
-_OFFICIAL_RULES = [
-    (r"^patch_embed(\d+)\.", lambda m: f"{_stage(m)}.patch_embed."),
-    (r"^pos_embed(\d+)$", lambda m: f"{_stage(m)}.pos_embed"),
-    (r"^block(\d+)\.(\d+)\.attn\.sr\.", lambda m: f"{_stage(m)}.blocks.{m[2]}.attn.sr.conv."),
-    (r"^block(\d+)\.(\d+)\.attn\.norm\.", lambda m: f"{_stage(m)}.blocks.{m[2]}.attn.sr.norm."),
-    (r"^block(\d+)\.(\d+)\.mlp\.dwconv\.dwconv\.", lambda m: f"{_stage(m)}.blocks.{m[2]}.mlp.dwconv."),
-    (r"^block(\d+)\.(\d+)\.", lambda m: f"{_stage(m)}.blocks.{m[2]}."),
-    (r"^norm(\d+)\.", lambda m: f"{_stage(m)}.norm."),
-    (r"^(norm\.|cls_token$)", lambda m: f"backbone.{m[1]}"),
-]
-
-
-def convert_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """whai362/PVT classification state dict (v1 or v2) -> ``backbone.*`` + ``head.*``.
-
-    v1's last ``pos_embed{n}`` starts with the class token's slot: it becomes
-    ``backbone.cls_pos_embed``. Keys no rule knows pass through, so a strict load names them.
-    """
-    out = {}
-    pos_keys = [k for k in state_dict if re.fullmatch(r"pos_embed\d+", k)]
-    last_pos = max(pos_keys, key=lambda k: int(k[len("pos_embed"):]), default=None)
-    for key, value in state_dict.items():
-        if key == last_pos and "cls_token" in state_dict:
-            out["backbone.cls_pos_embed"] = value[:, :1]
-            value = value[:, 1:]
-        for pattern, repl in _OFFICIAL_RULES:
-            key, hits = re.subn(pattern, repl, key)
-            if hits:
-                break
-        out[key] = value
-    return out
+        v1's last ``pos_embed{n}`` starts with the class token's slot: it becomes
+        ``backbone.cls_pos_embed``. Keys no rule knows pass through, so a strict load names them.
+        """
+        out = {}
+        pos_keys = [k for k in state_dict if re.fullmatch(r"pos_embed\d+", k)]
+        last_pos = max(pos_keys, key=lambda k: int(k[len("pos_embed"):]), default=None)
+        for key, value in state_dict.items():
+            if key == last_pos and "cls_token" in state_dict:
+                out["backbone.cls_pos_embed"] = value[:, :1]
+                value = value[:, 1:]
+            for pattern, repl in _OFFICIAL_RULES:
+                key, hits = re.subn(pattern, repl, key)
+                if hits:
+                    break
+            out[key] = value
+        return out

@@ -18,7 +18,7 @@ final LayerNorm, global average pooling and the official two-layer head
 
 Everything not in the paper is taken from the official code
 (github.com/Yangr116/ScalableViT, image_classification/models/scalablevit.py),
-whose checkpoints ``convert_official`` maps onto this layout. Tokens travel
+whose checkpoints ``ScalableViT.convert_official`` maps onto this layout. Tokens travel
 between layers as channels-last ``(B, H, W, C)`` maps so that linears, convs
 (through a permuted, channels_last view) and window reshapes need no copies.
 
@@ -270,6 +270,18 @@ class ScalableViTStage(nn.Module):
         return x
 
 
+_OFFICIAL_RENAMES = [
+    (r"^patch_embeds\.(\d+)\.", r"backbone.stages.\1.embed."),
+    (r"^pos_block\.(\d+)\.proj\.0\.", r"backbone.stages.\1.peg.proj."),
+    (r"^stages\.(\d+)\.(\d+)\.", r"backbone.stages.\1.blocks.\2."),
+    (r"\.attn\.lim_func\.", ".attn.local_conv."),
+    (r"\.attn\.reduction\.0\.", ".attn.sr_dw."),
+    (r"\.attn\.reduction\.1\.", ".attn.sr_pw."),
+    (r"\.attn\.norm_act\.0\.", ".attn.sr_norm."),
+    (r"^norm\.", "backbone.norm."),
+]
+
+
 class ScalableViT(Backbone):
     """ScalableViT backbone; every argument is a field of conf/backbone/scalablevit_*.yaml."""
 
@@ -361,29 +373,17 @@ class ScalableViT(Backbone):
     def no_weight_decay(self) -> set[str]:
         return {n for n, _ in self.named_parameters() if ".peg." in n}
 
-
-_OFFICIAL_RENAMES = [
-    (r"^patch_embeds\.(\d+)\.", r"backbone.stages.\1.embed."),
-    (r"^pos_block\.(\d+)\.proj\.0\.", r"backbone.stages.\1.peg.proj."),
-    (r"^stages\.(\d+)\.(\d+)\.", r"backbone.stages.\1.blocks.\2."),
-    (r"\.attn\.lim_func\.", ".attn.local_conv."),
-    (r"\.attn\.reduction\.0\.", ".attn.sr_dw."),
-    (r"\.attn\.reduction\.1\.", ".attn.sr_pw."),
-    (r"\.attn\.norm_act\.0\.", ".attn.sr_norm."),
-    (r"^norm\.", "backbone.norm."),
-]
-
-
-def convert_official(state_dict: dict) -> dict:
-    """Official release (Yangr116/ScalableViT, a plain state dict or {'model': ...})
-    -> this project's ``backbone.*`` / ``head.*`` layout. The head keys
-    (head.0/1/3, or head.weight/bias for the plain head) are already ours."""
-    if "model" in state_dict and isinstance(state_dict["model"], dict):
-        state_dict = state_dict["model"]
-    out = {}
-    for key, value in state_dict.items():
-        new = key
-        for pattern, repl in _OFFICIAL_RENAMES:
-            new = re.sub(pattern, repl, new)
-        out[new] = value
-    return out
+    @staticmethod
+    def convert_official(state_dict: dict) -> dict:
+        """Official release (Yangr116/ScalableViT, a plain state dict or {'model': ...})
+        -> this project's ``backbone.*`` / ``head.*`` layout. The head keys
+        (head.0/1/3, or head.weight/bias for the plain head) are already ours."""
+        if "model" in state_dict and isinstance(state_dict["model"], dict):
+            state_dict = state_dict["model"]
+        out = {}
+        for key, value in state_dict.items():
+            new = key
+            for pattern, repl in _OFFICIAL_RENAMES:
+                new = re.sub(pattern, repl, new)
+            out[new] = value
+        return out

@@ -13,7 +13,7 @@
   stride, i.e. grid x patch/stride (rounded up). The classification path is
   timm's whole ViT (12 blocks, norm, class token) + a linear head.
 
-``convert_official`` maps timm's (and torchvision's: same names for ResNets)
+``convert_official`` (both classes) maps timm's (and torchvision's: same names for ResNets)
 released state dicts to our layout: the trunk goes under ``backbone.body.``,
 ``fc.*`` (CNNs) / ``head.*`` (ViT) become our head.
 """
@@ -29,11 +29,26 @@ from torch import nn
 
 from vitlab.backbones.base import Backbone
 
-__all__ = ["TimmCNN", "TimmColumnarViT", "convert_official"]
+__all__ = ["TimmCNN", "TimmColumnarViT"]
+
+
+def convert_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm / torchvision classifier state dict -> ``backbone.body.*`` + ``head.*``."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("fc."):  # ResNet / ResNeXt classifier -> ClassifierHead.fc
+            out["head." + key] = value
+        elif key.startswith("head."):  # ViT classifier
+            out[key] = value
+        else:
+            out["backbone.body." + key] = value
+    return out
 
 
 class TimmCNN(Backbone):
     """A timm CNN (``features_only``) with timm's average-pool + linear classifier head."""
+
+    convert_official = staticmethod(convert_timm)
 
     def __init__(self, *, model_name: str, out_indices: list[int], in_chans: int, drop_rate: float,
                  drop_path_rate: float):
@@ -56,6 +71,8 @@ class TimmCNN(Backbone):
 
 class TimmColumnarViT(Backbone):
     """timm ViT whose intermediate layers are resized to a pyramid (PVT Table 8)."""
+
+    convert_official = staticmethod(convert_timm)
 
     def __init__(self, *, model_name: str, patch_size: int, img_size: int, in_chans: int, out_indices: list[int],
                  out_strides: list[int], drop_rate: float, drop_path_rate: float):
@@ -95,16 +112,3 @@ class TimmColumnarViT(Backbone):
 
     def no_weight_decay(self) -> set[str]:
         return {f"body.{n}" for n in self.body.no_weight_decay()}
-
-
-def convert_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """timm / torchvision classifier state dict -> ``backbone.body.*`` + ``head.*``."""
-    out = {}
-    for key, value in state_dict.items():
-        if key.startswith("fc."):  # ResNet / ResNeXt classifier -> ClassifierHead.fc
-            out["head." + key] = value
-        elif key.startswith("head."):  # ViT classifier
-            out[key] = value
-        else:
-            out["backbone.body." + key] = value
-    return out

@@ -255,6 +255,13 @@ class GPViTAdapter(Backbone):
     def no_weight_decay(self) -> set[str]:
         return {f"trunk.{n}" for n in self.trunk.no_weight_decay()} | {"level_embed"}
 
+    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """The trunk's size-dependent tensors, adapted by the trunk."""
+        trunk, messages = self.trunk.adapt_state_dict(
+            {k.removeprefix("trunk."): v for k, v in state_dict.items() if k.startswith("trunk.")})
+        rest = {k: v for k, v in state_dict.items() if not k.startswith("trunk.")}
+        return {**rest, **{f"trunk.{k}": v for k, v in trunk.items()}}, [f"trunk.{m}" for m in messages]
+
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         h0, w0 = images.shape[-2:]
         pad_h, pad_w = (-h0) % 32, (-w0) % 32

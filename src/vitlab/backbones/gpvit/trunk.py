@@ -83,7 +83,7 @@ from torch import nn
 
 from vitlab.backbones.base import Backbone
 from vitlab.backbones.gpvit.convert import convert_official
-from vitlab.backbones.layers import init_vit_weights
+from vitlab.backbones.layers import adapt_shapes, init_vit_weights, resize_token_grid
 
 LOCAL_ATTNS = ("lepe", "window", "global")
 GLOBAL_BLOCKS = ("gp", "none", "conv", "global_attn", "shifted_window")
@@ -592,6 +592,15 @@ class GPViT(Backbone):
             if isinstance(m, TokenGrouping):
                 trunc_normal_(m.group_token, std=0.02)
         self.apply(partial(init_vit_weights, convs=False))  # the official classifier config: convs keep torch's init
+
+    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """A position embedding of another ``img_size`` (a square grid) is resized to this model's
+        grid with ``interpolate_mode``, as at run time."""
+
+        def resize(key, value, target):
+            return resize_token_grid(value, self.grid, self.interpolate_mode)
+
+        return adapt_shapes(self, state_dict, {"pos_embed": (resize, self.interpolate_mode)})
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed"} | {n for n, _ in self.named_parameters() if n.endswith("group_token")}
