@@ -41,7 +41,7 @@ FIXTURES = ROOT / "tests" / "fixtures"
 
 # the official tiny architecture of the fixture, as overrides of gpvit_l1
 TINY = [
-    "img_size=64", "embed_dims=32", "num_convs=1", "num_layers=4", "num_heads=4", "gp_layers=[1,3]",
+    "img_size=64", "embed_dims=32", "num_convs=1", "depths=4", "num_heads=4", "gp_layers=[1,3]",
     "group_tokens=[8,4]", "num_group_heads=2", "num_ungroup_heads=2", "propagation_heads=2",
     "drop_path_rate=0.0", "neck_heads=2",
 ]
@@ -220,7 +220,7 @@ def test_any_input_size_and_dense_pyramid():
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["local_attn=window", "window_size=3", "global_block=shifted_window"],
+        ["local_attn=window", "window_sizes=3", "global_block=shifted_window"],
         ["global_block=conv"],
         ["local_attn=global", "global_block=global_attn"],
         ["propagation=self_attn"],

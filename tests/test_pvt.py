@@ -169,7 +169,7 @@ def test_small_wide_is_pvt_small_times_1p4():
 
 def test_component_ablation_ends_at_pvt_v2_b2_li():
     # PVTv2 component ablation: PVT-Small + OPE + conv FFN (no APE, GAP head) + linear SRA = PVTv2-B2-Li
-    rows = ["overlap_patch_embed=true", "conv_ffn=true", "pos_embed=false", "cls_token=false",
+    rows = ["overlap_patch_embed=true", "conv_ffn=true", "pos_embed=none", "cls_token=false",
             "stage_norm=true", "linear_sra=true"]
     with torch.device("meta"):
         model = vitlab.create_model("pvt_small", overrides=rows)

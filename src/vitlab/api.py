@@ -29,7 +29,8 @@ NON_CONSTRUCTOR_KEYS = ("pretrained",)
 
 
 def available_backbones() -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / "backbone").glob("*.yaml"))
+    """The variants: ``conf/backbone/*.yaml``, not the family bases they extend (``conf/backbone/family/``)."""
+    return sorted(p.stem for p in (CONF_DIR / "backbone").glob("*.yaml") if p.parent.name != "family")
 
 
 def _relative_to_backbone(override: str) -> str:

@@ -39,20 +39,12 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, Mlp, NormMlpClassifierHead, SeparableConv2d, trunc_normal_
 from torch import nn
 
+from vitlab.backbones.arguments import per_stage, renamed_arguments
 from vitlab.backbones.base import Backbone
 from vitlab.backbones.layers import adapt_shapes, resize_grid
 
 ATTN_MODES = ("pale_parallel", "pale_sequential", "pale_vanilla", "cross", "axial")
 POS_EMBEDS = ("none", "ape", "cpe")
-
-
-def _per_stage(value, n: int, name: str) -> list:
-    """An int/float for all stages, or a list with one entry per stage."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ValueError(f"{name}: expected {n} per-stage values, got {list(value)}")
-        return list(value)
-    return [value] * n
 
 
 def _pale_pair(s) -> tuple[int, int]:
@@ -315,16 +307,16 @@ class PaleTransformer(Backbone):
 
     Args:
         embed_dims, depths, num_heads: per stage (C_i, depth, H_i of Table 1).
-        mlp_ratio: R_i, a float or one per stage.
+        mlp_ratios: R_i, a float (every stage) or one per stage.
         pale_size: S_i; an int (all stages), or one entry per stage, each an int
             (s_r = s_c) or a pair ``[s_r, s_c]``.
         attn_mode: one of ``ATTN_MODES`` (Table 6/8).
         pos_embed: ``none`` | ``ape`` | ``cpe`` (Table 9). DECISION for ``ape``: one
             learned embedding per stage, added after its patch merging, sized for
-            ``ape_size`` (Table 9's dense-task params grow by 7-8M with APE, which
+            ``img_size`` (Table 9's dense-task params grow by 7-8M with APE, which
             per-stage grids at the dense input size give: 7.9M at 512x2048, 7.7M
             at 800x1280; a single stage-1 grid would give only 4.2M / 4.1M).
-        ape_size: the input size ``[H, W]`` the APE grids are made for.
+        img_size: the input size (``S`` or ``[H, W]``) the APE grids are made for.
         qkv_bias: bias of the point-wise convs of q, k, v.
         drop_rate: dropout after the attention projection and in the MLP.
         attn_drop_rate: dropout on attention weights.
@@ -337,16 +329,17 @@ class PaleTransformer(Backbone):
 
     strides = [4, 8, 16, 32]
 
+    @renamed_arguments(names={"mlp_ratio": "mlp_ratios", "ape_size": "img_size"})
     def __init__(
         self,
         embed_dims: Sequence[int],
         depths: Sequence[int],
         num_heads: Sequence[int],
-        mlp_ratio: float | Sequence[float] = 4.0,
+        mlp_ratios: float | Sequence[float] = 4.0,
         pale_size: int | Sequence = 7,
         attn_mode: str = "pale_parallel",
         pos_embed: str = "cpe",
-        ape_size: Sequence[int] = (224, 224),
+        img_size: int | Sequence[int] = 224,
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
@@ -362,15 +355,16 @@ class PaleTransformer(Backbone):
             raise ValueError(f"pos_embed {pos_embed!r} not in {POS_EMBEDS}")
         n = len(depths)
         dims, heads = list(embed_dims), list(num_heads)
-        mlp_ratios = _per_stage(mlp_ratio, n, "mlp_ratio")
-        pale_sizes = [_pale_pair(s) for s in _per_stage(pale_size, n, "pale_size")]
+        mlp_ratios = per_stage(mlp_ratios, n)
+        pale_sizes = [_pale_pair(s) for s in per_stage(pale_size, n)]
         self.out_channels = dims
         self.strides = [4 * 2**i for i in range(n)]
         self.head_drop_rate, self.norm_eps = head_drop_rate, norm_eps
         total = sum(depths)  # plain Python, so the model can be built on the meta device
         dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
 
-        grid = [math.ceil(ape_size[0] / 4), math.ceil(ape_size[1] / 4)]
+        img_size = per_stage(img_size, 2)  # [H, W]
+        grid = [math.ceil(img_size[0] / 4), math.ceil(img_size[1] / 4)]
         stages, cur = [], 0
         for i in range(n):
             if i == 0:

@@ -13,8 +13,10 @@ Official code: github.com/whai362/PVT, classification/pvt.py and pvt_v2.py;
   stage, whatever its SR ratio (official code). As in the official code this
   mode also puts a ReLU after fc1 in the FFN. Otherwise keys/values come from a
   conv with kernel = stride = R_i + LayerNorm (none where R_i = 1).
-* ``pos_embed``: v1's learned absolute position embedding per stage on the grid
-  of ``img_size``, bilinearly resized for other inputs (as the official v1 code).
+* ``pos_embed``: ``ape`` is v1's learned absolute position embedding per stage on
+  the grid of ``img_size``, bilinearly resized for other inputs (as the official v1
+  code); ``none`` is v2's (the conv FFN gives position). Stored configs of earlier
+  versions have a bool here (true = ``ape``).
 * ``cls_token``: v1 prepends a class token in the last stage and the head reads
   it; otherwise the head reads the mean of the last stage's tokens (v2).
 * ``stage_norm``: v2 ends every stage with a LayerNorm (part of the dense
@@ -47,6 +49,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
+from vitlab.backbones.arguments import per_stage, renamed_arguments
 from vitlab.backbones.base import Backbone
 from vitlab.backbones.layers import adapt_shapes, init_vit_weights, resize_token_grid
 
@@ -271,6 +274,7 @@ _OFFICIAL_RULES = [
 class PyramidVisionTransformer(Backbone):
     """PVT v1 / PVTv2 (see the module docstring for every switch)."""
 
+    @renamed_arguments(values={"pos_embed": {True: "ape", False: "none"}})
     def __init__(
         self,
         *,
@@ -281,13 +285,13 @@ class PyramidVisionTransformer(Backbone):
         width_mult: float,
         depths: list[int],
         num_heads: list[int],
-        mlp_ratios: list[float],
+        mlp_ratios: float | list[float],
         sr_ratios: list[int],
         overlap_patch_embed: bool,
         conv_ffn: bool,
         linear_sra: bool,
         sra_pool_size: int,
-        pos_embed: bool,
+        pos_embed: str,
         cls_token: bool,
         stage_norm: bool,
         qkv_bias: bool,
@@ -299,6 +303,7 @@ class PyramidVisionTransformer(Backbone):
     ):
         super().__init__()
         n = len(depths)
+        mlp_ratios = per_stage(mlp_ratios, n)
         if not all(len(v) == n for v in (patch_sizes, embed_dims, num_heads, mlp_ratios, sr_ratios)):
             raise ValueError("patch_sizes, embed_dims, num_heads, mlp_ratios and sr_ratios need one entry per stage")
         if cls_token and (conv_ffn or linear_sra or sr_ratios[-1] > 1):
@@ -318,7 +323,7 @@ class PyramidVisionTransformer(Backbone):
             stride *= s
             self.strides.append(stride)
             self.stages.append(Stage(
-                in_chans=prev, dim=dims[i], depth=depths[i], stride=s, pos_grid=grid if pos_embed else None,
+                in_chans=prev, dim=dims[i], depth=depths[i], stride=s, pos_grid=grid if pos_embed == "ape" else None,
                 overlap_patch_embed=overlap_patch_embed, stage_norm=stage_norm, drop_rate=drop_rate,
                 drop_path=dpr[sum(depths[:i]):], norm_eps=norm_eps, embed_norm_eps=embed_norm_eps,
                 num_heads=num_heads[i], mlp_ratio=mlp_ratios[i], sr_ratio=sr_ratios[i], conv_ffn=conv_ffn,
@@ -329,7 +334,7 @@ class PyramidVisionTransformer(Backbone):
         # v1 classification path: a final LayerNorm and the class token with its position slot
         self.norm = None if stage_norm else nn.LayerNorm(dims[-1], eps=norm_eps)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dims[-1])) if cls_token else None
-        self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, dims[-1])) if cls_token and pos_embed else None
+        self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, dims[-1])) if cls_token and pos_embed == "ape" else None
         self.apply(init_vit_weights)
         for name, p in self.named_parameters():
             if name.endswith(("pos_embed", "cls_token")):

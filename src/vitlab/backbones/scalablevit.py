@@ -61,12 +61,14 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import nn
 
+from vitlab.backbones.arguments import per_stage, renamed_arguments
 from vitlab.backbones.base import Backbone
 from vitlab.backbones.layers import init_vit_weights
 
 ATTENTIONS = ("iwsa", "wsa", "swsa", "ssa")
 LOCAL_MODULES = ("none", "lem", "lim")
 HEADS = ("two_layer", "linear")
+POS_EMBEDS = ("peg", "none")
 
 
 def parse_block_pattern(pattern: str) -> tuple[str, str]:
@@ -283,25 +285,31 @@ _OFFICIAL_RENAMES = [
 
 
 class ScalableViT(Backbone):
-    """ScalableViT backbone; every argument is a field of conf/backbone/scalablevit_*.yaml."""
+    """ScalableViT backbone; every argument is a field of conf/backbone/scalablevit_*.yaml.
 
+    ``pos_embed``: ``peg`` puts a PEG after each stage's first block (official), ``none`` drops
+    it (Table 5b); stored configs of earlier versions have ``peg: true|false`` instead.
+    ``mlp_ratios`` and ``window_sizes`` take one value for every stage or one per stage.
+    """
+
+    @renamed_arguments(names={"peg": "pos_embed"}, values={"pos_embed": {True: "peg", False: "none"}})
     def __init__(
         self,
         in_chans: int,
         embed_dims: list[int],
         depths: list[int],
         num_heads: list[int],
-        mlp_ratios: list[float],
+        mlp_ratios: float | list[float],
         patch_sizes: list[int],
         patch_kernels: list[int],
-        window_sizes: list[int],
+        window_sizes: int | list[int],
         sr_ratios: list[int],
         c_ratios: list[float],
         qkv_bias: bool,
         block_pattern: str,
         local_module: str,
         local_kernel: int,
-        peg: bool,
+        pos_embed: str,
         peg_kernel: int,
         norm_eps: float,
         drop_rate: float,
@@ -314,6 +322,9 @@ class ScalableViT(Backbone):
         if head not in HEADS:
             raise ValueError(f"head {head!r} not in {HEADS}")
         even, odd = parse_block_pattern(block_pattern)
+        if pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed {pos_embed!r} not in {POS_EMBEDS}")
+        mlp_ratios, window_sizes = per_stage(mlp_ratios, len(depths)), per_stage(window_sizes, len(depths))
         self.head_type = head
         self.head_hidden_dim = head_hidden_dim
         self.norm_eps = norm_eps
@@ -334,7 +345,7 @@ class ScalableViT(Backbone):
             ]
             embed = ConvPatchEmbed(in_chans if s == 0 else embed_dims[s - 1], dim, patch_kernels[s],
                                    patch_sizes[s], norm_eps)
-            stages.append(ScalableViTStage(embed, blocks, PosConv(dim, peg_kernel) if peg else None, drop_rate))
+            stages.append(ScalableViTStage(embed, blocks, PosConv(dim, peg_kernel) if pos_embed == "peg" else None, drop_rate))
             cur += depth
         self.stages = nn.ModuleList(stages)
         self.norm = nn.LayerNorm(embed_dims[-1], eps=norm_eps)

@@ -45,16 +45,17 @@ Decisions left open by the paper and the official code:
   ``local_attn`` in {lepe, window, global} swaps only the attention inside the
   local block (qkv, proj, FFN and the depth-wise conv stay, so each table row
   changes one thing); ``window`` is Swin's window attention with
-  ``window_size`` 7 (28 = 4 x 7 at 224) and no relative position bias (the
+  ``window_sizes`` 7 (28 = 4 x 7 at 224) and no relative position bias (the
   absolute position embedding and the depth-wise convs give position).
   ``global_block`` replaces the blocks at ``gp_layers``: ``gp`` (GP block),
   ``none`` (a local block like the others), ``conv`` (ViTDet's conv
   propagation block as the paper describes it: two 3x3 convs, each followed by
   a LayerNorm, GELU between, and a residual), ``global_attn`` (the local block
   with global attention), ``shifted_window`` (the window block shifted by
-  ``window_size // 2`` with Swin's region mask). ``propagation`` in
+  half a window with Swin's region mask). ``propagation`` in
   {mlp_mixer, self_attn, none}: ``self_attn`` is timm's pre-norm ViT block on
-  the group tokens (``propagation_heads`` heads, FFN ratio ``ffn_ratio``).
+  the group tokens (``propagation_heads`` heads, FFN ratio ``mlp_ratios``).
+  ``pos_embed``: ``ape`` (the official learned embedding) or ``none``.
   ``patch_size`` 16 keeps the conv stem and makes the projection 8x8/8.
 * Dense outputs. ``out_indices`` picks the layers whose (normed) token maps
   are returned: the last one through the final norm, others through their own
@@ -81,6 +82,7 @@ from timm.layers import DropPath, LayerNorm2d, Mlp, resample_abs_pos_embed, trun
 from timm.models.vision_transformer import Block as ViTBlock
 from torch import nn
 
+from vitlab.backbones.arguments import per_stage, renamed_arguments
 from vitlab.backbones.base import Backbone
 from vitlab.backbones.gpvit.convert import convert_official
 from vitlab.backbones.layers import adapt_shapes, init_vit_weights, resize_token_grid
@@ -89,6 +91,7 @@ LOCAL_ATTNS = ("lepe", "window", "global")
 GLOBAL_BLOCKS = ("gp", "none", "conv", "global_attn", "shifted_window")
 PROPAGATIONS = ("mlp_mixer", "self_attn", "none")
 HEAD_POOLS = ("group", "mean")
+POS_EMBEDS = ("ape", "none")
 
 
 # --------------------------------------------------------------------------- windows
@@ -244,7 +247,7 @@ class LocalBlock(nn.Module):
         split_size: int,
         window_size: int,
         shift: bool,
-        ffn_ratio: float,
+        mlp_ratio: float,
         qkv_bias: bool,
         drop: float,
         attn_drop: float,
@@ -256,7 +259,7 @@ class LocalBlock(nn.Module):
         self.attn = LocalAttention(dim, num_heads, mode, split_size, window_size, shift, qkv_bias, attn_drop, drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * ffn_ratio), drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
         self.dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -346,7 +349,7 @@ class Ungrouping(nn.Module):
     concatenated with the image tokens (instead of a residual), projected 2C -> C,
     then a pre-norm FFN with residual."""
 
-    def __init__(self, dim: int, num_heads: int, ffn_ratio: float, qkv_bias: bool, drop: float, attn_drop: float, drop_path: float):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop: float, attn_drop: float, drop_path: float):
         super().__init__()
         self.num_heads, self.attn_drop = num_heads, attn_drop
         self.norm_query = nn.LayerNorm(dim)
@@ -359,7 +362,7 @@ class Ungrouping(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.cat_proj = nn.Linear(2 * dim, dim)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * ffn_ratio), drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
     def forward(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
@@ -388,7 +391,7 @@ class GPBlock(nn.Module):
         propagation_heads: int,
         token_ratio: float,
         channel_ratio: float,
-        ffn_ratio: float,
+        mlp_ratio: float,
         qkv_bias: bool,
         drop: float,
         attn_drop: float,
@@ -400,7 +403,7 @@ class GPBlock(nn.Module):
             layers = [MixerLayer(num_tokens, dim, token_ratio, channel_ratio, drop, drop_path) for _ in range(propagation_depth)]
         elif propagation == "self_attn":
             layers = [
-                ViTBlock(dim, propagation_heads, mlp_ratio=ffn_ratio, qkv_bias=qkv_bias, proj_drop=drop,
+                ViTBlock(dim, propagation_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop,
                          attn_drop=attn_drop, drop_path=drop_path, norm_layer=nn.LayerNorm)
                 for _ in range(propagation_depth)
             ]
@@ -409,7 +412,7 @@ class GPBlock(nn.Module):
         else:
             raise ValueError(f"propagation {propagation!r}: use one of {PROPAGATIONS}")
         self.propagate = nn.Sequential(*layers)
-        self.ungroup = Ungrouping(dim, num_ungroup_heads, ffn_ratio, qkv_bias, drop, attn_drop, drop_path)
+        self.ungroup = Ungrouping(dim, num_ungroup_heads, mlp_ratio, qkv_bias, drop, attn_drop, drop_path)
         self.dw = nn.Sequential(
             nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True)
         )
@@ -487,8 +490,11 @@ class GPViTHead(nn.Module):
 
 # --------------------------------------------------------------------------- backbone
 class GPViT(Backbone):
-    """GPViT trunk: conv stem to stride ``patch_size``, position embedding, ``num_layers``
+    """GPViT trunk: conv stem to stride ``patch_size``, position embedding, ``depths``
     local / GP blocks at that one resolution, final LayerNorm (see the module docstring).
+    One stage: ``depths``, ``window_sizes`` and ``mlp_ratios`` are one value (or a one-entry
+    list), spelled as the multi-stage families spell them; configs stored by earlier versions
+    call them ``num_layers``, ``window_size`` and ``ffn_ratio``.
 
     ``forward`` returns the maps of ``out_indices`` at ``out_strides``; ``forward_features``
     the final normed tokens (B, N, C) that the GroupNeck head reads. A trunk held by another
@@ -498,6 +504,7 @@ class GPViT(Backbone):
 
     convert_official = staticmethod(convert_official)
 
+    @renamed_arguments(names={"num_layers": "depths", "ffn_ratio": "mlp_ratios", "window_size": "window_sizes"})
     def __init__(
         self,
         img_size: int | list[int],
@@ -506,12 +513,12 @@ class GPViT(Backbone):
         patch_size: int,
         stem_channels: int,
         num_convs: int,
-        num_layers: int,
+        depths: int | list[int],
         num_heads: int,
         local_attn: str,
         split_size: int,
-        window_size: int,
-        ffn_ratio: float,
+        window_sizes: int | list[int],
+        mlp_ratios: float | list[float],
         qkv_bias: bool,
         global_block: str,
         gp_layers: list[int],
@@ -527,6 +534,7 @@ class GPViT(Backbone):
         attn_drop_rate: float,
         drop_path_rate: float,
         norm_eps: float,
+        pos_embed: str,
         interpolate_mode: str,
         out_indices: list[int] = (-1,),
         out_strides: list[int] = (8,),
@@ -541,6 +549,10 @@ class GPViT(Backbone):
             raise ValueError(f"head_pool {head_pool!r}: use one of {HEAD_POOLS}")
         if len(gp_layers) != len(group_tokens):
             raise ValueError("gp_layers and group_tokens need one entry per GP block")
+        if pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed {pos_embed!r}: use one of {POS_EMBEDS}")
+        # one stage: the per-stage fields of the other families hold one value here
+        (num_layers,), (window_size,), (mlp_ratio,) = (per_stage(v, 1) for v in (depths, window_sizes, mlp_ratios))
         out_indices = [i % num_layers for i in out_indices]
         if len(out_indices) not in (1, len(out_strides)):
             raise ValueError("out_indices: one layer for all out_strides, or one layer per stride")
@@ -552,13 +564,14 @@ class GPViT(Backbone):
         # grid of the pretraining size, as the stem produces it (ceil at each stride)
         self.grid = (math.ceil(math.ceil(img_size[0] / 2) / (patch_size // 2)),
                      math.ceil(math.ceil(img_size[1] / 2) / (patch_size // 2)))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], embed_dims))
+        self.pos_embed = (nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], embed_dims))
+                          if pos_embed == "ape" else None)
         self.pos_drop = nn.Dropout(drop_rate)
 
         dpr = [drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]  # linspace, meta-safe
         tokens_at = dict(zip([i % num_layers for i in gp_layers], group_tokens))
         local = dict(dim=embed_dims, num_heads=num_heads, split_size=split_size, window_size=window_size,
-                     ffn_ratio=ffn_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate, norm_eps=norm_eps)
+                     mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate, norm_eps=norm_eps)
         layers = []
         for i in range(num_layers):
             if i not in tokens_at or global_block == "none":
@@ -566,7 +579,7 @@ class GPViT(Backbone):
             elif global_block == "gp":
                 layers.append(GPBlock(embed_dims, tokens_at[i], num_group_heads, num_ungroup_heads, propagation,
                                       propagation_depth, propagation_heads, mixer_token_ratio, mixer_channel_ratio,
-                                      ffn_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i]))
+                                      mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i]))
             elif global_block == "conv":
                 layers.append(ConvPropagationBlock(embed_dims, dpr[i]))
             elif global_block == "global_attn":
@@ -585,9 +598,10 @@ class GPViT(Backbone):
         self.strides = list(out_strides)
         self.out_channels = [embed_dims] * len(out_strides)
 
-        if self.pos_embed.is_meta:  # built on the meta device to count: no values to initialise (and it is slow)
+        if self.patch_embed.proj.weight.is_meta:  # built on the meta device to count: no values to initialise (slow)
             return
-        trunc_normal_(self.pos_embed, std=0.02)
+        if self.pos_embed is not None:
+            trunc_normal_(self.pos_embed, std=0.02)
         for m in self.modules():
             if isinstance(m, TokenGrouping):
                 trunc_normal_(m.group_token, std=0.02)
@@ -603,14 +617,16 @@ class GPViT(Backbone):
         return adapt_shapes(self, state_dict, {"pos_embed": (resize, self.interpolate_mode)})
 
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed"} | {n for n, _ in self.named_parameters() if n.endswith("group_token")}
+        return {n for n, _ in self.named_parameters() if n.endswith(("pos_embed", "group_token"))}
 
     def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         x = self.patch_embed(images)
         hw = (x.shape[-2], x.shape[-1])
-        pos = resample_abs_pos_embed(self.pos_embed, list(hw), list(self.grid), num_prefix_tokens=0,
-                                     interpolation=self.interpolate_mode, antialias=False)
-        return self.pos_drop(x.flatten(2).transpose(1, 2) + pos), hw
+        x = x.flatten(2).transpose(1, 2)
+        if self.pos_embed is not None:
+            x = x + resample_abs_pos_embed(self.pos_embed, list(hw), list(self.grid), num_prefix_tokens=0,
+                                           interpolation=self.interpolate_mode, antialias=False)
+        return self.pos_drop(x), hw
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Final normed tokens (B, N, C): what the GroupNeck reads."""
