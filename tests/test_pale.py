@@ -61,8 +61,10 @@ def _naive_attention(attn: PaleAttention, x: torch.Tensor) -> torch.Tensor:
     heads, hd = attn.num_heads, c // attn.num_heads
     s_r, s_c = attn.pale_size if attn.mode != "axial" else (1, 1)
 
-    def sep(m):
+    def sep(m):  # CvT's convolutional projection: depth-wise conv -> BatchNorm (eval) -> point-wise conv
         y = F.conv2d(x.permute(0, 3, 1, 2), m.conv_dw.weight, None, padding=1, groups=c)
+        y = (y - m.bn.running_mean[:, None, None]) / torch.sqrt(m.bn.running_var[:, None, None] + m.bn.eps)
+        y = y * m.bn.weight[:, None, None] + m.bn.bias[:, None, None]
         y = F.conv2d(y, m.conv_pw.weight, m.conv_pw.bias)
         return y.flatten(2).transpose(1, 2).reshape(b, h * w, heads, hd).transpose(1, 2)  # (b, heads, hw, hd)
 
@@ -107,6 +109,9 @@ def test_attention_matches_naive_masked_attention(mode, hw, pale):
     attn = PaleAttention(16, 4, pale, mode, qkv_bias=True, attn_drop=0.0, proj_drop=0.0).double().eval()
     for p in attn.parameters():  # non-trivial biases too
         torch.nn.init.normal_(p, std=0.5)
+    for proj in (attn.q, attn.k, attn.v):  # BatchNorm statistics too
+        proj.bn.running_mean.normal_(std=0.5)
+        proj.bn.running_var.uniform_(0.5, 2.0)
     x = torch.randn(2, *hw, 16, dtype=torch.float64)
     torch.testing.assert_close(attn(x), _naive_attention(attn, x), rtol=1e-9, atol=1e-9)
 

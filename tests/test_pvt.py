@@ -16,7 +16,7 @@
   N(0, 1) inputs (rounded to fp16 for storage, run in fp32) at two sizes, one
   needing position-embedding interpolation (v1: 96x80). The file holds the
   official state dict, the config, inputs and logits.
-* Parameter counts: the official-code counts of spec/ZOO.md; GFLOPs: the papers.
+* Parameter counts: the official code's (counted by running it); GFLOPs: the papers.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from vitlab.flops import count_gmacs, count_params
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
-# name: (official-code params, ImageNet classifier; paper GFLOPs at 224)  -- spec/ZOO.md, seeds 000/001
+# name: (official-code params, ImageNet classifier; paper GFLOPs at 224)  -- official code, seeds 000/001
 ZOO = {
     "pvt_tiny": (13_229_288, 1.9),
     "pvt_small": (24_485_864, 3.8),

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
+from timm.layers.pos_embed_rel import resize_rel_pos_bias_table
 from torch import nn
 
 
@@ -64,3 +65,51 @@ def resize_token_grid(tokens: torch.Tensor, size: tuple[int, int], mode: str) ->
     if side * side != tokens.shape[1]:
         raise ValueError(f"position embedding of {tokens.shape[1]} tokens is not a square grid; cannot resize it")
     return resize_grid(tokens.unflatten(1, (side, side)), size, mode).flatten(1, 2)
+
+
+# --------------------------------------------------------------------------- Swin's relative position bias
+def add_relative_position_bias(module: nn.Module, window: int, num_heads: int) -> None:
+    """Give a window-attention module Swin's relative position bias, in the key layout of
+    mmcls' ``WindowMSA`` (the GPViT authors' codebase): a learned ``relative_position_bias_table``
+    ((2 window - 1)^2, heads), trunc-normal(0.02) as Swin, and the ``relative_position_index``
+    buffer (L, L) that picks each query-key pair's entry."""
+    module.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+    module.register_buffer("relative_position_index", relative_position_index((window, window), window))
+    if not module.relative_position_bias_table.is_meta:
+        trunc_normal_(module.relative_position_bias_table, std=0.02)
+
+
+def relative_position_index(window: tuple[int, int], table: int) -> torch.Tensor:
+    """(L, L) index of every (query, key) pair of a row-major ``window`` into the bias table of a
+    ``table`` x ``table`` window: (dy + table - 1) (2 table - 1) + dx + table - 1, Swin's index.
+    A window smaller than the table's (a map smaller than one window) uses its middle part
+    (timm's ``gen_relative_position_index`` only makes the index of the table's own window)."""
+    ys, xs = torch.meshgrid(torch.arange(window[0]), torch.arange(window[1]), indexing="ij")
+    dy = ys.reshape(-1, 1) - ys.reshape(1, -1)
+    dx = xs.reshape(-1, 1) - xs.reshape(1, -1)
+    return (dy + table - 1) * (2 * table - 1) + dx + table - 1
+
+
+def relative_position_bias(module: nn.Module, window: tuple[int, int]) -> torch.Tensor:
+    """The (heads, L, L) bias of ``add_relative_position_bias`` for a window of ``window`` tokens."""
+    table = module.relative_position_bias_table
+    size = math.isqrt(table.shape[0]) // 2 + 1
+    index = module.relative_position_index
+    if window != (size, size):
+        index = relative_position_index(window, size).to(table.device)
+    length = window[0] * window[1]
+    return table[index.reshape(-1)].view(length, length, -1).permute(2, 0, 1)
+
+
+def resize_relative_position_bias() -> dict[str, tuple[Resizer, str]]:
+    """``adapt_shapes`` rules for a checkpoint made with another window size: the bias table
+    resized as timm resizes it, the index buffer this model's own."""
+    def table(key, value, target):
+        size = math.isqrt(target.shape[0]) // 2 + 1
+        return resize_rel_pos_bias_table(value, (size, size), tuple(target.shape))
+
+    def index(key, value, target):
+        return target.clone()
+
+    return {"relative_position_bias_table": (table, "timm resize_rel_pos_bias_table"),
+            "relative_position_index": (index, "this window's index")}

@@ -36,7 +36,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm2d, Mlp, NormMlpClassifierHead, SeparableConv2d, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d, Mlp, NormMlpClassifierHead, trunc_normal_
 from torch import nn
 
 from vitlab.backbones.arguments import per_stage, renamed_arguments
@@ -107,14 +107,33 @@ def _vanilla_index(n: int, s_r: int, s_c: int, hp: int, wp: int, device) -> torc
     return torch.cat([row_part, col_part], dim=1)
 
 
+class ConvProjection(nn.Module):
+    """CvT's convolutional projection, which the paper's q / k / v follow (Eq. 2: separable
+    convolutions "similar to CvT"): 3x3 depth-wise conv (no bias) -> BatchNorm -> point-wise
+    conv (bias = ``qkv_bias``; CvT's linear projection after flattening), on an NCHW map.
+
+    The BatchNorm is CvT's (Wu et al. 2021, Sec. 3.2 and its ``conv_proj_q/k/v``); its cost is
+    an affine per element, which Eq. 5 (the two convs' 27 hwc) leaves out, like our counter.
+    It sees the map the attention module pads (see ``PaleAttention.forward``): in training its
+    batch statistics include the padded positions, as if the map were that size.
+    """
+
+    def __init__(self, dim: int, bias: bool):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False)
+        self.bn = nn.BatchNorm2d(dim)
+        self.conv_pw = nn.Conv2d(dim, dim, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_pw(self.bn(self.conv_dw(x)))
+
+
 class PaleAttention(nn.Module):
     """PS-Attention (Eq. 1-3) and the ablation alternatives, on ``(B, H, W, C)`` maps.
 
     ``mode``: ``pale_parallel`` | ``cross`` | ``axial`` | ``pale_vanilla`` |
     ``pale_rows`` / ``pale_cols`` (the two block kinds of ``pale_sequential``).
-    q, k, v: three separable convs (3x3 depth-wise, no bias + point-wise with bias),
-    "similar to CvT" (Eq. 2). DECISION: no BatchNorm between them (CvT has one;
-    the paper does not mention it and Eq. 13 counts only the two convs).
+    q, k, v: three ``ConvProjection`` (Eq. 2, "similar to CvT").
     """
 
     def __init__(
@@ -137,9 +156,7 @@ class PaleAttention(nn.Module):
         self.pale_size = (1, 1) if mode == "axial" else pale_size
         self.interlaced = mode != "cross"
         self.attn_drop = attn_drop
-        self.q = SeparableConv2d(dim, dim, 3, bias=qkv_bias)
-        self.k = SeparableConv2d(dim, dim, 3, bias=qkv_bias)
-        self.v = SeparableConv2d(dim, dim, 3, bias=qkv_bias)
+        self.q, self.k, self.v = (ConvProjection(dim, qkv_bias) for _ in range(3))
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 

@@ -34,9 +34,10 @@ official path, i.e. for ablations or inputs that are not multiples of 224):
   (their convs produce ceil(H / stride) rows). The official code supports only
   inputs that are multiples of 224 and reproduces these numbers exactly there.
 * Ablation attentions (Table 5a), chosen by ``block_pattern``: ``wsa`` is IWSA
-  without any local module; ``swsa`` is Swin's shifted-window attention
-  (shift = window // 2, Swin's region mask, no relative position bias, since
-  the PEG supplies position) with no local module; a single name means every
+  without any local module (no relative position bias either: the official
+  IWSA has none); ``swsa`` is Swin's shifted-window attention (shift =
+  window // 2, Swin's region mask and, with ``rel_pos_bias``, Swin's relative
+  position bias: the paper names Swin's SWSA) with no local module; a single name means every
   block, two names joined by ``_`` mean even / odd blocks. Every SWSA block is
   shifted (the paper swaps IWSA for SWSA; there is no W/SW alternation, the SSA
   blocks between them already mix windows).
@@ -63,7 +64,8 @@ from torch import nn
 
 from vitlab.backbones.arguments import per_stage, renamed_arguments
 from vitlab.backbones.base import Backbone
-from vitlab.backbones.layers import init_vit_weights
+from vitlab.backbones.layers import (adapt_shapes, add_relative_position_bias, init_vit_weights,
+                                     relative_position_bias, resize_relative_position_bias)
 
 ATTENTIONS = ("iwsa", "wsa", "swsa", "ssa")
 LOCAL_MODULES = ("none", "lem", "lim")
@@ -127,10 +129,12 @@ def _shift_mask(hp: int, wp: int, ws: int, shift: int, device) -> torch.Tensor:
 
 class WindowAttention(nn.Module):
     """IWSA (with ``local_module`` 'lim' or 'lem'), WSA ('none') and SWSA
-    (``shift_size`` > 0) over non-overlapping ws x ws windows."""
+    (``shift_size`` > 0) over non-overlapping ws x ws windows. ``rel_pos_bias`` adds Swin's
+    relative position bias (mmcls ``WindowMSA`` key layout)."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int, qkv_bias: bool,
-                 local_module: str, local_kernel: int, attn_drop: float, proj_drop: float):
+                 local_module: str, local_kernel: int, attn_drop: float, proj_drop: float,
+                 rel_pos_bias: bool = False):
         super().__init__()
         if local_module not in LOCAL_MODULES:
             raise ValueError(f"local_module {local_module!r} not in {LOCAL_MODULES}")
@@ -146,6 +150,9 @@ class WindowAttention(nn.Module):
                            nn.Conv2d(dim, dim, local_kernel, 1, local_kernel // 2, groups=dim))
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.rel_pos_bias = rel_pos_bias
+        if rel_pos_bias:
+            add_relative_position_bias(self, window_size, num_heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
@@ -169,6 +176,9 @@ class WindowAttention(nn.Module):
         if shift:
             mask = _shift_mask(Hp, Wp, ws, shift, x.device)
             mask = mask[None, :, None].expand(B, -1, 1, -1, -1).reshape(B * hg * wg, 1, ws * ws, ws * ws)
+        if self.rel_pos_bias:  # float mask: the bias, -inf across Swin's regions
+            bias = relative_position_bias(self, (ws, ws))[None]
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.attn_drop if self.training else 0.0)
         if self.local_module == "lem":  # conv inside each window: (B*nW, C, ws, ws)
@@ -236,7 +246,7 @@ class ScalableSelfAttention(nn.Module):
 class ScalableViTBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, attention: str, mlp_ratio: float, qkv_bias: bool,
                  window_size: int, sr_ratio: int, c_ratio: float, local_module: str, local_kernel: int,
-                 drop: float, attn_drop: float, drop_path: float, norm_eps: float):
+                 drop: float, attn_drop: float, drop_path: float, norm_eps: float, rel_pos_bias: bool):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         if attention == "ssa":
@@ -244,7 +254,8 @@ class ScalableViTBlock(nn.Module):
         else:
             self.attn = WindowAttention(
                 dim, num_heads, window_size, window_size // 2 if attention == "swsa" else 0, qkv_bias,
-                local_module if attention == "iwsa" else "none", local_kernel, attn_drop, drop)
+                local_module if attention == "iwsa" else "none", local_kernel, attn_drop, drop,
+                rel_pos_bias=rel_pos_bias and attention == "swsa")
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
@@ -290,6 +301,8 @@ class ScalableViT(Backbone):
     ``pos_embed``: ``peg`` puts a PEG after each stage's first block (official), ``none`` drops
     it (Table 5b); stored configs of earlier versions have ``peg: true|false`` instead.
     ``mlp_ratios`` and ``window_sizes`` take one value for every stage or one per stage.
+    ``rel_pos_bias``: Swin's relative position bias in SWSA blocks (the paper's Swin SWSA);
+    IWSA / WSA never have one (the official IWSA has none, and WSA is IWSA without its LIM).
     """
 
     @renamed_arguments(names={"peg": "pos_embed"}, values={"pos_embed": {True: "peg", False: "none"}})
@@ -303,6 +316,7 @@ class ScalableViT(Backbone):
         patch_sizes: list[int],
         patch_kernels: list[int],
         window_sizes: int | list[int],
+        rel_pos_bias: bool,
         sr_ratios: list[int],
         c_ratios: list[float],
         qkv_bias: bool,
@@ -340,7 +354,7 @@ class ScalableViT(Backbone):
             blocks = [
                 ScalableViTBlock(dim, num_heads[s], odd if i % 2 else even, mlp_ratios[s], qkv_bias,
                                  window_sizes[s], sr_ratios[s], c_ratios[s], local_module, local_kernel,
-                                 drop_rate, attn_drop_rate, dpr[cur + i], norm_eps)
+                                 drop_rate, attn_drop_rate, dpr[cur + i], norm_eps, rel_pos_bias)
                 for i in range(depth)
             ]
             embed = ConvPatchEmbed(in_chans if s == 0 else embed_dims[s - 1], dim, patch_kernels[s],
@@ -382,7 +396,11 @@ class ScalableViT(Backbone):
         return head
 
     def no_weight_decay(self) -> set[str]:
-        return {n for n, _ in self.named_parameters() if ".peg." in n}
+        return {n for n, _ in self.named_parameters() if ".peg." in n or n.endswith("relative_position_bias_table")}
+
+    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """SWSA bias tables of another window size, resized as timm resizes them."""
+        return adapt_shapes(self, state_dict, resize_relative_position_bias())
 
     @staticmethod
     def convert_official(state_dict: dict) -> dict:

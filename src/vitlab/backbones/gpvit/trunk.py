@@ -45,18 +45,27 @@ Decisions left open by the paper and the official code:
   ``local_attn`` in {lepe, window, global} swaps only the attention inside the
   local block (qkv, proj, FFN and the depth-wise conv stay, so each table row
   changes one thing); ``window`` is Swin's window attention with
-  ``window_sizes`` 7 (28 = 4 x 7 at 224) and no relative position bias (the
-  absolute position embedding and the depth-wise convs give position).
+  ``window_sizes`` 7 (28 = 4 x 7 at 224) and its relative position bias
+  (``rel_pos_bias``; a window clipped to a smaller map uses the middle of the table).
   ``global_block`` replaces the blocks at ``gp_layers``: ``gp`` (GP block),
   ``none`` (a local block like the others), ``conv`` (ViTDet's conv
   propagation block as the paper describes it: two 3x3 convs, each followed by
   a LayerNorm, GELU between, and a residual), ``global_attn`` (the local block
   with global attention), ``shifted_window`` (the window block shifted by
   half a window with Swin's region mask). ``propagation`` in
-  {mlp_mixer, self_attn, none}: ``self_attn`` is timm's pre-norm ViT block on
-  the group tokens (``propagation_heads`` heads, FFN ratio ``mlp_ratios``).
+  {mlp_mixer, self_attn, none}: ``self_attn`` is a pre-norm transformer layer in
+  which the group tokens attend to themselves and the image tokens
+  (``propagation_heads`` heads, FFN ratio ``mlp_ratios``; ``GroupSelfAttention``
+  explains why this is what Table 9's cost implies).
   ``pos_embed``: ``ape`` (the official learned embedding) or ``none``.
-  ``patch_size`` 16 keeps the conv stem and makes the projection 8x8/8.
+  ``local_block``: ``gpvit`` (the official block above) or ``deit`` (plain pre-norm
+  ViT block, no depth-wise conv): Table 6's ViT-D216-P8/P16 baselines are ``deit``
+  blocks with global attention, no GP blocks and the mean-pooling head
+  (``head_pool: mean``); ``patch_size`` 16 adds a stride-2 conv to the stem (see
+  ``ConvStem``). ``rel_pos_bias``: Swin's relative position bias in ``window`` and
+  ``shifted_window`` attention (Tables 6-7 cite Swin's window attention, and the
+  authors' codebase ships mmcls' ``WindowMSA`` with it); false leaves it out, as
+  earlier versions did.
 * Dense outputs. ``out_indices`` picks the layers whose (normed) token maps
   are returned: the last one through the final norm, others through their own
   LayerNorm (as the official ``norm{i}``; the official segmentation configs use
@@ -73,21 +82,22 @@ Decisions left open by the paper and the official code:
 """
 from __future__ import annotations
 
+import functools
 import math
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, Mlp, resample_abs_pos_embed, trunc_normal_
-from timm.models.vision_transformer import Block as ViTBlock
 from torch import nn
 
 from vitlab.backbones.arguments import per_stage, renamed_arguments
 from vitlab.backbones.base import Backbone
 from vitlab.backbones.gpvit.convert import convert_official
-from vitlab.backbones.layers import adapt_shapes, init_vit_weights, resize_token_grid
+from vitlab.backbones.layers import (add_relative_position_bias, adapt_shapes, init_vit_weights,
+                                     relative_position_bias, resize_relative_position_bias, resize_token_grid)
 
 LOCAL_ATTNS = ("lepe", "window", "global")
+LOCAL_BLOCKS = ("gpvit", "deit")
 GLOBAL_BLOCKS = ("gp", "none", "conv", "global_attn", "shifted_window")
 PROPAGATIONS = ("mlp_mixer", "self_attn", "none")
 HEAD_POOLS = ("group", "mean")
@@ -129,14 +139,16 @@ def window_attention(
     shift: tuple[int, int] = (0, 0),
     lepe: nn.Module | None = None,
     dropout_p: float = 0.0,
+    bias: nn.Module | None = None,
 ) -> torch.Tensor:
     """Multi-head attention within (shifted) windows of a channels-last qkv map.
 
     qkv: (B, H, W, 3, heads, d). Windows of ``window`` (stripes are windows of
     (H, s) or (s, W)); the map is zero-padded bottom/right to a multiple of the
     window and padded keys are masked. ``lepe`` is a depth-wise conv applied to
-    each window's value map and added to the output (CSWin / LePE). Returns
-    (B, H, W, heads * d).
+    each window's value map and added to the output (CSWin / LePE). ``bias``: a
+    module with Swin's relative position bias (``layers.add_relative_position_bias``),
+    added to the attention logits. Returns (B, H, W, heads * d).
     """
     b, h, w, _, heads, d = qkv.shape
     wh, ww = min(window[0], h), min(window[1], w)
@@ -159,6 +171,9 @@ def window_attention(
     mask = None
     if ids is not None:  # (B*nW, 1, L, L); only where padding or a shift needs it
         mask = (ids[:, :, None] == ids[:, None, :]).expand(b, nwin, length, length).reshape(b * nwin, 1, length, length)
+    if bias is not None:  # float mask: the bias, -inf where the boolean mask forbids
+        rel = relative_position_bias(bias, (wh, ww))[None]  # (1, heads, L, L)
+        mask = rel if mask is None else rel.masked_fill(~mask, float("-inf"))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     if lepe is not None:
         # each window's value map as an image: (B*nW, heads*d, wh, ww), head-major channels
@@ -187,6 +202,7 @@ class LocalAttention(nn.Module):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        rel_pos_bias: bool = False,
     ):
         super().__init__()
         if mode not in LOCAL_ATTNS:
@@ -205,6 +221,9 @@ class LocalAttention(nn.Module):
         )
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.rel_pos_bias = rel_pos_bias and mode == "window"
+        if self.rel_pos_bias:  # Swin's window attention (mmcls WindowMSA, its key layout)
+            add_relative_position_bias(self, window_size, num_heads)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         b, n, c = x.shape
@@ -224,7 +243,7 @@ class LocalAttention(nn.Module):
             else:
                 ws = self.window_size
                 window, shift = (ws, ws), ((ws // 2, ws // 2) if self.shift else (0, 0))
-            out = window_attention(qkv, window, shift, dropout_p=p)
+            out = window_attention(qkv, window, shift, dropout_p=p, bias=self if self.rel_pos_bias else None)
         return self.proj_drop(self.proj(out.reshape(b, n, c)))
 
 
@@ -237,7 +256,8 @@ def _dw_conv_tokens(conv: nn.Module, x: torch.Tensor, hw: tuple[int, int]) -> to
 
 class LocalBlock(nn.Module):
     """Official ``LePEAttnSimpleDWBlock``: attention + FFN (pre-norm, residual), then a
-    depth-wise 3x3 conv without bias and without residual."""
+    depth-wise 3x3 conv without bias and without residual. Without ``dw_conv`` it is the
+    plain pre-norm ViT block of DeiT (``local_block: deit``, Table 6's ViT baselines)."""
 
     def __init__(
         self,
@@ -253,19 +273,22 @@ class LocalBlock(nn.Module):
         attn_drop: float,
         drop_path: float,
         norm_eps: float,
+        rel_pos_bias: bool,
+        dw_conv: bool,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = LocalAttention(dim, num_heads, mode, split_size, window_size, shift, qkv_bias, attn_drop, drop)
+        self.attn = LocalAttention(dim, num_heads, mode, split_size, window_size, shift, qkv_bias, attn_drop, drop,
+                                   rel_pos_bias)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
-        self.dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False)
+        self.dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False) if dw_conv else None
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), hw))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return _dw_conv_tokens(self.dw, x, hw)
+        return x if self.dw is None else _dw_conv_tokens(self.dw, x, hw)
 
 
 class ConvPropagationBlock(nn.Module):
@@ -339,9 +362,50 @@ class MixerLayer(nn.Module):
         self.channel_mlp = Mlp(dim, int(channel_ratio * dim), drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.token_mlp(self.norm1(x).transpose(1, 2)).transpose(1, 2))
+    def forward(self, groups: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """``image`` tokens: unused (the mixer sees only the groups); every propagation layer takes both."""
+        x = groups + self.drop_path(self.token_mlp(self.norm1(groups).transpose(1, 2)).transpose(1, 2))
         return x + self.drop_path(self.channel_mlp(self.norm2(x)))
+
+
+class GroupSelfAttention(nn.Module):
+    """Table 9's "SelfAttn" propagation: a pre-norm transformer layer whose queries are the
+    group tokens and whose keys / values are the group tokens and the image tokens, then an FFN.
+
+    Why this design (the paper shows no code for it): Table 9 prices it at +0.5 GFLOPs over no
+    propagation (5.7 -> 6.2; MLP-Mixer +0.1) at L1 (C = 216, N = 28 x 28 image tokens, M = 64,
+    32, 32, 16 group tokens in the four GP blocks). A transformer layer on the group tokens alone
+    costs 12 M C^2 + 2 M^2 C MACs per block, 0.08 G over the four blocks whatever its head count,
+    so it cannot be the paper's layer (depth 1, as the official ``mlpmixer_depth``; six such
+    layers would be needed). The official config keeps ``num_group_forward_heads=6``: a 6-head
+    attention for the propagation. The cost has to come from the image tokens: taking keys and
+    values from [groups; image tokens] adds 2 N C^2 per block (their projections) plus
+    2 M (M + N) C for the attention; with the query / output projections and the FFN on the
+    groups this is +0.42 G, the paper's +0.5 within the rounding of its two printed numbers.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop: float, attn_drop: float,
+                 drop_path: float):
+        super().__init__()
+        self.num_heads, self.attn_drop = num_heads, attn_drop
+        self.norm1 = nn.LayerNorm(dim)  # one pre-norm for the joint [groups; image tokens] sequence
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+
+    def forward(self, groups: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        b, m, c = groups.shape
+        heads = self.num_heads
+        seq = self.norm1(torch.cat((groups, image), dim=1))
+        q = self.q(seq[:, :m]).view(b, m, heads, c // heads).transpose(1, 2)
+        k, v = self.kv(seq).view(b, -1, 2, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        x = groups + self.drop_path(self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, m, c))))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class Ungrouping(nn.Module):
@@ -402,40 +466,56 @@ class GPBlock(nn.Module):
         if propagation == "mlp_mixer":
             layers = [MixerLayer(num_tokens, dim, token_ratio, channel_ratio, drop, drop_path) for _ in range(propagation_depth)]
         elif propagation == "self_attn":
-            layers = [
-                ViTBlock(dim, propagation_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop,
-                         attn_drop=attn_drop, drop_path=drop_path, norm_layer=nn.LayerNorm)
-                for _ in range(propagation_depth)
-            ]
+            layers = [GroupSelfAttention(dim, propagation_heads, mlp_ratio, qkv_bias, drop, attn_drop, drop_path)
+                      for _ in range(propagation_depth)]
         elif propagation == "none":
             layers = []
         else:
             raise ValueError(f"propagation {propagation!r}: use one of {PROPAGATIONS}")
-        self.propagate = nn.Sequential(*layers)
+        self.propagate = nn.ModuleList(layers)
         self.ungroup = Ungrouping(dim, num_ungroup_heads, mlp_ratio, qkv_bias, drop, attn_drop, drop_path)
         self.dw = nn.Sequential(
             nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True)
         )
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        groups = self.propagate(self.group(x))
+        groups = self.group(x)
+        for layer in self.propagate:
+            groups = layer(groups, x)
         return _dw_conv_tokens(self.dw, self.ungroup(x, groups), hw)
 
 
 # --------------------------------------------------------------------------- stem, pyramid, head
 class ConvStem(nn.Module):
-    """7x7/2 conv-BN-ReLU, ``num_convs`` 3x3 conv-BN-ReLU, then a (patch/2)x(patch/2) projection."""
+    """7x7/2 conv-BN-ReLU, ``num_convs`` 3x3 conv-BN-ReLU, then a (patch/2)x(patch/2) projection
+    (official ``ConvPatchEmbed``; patch 8 -> 4x4/4).
+
+    Beyond patch 8 the projection stays 4x4/4 and each further factor 2 is a 3x3/2
+    conv-BN-ReLU before it (patch 16: one). DECISION for Table 6's ViT-D216-P16, which the
+    paper builds with "patch size 16" and prices at 1.8 GFLOPs: this stem costs 0.28 G, the 12
+    DeiT blocks at 14 x 14 tokens 1.52 G (1.80 G in all, 7.28M parameters with the pooling
+    head; the paper lists 7.4M). The official stem with an 8x8/8 projection would also give
+    1.8 G but 7.9M parameters (its projection alone has 0.9M).
+    """
 
     def __init__(self, in_chans: int, stem_channels: int, num_convs: int, patch_size: int, dim: int):
         super().__init__()
-        if patch_size % 2:
-            raise ValueError("patch_size must be even (the stem halves the image first)")
-        layers = [nn.Conv2d(in_chans, stem_channels, 7, 2, 3, bias=False), nn.BatchNorm2d(stem_channels), nn.ReLU(inplace=True)]
-        for _ in range(num_convs):
-            layers += [nn.Conv2d(stem_channels, stem_channels, 3, 1, 1, bias=False), nn.BatchNorm2d(stem_channels), nn.ReLU(inplace=True)]
+        proj = min(patch_size // 2, 4)
+        extra = (patch_size // 2 // proj).bit_length() - 1  # stride-2 convs before the projection
+        if patch_size % 2 or proj * 2 ** (extra + 1) != patch_size:
+            raise ValueError(f"backbone.patch_size={patch_size}: use an even size up to 8, or 8 times a power of two")
+
+        def conv_bn_relu(cin, kernel, stride):
+            return [nn.Conv2d(cin, stem_channels, kernel, stride, kernel // 2, bias=False),
+                    nn.BatchNorm2d(stem_channels), nn.ReLU(inplace=True)]
+
+        layers = conv_bn_relu(in_chans, 7, 2)
+        for stride in [1] * num_convs + [2] * extra:
+            layers += conv_bn_relu(stem_channels, 3, stride)
         self.stem = nn.Sequential(*layers)
-        self.proj_stride = patch_size // 2
-        self.proj = nn.Conv2d(stem_channels, dim, self.proj_stride, self.proj_stride)
+        self.strides = [2] + [2] * extra + [proj]  # what the grid of an input is divided by (ceil each time)
+        self.proj_stride = proj
+        self.proj = nn.Conv2d(stem_channels, dim, proj, proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -516,8 +596,10 @@ class GPViT(Backbone):
         depths: int | list[int],
         num_heads: int,
         local_attn: str,
+        local_block: str,
         split_size: int,
         window_sizes: int | list[int],
+        rel_pos_bias: bool,
         mlp_ratios: float | list[float],
         qkv_bias: bool,
         global_block: str,
@@ -551,6 +633,8 @@ class GPViT(Backbone):
             raise ValueError("gp_layers and group_tokens need one entry per GP block")
         if pos_embed not in POS_EMBEDS:
             raise ValueError(f"pos_embed {pos_embed!r}: use one of {POS_EMBEDS}")
+        if local_block not in LOCAL_BLOCKS:
+            raise ValueError(f"local_block {local_block!r}: use one of {LOCAL_BLOCKS}")
         # one stage: the per-stage fields of the other families hold one value here
         (num_layers,), (window_size,), (mlp_ratio,) = (per_stage(v, 1) for v in (depths, window_sizes, mlp_ratios))
         out_indices = [i % num_layers for i in out_indices]
@@ -562,8 +646,8 @@ class GPViT(Backbone):
 
         self.patch_embed = ConvStem(in_chans, stem_channels, num_convs, patch_size, embed_dims)
         # grid of the pretraining size, as the stem produces it (ceil at each stride)
-        self.grid = (math.ceil(math.ceil(img_size[0] / 2) / (patch_size // 2)),
-                     math.ceil(math.ceil(img_size[1] / 2) / (patch_size // 2)))
+        self.grid = tuple(functools.reduce(lambda g, s: math.ceil(g / s), self.patch_embed.strides, size)
+                          for size in img_size)
         self.pos_embed = (nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], embed_dims))
                           if pos_embed == "ape" else None)
         self.pos_drop = nn.Dropout(drop_rate)
@@ -571,7 +655,8 @@ class GPViT(Backbone):
         dpr = [drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]  # linspace, meta-safe
         tokens_at = dict(zip([i % num_layers for i in gp_layers], group_tokens))
         local = dict(dim=embed_dims, num_heads=num_heads, split_size=split_size, window_size=window_size,
-                     mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate, norm_eps=norm_eps)
+                     mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate, norm_eps=norm_eps,
+                     rel_pos_bias=rel_pos_bias, dw_conv=local_block == "gpvit")
         layers = []
         for i in range(num_layers):
             if i not in tokens_at or global_block == "none":
@@ -605,19 +690,23 @@ class GPViT(Backbone):
         for m in self.modules():
             if isinstance(m, TokenGrouping):
                 trunc_normal_(m.group_token, std=0.02)
-        self.apply(partial(init_vit_weights, convs=False))  # the official classifier config: convs keep torch's init
+        self.apply(functools.partial(init_vit_weights, convs=False))  # the official classifier config: convs keep torch's init
 
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
         """A position embedding of another ``img_size`` (a square grid) is resized to this model's
-        grid with ``interpolate_mode``, as at run time."""
+        grid with ``interpolate_mode``, as at run time; window bias tables of another window size
+        as timm resizes them."""
 
         def resize(key, value, target):
             return resize_token_grid(value, self.grid, self.interpolate_mode)
 
-        return adapt_shapes(self, state_dict, {"pos_embed": (resize, self.interpolate_mode)})
+        rules = {"pos_embed": (resize, self.interpolate_mode), **resize_relative_position_bias()}
+        return adapt_shapes(self, state_dict, rules)
 
     def no_weight_decay(self) -> set[str]:
-        return {n for n, _ in self.named_parameters() if n.endswith(("pos_embed", "group_token"))}
+        # as the official recipe: position embedding, group tokens and window bias tables
+        return {n for n, _ in self.named_parameters()
+                if n.endswith(("pos_embed", "group_token", "relative_position_bias_table"))}
 
     def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         x = self.patch_embed(images)
