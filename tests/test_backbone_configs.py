@@ -116,3 +116,43 @@ def test_current_names_warn_nothing():
         with torch.device("meta"):
             for name in ("pvt_v2_b0", "pale_t", "scalablevit_s", "gpvit_l1"):
                 vitlab.create_backbone(name)
+
+
+# --------------------------------------------------------------------------- bad values fail early and clearly
+BAD = [
+    ("pale_t", "pale_size=0", r"backbone\.pale_size=0: must be a positive int s"),
+    ("pale_t", "pale_size=-3", r"backbone\.pale_size=-3: must be a positive int s"),
+    ("pale_t", "pale_size=[7,7,7,7,7]", r"backbone\.pale_size=\[7,7,7,7,7\] has 5 entries but the model has 4 stages"),
+    ("pale_t", "pale_size=[7,[3,2,1],7,7]", r"backbone\.pale_size=\[7,\[3,2,1\],7,7\]: must be a positive int"),
+    ("pvt_v2_b0", "depths=[1,1]",
+     r"backbone\.depths=\[1,1\] has 2 entries but the model has 4 stages \(embed_dims, num_heads, patch_sizes"),
+    ("pvt_tiny", "sr_ratios=[8,4,2]", r"backbone\.sr_ratios=\[8,4,2\] has 3 entries but the model has 4 stages"),
+    ("pale_t", "num_heads=[2,4,8]", r"backbone\.num_heads=\[2,4,8\] has 3 entries"),
+    ("scalablevit_s", "mlp_ratios=[4,4]", r"backbone\.mlp_ratios=\[4,4\] has 2 entries but the model has 4 stages"),
+    ("pvt_v2_b0", "embed_dims=[32,64,160,250]",
+     r"backbone\.embed_dims=\[32,64,160,250\]: 250 channels do not split over backbone\.num_heads=\[1,2,5,8\]"),
+    ("gpvit_l1", "embed_dims=200", r"backbone\.embed_dims=200: 200 channels do not split over backbone\.num_heads=12"),
+    ("pvt_v2_b0", "depths=[2,0,2,2]", r"backbone\.depths=\[2,0,2,2\]: must be positive integers"),
+    ("scalablevit_s", "window_sizes=0", r"backbone\.window_sizes=0: must be positive integers"),
+    ("pale_t", "depths=[a,b,c,d]", r"backbone\.depths=\['a','b','c','d'\]: must be positive integers"),
+    ("gpvit_l1", "depths=[6,6]", r"backbone\.depths=\[6,6\]: GPViT has one stage"),
+    ("gpvit_l1", "gp_layers=[1,4,7,12]", r"backbone\.gp_layers=\[1,4,7,12\]: layer indices must be in \[-12, 11\]"),
+    ("pale_t", "attn_mode=diagonal", r"backbone\.attn_mode='diagonal': must be one of pale_parallel, "),
+    ("pvt_tiny", "pos_embed=sincos", r"backbone\.pos_embed='sincos': must be one of ape, none"),
+    ("gpvit_l1", "local_attn=swin", r"backbone\.local_attn='swin': must be one of lepe, window, global"),
+    ("scalablevit_s", "block_pattern=wsa_foo", r"backbone\.block_pattern='wsa_foo': use one or two of iwsa"),
+    ("pale_t", "drop_path_rate=1.5", r"backbone\.drop_path_rate=1\.5: must be a rate in \[0, 1\)"),
+    ("pale_t", "num_heads=[1,4,8,16]", r"backbone\.num_heads=\[1,4,8,16\]: must be even: attn_mode=pale_parallel"),
+    ("gpvit_l1_adapter", "out_strides=[8,16]", r"backbone\.out_strides=\[8,16\]: \[4,8,16,32\] \(Mask R-CNN\)"),
+]
+
+
+@pytest.mark.parametrize("name,override,message", BAD, ids=[f"{n}-{o}" for n, o, _ in BAD])
+def test_bad_values_are_rejected_before_anything_is_built(name, override, message, monkeypatch):
+    def built(*args, **kwargs):
+        raise AssertionError("a layer was built before the arguments were checked")
+
+    monkeypatch.setattr(torch.nn.Conv2d, "__init__", built)  # every family's first module is a conv
+    with pytest.raises(Exception, match=message) as err:
+        vitlab.create_backbone(name, overrides=[override])
+    assert "BackboneConfigError" in str(err.value)  # ours, not an error from deep inside

@@ -113,7 +113,7 @@ def test_block_patterns():
     assert kinds("swsa_ssa") == ["swsa", "ssa"]
     assert kinds("wsa") == ["none", "none"]
     assert kinds("ssa") == ["ssa", "ssa"]
-    with pytest.raises(Exception, match="block_pattern 'iwsa_foo'"):  # hydra wraps the ValueError
+    with pytest.raises(Exception, match="backbone.block_pattern='iwsa_foo': use one or two of"):  # hydra wraps it
         kinds("iwsa_foo")
 
 

@@ -39,20 +39,22 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, Mlp, NormMlpClassifierHead, trunc_normal_
 from torch import nn
 
-from vitlab.backbones.arguments import per_stage, renamed_arguments
+from vitlab.backbones.arguments import (check_choice, check_divisible, check_ints, check_positive, check_rates,
+                                        check_stages, fail, per_stage, renamed_arguments)
 from vitlab.backbones.base import Backbone
 from vitlab.backbones.layers import adapt_shapes, resize_grid
 
 ATTN_MODES = ("pale_parallel", "pale_sequential", "pale_vanilla", "cross", "axial")
+SPLIT_MODES = ("pale_parallel", "cross", "axial")  # half the heads on rows, half on columns
 POS_EMBEDS = ("none", "ape", "cpe")
 
 
-def _pale_pair(s) -> tuple[int, int]:
-    """A pale size entry: ``s`` (s_r = s_c = s, as in the paper) or ``[s_r, s_c]``."""
-    if isinstance(s, (list, tuple)):
-        s_r, s_c = s
-        return int(s_r), int(s_c)
-    return int(s), int(s)
+def _pale_pair(s) -> tuple[int, int] | None:
+    """A pale size entry: ``s`` (s_r = s_c = s, as in the paper) or ``[s_r, s_c]``; None unless positive ints."""
+    pair = list(s) if isinstance(s, (list, tuple)) else [s, s]
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+        return None
+    return pair[0], pair[1]
 
 
 def _to_groups(t: torch.Tensor, s: int, interlaced: bool, heads: int) -> torch.Tensor:
@@ -147,11 +149,7 @@ class PaleAttention(nn.Module):
         proj_drop: float,
     ):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} not divisible by num_heads {num_heads}")
-        self.split = mode in ("pale_parallel", "cross", "axial")
-        if self.split and num_heads % 2:
-            raise ValueError(f"{mode} splits heads between rows and columns: num_heads {num_heads} must be even")
+        self.split = mode in SPLIT_MODES
         self.dim, self.num_heads, self.mode = dim, num_heads, mode
         self.pale_size = (1, 1) if mode == "axial" else pale_size
         self.interlaced = mode != "cross"
@@ -366,14 +364,23 @@ class PaleTransformer(Backbone):
         in_chans: int = 3,
     ):
         super().__init__()
-        if attn_mode not in ATTN_MODES:
-            raise ValueError(f"attn_mode {attn_mode!r} not in {ATTN_MODES}")
-        if pos_embed not in POS_EMBEDS:
-            raise ValueError(f"pos_embed {pos_embed!r} not in {POS_EMBEDS}")
-        n = len(depths)
+        n = check_stages(embed_dims=embed_dims, depths=depths, num_heads=num_heads, mlp_ratios=mlp_ratios,
+                         pale_size=pale_size)
+        check_ints(embed_dims=embed_dims, depths=depths, num_heads=num_heads, img_size=img_size, in_chans=in_chans)
+        check_positive(mlp_ratios=mlp_ratios, norm_eps=norm_eps)
+        check_rates(drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
+                    head_drop_rate=head_drop_rate)
+        check_choice("attn_mode", attn_mode, ATTN_MODES)
+        check_choice("pos_embed", pos_embed, POS_EMBEDS)
+        check_divisible("embed_dims", embed_dims, "num_heads", num_heads)
+        if attn_mode in SPLIT_MODES and any(h % 2 for h in num_heads):
+            fail("num_heads", num_heads, f"must be even: attn_mode={attn_mode} splits the heads between rows and columns")
+        pale_sizes = [_pale_pair(s) for s in per_stage(pale_size, n)]
+        if None in pale_sizes:
+            fail("pale_size", pale_size, "must be a positive int s (s_r = s_c = s), or one entry per stage, "
+                                         "each s or a pair [s_r, s_c] of positive ints")
         dims, heads = list(embed_dims), list(num_heads)
         mlp_ratios = per_stage(mlp_ratios, n)
-        pale_sizes = [_pale_pair(s) for s in per_stage(pale_size, n)]
         self.out_channels = dims
         self.strides = [4 * 2**i for i in range(n)]
         self.head_drop_rate, self.norm_eps = head_drop_rate, norm_eps

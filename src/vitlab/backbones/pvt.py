@@ -49,11 +49,14 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-from vitlab.backbones.arguments import per_stage, renamed_arguments
+from vitlab.backbones.arguments import (check_choice, check_divisible, check_ints, check_positive, check_rates,
+                                        check_stages, fail, per_stage, renamed_arguments)
 from vitlab.backbones.base import Backbone
 from vitlab.backbones.layers import adapt_shapes, init_vit_weights, resize_token_grid
 
 __all__ = ["PyramidVisionTransformer"]
+
+POS_EMBEDS = ("ape", "none")
 
 
 def _to_map(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -122,8 +125,6 @@ class SRAttention(nn.Module):
         eps: float,
     ):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.attn_drop = attn_drop
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
@@ -302,14 +303,19 @@ class PyramidVisionTransformer(Backbone):
         embed_norm_eps: float,
     ):
         super().__init__()
-        n = len(depths)
+        n = check_stages(embed_dims=embed_dims, depths=depths, num_heads=num_heads, patch_sizes=patch_sizes,
+                         mlp_ratios=mlp_ratios, sr_ratios=sr_ratios)
+        check_ints(embed_dims=embed_dims, depths=depths, num_heads=num_heads, patch_sizes=patch_sizes,
+                   sr_ratios=sr_ratios, sra_pool_size=sra_pool_size, img_size=img_size, in_chans=in_chans)
+        check_positive(mlp_ratios=mlp_ratios, width_mult=width_mult, norm_eps=norm_eps, embed_norm_eps=embed_norm_eps)
+        check_rates(drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate)
+        check_divisible("embed_dims", embed_dims, "num_heads", num_heads)
+        check_choice("pos_embed", pos_embed, POS_EMBEDS)
         mlp_ratios = per_stage(mlp_ratios, n)
-        if not all(len(v) == n for v in (patch_sizes, embed_dims, num_heads, mlp_ratios, sr_ratios)):
-            raise ValueError("patch_sizes, embed_dims, num_heads, mlp_ratios and sr_ratios need one entry per stage")
         if cls_token and (conv_ffn or linear_sra or sr_ratios[-1] > 1):
             # the class token is not on the grid the depth-wise conv / spatial reduction work on;
             # the official code never combines them (v1's last stage: SR ratio 1, plain MLP)
-            raise ValueError("cls_token needs conv_ffn=false, linear_sra=false and sr_ratios[-1]=1")
+            fail("cls_token", cls_token, "needs conv_ffn=false, linear_sra=false and sr_ratios[-1]=1 (as PVT v1)")
         dims = [h * round(c * width_mult / h) for c, h in zip(embed_dims, num_heads)]  # see docstring
 
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # stochastic depth decay

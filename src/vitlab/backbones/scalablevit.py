@@ -62,7 +62,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import nn
 
-from vitlab.backbones.arguments import per_stage, renamed_arguments
+from vitlab.backbones.arguments import (check_choice, check_divisible, check_ints, check_positive, check_rates,
+                                        check_stages, fail, per_stage, renamed_arguments)
 from vitlab.backbones.base import Backbone
 from vitlab.backbones.layers import (adapt_shapes, add_relative_position_bias, init_vit_weights,
                                      relative_position_bias, resize_relative_position_bias)
@@ -75,11 +76,11 @@ POS_EMBEDS = ("peg", "none")
 
 def parse_block_pattern(pattern: str) -> tuple[str, str]:
     """'iwsa_ssa' -> (even, odd) attention names; 'ssa' -> ('ssa', 'ssa')."""
-    names = pattern.split("_")
+    names = pattern.split("_") if isinstance(pattern, str) else []
     if len(names) == 1:
         names = names * 2
     if len(names) != 2 or any(n not in ATTENTIONS for n in names):
-        raise ValueError(f"block_pattern {pattern!r}: use one or two of {ATTENTIONS} joined by '_'")
+        fail("block_pattern", pattern, f"use one or two of {', '.join(ATTENTIONS)} joined by '_' (even_odd blocks)")
     return names[0], names[1]
 
 
@@ -136,8 +137,6 @@ class WindowAttention(nn.Module):
                  local_module: str, local_kernel: int, attn_drop: float, proj_drop: float,
                  rel_pos_bias: bool = False):
         super().__init__()
-        if local_module not in LOCAL_MODULES:
-            raise ValueError(f"local_module {local_module!r} not in {LOCAL_MODULES}")
         if local_module != "none" and shift_size:
             raise ValueError("a local module is only defined for unshifted windows (IWSA)")
         self.num_heads = num_heads
@@ -209,8 +208,6 @@ class ScalableSelfAttention(nn.Module):
         self.scale = (dim / num_heads * c_ratio) ** -0.5
         if sr_ratio > 1:
             c_new = int(dim * c_ratio)
-            if c_new % num_heads:
-                raise ValueError(f"int({dim} * r_c={c_ratio}) = {c_new} is not divisible by {num_heads} heads")
             self.q = nn.Linear(dim, c_new, bias=qkv_bias)
             self.sr_dw = nn.Conv2d(dim, dim, sr_ratio, sr_ratio, groups=dim)
             self.sr_pw = nn.Conv2d(dim, c_new, 1)
@@ -333,12 +330,23 @@ class ScalableViT(Backbone):
         head_hidden_dim: int,
     ):
         super().__init__()
-        if head not in HEADS:
-            raise ValueError(f"head {head!r} not in {HEADS}")
+        n_stages = check_stages(embed_dims=embed_dims, depths=depths, num_heads=num_heads, mlp_ratios=mlp_ratios,
+                                patch_sizes=patch_sizes, patch_kernels=patch_kernels, window_sizes=window_sizes,
+                                sr_ratios=sr_ratios, c_ratios=c_ratios)
+        check_ints(embed_dims=embed_dims, depths=depths, num_heads=num_heads, patch_sizes=patch_sizes,
+                   patch_kernels=patch_kernels, window_sizes=window_sizes, sr_ratios=sr_ratios, in_chans=in_chans,
+                   local_kernel=local_kernel, peg_kernel=peg_kernel, head_hidden_dim=head_hidden_dim)
+        check_positive(mlp_ratios=mlp_ratios, c_ratios=c_ratios, norm_eps=norm_eps)
+        check_rates(drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate)
+        check_choice("head", head, HEADS)
+        check_choice("pos_embed", pos_embed, POS_EMBEDS)
+        check_choice("local_module", local_module, LOCAL_MODULES)
+        check_divisible("embed_dims", embed_dims, "num_heads", num_heads)
         even, odd = parse_block_pattern(block_pattern)
-        if pos_embed not in POS_EMBEDS:
-            raise ValueError(f"pos_embed {pos_embed!r} not in {POS_EMBEDS}")
-        mlp_ratios, window_sizes = per_stage(mlp_ratios, len(depths)), per_stage(window_sizes, len(depths))
+        mlp_ratios, window_sizes, c_ratios = (per_stage(v, n_stages) for v in (mlp_ratios, window_sizes, c_ratios))
+        for c, h, sr, rc in zip(embed_dims, num_heads, sr_ratios, c_ratios):
+            if sr > 1 and "ssa" in (even, odd) and int(c * rc) % h:  # SSA's reduced width C r_c over the heads
+                fail("c_ratios", c_ratios, f"int({c} x {rc}) = {int(c * rc)} channels do not split over {h} heads")
         self.head_type = head
         self.head_hidden_dim = head_hidden_dim
         self.norm_eps = norm_eps

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
+from vitlab.backbones.arguments import check_ints, check_positive, fail, per_stage
 from vitlab.backbones.base import Backbone
 from vitlab.backbones.gpvit.convert import convert_official_adapter
 from vitlab.backbones.gpvit.trunk import GPViT, _dw_conv_tokens
@@ -210,8 +211,16 @@ class GPViTAdapter(Backbone):
     ):
         super().__init__()
         out_strides = list(out_strides)
-        if out_strides not in ([4, 8, 16, 32], [8, 16, 32]) or trunk["patch_size"] != 8:
-            raise ValueError("GPViTAdapter: out_strides [4, 8, 16, 32] or [8, 16, 32], patch_size 8")
+        if out_strides not in ([4, 8, 16, 32], [8, 16, 32]):
+            fail("out_strides", out_strides, "[4,8,16,32] (Mask R-CNN) or [8,16,32] (RetinaNet)")
+        if trunk.get("patch_size") != 8:
+            fail("patch_size", trunk.get("patch_size"), "the ViT-Adapter needs the stride-8 trunk (8)")
+        depth = per_stage(trunk.get("depths", trunk.get("num_layers")), 1)[0]
+        if not all(isinstance(i, int) and 0 <= i < depth for ix in interaction_indexes for i in ix):
+            fail("interaction_indexes", interaction_indexes, f"trunk layers in [0, {depth - 1}]")
+        check_ints(conv_inplane=conv_inplane, n_points=n_points, deform_num_heads=deform_num_heads)
+        check_ints(0, extra_extractors=extra_extractors)
+        check_positive(cffn_ratio=cffn_ratio, deform_ratio=deform_ratio)
         # official detection backbones run with final_norm=False; the adapter makes the dense outputs
         self.trunk = GPViT(**trunk, final_norm=False, out_indices=[], out_strides=[])
         dim = self.trunk.embed_dims

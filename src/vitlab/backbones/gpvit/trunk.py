@@ -90,7 +90,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, Mlp, resample_abs_pos_embed, trunc_normal_
 from torch import nn
 
-from vitlab.backbones.arguments import per_stage, renamed_arguments
+from vitlab.backbones.arguments import (check_choice, check_divisible, check_ints, check_positive, check_rates, fail,
+                                        per_stage, renamed_arguments, show)
 from vitlab.backbones.base import Backbone
 from vitlab.backbones.gpvit.convert import convert_official
 from vitlab.backbones.layers import (add_relative_position_bias, adapt_shapes, init_vit_weights,
@@ -205,10 +206,6 @@ class LocalAttention(nn.Module):
         rel_pos_bias: bool = False,
     ):
         super().__init__()
-        if mode not in LOCAL_ATTNS:
-            raise ValueError(f"local_attn {mode!r}: use one of {LOCAL_ATTNS}")
-        if mode == "lepe" and (num_heads % 2 or dim % 2):
-            raise ValueError("LePE splits heads and channels in two halves: num_heads and dim must be even")
         self.mode, self.num_heads = mode, num_heads
         self.split_size, self.window_size, self.shift = split_size, window_size, shift
         self.attn_drop = attn_drop
@@ -468,10 +465,8 @@ class GPBlock(nn.Module):
         elif propagation == "self_attn":
             layers = [GroupSelfAttention(dim, propagation_heads, mlp_ratio, qkv_bias, drop, attn_drop, drop_path)
                       for _ in range(propagation_depth)]
-        elif propagation == "none":
+        else:  # none
             layers = []
-        else:
-            raise ValueError(f"propagation {propagation!r}: use one of {PROPAGATIONS}")
         self.propagate = nn.ModuleList(layers)
         self.ungroup = Ungrouping(dim, num_ungroup_heads, mlp_ratio, qkv_bias, drop, attn_drop, drop_path)
         self.dw = nn.Sequential(
@@ -503,7 +498,7 @@ class ConvStem(nn.Module):
         proj = min(patch_size // 2, 4)
         extra = (patch_size // 2 // proj).bit_length() - 1  # stride-2 convs before the projection
         if patch_size % 2 or proj * 2 ** (extra + 1) != patch_size:
-            raise ValueError(f"backbone.patch_size={patch_size}: use an even size up to 8, or 8 times a power of two")
+            fail("patch_size", patch_size, "use an even size up to 8, or 8 times a power of two")
 
         def conv_bn_relu(cin, kernel, stride):
             return [nn.Conv2d(cin, stem_channels, kernel, stride, kernel // 2, bias=False),
@@ -549,8 +544,6 @@ class GPViTHead(nn.Module):
 
     def __init__(self, dim: int, num_classes: int, pool: str, num_heads: int):
         super().__init__()
-        if pool not in HEAD_POOLS:
-            raise ValueError(f"head_pool {pool!r}: use one of {HEAD_POOLS}")
         # official GroupNeck: qkv_bias=False, LayerNorm(eps 1e-5) on the query; its token starts at zero
         self.neck = TokenGrouping(dim, 1, num_heads, qkv_bias=False, norm_key=False) if pool == "group" else None
         self.fc = nn.Linear(dim, num_classes)
@@ -620,26 +613,15 @@ class GPViT(Backbone):
         interpolate_mode: str,
         out_indices: list[int] = (-1,),
         out_strides: list[int] = (8,),
-        head_pool: str = "group",
-        neck_heads: int = 6,
+        head_pool: str | None = None,
+        neck_heads: int | None = None,
         final_norm: bool = True,
     ):
         super().__init__()
-        if global_block not in GLOBAL_BLOCKS:
-            raise ValueError(f"global_block {global_block!r}: use one of {GLOBAL_BLOCKS}")
-        if head_pool not in HEAD_POOLS:
-            raise ValueError(f"head_pool {head_pool!r}: use one of {HEAD_POOLS}")
-        if len(gp_layers) != len(group_tokens):
-            raise ValueError("gp_layers and group_tokens need one entry per GP block")
-        if pos_embed not in POS_EMBEDS:
-            raise ValueError(f"pos_embed {pos_embed!r}: use one of {POS_EMBEDS}")
-        if local_block not in LOCAL_BLOCKS:
-            raise ValueError(f"local_block {local_block!r}: use one of {LOCAL_BLOCKS}")
+        self._check(locals())
         # one stage: the per-stage fields of the other families hold one value here
         (num_layers,), (window_size,), (mlp_ratio,) = (per_stage(v, 1) for v in (depths, window_sizes, mlp_ratios))
         out_indices = [i % num_layers for i in out_indices]
-        if len(out_indices) not in (1, len(out_strides)):
-            raise ValueError("out_indices: one layer for all out_strides, or one layer per stride")
         img_size = tuple(img_size) if isinstance(img_size, (list, tuple)) else (img_size, img_size)
         self.embed_dims, self.patch_size, self.num_layers = embed_dims, patch_size, num_layers
         self.interpolate_mode, self.head_pool, self.neck_heads = interpolate_mode, head_pool, neck_heads
@@ -692,6 +674,46 @@ class GPViT(Backbone):
                 trunc_normal_(m.group_token, std=0.02)
         self.apply(functools.partial(init_vit_weights, convs=False))  # the official classifier config: convs keep torch's init
 
+    @staticmethod
+    def _check(a: dict) -> None:
+        """The constructor's arguments ``a``, checked before anything is built."""
+        for key in ("depths", "window_sizes", "mlp_ratios"):  # one stage
+            if isinstance(a[key], (list, tuple)) and len(a[key]) != 1:
+                fail(key, a[key], "GPViT has one stage: one value (or a one-entry list)")
+        check_ints(embed_dims=a["embed_dims"], depths=a["depths"], num_heads=a["num_heads"], patch_size=a["patch_size"],
+                   stem_channels=a["stem_channels"], split_size=a["split_size"], window_sizes=a["window_sizes"],
+                   group_tokens=a["group_tokens"], num_group_heads=a["num_group_heads"], in_chans=a["in_chans"],
+                   num_ungroup_heads=a["num_ungroup_heads"], propagation_heads=a["propagation_heads"],
+                   img_size=a["img_size"], out_strides=a["out_strides"])
+        check_ints(0, num_convs=a["num_convs"], propagation_depth=a["propagation_depth"])
+        check_positive(mlp_ratios=a["mlp_ratios"], mixer_token_ratio=a["mixer_token_ratio"],
+                       mixer_channel_ratio=a["mixer_channel_ratio"], norm_eps=a["norm_eps"])
+        check_rates(drop_rate=a["drop_rate"], attn_drop_rate=a["attn_drop_rate"], drop_path_rate=a["drop_path_rate"])
+        for key, options in (("local_attn", LOCAL_ATTNS), ("local_block", LOCAL_BLOCKS), ("global_block", GLOBAL_BLOCKS),
+                             ("propagation", PROPAGATIONS), ("pos_embed", POS_EMBEDS),
+                             ("interpolate_mode", ("bicubic", "bilinear", "nearest"))):
+            check_choice(key, a[key], options)
+        if a["head_pool"] is not None:  # None: a trunk that makes no classification head (the ViT-Adapter's)
+            check_choice("head_pool", a["head_pool"], HEAD_POOLS)
+            check_ints(neck_heads=a["neck_heads"])
+        used = {"num_heads": True, "num_group_heads": a["global_block"] == "gp",
+                "num_ungroup_heads": a["global_block"] == "gp", "neck_heads": a["head_pool"] == "group",
+                "propagation_heads": a["global_block"] == "gp" and a["propagation"] == "self_attn"}
+        for heads in (k for k, needed in used.items() if needed):
+            check_divisible("embed_dims", a["embed_dims"], heads, a[heads])
+        if a["local_attn"] == "lepe" and a["num_heads"] % 2:
+            fail("num_heads", a["num_heads"], "must be even: LePE splits the heads between vertical and horizontal stripes")
+        depth = per_stage(a["depths"], 1)[0]
+        for key in ("gp_layers", "out_indices"):
+            if not all(isinstance(i, int) and -depth <= i < depth for i in a[key]):
+                fail(key, a[key], f"layer indices must be in [-{depth}, {depth - 1}] (backbone.depths={depth})")
+        if len(a["gp_layers"]) != len(a["group_tokens"]):
+            fail("group_tokens", a["group_tokens"], f"needs one entry per GP layer (backbone.gp_layers={show(a['gp_layers'])})")
+        if len(a["out_indices"]) not in (1, len(a["out_strides"])) and a["out_strides"]:
+            fail("out_indices", a["out_indices"], "one layer for all out_strides, or one layer per stride")
+        if any(math.log2(s / a["patch_size"]) % 1 for s in a["out_strides"]):
+            fail("out_strides", a["out_strides"], f"each must be backbone.patch_size={a['patch_size']} times a power of two")
+
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
         """A position embedding of another ``img_size`` (a square grid) is resized to this model's
         grid with ``interpolate_mode``, as at run time; window bias tables of another window size
@@ -738,6 +760,8 @@ class GPViT(Backbone):
         return [resample(maps[i]) for resample, i in zip(self.resample, idx)]
 
     def make_head(self, num_classes: int) -> nn.Module:
+        if self.head_pool is None:
+            raise ValueError("this GPViT trunk was built without a head (head_pool=None): set backbone.head_pool")
         return GPViTHead(self.embed_dims, num_classes, self.head_pool, self.neck_heads)
 
 
