@@ -11,6 +11,9 @@ A backbone is an ``nn.Module`` that
   head, applied to ``forward_features``' output;
 * ``no_weight_decay() -> set[str]``: parameter names exempt from weight decay
   (timm's optimiser factory reads this; norms and biases are exempt anyway);
+* ``grad_checkpointing`` (a constructor field of every family, and
+  ``set_grad_checkpointing(enable)`` as timm's models have): recompute each block's
+  activations in the backward pass instead of keeping them (``layers.run_block``);
 * ``convert_official(state_dict)`` (a static method): an official release's state
   dict -> our layout (below); the default converts nothing (no official release);
 * ``adapt_state_dict(state_dict) -> (state_dict, messages)``: resizes the tensors
@@ -33,6 +36,10 @@ from torch import nn
 class Backbone(nn.Module):
     out_channels: list[int]
     strides: list[int]
+    grad_checkpointing: bool = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
 
     def forward_features(self, images: torch.Tensor):
         raise NotImplementedError

@@ -1,6 +1,7 @@
 """Pieces several backbone families share."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.layers.pos_embed_rel import resize_rel_pos_bias_table
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def init_vit_weights(m: nn.Module, convs: bool = True) -> None:
@@ -113,3 +115,29 @@ def resize_relative_position_bias() -> dict[str, tuple[Resizer, str]]:
 
     return {"relative_position_bias_table": (table, "timm resize_rel_pos_bias_table"),
             "relative_position_index": (index, "this window's index")}
+
+
+def run_block(block: nn.Module, *args, checkpointing: bool) -> torch.Tensor:
+    """``block(*args)``; with ``checkpointing`` (a backbone's ``grad_checkpointing``) and autograd on,
+    its activations are recomputed in the backward pass instead of kept (activation checkpointing,
+    ``torch.utils.checkpoint`` with use_reentrant=False, as timm's ``checkpoint``). The recomputation
+    leaves BatchNorm statistics alone, so they are updated once per step, as without checkpointing."""
+    if checkpointing and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), _frozen_norm_statistics(block)))
+    return block(*args)
+
+
+@contextlib.contextmanager
+def _frozen_norm_statistics(block: nn.Module):
+    """BatchNorms of ``block`` update nothing inside (momentum 0, step count restored)."""
+    norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, steps) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(steps)

@@ -42,7 +42,7 @@ from torch import nn
 from vitlab.backbones.arguments import (check_choice, check_divisible, check_ints, check_positive, check_rates,
                                         check_stages, fail, per_stage, renamed_arguments)
 from vitlab.backbones.base import Backbone
-from vitlab.backbones.layers import adapt_shapes, resize_grid
+from vitlab.backbones.layers import adapt_shapes, resize_grid, run_block
 
 ATTN_MODES = ("pale_parallel", "pale_sequential", "pale_vanilla", "cross", "axial")
 SPLIT_MODES = ("pale_parallel", "cross", "axial")  # half the heads on rows, half on columns
@@ -305,7 +305,7 @@ class PaleStage(nn.Module):
         self.pos_embed = pos_embed
         self.blocks = nn.Sequential(*blocks)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
         x = self.downsample(x)
         if self.pos_embed is not None:
             pos = self.pos_embed
@@ -314,7 +314,9 @@ class PaleStage(nn.Module):
                 pos = F.interpolate(pos.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bicubic",
                                     align_corners=False).permute(0, 2, 3, 1)
             x = x + pos
-        return self.blocks(x)
+        for block in self.blocks:
+            x = run_block(block, x, checkpointing=checkpointing)
+        return x
 
 
 class PaleTransformer(Backbone):
@@ -340,6 +342,7 @@ class PaleTransformer(Backbone):
         head_drop_rate: dropout before the classifier.
         norm_eps: LayerNorm epsilon (DECISION: PyTorch's 1e-5, the paper is silent).
         in_chans: image channels.
+        grad_checkpointing: recompute each block's activations in backward (saves memory).
     """
 
     strides = [4, 8, 16, 32]
@@ -362,6 +365,7 @@ class PaleTransformer(Backbone):
         head_drop_rate: float = 0.0,
         norm_eps: float = 1e-5,
         in_chans: int = 3,
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
         n = check_stages(embed_dims=embed_dims, depths=depths, num_heads=num_heads, mlp_ratios=mlp_ratios,
@@ -384,6 +388,7 @@ class PaleTransformer(Backbone):
         self.out_channels = dims
         self.strides = [4 * 2**i for i in range(n)]
         self.head_drop_rate, self.norm_eps = head_drop_rate, norm_eps
+        self.grad_checkpointing = grad_checkpointing
         total = sum(depths)  # plain Python, so the model can be built on the meta device
         dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
 
@@ -422,7 +427,7 @@ class PaleTransformer(Backbone):
 
     def _stages(self, x: torch.Tensor):
         for stage in self.stages:
-            x = stage(x)
+            x = stage(x, self.grad_checkpointing)
             yield x.permute(0, 3, 1, 2)  # NCHW view of the channels-last map
             x = x.permute(0, 3, 1, 2)
 

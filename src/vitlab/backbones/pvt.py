@@ -52,7 +52,7 @@ from torch import nn
 from vitlab.backbones.arguments import (check_choice, check_divisible, check_ints, check_positive, check_rates,
                                         check_stages, fail, per_stage, renamed_arguments)
 from vitlab.backbones.base import Backbone
-from vitlab.backbones.layers import adapt_shapes, init_vit_weights, resize_token_grid
+from vitlab.backbones.layers import adapt_shapes, init_vit_weights, resize_token_grid, run_block
 
 __all__ = ["PyramidVisionTransformer"]
 
@@ -242,7 +242,7 @@ class Stage(nn.Module):
         pos = F.interpolate(_to_map(self.pos_embed, self.pos_grid), size=hw, mode="bilinear", align_corners=False)
         return _to_tokens(pos)
 
-    def forward(self, x: torch.Tensor, prefix: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, prefix: torch.Tensor | None = None, checkpointing: bool = False):
         """NCHW in; ``(tokens (B, [1 +] H*W, C), (H, W))`` out, ``prefix`` tokens (the cls token) first."""
         x, hw = self.patch_embed(x)
         if self.pos_embed is not None:
@@ -251,7 +251,7 @@ class Stage(nn.Module):
             x = torch.cat([prefix.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.pos_drop(x)
         for block in self.blocks:
-            x = block(x, hw)
+            x = run_block(block, x, hw, checkpointing=checkpointing)
         return self.norm(x), hw
 
 
@@ -301,6 +301,7 @@ class PyramidVisionTransformer(Backbone):
         drop_path_rate: float,
         norm_eps: float,
         embed_norm_eps: float,
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
         n = check_stages(embed_dims=embed_dims, depths=depths, num_heads=num_heads, patch_sizes=patch_sizes,
@@ -317,6 +318,7 @@ class PyramidVisionTransformer(Backbone):
             # the official code never combines them (v1's last stage: SR ratio 1, plain MLP)
             fail("cls_token", cls_token, "needs conv_ffn=false, linear_sra=false and sr_ratios[-1]=1 (as PVT v1)")
         dims = [h * round(c * width_mult / h) for c, h in zip(embed_dims, num_heads)]  # see docstring
+        self.grad_checkpointing = grad_checkpointing
 
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # stochastic depth decay
         self.stages = nn.ModuleList()
@@ -349,7 +351,7 @@ class PyramidVisionTransformer(Backbone):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         outs, x = [], _channels_last(images)
         for stage in self.stages:
-            tokens, hw = stage(x)
+            tokens, hw = stage(x, checkpointing=self.grad_checkpointing)
             x = _to_map(tokens, hw)
             outs.append(x)
         return outs
@@ -361,7 +363,7 @@ class PyramidVisionTransformer(Backbone):
             prefix = None
             if i == last and self.cls_token is not None:
                 prefix = self.cls_token if self.cls_pos_embed is None else self.cls_token + self.cls_pos_embed
-            tokens, hw = stage(x, prefix)
+            tokens, hw = stage(x, prefix, self.grad_checkpointing)
             if i < last:
                 x = _to_map(tokens, hw)
         if self.norm is not None:

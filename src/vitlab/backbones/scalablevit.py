@@ -66,7 +66,7 @@ from vitlab.backbones.arguments import (check_choice, check_divisible, check_int
                                         check_stages, fail, per_stage, renamed_arguments)
 from vitlab.backbones.base import Backbone
 from vitlab.backbones.layers import (adapt_shapes, add_relative_position_bias, init_vit_weights,
-                                     relative_position_bias, resize_relative_position_bias)
+                                     relative_position_bias, resize_relative_position_bias, run_block)
 
 ATTENTIONS = ("iwsa", "wsa", "swsa", "ssa")
 LOCAL_MODULES = ("none", "lem", "lim")
@@ -271,10 +271,10 @@ class ScalableViTStage(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.peg = peg
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # NCHW in, NHWC out
+    def forward(self, x: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:  # NCHW in, NHWC out
         x = self.pos_drop(self.embed(x))
         for i, blk in enumerate(self.blocks):
-            x = blk(x)
+            x = run_block(blk, x, checkpointing=checkpointing)
             if i == 0 and self.peg is not None:
                 x = self.peg(x)
         return x
@@ -328,6 +328,7 @@ class ScalableViT(Backbone):
         drop_path_rate: float,
         head: str,
         head_hidden_dim: int,
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
         n_stages = check_stages(embed_dims=embed_dims, depths=depths, num_heads=num_heads, mlp_ratios=mlp_ratios,
@@ -348,6 +349,7 @@ class ScalableViT(Backbone):
             if sr > 1 and "ssa" in (even, odd) and int(c * rc) % h:  # SSA's reduced width C r_c over the heads
                 fail("c_ratios", c_ratios, f"int({c} x {rc}) = {int(c * rc)} channels do not split over {h} heads")
         self.head_type = head
+        self.grad_checkpointing = grad_checkpointing
         self.head_hidden_dim = head_hidden_dim
         self.norm_eps = norm_eps
         self.out_channels = list(embed_dims)
@@ -376,7 +378,7 @@ class ScalableViT(Backbone):
     def _forward_nhwc(self, x: torch.Tensor) -> list[torch.Tensor]:
         outs = []
         for stage in self.stages:
-            x = stage(x)
+            x = stage(x, self.grad_checkpointing)
             outs.append(x)
             x = _nchw(x)
         outs[-1] = self.norm(outs[-1])

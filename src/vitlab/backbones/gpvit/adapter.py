@@ -18,6 +18,7 @@ from vitlab.backbones.arguments import check_ints, check_positive, fail, per_sta
 from vitlab.backbones.base import Backbone
 from vitlab.backbones.gpvit.convert import convert_official_adapter
 from vitlab.backbones.gpvit.trunk import GPViT, _dw_conv_tokens
+from vitlab.backbones.layers import run_block
 
 def ms_deform_attn(value, shapes, locations, weights):
     """Multi-scale deformable attention, the pure-PyTorch form of Deformable DETR's op.
@@ -264,6 +265,9 @@ class GPViTAdapter(Backbone):
     def no_weight_decay(self) -> set[str]:
         return {f"trunk.{n}" for n in self.trunk.no_weight_decay()} | {"level_embed"}
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.trunk.set_grad_checkpointing(enable)  # the trunk's blocks (``grad_checkpointing`` is a trunk field)
+
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
         """The trunk's size-dependent tensors, adapted by the trunk."""
         trunk, messages = self.trunk.adapt_state_dict(
@@ -286,7 +290,7 @@ class GPViTAdapter(Backbone):
         for block, ix in zip(self.interactions, self.interaction_indexes):
             x = block.injector(x, ref_x, c, c_shapes)
             for layer in self.trunk.layers[ix[0] : ix[-1] + 1]:
-                x = layer(x, hw)
+                x = run_block(layer, x, hw, checkpointing=self.trunk.grad_checkpointing)
             for extractor in [block.extractor, *block.extra_extractors]:
                 c = extractor(c, ref_c, x, hw, c_shapes)
         b, dim = x.shape[0], self.trunk.embed_dims

@@ -95,7 +95,8 @@ from vitlab.backbones.arguments import (check_choice, check_divisible, check_int
 from vitlab.backbones.base import Backbone
 from vitlab.backbones.gpvit.convert import convert_official
 from vitlab.backbones.layers import (add_relative_position_bias, adapt_shapes, init_vit_weights,
-                                     relative_position_bias, resize_relative_position_bias, resize_token_grid)
+                                     relative_position_bias, resize_relative_position_bias, resize_token_grid,
+                                     run_block)
 
 LOCAL_ATTNS = ("lepe", "window", "global")
 LOCAL_BLOCKS = ("gpvit", "deit")
@@ -616,6 +617,7 @@ class GPViT(Backbone):
         head_pool: str | None = None,
         neck_heads: int | None = None,
         final_norm: bool = True,
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
         self._check(locals())
@@ -624,6 +626,7 @@ class GPViT(Backbone):
         out_indices = [i % num_layers for i in out_indices]
         img_size = tuple(img_size) if isinstance(img_size, (list, tuple)) else (img_size, img_size)
         self.embed_dims, self.patch_size, self.num_layers = embed_dims, patch_size, num_layers
+        self.grad_checkpointing = grad_checkpointing
         self.interpolate_mode, self.head_pool, self.neck_heads = interpolate_mode, head_pool, neck_heads
 
         self.patch_embed = ConvStem(in_chans, stem_channels, num_convs, patch_size, embed_dims)
@@ -743,7 +746,7 @@ class GPViT(Backbone):
         """Final normed tokens (B, N, C): what the GroupNeck reads."""
         x, hw = self._embed(images)
         for layer in self.layers:
-            x = layer(x, hw)
+            x = run_block(layer, x, hw, checkpointing=self.grad_checkpointing)
         return x if self.norm is None else self.norm(x)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -752,7 +755,7 @@ class GPViT(Backbone):
         maps: dict[int, torch.Tensor] = {}
         b = x.shape[0]
         for i, layer in enumerate(self.layers[: max(wanted) + 1]):
-            x = layer(x, hw)
+            x = run_block(layer, x, hw, checkpointing=self.grad_checkpointing)
             if i in wanted:
                 y = self.norm(x) if i == self.num_layers - 1 else self.out_norms[str(i)](x)
                 maps[i] = y.transpose(1, 2).reshape(b, -1, *hw)
