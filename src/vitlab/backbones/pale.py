@@ -30,8 +30,8 @@ attended with one ``F.scaled_dot_product_attention`` call per branch:
 """
 from __future__ import annotations
 
+import functools
 import math
-from functools import partial
 from typing import Sequence
 
 import torch
@@ -42,7 +42,7 @@ from torch import nn
 from vitlab.backbones.arguments import (check_choice, check_divisible, check_ints, check_positive, check_rates,
                                         check_stages, fail, per_stage, renamed_arguments)
 from vitlab.backbones.base import Backbone
-from vitlab.backbones.layers import adapt_shapes, resize_grid, run_block
+from vitlab.backbones.layers import adapt_shapes, init_vit_weights, resize_grid, run_block
 
 ATTN_MODES = ("pale_parallel", "pale_sequential", "pale_vanilla", "cross", "axial")
 SPLIT_MODES = ("pale_parallel", "cross", "axial")  # half the heads on rows, half on columns
@@ -412,18 +412,10 @@ class PaleTransformer(Backbone):
             cur += depths[i]
             stages.append(PaleStage(down, pos, blocks))
         self.stages = nn.ModuleList(stages)
-        self.apply(self._init_weights)
+        self.apply(functools.partial(init_vit_weights, convs=False))  # DECISION: ViT init; convs keep PyTorch's
         for stage in self.stages:
             if stage.pos_embed is not None:
                 trunc_normal_(stage.pos_embed, std=0.02)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # DECISION: the usual ViT init (trunc normal 0.02 for linears); convs keep PyTorch's.
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
 
     def _stages(self, x: torch.Tensor):
         for stage in self.stages:
@@ -449,7 +441,7 @@ class PaleTransformer(Backbone):
         """Global average pool + LayerNorm + linear (timm's NormMlpClassifierHead)."""
         head = NormMlpClassifierHead(self.out_channels[-1], num_classes, pool_type="avg",
                                      drop_rate=self.head_drop_rate,
-                                     norm_layer=partial(LayerNorm2d, eps=self.norm_eps))
+                                     norm_layer=functools.partial(LayerNorm2d, eps=self.norm_eps))
         trunc_normal_(head.fc.weight, std=0.02)
         nn.init.zeros_(head.fc.bias)
         return head

@@ -11,14 +11,14 @@ import math
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath
 from torch import nn
 
 from vitlab.backbones.arguments import check_ints, check_positive, fail, per_stage
 from vitlab.backbones.base import Backbone
 from vitlab.backbones.gpvit.convert import convert_official_adapter
 from vitlab.backbones.gpvit.trunk import GPViT, _dw_conv_tokens
-from vitlab.backbones.layers import run_block
+from vitlab.backbones.layers import init_vit_weights, run_block
 
 def ms_deform_attn(value, shapes, locations, weights):
     """Multi-scale deformable attention, the pure-PyTorch form of Deformable DETR's op.
@@ -244,23 +244,11 @@ class GPViTAdapter(Backbone):
         # official init of the new parts: trunc-normal linears, fan-out normal convs, then Deformable DETR's
         for part in (self.spm, self.interactions, self.up):
             if part is not None:
-                part.apply(self._init_adapter)
+                part.apply(init_vit_weights)
         for m in self.interactions.modules():
             if isinstance(m, MSDeformAttn):
                 m.reset_parameters()
         nn.init.normal_(self.level_embed)
-
-    @staticmethod
-    def _init_adapter(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-            nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
 
     def no_weight_decay(self) -> set[str]:
         return {f"trunk.{n}" for n in self.trunk.no_weight_decay()} | {"level_embed"}
