@@ -30,7 +30,7 @@ NON_CONSTRUCTOR_KEYS = ("pretrained",)
 
 def available_backbones() -> list[str]:
     """The variants: ``conf/backbone/*.yaml``, not the family bases they extend (``conf/backbone/family/``)."""
-    return sorted(p.stem for p in (CONF_DIR / "backbone").glob("*.yaml") if p.parent.name != "family")
+    return sorted(p.stem for p in (CONF_DIR / "backbone").glob("*.yaml"))  # not recursive: no family/
 
 
 def _relative_to_backbone(override: str) -> str:
