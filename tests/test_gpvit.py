@@ -11,7 +11,7 @@
   official L1 classifier (backbone / neck / head), from the same code.
 * Naive loop implementations (below) of LePE stripes and shifted windows, and
   timm's ViT attention, for the attention variants and for padding.
-* The official-code parameter counts in ZOO.md.
+* The official code's parameter counts (counted by running it).
 * tests/fixtures/gpvit_adapter_tiny_official.pt: the OFFICIAL mmdet GPViTAdapter and
   GPViTAdapterSingleStage (ViT-Adapter, COCO) on the tiny trunk above (no extra
   stem conv) with conv_inplane 8, 2 heads, 2 points, interactions [[0,1],[2,3]],
@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,9 @@ import torch.nn.functional as F
 
 import vitlab
 from vitlab.backbones.base import ImageClassifier
-from vitlab.backbones.gpvit import LocalAttention, convert_official, group_attention_maps, ms_deform_attn
+from vitlab.backbones.gpvit import GPViT, GPViTAdapter, LocalAttention, group_attention_maps, ms_deform_attn
+from vitlab.backbones.gpvit.trunk import GroupSelfAttention, LocalBlock
+from vitlab.backbones.layers import relative_position_index
 from vitlab.flops import count_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +44,7 @@ FIXTURES = ROOT / "tests" / "fixtures"
 
 # the official tiny architecture of the fixture, as overrides of gpvit_l1
 TINY = [
-    "img_size=64", "embed_dims=32", "num_convs=1", "num_layers=4", "num_heads=4", "gp_layers=[1,3]",
+    "img_size=64", "embed_dims=32", "num_convs=1", "depths=4", "num_heads=4", "gp_layers=[1,3]",
     "group_tokens=[8,4]", "num_group_heads=2", "num_ungroup_heads=2", "propagation_heads=2",
     "drop_path_rate=0.0", "neck_heads=2",
 ]
@@ -72,7 +75,7 @@ def test_official_code_outputs(tmp_path):
 
 def test_official_l1_key_layout():
     shapes = json.loads((FIXTURES / "gpvit_l1_official_keys.json").read_text())
-    converted = convert_official({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    converted = GPViT.convert_official({k: torch.empty(s, device="meta") for k, s in shapes.items()})
     with torch.device("meta"):
         model = ImageClassifier(vitlab.create_backbone("gpvit_l1"), 1000)
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -89,9 +92,11 @@ def test_backbone_params_equal_official_code(name, official):
 
 
 # --------------------------------------------------------------------------- attention references
-def _naive_attention(q, k, v, allowed=None):
-    """q (Lq, d), k/v (Lk, d): explicit softmax attention."""
+def _naive_attention(q, k, v, allowed=None, bias=None):
+    """q (Lq, d), k/v (Lk, d): explicit softmax attention, plus an additive (Lq, Lk) bias."""
     s = q @ k.T / math.sqrt(q.shape[-1])
+    if bias is not None:
+        s = s + bias
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     return s.softmax(-1) @ v
@@ -142,7 +147,9 @@ def test_lepe_attention_matches_naive_stripes(hw):
 def _naive_windows(attn: LocalAttention, x: torch.Tensor, hw, shift: int) -> torch.Tensor:
     """Swin (shifted) window attention by loops over queries: a real query sees the real
     keys of its window in the frame rolled by -shift (padded to a window multiple), and
-    only those on the same side of the wrap-around (Swin's region mask)."""
+    only those on the same side of the wrap-around (Swin's region mask). With a bias table,
+    each (query, key) pair adds Swin's bias: the table entry of their offset (dy, dx) in the
+    rolled frame, row (dy + ws - 1) * (2 ws - 1) + dx + ws - 1."""
     b, n, c = x.shape
     h, w = hw
     ws, heads = attn.window_size, attn.num_heads
@@ -150,21 +157,31 @@ def _naive_windows(attn: LocalAttention, x: torch.Tensor, hw, shift: int) -> tor
     hp, wp = math.ceil(h / ws) * ws, math.ceil(w / ws) * ws
     qkv = attn.qkv(x).view(b, n, 3, heads, d)
     ii, jj = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    ri, rj = (ii - shift) % hp, (jj - shift) % wp  # rolled coordinates
-    key = torch.stack([ri // ws, rj // ws, ri >= hp - shift if shift else ri * 0, rj >= wp - shift if shift else rj * 0], -1)
+    sh, sw = (shift if h > ws else 0), (shift if w > ws else 0)  # Swin: no shift along an axis inside one window
+    ri, rj = (ii - sh) % hp, (jj - sw) % wp  # rolled coordinates
+    key = torch.stack([ri // ws, rj // ws, ri >= hp - sh if sh else ri * 0, rj >= wp - sw if sw else rj * 0], -1)
     key = key.view(n, 4)
     allowed = (key[:, None, :] == key[None, :, :]).all(-1)  # (N, N)
+    table = getattr(attn, "relative_position_bias_table", None)
+    dy, dx = ri.reshape(-1, 1) - ri.reshape(1, -1), rj.reshape(-1, 1) - rj.reshape(1, -1)
+    rows = ((dy + ws - 1) * (2 * ws - 1) + dx + ws - 1).clamp(0, (2 * ws - 1) ** 2 - 1)  # clamp: pairs not allowed
     out = torch.zeros(b, n, heads, d)
     for bi in range(b):
         for hd in range(heads):
-            out[bi, :, hd] = _naive_attention(qkv[bi, :, 0, hd], qkv[bi, :, 1, hd], qkv[bi, :, 2, hd], allowed)
+            bias = None if table is None else table[rows, hd]
+            out[bi, :, hd] = _naive_attention(qkv[bi, :, 0, hd], qkv[bi, :, 1, hd], qkv[bi, :, 2, hd], allowed, bias)
     return attn.proj(out.view(b, n, c))
 
 
-@pytest.mark.parametrize("hw,shift", [((8, 8), False), ((9, 11), False), ((9, 11), True)])
-def test_window_attention_matches_naive(hw, shift):
+@pytest.mark.parametrize("bias", [True, False], ids=["swin_bias", "no_bias"])
+@pytest.mark.parametrize("hw,shift", [((8, 8), False), ((9, 11), False), ((9, 11), True), ((3, 11), True)])
+def test_window_attention_matches_naive(hw, shift, bias):
+    # (3, 11): windows clipped to 3 rows (their bias from the middle of the 4x4 window's table)
     torch.manual_seed(0)
-    attn = LocalAttention(24, 3, "window", split_size=2, window_size=4, shift=shift).eval()
+    attn = LocalAttention(24, 3, "window", split_size=2, window_size=4, shift=shift, rel_pos_bias=bias).eval()
+    assert hasattr(attn, "relative_position_bias_table") is bias
+    if bias:
+        torch.nn.init.normal_(attn.relative_position_bias_table)  # large enough to matter
     x = torch.randn(2, hw[0] * hw[1], 24)
     with torch.no_grad():
         ref = _naive_windows(attn, x, hw, 2 if shift else 0)
@@ -181,6 +198,60 @@ def test_global_attention_matches_timm():
     x = torch.randn(2, 35, 24)
     with torch.no_grad():
         torch.testing.assert_close(ours(x, (5, 7)), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_deit_block_is_timms_vit_block():
+    # Table 6's ViT baselines: local_block=deit with global attention is DeiT's pre-norm block
+    from timm.models.vision_transformer import Block
+
+    torch.manual_seed(0)
+    ours = LocalBlock(24, 3, "global", split_size=2, window_size=7, shift=False, mlp_ratio=4.0, qkv_bias=True,
+                      drop=0.0, attn_drop=0.0, drop_path=0.0, norm_eps=1e-6, rel_pos_bias=True, dw_conv=False).eval()
+    ref = Block(24, 3, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)).eval()
+    ref.load_state_dict(ours.state_dict())  # norm1 / attn.qkv / attn.proj / norm2 / mlp.fc1 / mlp.fc2
+    x = torch.randn(2, 35, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, (5, 7)), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_group_self_attention_matches_naive():
+    # Table 9's self-attention propagation: groups query [groups; image tokens], then an FFN
+    torch.manual_seed(0)
+    layer = GroupSelfAttention(24, 3, 4.0, True, 0.0, 0.0, 0.0).eval()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    g, x = torch.randn(2, 5, 24), torch.randn(2, 30, 24)
+    with torch.no_grad():
+        seq = layer.norm1(torch.cat((g, x), 1))
+        q, kv = layer.q(seq[:, :5]), layer.kv(seq)
+        k, v = kv[..., :24], kv[..., 24:]
+        heads = [_naive_attention(q[b, :, h * 8:(h + 1) * 8], k[b, :, h * 8:(h + 1) * 8], v[b, :, h * 8:(h + 1) * 8])
+                 for b in range(2) for h in range(3)]
+        attn = torch.stack([torch.cat(heads[b * 3:(b + 1) * 3], -1) for b in range(2)])
+        ref = g + layer.proj(attn)
+        ref = ref + layer.mlp(layer.norm2(ref))
+        torch.testing.assert_close(layer(g, x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_window_bias_of_another_window_size_is_resized(tmp_path):
+    from timm.layers.pos_embed_rel import resize_rel_pos_bias_table
+
+    torch.manual_seed(0)
+    src = vitlab.create_backbone("gpvit_l1", overrides=[*TINY, "local_attn=window", "global_block=none"])
+    torch.save({f"backbone.{k}": v for k, v in src.state_dict().items()}, tmp_path / "w7.pth")
+    dst = vitlab.create_backbone("gpvit_l1", pretrained=str(tmp_path / "w7.pth"),
+                                 overrides=[*TINY, "local_attn=window", "global_block=none", "window_sizes=5"])
+    attn, old = dst.layers[0].attn, src.layers[0].attn.relative_position_bias_table.detach()
+    assert attn.relative_position_bias_table.shape == (81, 4)
+    torch.testing.assert_close(attn.relative_position_bias_table.detach(), resize_rel_pos_bias_table(old, (5, 5), (81, 4)))
+    assert torch.equal(attn.relative_position_index, relative_position_index((5, 5), 5))
+
+
+def test_patch16_stem_adds_a_stride2_conv():
+    model = _tiny("patch_size=16", "out_strides=[16]")
+    convs = [(m.kernel_size[0], m.stride[0]) for m in model.patch_embed.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs == [(7, 2), (3, 1), (3, 2), (4, 4)]  # 7x7/2, num_convs=1 3x3/1, the extra 3x3/2, 4x4/4
+    assert model.grid == (4, 4) and model.forward_features(torch.randn(1, 3, 50, 70)).shape[1] == 4 * 5
 
 
 # --------------------------------------------------------------------------- model-level behaviour
@@ -220,13 +291,16 @@ def test_any_input_size_and_dense_pyramid():
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["local_attn=window", "window_size=3", "global_block=shifted_window"],
+        ["local_attn=window", "window_sizes=3", "global_block=shifted_window"],
         ["global_block=conv"],
         ["local_attn=global", "global_block=global_attn"],
         ["propagation=self_attn"],
         ["propagation=none"],
         ["patch_size=16", "out_strides=[16]"],
         ["head_pool=mean"],
+        ["patch_size=16", "local_attn=global", "local_block=deit", "global_block=none", "head_pool=mean",
+         "out_strides=[16]"],  # Table 6's ViT-D216-P16
+        ["pos_embed=none"],
     ],
 )
 def test_ablation_variants_train(overrides):
@@ -249,7 +323,11 @@ def test_ablation_block_parameter_counts():
     # window / shifted / global attention share the qkv / proj / FFN / dw weights (no LePE convs)
     n_lepe = 2 * (c // 2) * 10
     assert count_params(_tiny("global_block=global_attn")) == base - 2 * n_lepe
-    assert count_params(_tiny("local_attn=window", "global_block=shifted_window")) == base - 4 * n_lepe
+    # window attention: Swin's bias table ((2 * 7 - 1)^2 x 4 heads) per layer, or none (the switch)
+    table = (2 * 7 - 1) ** 2 * 4
+    assert count_params(_tiny("local_attn=window", "global_block=shifted_window")) == base - 4 * n_lepe + 4 * table
+    assert count_params(_tiny("local_attn=window", "global_block=shifted_window", "rel_pos_bias=false")) == (
+        base - 4 * n_lepe)
 
 
 def test_group_attention_maps():
@@ -287,7 +365,7 @@ def test_notebook_executes():
 
 
 # --------------------------------------------------------------------------- ViT-Adapter
-ADAPTER_TINY = [o for o in TINY if not o.startswith("num_convs")] + [
+ADAPTER_TINY = [o for o in TINY if not o.startswith(("num_convs", "neck_heads"))] + [
     "num_convs=0", "conv_inplane=8", "n_points=2", "deform_num_heads=2", "interaction_indexes=[[0,1],[2,3]]",
 ]
 
@@ -318,6 +396,22 @@ def test_adapter_params_equal_official_code(name, maskrcnn, retinanet):
     with torch.device("meta"):
         assert count_params(vitlab.create_backbone(name)) == maskrcnn
         assert count_params(vitlab.create_backbone(name, overrides=["out_strides=[8,16,32]"])) == retinanet
+
+
+def test_adapter_holds_a_trunk_and_builds_nothing_it_does_not_use(tmp_path):
+    torch.manual_seed(0)
+    model = vitlab.create_backbone("gpvit_l1_adapter", overrides=ADAPTER_TINY).eval()
+    assert isinstance(model.trunk, GPViT) and not isinstance(model, GPViT)
+    assert model.trunk.norm is None and len(model.trunk.out_norms) == 0 and len(model.trunk.resample) == 0
+    outs = model(torch.randn(1, 3, 64, 96))
+    sum(o.sum() for o in outs).backward()
+    assert not [n for n, p in model.named_parameters() if p.grad is None]  # every parameter is used
+    # a state dict of the earlier layout (the trunk's modules at the top) still loads, through convert_official
+    old = {f"backbone.{k.removeprefix('trunk.')}": v for k, v in model.state_dict().items()}
+    torch.save(old, tmp_path / "round1.pth")
+    fresh = vitlab.create_backbone("gpvit_l1_adapter", pretrained=str(tmp_path / "round1.pth"), overrides=ADAPTER_TINY)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[k], v)
 
 
 def test_ms_deform_attn_matches_naive_bilinear():

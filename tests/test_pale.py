@@ -6,6 +6,7 @@ tests/test_zoo.py; here: what only this family has.
 from __future__ import annotations
 
 import math
+import logging
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+import vitlab
 from vitlab.api import backbone_config, build_backbone
 from vitlab.backbones.base import ImageClassifier
 from vitlab.backbones.pale import PaleAttention, PaleTransformer
@@ -59,8 +61,10 @@ def _naive_attention(attn: PaleAttention, x: torch.Tensor) -> torch.Tensor:
     heads, hd = attn.num_heads, c // attn.num_heads
     s_r, s_c = attn.pale_size if attn.mode != "axial" else (1, 1)
 
-    def sep(m):
+    def sep(m):  # CvT's convolutional projection: depth-wise conv -> BatchNorm (eval) -> point-wise conv
         y = F.conv2d(x.permute(0, 3, 1, 2), m.conv_dw.weight, None, padding=1, groups=c)
+        y = (y - m.bn.running_mean[:, None, None]) / torch.sqrt(m.bn.running_var[:, None, None] + m.bn.eps)
+        y = y * m.bn.weight[:, None, None] + m.bn.bias[:, None, None]
         y = F.conv2d(y, m.conv_pw.weight, m.conv_pw.bias)
         return y.flatten(2).transpose(1, 2).reshape(b, h * w, heads, hd).transpose(1, 2)  # (b, heads, hw, hd)
 
@@ -105,6 +109,9 @@ def test_attention_matches_naive_masked_attention(mode, hw, pale):
     attn = PaleAttention(16, 4, pale, mode, qkv_bias=True, attn_drop=0.0, proj_drop=0.0).double().eval()
     for p in attn.parameters():  # non-trivial biases too
         torch.nn.init.normal_(p, std=0.5)
+    for proj in (attn.q, attn.k, attn.v):  # BatchNorm statistics too
+        proj.bn.running_mean.normal_(std=0.5)
+        proj.bn.running_var.uniform_(0.5, 2.0)
     x = torch.randn(2, *hw, 16, dtype=torch.float64)
     torch.testing.assert_close(attn(x), _naive_attention(attn, x), rtol=1e-9, atol=1e-9)
 
@@ -164,7 +171,7 @@ def test_vanilla_costs_a_whole_pale_per_pale():
 @pytest.mark.parametrize("mode", ["pale_parallel", "pale_sequential", "pale_vanilla", "cross", "axial"])
 def test_any_input_size_and_contract(mode):
     torch.manual_seed(0)
-    model = PaleTransformer(**TINY, attn_mode=mode, pos_embed="ape", ape_size=[64, 64], drop_path_rate=0.1)
+    model = PaleTransformer(**TINY, attn_mode=mode, pos_embed="ape", img_size=64, drop_path_rate=0.1)
     clf = ImageClassifier(model, num_classes=5)
     x = torch.randn(2, 3, 37, 53)
     feats = model(x)
@@ -211,18 +218,9 @@ def test_per_stage_pale_size_list():
     assert [s.blocks[0].attn.pale_size for s in model.stages] == [(1, 1), (3, 3), (5, 2), (7, 7)]
 
 
-def test_configs_hold_every_constructor_argument():
-    import inspect
-
-    params = set(inspect.signature(PaleTransformer).parameters)
-    for name in ("pale_t", "pale_s", "pale_b"):
-        cfg = yaml.safe_load((REPO / "conf" / "backbone" / f"{name}.yaml").read_text())
-        assert cfg["_target_"] == "vitlab.backbones.pale.PaleTransformer"
-        assert set(cfg) - {"_target_", "pretrained"} == params
-        assert list(cfg)[-1] == "pretrained" and cfg["pretrained"] is None
-    # drop path per variant (the paper's ImageNet values)
-    assert [yaml.safe_load((REPO / "conf/backbone" / f"pale_{v}.yaml").read_text())["drop_path_rate"]
-            for v in "tsb"] == [0.1, 0.3, 0.5]
+def test_variant_drop_path_rates():
+    # the paper's ImageNet values (the dense tasks' are in conf/experiment/pale_*)
+    assert [backbone_config(f"pale_{v}").drop_path_rate for v in "tsb"] == [0.1, 0.3, 0.5]
 
 
 SWEEPS = {"pale_size": ("pale_size", [1, 3, 5, 7, 9]),
@@ -251,3 +249,20 @@ def test_sweep_presets_build_the_table_rows(sweep):
             assert block.attn.mode == {"pale_sequential": "pale_cols"}.get(value, value)
         else:
             assert (block.cpe is not None, model.stages[0].pos_embed is not None) == (value == "cpe", value == "ape")
+
+
+def test_ape_classifier_at_224_loads_into_a_dense_backbone_of_another_size(tmp_path, caplog):
+    # Table 9's dense APE rows: grids made for the dense input size, initialised from ImageNet (224)
+    tiny = ["embed_dims=[16,32,48,64]", "depths=[1,1,1,1]", "num_heads=[2,2,4,4]", "pos_embed=ape"]
+    torch.manual_seed(0)
+    src = vitlab.create_model("pale_t", num_classes=10, overrides=tiny)
+    torch.save(src.state_dict(), tmp_path / "pale_ape_224.pth")
+    with caplog.at_level(logging.INFO, logger="vitlab.checkpoints"):
+        dst = vitlab.create_backbone("pale_t", pretrained=str(tmp_path / "pale_ape_224.pth"),
+                                     overrides=[*tiny, "img_size=[96,160]"])
+    for i, size in enumerate([(24, 40), (12, 20), (6, 10), (3, 5)]):
+        old = src.backbone.stages[i].pos_embed.detach()
+        ref = F.interpolate(old.permute(0, 3, 1, 2), size=size, mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+        torch.testing.assert_close(dst.stages[i].pos_embed.detach(), ref)
+    assert sum("resized" in r.message for r in caplog.records) == 4
+    assert torch.equal(dst.stages[2].blocks[0].attn.q.conv_dw.weight, src.backbone.stages[2].blocks[0].attn.q.conv_dw.weight)

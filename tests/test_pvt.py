@@ -16,24 +16,26 @@
   N(0, 1) inputs (rounded to fp16 for storage, run in fp32) at two sizes, one
   needing position-embedding interpolation (v1: 96x80). The file holds the
   official state dict, the config, inputs and logits.
-* Parameter counts: the official-code counts of spec/ZOO.md; GFLOPs: the papers.
+* Parameter counts: the official code's (counted by running it); GFLOPs: the papers.
 """
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 import vitlab
-from vitlab.backbones.pvt import convert_official
+from vitlab.backbones.pvt import PyramidVisionTransformer
 from vitlab.flops import count_gmacs, count_params
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
-# name: (official-code params, ImageNet classifier; paper GFLOPs at 224)  -- spec/ZOO.md, seeds 000/001
+# name: (official-code params, ImageNet classifier; paper GFLOPs at 224)  -- official code, seeds 000/001
 ZOO = {
     "pvt_tiny": (13_229_288, 1.9),
     "pvt_small": (24_485_864, 3.8),
@@ -100,7 +102,7 @@ def test_pvt_v2_matches_timm(name):
     official = timm_to_official(ref.state_dict())
     with torch.device("meta"):
         ours = vitlab.create_model(name)
-    ours.load_state_dict(convert_official(official), strict=True, assign=True)
+    ours.load_state_dict(PyramidVisionTransformer.convert_official(official), strict=True, assign=True)
     ours.eval()
     g = torch.Generator().manual_seed(1)
     small = name in ("pvt_v2_b0", "pvt_v2_b1", "pvt_v2_b2", "pvt_v2_b2_li")  # the deep ones: one size only
@@ -125,7 +127,7 @@ def _tiny_overrides(cfg: dict, v1: bool) -> list[str]:
 
 def _check_fixture(fix: dict, name: str, v1: bool) -> None:
     model = vitlab.create_model(name, num_classes=10, overrides=_tiny_overrides(fix["config"], v1))
-    model.load_state_dict(convert_official(fix["state_dict"]), strict=True)
+    model.load_state_dict(PyramidVisionTransformer.convert_official(fix["state_dict"]), strict=True)
     model.eval()
     with torch.no_grad():
         for x, y in zip(fix["inputs"], fix["logits"]):
@@ -167,9 +169,28 @@ def test_small_wide_is_pvt_small_times_1p4():
 
 def test_component_ablation_ends_at_pvt_v2_b2_li():
     # PVTv2 component ablation: PVT-Small + OPE + conv FFN (no APE, GAP head) + linear SRA = PVTv2-B2-Li
-    rows = ["overlap_patch_embed=true", "conv_ffn=true", "pos_embed=false", "cls_token=false",
+    rows = ["overlap_patch_embed=true", "conv_ffn=true", "pos_embed=none", "cls_token=false",
             "stage_norm=true", "linear_sra=true"]
     with torch.device("meta"):
         model = vitlab.create_model("pvt_small", overrides=rows)
     assert count_params(model) == ZOO["pvt_v2_b2_li"][0]
 
+
+
+def test_v1_checkpoint_at_224_loads_into_another_img_size(tmp_path, caplog):
+    # issue: ImageNet weights into a dense model built for its input size; the position embeddings
+    # are resized bilinearly (what the v1 code does at run time), everything else loads as it is
+    torch.manual_seed(0)
+    src = vitlab.create_model("pvt_tiny", num_classes=10, overrides=["depths=[1,1,1,1]"])
+    torch.save(src.state_dict(), tmp_path / "pvt_tiny_224.pth")
+    with caplog.at_level(logging.INFO, logger="vitlab.checkpoints"):
+        dst = vitlab.create_model("pvt_tiny", num_classes=10, pretrained=str(tmp_path / "pvt_tiny_224.pth"),
+                                  overrides=["depths=[1,1,1,1]", "img_size=320"])
+    for i, (side, new) in enumerate(zip([56, 28, 14, 7], [80, 40, 20, 10])):
+        stage = dst.backbone.stages[i]
+        grid = src.backbone.stages[i].pos_embed.detach().reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        ref = F.interpolate(grid, size=(new, new), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(stage.pos_embed.detach(), ref)
+    assert sum("resized" in r.message and "pos_embed" in r.message for r in caplog.records) == 4
+    same = {k: v for k, v in src.state_dict().items() if "pos_embed" not in k or "cls" in k}
+    assert all(torch.equal(dst.state_dict()[k], v) for k, v in same.items())

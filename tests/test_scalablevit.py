@@ -14,7 +14,7 @@
   fp16 (stored so) and run in fp32 in eval mode on a random uint8 image of
   224x448 mapped to [-1, 1] (x / 127.5 - 1). The file holds the official-layout
   state dict, the image and the logits.
-* Parameter counts / GMACs: the official-code numbers of spec/ZOO.md (and the
+* Parameter counts / GMACs: the official code's numbers, counted by running it (and the
   official ``scalable_vit_small_0`` for the plain linear head: 26,307,032).
 * Off the official path (inputs that are not multiples of 224, SWSA, LEM): naive
   per-window loop implementations written here, and timm's Swin block for SWSA.
@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformerBlock
 
 import vitlab
-from vitlab.backbones.scalablevit import (ScalableSelfAttention, WindowAttention,
-                                          convert_official)
+from vitlab.backbones.scalablevit import ScalableSelfAttention, ScalableViT, WindowAttention
 from vitlab.flops import count_gmacs, count_params
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -47,7 +46,7 @@ TINY = [
 def test_official_fixture_logits():
     ref = torch.load(FIXTURES / "scalablevit_tiny_official.pt")
     model = vitlab.create_model("scalablevit_s", num_classes=8, overrides=TINY).eval()
-    sd = convert_official({k: v.float() for k, v in ref["state_dict"].items()})
+    sd = ScalableViT.convert_official({k: v.float() for k, v in ref["state_dict"].items()})
     model.load_state_dict(sd, strict=True)
     x = ref["image"].float() / 127.5 - 1.0
     with torch.no_grad():
@@ -55,7 +54,7 @@ def test_official_fixture_logits():
     torch.testing.assert_close(logits, ref["logits"], atol=2e-5, rtol=1e-4)
     # the official no_weight_decay() names the PEG (pos_block) parameters
     official_nwd = {k for k in ref["state_dict"] if k.startswith("pos_block.")}
-    assert set(convert_official(dict.fromkeys(official_nwd))) == set(model.no_weight_decay())
+    assert set(ScalableViT.convert_official(dict.fromkeys(official_nwd))) == set(model.no_weight_decay())
 
 
 def test_official_file_through_loader(tmp_path):
@@ -114,7 +113,7 @@ def test_block_patterns():
     assert kinds("swsa_ssa") == ["swsa", "ssa"]
     assert kinds("wsa") == ["none", "none"]
     assert kinds("ssa") == ["ssa", "ssa"]
-    with pytest.raises(Exception, match="block_pattern 'iwsa_foo'"):  # hydra wraps the ValueError
+    with pytest.raises(Exception, match="backbone.block_pattern='iwsa_foo': use one or two of"):  # hydra wraps it
         kinds("iwsa_foo")
 
 
@@ -158,6 +157,10 @@ def naive_window_attention(attn: WindowAttention, x: torch.Tensor) -> torch.Tens
                 kh = k[:, i:i + ws, j:j + ws, ch].reshape(B, ws * ws, d)
                 vh = vw[..., ch].reshape(B, ws * ws, d)
                 logits = qh @ kh.transpose(1, 2) / math.sqrt(d)
+                if attn.rel_pos_bias:  # Swin: the table row of each pair's offset (dy, dx) in the window
+                    yy, xx = torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")
+                    dy, dx = yy.reshape(-1, 1) - yy.reshape(1, -1), xx.reshape(-1, 1) - xx.reshape(1, -1)
+                    logits = logits + attn.relative_position_bias_table[(dy + ws - 1) * (2 * ws - 1) + dx + ws - 1, h]
                 if shift:
                     r = regions[i:i + ws, j:j + ws].reshape(-1)
                     logits = logits.masked_fill(r[:, None] != r[None, :], float("-inf"))
@@ -206,25 +209,40 @@ def _randomize(module: torch.nn.Module, seed: int = 0):
     return module
 
 
-@pytest.mark.parametrize("local_module,shift", [("lim", 0), ("lem", 0), ("none", 0), ("none", 3)])
+@pytest.mark.parametrize("local_module,shift,bias", [("lim", 0, False), ("lem", 0, False), ("none", 0, False),
+                                                     ("none", 3, False), ("none", 3, True)])
 @pytest.mark.parametrize("size", [(14, 21), (10, 13)])
-def test_window_attention_vs_naive(local_module, shift, size):
-    attn = _randomize(WindowAttention(12, 3, 7, shift, True, local_module, 3, 0.0, 0.0)).eval()
+def test_window_attention_vs_naive(local_module, shift, bias, size):
+    attn = _randomize(WindowAttention(12, 3, 7, shift, True, local_module, 3, 0.0, 0.0, bias)).eval()
     x = torch.randn(2, *size, 12)
     with torch.no_grad():
         torch.testing.assert_close(attn(x), naive_window_attention(attn, x), atol=1e-5, rtol=1e-4)
 
 
-def test_swsa_vs_timm_swin():
-    # timm's SW-MSA with its relative position bias zeroed = our SWSA (same qkv layout)
-    ours = _randomize(WindowAttention(16, 2, 7, 3, True, "none", 3, 0.0, 0.0)).eval()
+@pytest.mark.parametrize("bias", [True, False], ids=["swin_bias", "no_bias"])
+def test_swsa_vs_timm_swin(bias):
+    # SWSA = timm's Swin SW-MSA (same qkv layout): with the same relative position bias table,
+    # or with timm's table zeroed when the switch leaves the bias out
+    ours = _randomize(WindowAttention(16, 2, 7, 3, True, "none", 3, 0.0, 0.0, rel_pos_bias=bias)).eval()
     swin = SwinTransformerBlock(16, (14, 14), num_heads=2, window_size=7, shift_size=3).eval()
     with torch.no_grad():
-        swin.attn.relative_position_bias_table.zero_()
+        swin.attn.relative_position_bias_table.copy_(ours.relative_position_bias_table if bias else 0)
         swin.attn.qkv.load_state_dict(ours.qkv.state_dict())
         swin.attn.proj.load_state_dict(ours.proj.state_dict())
         x = torch.randn(2, 14, 14, 16)
         torch.testing.assert_close(ours(x), swin._attn(x), atol=1e-5, rtol=1e-4)
+    if bias:  # the mmcls WindowMSA key layout, and timm's (= mmcls') index
+        assert torch.equal(ours.relative_position_index, swin.attn.relative_position_index)
+
+
+def test_swsa_bias_switch_and_blocks_with_bias():
+    def tables(*extra):
+        m = vitlab.create_backbone("scalablevit_s", overrides=TINY + list(extra))
+        return [n for n, _ in m.named_parameters() if n.endswith("relative_position_bias_table")]
+
+    assert len(tables("block_pattern=swsa_ssa")) == 4  # the even block of each stage (depths 2)
+    assert tables("block_pattern=swsa_ssa", "rel_pos_bias=false") == []
+    assert tables() == tables("block_pattern=wsa") == []  # IWSA / WSA: none, as the official IWSA
 
 
 @pytest.mark.parametrize("sr,c_ratio", [(4, 1.25), (2, 0.5), (1, 1.25)])

@@ -6,7 +6,7 @@ import timm
 import torch
 
 import vitlab
-from vitlab.backbones.timm_baselines import convert_official
+from vitlab.backbones.timm_baselines import TimmCNN, TimmColumnarViT
 from vitlab.flops import count_params
 
 # config -> timm model of the same weights; (params of timm's 1000-class classifier are the reference)
@@ -48,7 +48,7 @@ def test_cnn_params_equal_timm_classifier(name):
 def test_cnn_logits_equal_timm_with_converted_weights(name):
     ref = _random(timm.create_model(CNNS[name], pretrained=False), seed=0)
     ours = vitlab.create_model(name)
-    ours.load_state_dict(convert_official(ref.state_dict()), strict=True)
+    ours.load_state_dict(TimmCNN.convert_official(ref.state_dict()), strict=True)
     ours.eval()
     x = torch.randn(2, 3, 64, 48)
     with torch.no_grad():
@@ -63,7 +63,7 @@ def test_vit_small_p32_classifier_and_pyramid_match_timm():
     ref = _random(timm.create_model("vit_small_patch32_224", pretrained=False, dynamic_img_size=True), seed=1)
     ours = vitlab.create_model("vit_small_p32")
     assert count_params(ours) == count_params(ref)
-    ours.load_state_dict(convert_official(ref.state_dict()), strict=True)
+    ours.load_state_dict(TimmColumnarViT.convert_official(ref.state_dict()), strict=True)
     ours.eval()
     with torch.no_grad():
         x = torch.randn(1, 3, 96, 128)  # not the 224 pre-training size: resized position embedding

@@ -23,7 +23,8 @@ from vitlab.resources import conf_dir
 
 
 def available_backbones() -> list[str]:
-    return sorted(p.stem for p in (conf_dir() / "backbone").glob("*.yaml"))
+    """The variants: ``conf/backbone/*.yaml``, not the family bases they extend (``conf/backbone/family/``)."""
+    return sorted(p.stem for p in (conf_dir() / "backbone").glob("*.yaml"))  # not recursive: no family/
 
 
 def _relative_to_backbone(override: str) -> str:

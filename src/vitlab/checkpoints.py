@@ -5,15 +5,16 @@ Accepted files: ``.safetensors``; ``torch.save`` files read with
 pickled code is ever executed); Lightning checkpoints of this project
 (``state_dict`` with a ``model.`` prefix); mmcls-style ``{"state_dict": ...}``
 and ``{"model": ...}`` wrappers. Our layout is ``backbone.*`` + ``head.*``
-(``ImageClassifier``); anything else goes through the family's
-``convert_official`` and is then loaded strictly.
+(``ImageClassifier``): a file whose keys are all in it is used as it is, anything
+else goes through ``type(backbone).convert_official``. Then the backbone's
+``adapt_state_dict`` resizes size-dependent tensors (position embeddings, relative
+position bias tables) to the model's shapes (logged), and the load is strict.
 """
 from __future__ import annotations
 
 import logging
 import os
 import pickle
-import sys
 import zipfile
 from pathlib import Path
 
@@ -23,8 +24,7 @@ from torch import nn
 
 from vitlab.backbones.base import Backbone, ImageClassifier
 
-
-log = logging.getLogger("vitlab")
+log = logging.getLogger(__name__)  # a child of "vitlab": same handlers
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -106,19 +106,21 @@ def read_state_dict(path: str | Path, ema: bool = False) -> dict[str, torch.Tens
     return ours if ours is not None else sd
 
 
-def _family_converter(backbone: nn.Module):
-    return getattr(sys.modules[type(backbone).__module__], "convert_official", None)
-
-
-def to_classifier_layout(sd: dict[str, torch.Tensor], backbone: nn.Module, expected: set[str]) -> dict:
-    """Return ``sd`` in our ``backbone.*``/``head.*`` layout, converting official files."""
-    ours = sum(k in expected for k in sd)
-    if ours >= 0.9 * len(sd):
+def to_our_layout(sd: dict[str, torch.Tensor], backbone: Backbone, expected: set[str], bare: bool) -> dict:
+    """``sd`` in our ``backbone.*``/``head.*`` layout: as it is when every key is one of the model's
+    (``head.*`` keys too when loading a bare backbone, which drops them), else converted by the family."""
+    if all(k in expected or (bare and k.startswith("head.")) for k in sd):
         return sd
-    convert = _family_converter(backbone)
-    if convert is None:
-        return sd  # nothing to convert with: the strict load below lists what differs
-    return convert(dict(sd))
+    return type(backbone).convert_official(dict(sd))
+
+
+def _adapt(sd: dict[str, torch.Tensor], backbone: Backbone, source: str) -> dict[str, torch.Tensor]:
+    """Resize the ``backbone.*`` tensors whose shape depends on the input size to the model's."""
+    part = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    part, messages = backbone.adapt_state_dict(part)
+    for message in messages:
+        log.info("%s: resized %s", source, message)
+    return {**{k: v for k, v in sd.items() if not k.startswith("backbone.")}, **{f"backbone.{k}": v for k, v in part.items()}}
 
 
 def _check_and_load(model: nn.Module, sd: dict, source: str) -> None:
@@ -151,8 +153,7 @@ def load_pretrained(model: nn.Module, path: str | Path, ema: bool = False) -> nn
     a detection or segmentation checkpoint) gets the backbone only, and the log says so."""
     sd = read_state_dict(path, ema=ema)
     if isinstance(model, ImageClassifier):
-        expected = set(model.state_dict())
-        sd = to_classifier_layout(sd, model.backbone, expected)
+        sd = _adapt(to_our_layout(sd, model.backbone, set(model.state_dict()), bare=False), model.backbone, str(path))
         own = model.state_dict()
         head = {k: v for k, v in sd.items() if k.startswith("head.")}
         if {k for k in own if k.startswith("head.")} != set(head) or any(
@@ -164,10 +165,9 @@ def load_pretrained(model: nn.Module, path: str | Path, ema: bool = False) -> nn
             return model
         _check_and_load(model, sd, str(path))
     elif isinstance(model, Backbone):
-        expected = {f"backbone.{k}" for k in model.state_dict()}
-        sd = to_classifier_layout(sd, model, expected)
-        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-        _check_and_load(model, sd, str(path))
+        sd = to_our_layout(sd, model, {f"backbone.{k}" for k in model.state_dict()}, bare=True)
+        sd = _adapt(sd, model, str(path))
+        _check_and_load(model, {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}, str(path))
     else:
         _check_and_load(model, sd, str(path))
     return model

@@ -8,7 +8,9 @@
 
 GFLOPs are multiply-adds at the paper's input size (see ``vitlab.flops``); models are
 built on the meta device, so counting even the largest is instant and needs no memory.
-The papers' numbers live in ``src/vitlab/paper_tables/*.yaml``, one file per family.
+The papers' numbers live in ``src/vitlab/paper_tables/*.yaml``, one file per family. A row
+may carry an ``id``; ``delta_from: <id>`` compares its GFLOPs difference from that row with the
+paper's (the note column); ``known_gap: <reason>`` marks a row not reproduced within tolerance.
 """
 from __future__ import annotations
 
@@ -46,6 +48,9 @@ class ZooRow:
     official_params: int | None = None
     scope: str = "classifier"
     source: str | None = None
+    row_id: str | None = None  # the paper row's ``id``, which other rows' ``delta_from`` name
+    delta_from: str | None = None  # the row whose GFLOPs this row's paper delta is measured from
+    known_gap: str | None = None  # why this row is not reproduced within tolerance
 
     @property
     def params_diff(self) -> float | None:
@@ -142,6 +147,9 @@ def measure(
         official_params=row.get("official_params"),
         scope=scope,
         source=row.get("source"),
+        row_id=row.get("id"),
+        delta_from=row.get("delta_from"),
+        known_gap=row.get("known_gap"),
     )
 
 
@@ -152,15 +160,25 @@ def print_table(rows: list[ZooRow]) -> None:
     def pct(v):
         return "" if v is None else f"{v:+.1f}%"
 
+    def note(r: ZooRow) -> str:  # the GFLOPs delta from the baseline row (when measured too), known gaps
+        base = next((b for b in rows if r.delta_from and b.row_id == r.delta_from), None)
+        parts = []
+        if base is not None and r.paper_gflops is not None and base.paper_gflops is not None:
+            parts.append(f"Δ{r.gflops - base.gflops:+.2f} (paper {r.paper_gflops - base.paper_gflops:+.2f})")
+        if r.known_gap:
+            parts.append(f"KNOWN GAP: {r.known_gap}")
+        return " ".join(parts)
+
     table = Table(title="vitlab zoo: measured vs paper (GFLOPs = GMACs)")
-    for col in ("name", "overrides", "task", "input", "params (M)", "paper / official", "diff", "GFLOPs", "paper", "diff"):
+    for col in ("name", "overrides", "task", "input", "params (M)", "paper / official", "diff", "GFLOPs", "paper", "diff",
+                "note"):
         table.add_column(col)
     for r in rows:
         ref = f"{r.official_params / 1e6:.3f} (code)" if r.official_params else (f"{r.paper_params}" if r.paper_params else "")
         table.add_row(
             r.name, " ".join(r.overrides), r.task or "", "x".join(map(str, r.input)),
             f"{r.params / 1e6:.3f}" + (" bb" if r.scope == "backbone" else ""), ref, pct(r.params_diff),
-            f"{r.gflops:.2f}", "" if r.paper_gflops is None else f"{r.paper_gflops}", pct(r.gflops_diff),
+            f"{r.gflops:.2f}", "" if r.paper_gflops is None else f"{r.paper_gflops}", pct(r.gflops_diff), note(r),
         )
     Console(width=200).print(table)
 

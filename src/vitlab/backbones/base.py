@@ -1,4 +1,4 @@
-"""The contract every backbone in vitlab follows (see DESIGN.md, "Interfaces").
+"""The contract every backbone in vitlab follows.
 
 A backbone is an ``nn.Module`` that
 
@@ -10,12 +10,22 @@ A backbone is an ``nn.Module`` that
 * ``make_head(num_classes) -> nn.Module``: the family's official classification
   head, applied to ``forward_features``' output;
 * ``no_weight_decay() -> set[str]``: parameter names exempt from weight decay
-  (timm's optimiser factory reads this; norms and biases are exempt anyway).
+  (timm's optimiser factory reads this; norms and biases are exempt anyway);
+* ``grad_checkpointing`` (a constructor field of every family, and
+  ``set_grad_checkpointing(enable)`` as timm's models have): recompute each block's
+  activations in the backward pass instead of keeping them (``layers.run_block``);
+* ``convert_official(state_dict)`` (a static method): an official release's state
+  dict -> our layout (below); the default converts nothing (no official release);
+* ``adapt_state_dict(state_dict) -> (state_dict, messages)``: resizes the tensors
+  whose shape depends on the input size or window (position embeddings, relative
+  position bias tables) to this model's, so that weights trained at 224 load into a
+  model built for another size; one message per resized tensor.
 
 Classification models are ``ImageClassifier(backbone, num_classes)``, so every
-state dict in this project has the layout ``backbone.*`` + ``head.*``. A family
-that has official checkpoints provides ``convert_official(state_dict)`` in its
-module, returning that layout; ``vitlab.checkpoints`` picks it up.
+state dict in this project has the layout ``backbone.*`` + ``head.*``.
+``vitlab.checkpoints.load_pretrained`` uses a file as it is when its keys are in
+that layout, else ``type(backbone).convert_official``; then ``adapt_state_dict``,
+then a strict load.
 """
 from __future__ import annotations
 
@@ -26,6 +36,10 @@ from torch import nn
 class Backbone(nn.Module):
     out_channels: list[int]
     strides: list[int]
+    grad_checkpointing: bool = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
 
     def forward_features(self, images: torch.Tensor):
         raise NotImplementedError
@@ -35,6 +49,16 @@ class Backbone(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return set()
+
+    @staticmethod
+    def convert_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Official release -> ``backbone.*`` + ``head.*``; families with a release override it."""
+        return dict(state_dict)
+
+    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """Our-layout backbone state dict (no ``backbone.`` prefix) -> one with this model's
+        size-dependent shapes, and what was changed. The default changes nothing."""
+        return dict(state_dict), []
 
 
 class ImageClassifier(nn.Module):

@@ -30,36 +30,31 @@ attended with one ``F.scaled_dot_product_attention`` call per branch:
 """
 from __future__ import annotations
 
+import functools
 import math
-from functools import partial
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm2d, Mlp, NormMlpClassifierHead, SeparableConv2d, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d, Mlp, NormMlpClassifierHead, trunc_normal_
 from torch import nn
 
+from vitlab.backbones.arguments import (check_choice, check_divisible, check_ints, check_positive, check_rates,
+                                        check_stages, fail, per_stage, renamed_arguments)
 from vitlab.backbones.base import Backbone
+from vitlab.backbones.layers import adapt_shapes, init_vit_weights, resize_grid, run_block
 
 ATTN_MODES = ("pale_parallel", "pale_sequential", "pale_vanilla", "cross", "axial")
+SPLIT_MODES = ("pale_parallel", "cross", "axial")  # half the heads on rows, half on columns
 POS_EMBEDS = ("none", "ape", "cpe")
 
 
-def _per_stage(value, n: int, name: str) -> list:
-    """An int/float for all stages, or a list with one entry per stage."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ValueError(f"{name}: expected {n} per-stage values, got {list(value)}")
-        return list(value)
-    return [value] * n
-
-
-def _pale_pair(s) -> tuple[int, int]:
-    """A pale size entry: ``s`` (s_r = s_c = s, as in the paper) or ``[s_r, s_c]``."""
-    if isinstance(s, (list, tuple)):
-        s_r, s_c = s
-        return int(s_r), int(s_c)
-    return int(s), int(s)
+def _pale_pair(s) -> tuple[int, int] | None:
+    """A pale size entry: ``s`` (s_r = s_c = s, as in the paper) or ``[s_r, s_c]``; None unless positive ints."""
+    pair = list(s) if isinstance(s, (list, tuple)) else [s, s]
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+        return None
+    return pair[0], pair[1]
 
 
 def _to_groups(t: torch.Tensor, s: int, interlaced: bool, heads: int) -> torch.Tensor:
@@ -114,14 +109,33 @@ def _vanilla_index(n: int, s_r: int, s_c: int, hp: int, wp: int, device) -> torc
     return torch.cat([row_part, col_part], dim=1)
 
 
+class ConvProjection(nn.Module):
+    """CvT's convolutional projection, which the paper's q / k / v follow (Eq. 2: separable
+    convolutions "similar to CvT"): 3x3 depth-wise conv (no bias) -> BatchNorm -> point-wise
+    conv (bias = ``qkv_bias``; CvT's linear projection after flattening), on an NCHW map.
+
+    The BatchNorm is CvT's (Wu et al. 2021, Sec. 3.2 and its ``conv_proj_q/k/v``); its cost is
+    an affine per element, which Eq. 5 (the two convs' 27 hwc) leaves out, like our counter.
+    It sees the map the attention module pads (see ``PaleAttention.forward``): in training its
+    batch statistics include the padded positions, as if the map were that size.
+    """
+
+    def __init__(self, dim: int, bias: bool):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False)
+        self.bn = nn.BatchNorm2d(dim)
+        self.conv_pw = nn.Conv2d(dim, dim, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_pw(self.bn(self.conv_dw(x)))
+
+
 class PaleAttention(nn.Module):
     """PS-Attention (Eq. 1-3) and the ablation alternatives, on ``(B, H, W, C)`` maps.
 
     ``mode``: ``pale_parallel`` | ``cross`` | ``axial`` | ``pale_vanilla`` |
     ``pale_rows`` / ``pale_cols`` (the two block kinds of ``pale_sequential``).
-    q, k, v: three separable convs (3x3 depth-wise, no bias + point-wise with bias),
-    "similar to CvT" (Eq. 2). DECISION: no BatchNorm between them (CvT has one;
-    the paper does not mention it and Eq. 13 counts only the two convs).
+    q, k, v: three ``ConvProjection`` (Eq. 2, "similar to CvT").
     """
 
     def __init__(
@@ -135,18 +149,12 @@ class PaleAttention(nn.Module):
         proj_drop: float,
     ):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} not divisible by num_heads {num_heads}")
-        self.split = mode in ("pale_parallel", "cross", "axial")
-        if self.split and num_heads % 2:
-            raise ValueError(f"{mode} splits heads between rows and columns: num_heads {num_heads} must be even")
+        self.split = mode in SPLIT_MODES
         self.dim, self.num_heads, self.mode = dim, num_heads, mode
         self.pale_size = (1, 1) if mode == "axial" else pale_size
         self.interlaced = mode != "cross"
         self.attn_drop = attn_drop
-        self.q = SeparableConv2d(dim, dim, 3, bias=qkv_bias)
-        self.k = SeparableConv2d(dim, dim, 3, bias=qkv_bias)
-        self.v = SeparableConv2d(dim, dim, 3, bias=qkv_bias)
+        self.q, self.k, self.v = (ConvProjection(dim, qkv_bias) for _ in range(3))
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -297,7 +305,7 @@ class PaleStage(nn.Module):
         self.pos_embed = pos_embed
         self.blocks = nn.Sequential(*blocks)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
         x = self.downsample(x)
         if self.pos_embed is not None:
             pos = self.pos_embed
@@ -306,7 +314,9 @@ class PaleStage(nn.Module):
                 pos = F.interpolate(pos.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bicubic",
                                     align_corners=False).permute(0, 2, 3, 1)
             x = x + pos
-        return self.blocks(x)
+        for block in self.blocks:
+            x = run_block(block, x, checkpointing=checkpointing)
+        return x
 
 
 class PaleTransformer(Backbone):
@@ -314,16 +324,16 @@ class PaleTransformer(Backbone):
 
     Args:
         embed_dims, depths, num_heads: per stage (C_i, depth, H_i of Table 1).
-        mlp_ratio: R_i, a float or one per stage.
+        mlp_ratios: R_i, a float (every stage) or one per stage.
         pale_size: S_i; an int (all stages), or one entry per stage, each an int
             (s_r = s_c) or a pair ``[s_r, s_c]``.
         attn_mode: one of ``ATTN_MODES`` (Table 6/8).
         pos_embed: ``none`` | ``ape`` | ``cpe`` (Table 9). DECISION for ``ape``: one
             learned embedding per stage, added after its patch merging, sized for
-            ``ape_size`` (Table 9's dense-task params grow by 7-8M with APE, which
+            ``img_size`` (Table 9's dense-task params grow by 7-8M with APE, which
             per-stage grids at the dense input size give: 7.9M at 512x2048, 7.7M
             at 800x1280; a single stage-1 grid would give only 4.2M / 4.1M).
-        ape_size: the input size ``[H, W]`` the APE grids are made for.
+        img_size: the input size (``S`` or ``[H, W]``) the APE grids are made for.
         qkv_bias: bias of the point-wise convs of q, k, v.
         drop_rate: dropout after the attention projection and in the MLP.
         attn_drop_rate: dropout on attention weights.
@@ -332,20 +342,22 @@ class PaleTransformer(Backbone):
         head_drop_rate: dropout before the classifier.
         norm_eps: LayerNorm epsilon (DECISION: PyTorch's 1e-5, the paper is silent).
         in_chans: image channels.
+        grad_checkpointing: recompute each block's activations in backward (saves memory).
     """
 
     strides = [4, 8, 16, 32]
 
+    @renamed_arguments(names={"mlp_ratio": "mlp_ratios", "ape_size": "img_size"})
     def __init__(
         self,
         embed_dims: Sequence[int],
         depths: Sequence[int],
         num_heads: Sequence[int],
-        mlp_ratio: float | Sequence[float] = 4.0,
+        mlp_ratios: float | Sequence[float] = 4.0,
         pale_size: int | Sequence = 7,
         attn_mode: str = "pale_parallel",
         pos_embed: str = "cpe",
-        ape_size: Sequence[int] = (224, 224),
+        img_size: int | Sequence[int] = 224,
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
@@ -353,23 +365,35 @@ class PaleTransformer(Backbone):
         head_drop_rate: float = 0.0,
         norm_eps: float = 1e-5,
         in_chans: int = 3,
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
-        if attn_mode not in ATTN_MODES:
-            raise ValueError(f"attn_mode {attn_mode!r} not in {ATTN_MODES}")
-        if pos_embed not in POS_EMBEDS:
-            raise ValueError(f"pos_embed {pos_embed!r} not in {POS_EMBEDS}")
-        n = len(depths)
+        n = check_stages(embed_dims=embed_dims, depths=depths, num_heads=num_heads, mlp_ratios=mlp_ratios,
+                         pale_size=pale_size)
+        check_ints(embed_dims=embed_dims, depths=depths, num_heads=num_heads, img_size=img_size, in_chans=in_chans)
+        check_positive(mlp_ratios=mlp_ratios, norm_eps=norm_eps)
+        check_rates(drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
+                    head_drop_rate=head_drop_rate)
+        check_choice("attn_mode", attn_mode, ATTN_MODES)
+        check_choice("pos_embed", pos_embed, POS_EMBEDS)
+        check_divisible("embed_dims", embed_dims, "num_heads", num_heads)
+        if attn_mode in SPLIT_MODES and any(h % 2 for h in num_heads):
+            fail("num_heads", num_heads, f"must be even: attn_mode={attn_mode} splits the heads between rows and columns")
+        pale_sizes = [_pale_pair(s) for s in per_stage(pale_size, n)]
+        if None in pale_sizes:
+            fail("pale_size", pale_size, "must be a positive int s (s_r = s_c = s), or one entry per stage, "
+                                         "each s or a pair [s_r, s_c] of positive ints")
         dims, heads = list(embed_dims), list(num_heads)
-        mlp_ratios = _per_stage(mlp_ratio, n, "mlp_ratio")
-        pale_sizes = [_pale_pair(s) for s in _per_stage(pale_size, n, "pale_size")]
+        mlp_ratios = per_stage(mlp_ratios, n)
         self.out_channels = dims
         self.strides = [4 * 2**i for i in range(n)]
         self.head_drop_rate, self.norm_eps = head_drop_rate, norm_eps
+        self.grad_checkpointing = grad_checkpointing
         total = sum(depths)  # plain Python, so the model can be built on the meta device
         dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
 
-        grid = [math.ceil(ape_size[0] / 4), math.ceil(ape_size[1] / 4)]
+        img_size = per_stage(img_size, 2)  # [H, W]
+        grid = [math.ceil(img_size[0] / 4), math.ceil(img_size[1] / 4)]
         stages, cur = [], 0
         for i in range(n):
             if i == 0:
@@ -388,22 +412,14 @@ class PaleTransformer(Backbone):
             cur += depths[i]
             stages.append(PaleStage(down, pos, blocks))
         self.stages = nn.ModuleList(stages)
-        self.apply(self._init_weights)
+        self.apply(functools.partial(init_vit_weights, convs=False))  # DECISION: ViT init; convs keep PyTorch's
         for stage in self.stages:
             if stage.pos_embed is not None:
                 trunc_normal_(stage.pos_embed, std=0.02)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # DECISION: the usual ViT init (trunc normal 0.02 for linears); convs keep PyTorch's.
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
     def _stages(self, x: torch.Tensor):
         for stage in self.stages:
-            x = stage(x)
+            x = stage(x, self.grad_checkpointing)
             yield x.permute(0, 3, 1, 2)  # NCHW view of the channels-last map
             x = x.permute(0, 3, 1, 2)
 
@@ -425,10 +441,18 @@ class PaleTransformer(Backbone):
         """Global average pool + LayerNorm + linear (timm's NormMlpClassifierHead)."""
         head = NormMlpClassifierHead(self.out_channels[-1], num_classes, pool_type="avg",
                                      drop_rate=self.head_drop_rate,
-                                     norm_layer=partial(LayerNorm2d, eps=self.norm_eps))
+                                     norm_layer=functools.partial(LayerNorm2d, eps=self.norm_eps))
         trunc_normal_(head.fc.weight, std=0.02)
         nn.init.zeros_(head.fc.bias)
         return head
+
+    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """APE grids of another ``img_size`` are resized (bicubic, as at run time) to this model's."""
+
+        def resize(key, value, target):
+            return resize_grid(value, tuple(target.shape[1:3]), "bicubic")
+
+        return adapt_shapes(self, state_dict, {"pos_embed": (resize, "bicubic")})
 
     def no_weight_decay(self) -> set[str]:
         return {f"stages.{i}.pos_embed" for i, s in enumerate(self.stages) if s.pos_embed is not None}

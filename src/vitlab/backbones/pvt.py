@@ -3,7 +3,7 @@
 One implementation; what separates v1 from v2 are constructor switches, so the
 PVTv2 component ablation (v1 -> +OPE -> +CFFN -> +LSRA) is a set of overrides.
 Official code: github.com/whai362/PVT, classification/pvt.py and pvt_v2.py;
-``convert_official`` maps its released state dicts onto our layout.
+``PyramidVisionTransformer.convert_official`` maps its released state dicts onto our layout.
 
 * ``overlap_patch_embed``: v1 patchifies with a conv of kernel = stride = S; v2
   uses kernel 2S-1 with padding S-1 ("overlapping patch embedding").
@@ -13,8 +13,10 @@ Official code: github.com/whai362/PVT, classification/pvt.py and pvt_v2.py;
   stage, whatever its SR ratio (official code). As in the official code this
   mode also puts a ReLU after fc1 in the FFN. Otherwise keys/values come from a
   conv with kernel = stride = R_i + LayerNorm (none where R_i = 1).
-* ``pos_embed``: v1's learned absolute position embedding per stage on the grid
-  of ``img_size``, bilinearly resized for other inputs (as the official v1 code).
+* ``pos_embed``: ``ape`` is v1's learned absolute position embedding per stage on
+  the grid of ``img_size``, bilinearly resized for other inputs (as the official v1
+  code); ``none`` is v2's (the conv FFN gives position). Stored configs of earlier
+  versions have a bool here (true = ``ape``).
 * ``cls_token``: v1 prepends a class token in the last stage and the head reads
   it; otherwise the head reads the mean of the last stage's tokens (v2).
 * ``stage_norm``: v2 ends every stage with a LayerNorm (part of the dense
@@ -47,10 +49,14 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
+from vitlab.backbones.arguments import (check_choice, check_divisible, check_ints, check_positive, check_rates,
+                                        check_stages, fail, per_stage, renamed_arguments)
 from vitlab.backbones.base import Backbone
-from vitlab.backbones.layers import init_vit_weights
+from vitlab.backbones.layers import adapt_shapes, init_vit_weights, resize_token_grid, run_block
 
-__all__ = ["PyramidVisionTransformer", "convert_official"]
+__all__ = ["PyramidVisionTransformer"]
+
+POS_EMBEDS = ("ape", "none")
 
 
 def _to_map(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -119,8 +125,6 @@ class SRAttention(nn.Module):
         eps: float,
     ):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.attn_drop = attn_drop
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
@@ -238,7 +242,7 @@ class Stage(nn.Module):
         pos = F.interpolate(_to_map(self.pos_embed, self.pos_grid), size=hw, mode="bilinear", align_corners=False)
         return _to_tokens(pos)
 
-    def forward(self, x: torch.Tensor, prefix: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, prefix: torch.Tensor | None = None, checkpointing: bool = False):
         """NCHW in; ``(tokens (B, [1 +] H*W, C), (H, W))`` out, ``prefix`` tokens (the cls token) first."""
         x, hw = self.patch_embed(x)
         if self.pos_embed is not None:
@@ -247,108 +251,8 @@ class Stage(nn.Module):
             x = torch.cat([prefix.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.pos_drop(x)
         for block in self.blocks:
-            x = block(x, hw)
+            x = run_block(block, x, hw, checkpointing=checkpointing)
         return self.norm(x), hw
-
-
-class PyramidVisionTransformer(Backbone):
-    """PVT v1 / PVTv2 (see the module docstring for every switch)."""
-
-    def __init__(
-        self,
-        *,
-        in_chans: int,
-        img_size: int,
-        patch_sizes: list[int],
-        embed_dims: list[int],
-        width_mult: float,
-        depths: list[int],
-        num_heads: list[int],
-        mlp_ratios: list[float],
-        sr_ratios: list[int],
-        overlap_patch_embed: bool,
-        conv_ffn: bool,
-        linear_sra: bool,
-        sra_pool_size: int,
-        pos_embed: bool,
-        cls_token: bool,
-        stage_norm: bool,
-        qkv_bias: bool,
-        drop_rate: float,
-        attn_drop_rate: float,
-        drop_path_rate: float,
-        norm_eps: float,
-        embed_norm_eps: float,
-    ):
-        super().__init__()
-        n = len(depths)
-        if not all(len(v) == n for v in (patch_sizes, embed_dims, num_heads, mlp_ratios, sr_ratios)):
-            raise ValueError("patch_sizes, embed_dims, num_heads, mlp_ratios and sr_ratios need one entry per stage")
-        if cls_token and (conv_ffn or linear_sra or sr_ratios[-1] > 1):
-            # the class token is not on the grid the depth-wise conv / spatial reduction work on;
-            # the official code never combines them (v1's last stage: SR ratio 1, plain MLP)
-            raise ValueError("cls_token needs conv_ffn=false, linear_sra=false and sr_ratios[-1]=1")
-        dims = [h * round(c * width_mult / h) for c, h in zip(embed_dims, num_heads)]  # see docstring
-
-        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # stochastic depth decay
-        self.stages = nn.ModuleList()
-        grid, stride, prev = (img_size, img_size), 1, in_chans
-        self.strides = []
-        for i in range(n):
-            s = patch_sizes[i]
-            # the grid the patch-embedding conv makes of an img_size input (the position embedding's size)
-            grid = tuple(-(-g // s) if overlap_patch_embed else g // s for g in grid)
-            stride *= s
-            self.strides.append(stride)
-            self.stages.append(Stage(
-                in_chans=prev, dim=dims[i], depth=depths[i], stride=s, pos_grid=grid if pos_embed else None,
-                overlap_patch_embed=overlap_patch_embed, stage_norm=stage_norm, drop_rate=drop_rate,
-                drop_path=dpr[sum(depths[:i]):], norm_eps=norm_eps, embed_norm_eps=embed_norm_eps,
-                num_heads=num_heads[i], mlp_ratio=mlp_ratios[i], sr_ratio=sr_ratios[i], conv_ffn=conv_ffn,
-                linear_sra=linear_sra, sra_pool_size=sra_pool_size, qkv_bias=qkv_bias, attn_drop=attn_drop_rate,
-            ))
-            prev = dims[i]
-        self.out_channels = dims
-        # v1 classification path: a final LayerNorm and the class token with its position slot
-        self.norm = None if stage_norm else nn.LayerNorm(dims[-1], eps=norm_eps)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dims[-1])) if cls_token else None
-        self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, dims[-1])) if cls_token and pos_embed else None
-        self.apply(init_vit_weights)
-        for name, p in self.named_parameters():
-            if name.endswith(("pos_embed", "cls_token")):
-                trunc_normal_(p, std=0.02)
-
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        outs, x = [], _channels_last(images)
-        for stage in self.stages:
-            tokens, hw = stage(x)
-            x = _to_map(tokens, hw)
-            outs.append(x)
-        return outs
-
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """The vector the linear head reads: the class token (v1) or the mean token (v2)."""
-        x, last = _channels_last(images), len(self.stages) - 1
-        for i, stage in enumerate(self.stages):
-            prefix = None
-            if i == last and self.cls_token is not None:
-                prefix = self.cls_token if self.cls_pos_embed is None else self.cls_token + self.cls_pos_embed
-            tokens, hw = stage(x, prefix)
-            if i < last:
-                x = _to_map(tokens, hw)
-        if self.norm is not None:
-            tokens = self.norm(tokens)
-        return tokens[:, 0] if self.cls_token is not None else tokens.mean(dim=1)
-
-    def make_head(self, num_classes: int) -> nn.Module:
-        head = nn.Linear(self.out_channels[-1], num_classes)
-        init_vit_weights(head)
-        return head
-
-    def no_weight_decay(self) -> set[str]:
-        # Position embeddings and the class token, as DeiT and PVTv2's code list them (the v1
-        # code exempted only cls_token; its comment: "has pos_embed may be better").
-        return {n for n, _ in self.named_parameters() if n.endswith(("pos_embed", "cls_token"))}
 
 
 def _stage(m: re.Match) -> str:
@@ -368,22 +272,140 @@ _OFFICIAL_RULES = [
 ]
 
 
-def convert_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """whai362/PVT classification state dict (v1 or v2) -> ``backbone.*`` + ``head.*``.
+class PyramidVisionTransformer(Backbone):
+    """PVT v1 / PVTv2 (see the module docstring for every switch)."""
 
-    v1's last ``pos_embed{n}`` starts with the class token's slot: it becomes
-    ``backbone.cls_pos_embed``. Keys no rule knows pass through, so a strict load names them.
-    """
-    out = {}
-    pos_keys = [k for k in state_dict if re.fullmatch(r"pos_embed\d+", k)]
-    last_pos = max(pos_keys, key=lambda k: int(k[len("pos_embed"):]), default=None)
-    for key, value in state_dict.items():
-        if key == last_pos and "cls_token" in state_dict:
-            out["backbone.cls_pos_embed"] = value[:, :1]
-            value = value[:, 1:]
-        for pattern, repl in _OFFICIAL_RULES:
-            key, hits = re.subn(pattern, repl, key)
-            if hits:
-                break
-        out[key] = value
-    return out
+    @renamed_arguments(values={"pos_embed": {True: "ape", False: "none"}})
+    def __init__(
+        self,
+        *,
+        in_chans: int,
+        img_size: int,
+        patch_sizes: list[int],
+        embed_dims: list[int],
+        width_mult: float,
+        depths: list[int],
+        num_heads: list[int],
+        mlp_ratios: float | list[float],
+        sr_ratios: list[int],
+        overlap_patch_embed: bool,
+        conv_ffn: bool,
+        linear_sra: bool,
+        sra_pool_size: int,
+        pos_embed: str,
+        cls_token: bool,
+        stage_norm: bool,
+        qkv_bias: bool,
+        drop_rate: float,
+        attn_drop_rate: float,
+        drop_path_rate: float,
+        norm_eps: float,
+        embed_norm_eps: float,
+        grad_checkpointing: bool = False,
+    ):
+        super().__init__()
+        n = check_stages(embed_dims=embed_dims, depths=depths, num_heads=num_heads, patch_sizes=patch_sizes,
+                         mlp_ratios=mlp_ratios, sr_ratios=sr_ratios)
+        check_ints(embed_dims=embed_dims, depths=depths, num_heads=num_heads, patch_sizes=patch_sizes,
+                   sr_ratios=sr_ratios, sra_pool_size=sra_pool_size, img_size=img_size, in_chans=in_chans)
+        check_positive(mlp_ratios=mlp_ratios, width_mult=width_mult, norm_eps=norm_eps, embed_norm_eps=embed_norm_eps)
+        check_rates(drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate)
+        check_divisible("embed_dims", embed_dims, "num_heads", num_heads)
+        check_choice("pos_embed", pos_embed, POS_EMBEDS)
+        mlp_ratios = per_stage(mlp_ratios, n)
+        if cls_token and (conv_ffn or linear_sra or sr_ratios[-1] > 1):
+            # the class token is not on the grid the depth-wise conv / spatial reduction work on;
+            # the official code never combines them (v1's last stage: SR ratio 1, plain MLP)
+            fail("cls_token", cls_token, "needs conv_ffn=false, linear_sra=false and sr_ratios[-1]=1 (as PVT v1)")
+        dims = [h * round(c * width_mult / h) for c, h in zip(embed_dims, num_heads)]  # see docstring
+        self.grad_checkpointing = grad_checkpointing
+
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # stochastic depth decay
+        self.stages = nn.ModuleList()
+        grid, stride, prev = (img_size, img_size), 1, in_chans
+        self.strides = []
+        for i in range(n):
+            s = patch_sizes[i]
+            # the grid the patch-embedding conv makes of an img_size input (the position embedding's size)
+            grid = tuple(-(-g // s) if overlap_patch_embed else g // s for g in grid)
+            stride *= s
+            self.strides.append(stride)
+            self.stages.append(Stage(
+                in_chans=prev, dim=dims[i], depth=depths[i], stride=s, pos_grid=grid if pos_embed == "ape" else None,
+                overlap_patch_embed=overlap_patch_embed, stage_norm=stage_norm, drop_rate=drop_rate,
+                drop_path=dpr[sum(depths[:i]):], norm_eps=norm_eps, embed_norm_eps=embed_norm_eps,
+                num_heads=num_heads[i], mlp_ratio=mlp_ratios[i], sr_ratio=sr_ratios[i], conv_ffn=conv_ffn,
+                linear_sra=linear_sra, sra_pool_size=sra_pool_size, qkv_bias=qkv_bias, attn_drop=attn_drop_rate,
+            ))
+            prev = dims[i]
+        self.out_channels = dims
+        # v1 classification path: a final LayerNorm and the class token with its position slot
+        self.norm = None if stage_norm else nn.LayerNorm(dims[-1], eps=norm_eps)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dims[-1])) if cls_token else None
+        self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, dims[-1])) if cls_token and pos_embed == "ape" else None
+        self.apply(init_vit_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(("pos_embed", "cls_token")):
+                trunc_normal_(p, std=0.02)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        outs, x = [], _channels_last(images)
+        for stage in self.stages:
+            tokens, hw = stage(x, checkpointing=self.grad_checkpointing)
+            x = _to_map(tokens, hw)
+            outs.append(x)
+        return outs
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The vector the linear head reads: the class token (v1) or the mean token (v2)."""
+        x, last = _channels_last(images), len(self.stages) - 1
+        for i, stage in enumerate(self.stages):
+            prefix = None
+            if i == last and self.cls_token is not None:
+                prefix = self.cls_token if self.cls_pos_embed is None else self.cls_token + self.cls_pos_embed
+            tokens, hw = stage(x, prefix, self.grad_checkpointing)
+            if i < last:
+                x = _to_map(tokens, hw)
+        if self.norm is not None:
+            tokens = self.norm(tokens)
+        return tokens[:, 0] if self.cls_token is not None else tokens.mean(dim=1)
+
+    def make_head(self, num_classes: int) -> nn.Module:
+        head = nn.Linear(self.out_channels[-1], num_classes)
+        init_vit_weights(head)
+        return head
+
+    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """v1's per-stage position embeddings (square grids of the checkpoint's img_size) are
+        resized bilinearly to this model's grids, as the official v1 code resizes them at run time."""
+
+        def resize(key, value, target):
+            return resize_token_grid(value, self.stages[int(key.split(".")[1])].pos_grid, "bilinear")
+
+        return adapt_shapes(self, state_dict, {"pos_embed": (resize, "bilinear")})
+
+    def no_weight_decay(self) -> set[str]:
+        # Position embeddings and the class token, as DeiT and PVTv2's code list them (the v1
+        # code exempted only cls_token; its comment: "has pos_embed may be better").
+        return {n for n, _ in self.named_parameters() if n.endswith(("pos_embed", "cls_token"))}
+
+    @staticmethod
+    def convert_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """whai362/PVT classification state dict (v1 or v2) -> ``backbone.*`` + ``head.*``.
+
+        v1's last ``pos_embed{n}`` starts with the class token's slot: it becomes
+        ``backbone.cls_pos_embed``. Keys no rule knows pass through, so a strict load names them.
+        """
+        out = {}
+        pos_keys = [k for k in state_dict if re.fullmatch(r"pos_embed\d+", k)]
+        last_pos = max(pos_keys, key=lambda k: int(k[len("pos_embed"):]), default=None)
+        for key, value in state_dict.items():
+            if key == last_pos and "cls_token" in state_dict:
+                out["backbone.cls_pos_embed"] = value[:, :1]
+                value = value[:, 1:]
+            for pattern, repl in _OFFICIAL_RULES:
+                key, hits = re.subn(pattern, repl, key)
+                if hits:
+                    break
+            out[key] = value
+        return out

@@ -18,7 +18,7 @@ final LayerNorm, global average pooling and the official two-layer head
 
 Everything not in the paper is taken from the official code
 (github.com/Yangr116/ScalableViT, image_classification/models/scalablevit.py),
-whose checkpoints ``convert_official`` maps onto this layout. Tokens travel
+whose checkpoints ``ScalableViT.convert_official`` maps onto this layout. Tokens travel
 between layers as channels-last ``(B, H, W, C)`` maps so that linears, convs
 (through a permuted, channels_last view) and window reshapes need no copies.
 
@@ -34,9 +34,10 @@ official path, i.e. for ablations or inputs that are not multiples of 224):
   (their convs produce ceil(H / stride) rows). The official code supports only
   inputs that are multiples of 224 and reproduces these numbers exactly there.
 * Ablation attentions (Table 5a), chosen by ``block_pattern``: ``wsa`` is IWSA
-  without any local module; ``swsa`` is Swin's shifted-window attention
-  (shift = window // 2, Swin's region mask, no relative position bias, since
-  the PEG supplies position) with no local module; a single name means every
+  without any local module (no relative position bias either: the official
+  IWSA has none); ``swsa`` is Swin's shifted-window attention (shift =
+  window // 2, Swin's region mask and, with ``rel_pos_bias``, Swin's relative
+  position bias: the paper names Swin's SWSA) with no local module; a single name means every
   block, two names joined by ``_`` mean even / odd blocks. Every SWSA block is
   shifted (the paper swaps IWSA for SWSA; there is no W/SW alternation, the SSA
   blocks between them already mix windows).
@@ -61,21 +62,25 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import nn
 
+from vitlab.backbones.arguments import (check_choice, check_divisible, check_ints, check_positive, check_rates,
+                                        check_stages, fail, per_stage, renamed_arguments)
 from vitlab.backbones.base import Backbone
-from vitlab.backbones.layers import init_vit_weights
+from vitlab.backbones.layers import (adapt_shapes, add_relative_position_bias, init_vit_weights,
+                                     relative_position_bias, resize_relative_position_bias, run_block)
 
 ATTENTIONS = ("iwsa", "wsa", "swsa", "ssa")
 LOCAL_MODULES = ("none", "lem", "lim")
 HEADS = ("two_layer", "linear")
+POS_EMBEDS = ("peg", "none")
 
 
 def parse_block_pattern(pattern: str) -> tuple[str, str]:
     """'iwsa_ssa' -> (even, odd) attention names; 'ssa' -> ('ssa', 'ssa')."""
-    names = pattern.split("_")
+    names = pattern.split("_") if isinstance(pattern, str) else []
     if len(names) == 1:
         names = names * 2
     if len(names) != 2 or any(n not in ATTENTIONS for n in names):
-        raise ValueError(f"block_pattern {pattern!r}: use one or two of {ATTENTIONS} joined by '_'")
+        fail("block_pattern", pattern, f"use one or two of {', '.join(ATTENTIONS)} joined by '_' (even_odd blocks)")
     return names[0], names[1]
 
 
@@ -125,13 +130,13 @@ def _shift_mask(hp: int, wp: int, ws: int, shift: int, device) -> torch.Tensor:
 
 class WindowAttention(nn.Module):
     """IWSA (with ``local_module`` 'lim' or 'lem'), WSA ('none') and SWSA
-    (``shift_size`` > 0) over non-overlapping ws x ws windows."""
+    (``shift_size`` > 0) over non-overlapping ws x ws windows. ``rel_pos_bias`` adds Swin's
+    relative position bias (mmcls ``WindowMSA`` key layout)."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int, qkv_bias: bool,
-                 local_module: str, local_kernel: int, attn_drop: float, proj_drop: float):
+                 local_module: str, local_kernel: int, attn_drop: float, proj_drop: float,
+                 rel_pos_bias: bool = False):
         super().__init__()
-        if local_module not in LOCAL_MODULES:
-            raise ValueError(f"local_module {local_module!r} not in {LOCAL_MODULES}")
         if local_module != "none" and shift_size:
             raise ValueError("a local module is only defined for unshifted windows (IWSA)")
         self.num_heads = num_heads
@@ -144,6 +149,9 @@ class WindowAttention(nn.Module):
                            nn.Conv2d(dim, dim, local_kernel, 1, local_kernel // 2, groups=dim))
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.rel_pos_bias = rel_pos_bias
+        if rel_pos_bias:
+            add_relative_position_bias(self, window_size, num_heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
@@ -167,6 +175,9 @@ class WindowAttention(nn.Module):
         if shift:
             mask = _shift_mask(Hp, Wp, ws, shift, x.device)
             mask = mask[None, :, None].expand(B, -1, 1, -1, -1).reshape(B * hg * wg, 1, ws * ws, ws * ws)
+        if self.rel_pos_bias:  # float mask: the bias, -inf across Swin's regions
+            bias = relative_position_bias(self, (ws, ws))[None]
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.attn_drop if self.training else 0.0)
         if self.local_module == "lem":  # conv inside each window: (B*nW, C, ws, ws)
@@ -197,8 +208,6 @@ class ScalableSelfAttention(nn.Module):
         self.scale = (dim / num_heads * c_ratio) ** -0.5
         if sr_ratio > 1:
             c_new = int(dim * c_ratio)
-            if c_new % num_heads:
-                raise ValueError(f"int({dim} * r_c={c_ratio}) = {c_new} is not divisible by {num_heads} heads")
             self.q = nn.Linear(dim, c_new, bias=qkv_bias)
             self.sr_dw = nn.Conv2d(dim, dim, sr_ratio, sr_ratio, groups=dim)
             self.sr_pw = nn.Conv2d(dim, c_new, 1)
@@ -234,7 +243,7 @@ class ScalableSelfAttention(nn.Module):
 class ScalableViTBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, attention: str, mlp_ratio: float, qkv_bias: bool,
                  window_size: int, sr_ratio: int, c_ratio: float, local_module: str, local_kernel: int,
-                 drop: float, attn_drop: float, drop_path: float, norm_eps: float):
+                 drop: float, attn_drop: float, drop_path: float, norm_eps: float, rel_pos_bias: bool):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         if attention == "ssa":
@@ -242,7 +251,8 @@ class ScalableViTBlock(nn.Module):
         else:
             self.attn = WindowAttention(
                 dim, num_heads, window_size, window_size // 2 if attention == "swsa" else 0, qkv_bias,
-                local_module if attention == "iwsa" else "none", local_kernel, attn_drop, drop)
+                local_module if attention == "iwsa" else "none", local_kernel, attn_drop, drop,
+                rel_pos_bias=rel_pos_bias and attention == "swsa")
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
@@ -261,35 +271,56 @@ class ScalableViTStage(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.peg = peg
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # NCHW in, NHWC out
+    def forward(self, x: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:  # NCHW in, NHWC out
         x = self.pos_drop(self.embed(x))
         for i, blk in enumerate(self.blocks):
-            x = blk(x)
+            x = run_block(blk, x, checkpointing=checkpointing)
             if i == 0 and self.peg is not None:
                 x = self.peg(x)
         return x
 
 
-class ScalableViT(Backbone):
-    """ScalableViT backbone; every argument is a field of conf/backbone/scalablevit_*.yaml."""
+_OFFICIAL_RENAMES = [
+    (r"^patch_embeds\.(\d+)\.", r"backbone.stages.\1.embed."),
+    (r"^pos_block\.(\d+)\.proj\.0\.", r"backbone.stages.\1.peg.proj."),
+    (r"^stages\.(\d+)\.(\d+)\.", r"backbone.stages.\1.blocks.\2."),
+    (r"\.attn\.lim_func\.", ".attn.local_conv."),
+    (r"\.attn\.reduction\.0\.", ".attn.sr_dw."),
+    (r"\.attn\.reduction\.1\.", ".attn.sr_pw."),
+    (r"\.attn\.norm_act\.0\.", ".attn.sr_norm."),
+    (r"^norm\.", "backbone.norm."),
+]
 
+
+class ScalableViT(Backbone):
+    """ScalableViT backbone; every argument is a field of conf/backbone/scalablevit_*.yaml.
+
+    ``pos_embed``: ``peg`` puts a PEG after each stage's first block (official), ``none`` drops
+    it (Table 5b); stored configs of earlier versions have ``peg: true|false`` instead.
+    ``mlp_ratios`` and ``window_sizes`` take one value for every stage or one per stage.
+    ``rel_pos_bias``: Swin's relative position bias in SWSA blocks (the paper's Swin SWSA);
+    IWSA / WSA never have one (the official IWSA has none, and WSA is IWSA without its LIM).
+    """
+
+    @renamed_arguments(names={"peg": "pos_embed"}, values={"pos_embed": {True: "peg", False: "none"}})
     def __init__(
         self,
         in_chans: int,
         embed_dims: list[int],
         depths: list[int],
         num_heads: list[int],
-        mlp_ratios: list[float],
+        mlp_ratios: float | list[float],
         patch_sizes: list[int],
         patch_kernels: list[int],
-        window_sizes: list[int],
+        window_sizes: int | list[int],
+        rel_pos_bias: bool,
         sr_ratios: list[int],
         c_ratios: list[float],
         qkv_bias: bool,
         block_pattern: str,
         local_module: str,
         local_kernel: int,
-        peg: bool,
+        pos_embed: str,
         peg_kernel: int,
         norm_eps: float,
         drop_rate: float,
@@ -297,12 +328,28 @@ class ScalableViT(Backbone):
         drop_path_rate: float,
         head: str,
         head_hidden_dim: int,
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
-        if head not in HEADS:
-            raise ValueError(f"head {head!r} not in {HEADS}")
+        n_stages = check_stages(embed_dims=embed_dims, depths=depths, num_heads=num_heads, mlp_ratios=mlp_ratios,
+                                patch_sizes=patch_sizes, patch_kernels=patch_kernels, window_sizes=window_sizes,
+                                sr_ratios=sr_ratios, c_ratios=c_ratios)
+        check_ints(embed_dims=embed_dims, depths=depths, num_heads=num_heads, patch_sizes=patch_sizes,
+                   patch_kernels=patch_kernels, window_sizes=window_sizes, sr_ratios=sr_ratios, in_chans=in_chans,
+                   local_kernel=local_kernel, peg_kernel=peg_kernel, head_hidden_dim=head_hidden_dim)
+        check_positive(mlp_ratios=mlp_ratios, c_ratios=c_ratios, norm_eps=norm_eps)
+        check_rates(drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate)
+        check_choice("head", head, HEADS)
+        check_choice("pos_embed", pos_embed, POS_EMBEDS)
+        check_choice("local_module", local_module, LOCAL_MODULES)
+        check_divisible("embed_dims", embed_dims, "num_heads", num_heads)
         even, odd = parse_block_pattern(block_pattern)
+        mlp_ratios, window_sizes, c_ratios = (per_stage(v, n_stages) for v in (mlp_ratios, window_sizes, c_ratios))
+        for c, h, sr, rc in zip(embed_dims, num_heads, sr_ratios, c_ratios):
+            if sr > 1 and "ssa" in (even, odd) and int(c * rc) % h:  # SSA's reduced width C r_c over the heads
+                fail("c_ratios", c_ratios, f"int({c} x {rc}) = {int(c * rc)} channels do not split over {h} heads")
         self.head_type = head
+        self.grad_checkpointing = grad_checkpointing
         self.head_hidden_dim = head_hidden_dim
         self.norm_eps = norm_eps
         self.out_channels = list(embed_dims)
@@ -317,12 +364,12 @@ class ScalableViT(Backbone):
             blocks = [
                 ScalableViTBlock(dim, num_heads[s], odd if i % 2 else even, mlp_ratios[s], qkv_bias,
                                  window_sizes[s], sr_ratios[s], c_ratios[s], local_module, local_kernel,
-                                 drop_rate, attn_drop_rate, dpr[cur + i], norm_eps)
+                                 drop_rate, attn_drop_rate, dpr[cur + i], norm_eps, rel_pos_bias)
                 for i in range(depth)
             ]
             embed = ConvPatchEmbed(in_chans if s == 0 else embed_dims[s - 1], dim, patch_kernels[s],
                                    patch_sizes[s], norm_eps)
-            stages.append(ScalableViTStage(embed, blocks, PosConv(dim, peg_kernel) if peg else None, drop_rate))
+            stages.append(ScalableViTStage(embed, blocks, PosConv(dim, peg_kernel) if pos_embed == "peg" else None, drop_rate))
             cur += depth
         self.stages = nn.ModuleList(stages)
         self.norm = nn.LayerNorm(embed_dims[-1], eps=norm_eps)
@@ -331,7 +378,7 @@ class ScalableViT(Backbone):
     def _forward_nhwc(self, x: torch.Tensor) -> list[torch.Tensor]:
         outs = []
         for stage in self.stages:
-            x = stage(x)
+            x = stage(x, self.grad_checkpointing)
             outs.append(x)
             x = _nchw(x)
         outs[-1] = self.norm(outs[-1])
@@ -359,31 +406,23 @@ class ScalableViT(Backbone):
         return head
 
     def no_weight_decay(self) -> set[str]:
-        return {n for n, _ in self.named_parameters() if ".peg." in n}
+        return {n for n, _ in self.named_parameters() if ".peg." in n or n.endswith("relative_position_bias_table")}
 
+    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """SWSA bias tables of another window size, resized as timm resizes them."""
+        return adapt_shapes(self, state_dict, resize_relative_position_bias())
 
-_OFFICIAL_RENAMES = [
-    (r"^patch_embeds\.(\d+)\.", r"backbone.stages.\1.embed."),
-    (r"^pos_block\.(\d+)\.proj\.0\.", r"backbone.stages.\1.peg.proj."),
-    (r"^stages\.(\d+)\.(\d+)\.", r"backbone.stages.\1.blocks.\2."),
-    (r"\.attn\.lim_func\.", ".attn.local_conv."),
-    (r"\.attn\.reduction\.0\.", ".attn.sr_dw."),
-    (r"\.attn\.reduction\.1\.", ".attn.sr_pw."),
-    (r"\.attn\.norm_act\.0\.", ".attn.sr_norm."),
-    (r"^norm\.", "backbone.norm."),
-]
-
-
-def convert_official(state_dict: dict) -> dict:
-    """Official release (Yangr116/ScalableViT, a plain state dict or {'model': ...})
-    -> this project's ``backbone.*`` / ``head.*`` layout. The head keys
-    (head.0/1/3, or head.weight/bias for the plain head) are already ours."""
-    if "model" in state_dict and isinstance(state_dict["model"], dict):
-        state_dict = state_dict["model"]
-    out = {}
-    for key, value in state_dict.items():
-        new = key
-        for pattern, repl in _OFFICIAL_RENAMES:
-            new = re.sub(pattern, repl, new)
-        out[new] = value
-    return out
+    @staticmethod
+    def convert_official(state_dict: dict) -> dict:
+        """Official release (Yangr116/ScalableViT, a plain state dict or {'model': ...})
+        -> this project's ``backbone.*`` / ``head.*`` layout. The head keys
+        (head.0/1/3, or head.weight/bias for the plain head) are already ours."""
+        if "model" in state_dict and isinstance(state_dict["model"], dict):
+            state_dict = state_dict["model"]
+        out = {}
+        for key, value in state_dict.items():
+            new = key
+            for pattern, repl in _OFFICIAL_RENAMES:
+                new = re.sub(pattern, repl, new)
+            out[new] = value
+        return out

@@ -13,7 +13,7 @@
   stride, i.e. grid x patch/stride (rounded up). The classification path is
   timm's whole ViT (12 blocks, norm, class token) + a linear head.
 
-``convert_official`` maps timm's (and torchvision's: same names for ResNets)
+``convert_official`` (both classes) maps timm's (and torchvision's: same names for ResNets)
 released state dicts to our layout: the trunk goes under ``backbone.body.``,
 ``fc.*`` (CNNs) / ``head.*`` (ViT) become our head.
 """
@@ -28,37 +28,70 @@ from timm.layers import ClassifierHead, trunc_normal_
 from torch import nn
 
 from vitlab.backbones.base import Backbone
+from vitlab.backbones.layers import run_block
 
-__all__ = ["TimmCNN", "TimmColumnarViT", "convert_official"]
+__all__ = ["TimmCNN", "TimmColumnarViT"]
 
 
-class TimmCNN(Backbone):
+def convert_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm / torchvision classifier state dict -> ``backbone.body.*`` + ``head.*``."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("fc."):  # ResNet / ResNeXt classifier -> ClassifierHead.fc
+            out["head." + key] = value
+        elif key.startswith("head."):  # ViT classifier
+            out[key] = value
+        else:
+            out["backbone.body." + key] = value
+    return out
+
+
+class _TimmBody(Backbone):
+    """A backbone around a timm model ``self.body``, whose checkpoints ``convert_official`` reads."""
+
+    body: nn.Module
+    convert_official = staticmethod(convert_timm)
+
+
+class TimmCNN(_TimmBody):
     """A timm CNN (``features_only``) with timm's average-pool + linear classifier head."""
 
     def __init__(self, *, model_name: str, out_indices: list[int], in_chans: int, drop_rate: float,
-                 drop_path_rate: float):
+                 drop_path_rate: float, grad_checkpointing: bool = False):
         super().__init__()
         self.body = timm.create_model(model_name, pretrained=False, features_only=True, out_indices=out_indices,
                                       in_chans=in_chans, drop_path_rate=drop_path_rate)
+        self.set_grad_checkpointing(grad_checkpointing)
         self.out_channels = self.body.feature_info.channels()
         self.strides = self.body.feature_info.reduction()
         self.drop_rate = drop_rate
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return self.body(images)
+        if not self.grad_checkpointing:
+            return self.body(images)
+        # timm's FeatureListNet loop, checkpointing through run_block: timm's own checkpointing
+        # re-runs BatchNorm's statistics update in the recompute (every batch counted twice).
+        # As timm, the first and last modules and in-place ones (a stem's ReLU) run plainly.
+        outs, x, last = [], images, len(self.body) - 1
+        for i, (name, module) in enumerate(self.body.items()):
+            plain = i in (0, last) or getattr(module, "inplace", False) is True
+            x = run_block(module, x, checkpointing=not plain)
+            if name in self.body.return_layers:
+                outs.append(x)
+        return outs
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.body(images)[-1]
+        return self.forward(images)[-1]
 
     def make_head(self, num_classes: int) -> nn.Module:
         return ClassifierHead(self.out_channels[-1], num_classes, pool_type="avg", drop_rate=self.drop_rate)
 
 
-class TimmColumnarViT(Backbone):
+class TimmColumnarViT(_TimmBody):
     """timm ViT whose intermediate layers are resized to a pyramid (PVT Table 8)."""
 
     def __init__(self, *, model_name: str, patch_size: int, img_size: int, in_chans: int, out_indices: list[int],
-                 out_strides: list[int], drop_rate: float, drop_path_rate: float):
+                 out_strides: list[int], drop_rate: float, drop_path_rate: float, grad_checkpointing: bool = False):
         super().__init__()
         if len(out_indices) != len(out_strides):
             raise ValueError("out_indices and out_strides need the same length")
@@ -68,6 +101,7 @@ class TimmColumnarViT(Backbone):
             in_chans=in_chans, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
             dynamic_img_size=True, dynamic_img_pad=True,  # any input size: resized pos. embedding, padding
         )
+        self.set_grad_checkpointing(grad_checkpointing)
         self.patch_size = patch_size
         self.out_indices = list(out_indices)
         self.out_channels = [self.body.embed_dim] * len(out_indices)
@@ -87,6 +121,10 @@ class TimmColumnarViT(Backbone):
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.body(images)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        self.body.set_grad_checkpointing(enable)  # timm's own, per block (use_reentrant=False; no BatchNorm)
+
     def make_head(self, num_classes: int) -> nn.Module:
         head = nn.Linear(self.body.embed_dim, num_classes)
         trunc_normal_(head.weight, std=0.02)  # timm's default ViT init for linears
@@ -95,16 +133,3 @@ class TimmColumnarViT(Backbone):
 
     def no_weight_decay(self) -> set[str]:
         return {f"body.{n}" for n in self.body.no_weight_decay()}
-
-
-def convert_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """timm / torchvision classifier state dict -> ``backbone.body.*`` + ``head.*``."""
-    out = {}
-    for key, value in state_dict.items():
-        if key.startswith("fc."):  # ResNet / ResNeXt classifier -> ClassifierHead.fc
-            out["head." + key] = value
-        elif key.startswith("head."):  # ViT classifier
-            out[key] = value
-        else:
-            out["backbone.body." + key] = value
-    return out
