@@ -116,16 +116,15 @@ def toy_groups(paramwise, policy=None, lr=2e-4, wd=0.05):
 
 
 def test_paramwise_custom_keys_follow_mmengine():
-    # GPViT's SegFormer recipe in miniature: x10 lr on the head, no decay on norms and position embeddings
-    per_param, _ = toy_groups({"custom_keys": {"head": {"lr_mult": 10.0}, "norm": {"decay_mult": 0.0},
-                                               "pos_embed": {"decay_mult": 0.0}}})
+    # GPViT's SegFormer recipe in miniature: x10 lr on the head, no decay on norms, biases, position embeddings
+    per_param, _ = toy_groups({"custom_keys": {"head": {"lr_mult": 10.0}, "pos_embed": {"decay_mult": 0.0}},
+                               "norm_decay_mult": 0.0, "bias_decay_mult": 0.0})
     lr, wd = 2e-4, 0.05  # global batch 4 x 4 = the base 16: no scaling
     assert per_param == {
-        # no key matches: vitlab's default (no decay for 1-D tensors, biases, no_weight_decay names)
-        "backbone.0.weight": (lr, wd), "backbone.0.bias": (lr, 0.0),
-        "backbone.1.weight": (lr, 0.0), "backbone.1.bias": (lr, 0.0),
+        "backbone.0.weight": (lr, wd), "backbone.0.bias": (lr, 0.0),           # bias_decay_mult
+        "backbone.1.weight": (lr, 0.0), "backbone.1.bias": (lr, 0.0),          # norm_decay_mult (BatchNorm)
         "backbone.2.weight": (lr, wd), "backbone.2.bias": (lr, 0.0),
-        "backbone.pos_embed": (lr, 0.0),
+        "backbone.pos_embed": (lr, 0.0),                                       # its custom key
         # "head" matches: lr x10 and decay x1 for every head parameter, the norm's and biases too
         # (a matched key decides alone; mmengine's default decay_mult is 1)
         "decode_head.0.weight": (10 * lr, wd), "decode_head.0.bias": (10 * lr, wd),
@@ -134,16 +133,23 @@ def test_paramwise_custom_keys_follow_mmengine():
     }
 
 
-def test_paramwise_longest_key_wins_and_norm_bias_mults():
+def test_paramwise_defaults_decay_everything_and_longest_key_wins():
+    # mmdetection's default (paramwise with no keys): every parameter decays, 1-D ones and pos_embed too
+    per_param, _ = toy_groups({"custom_keys": {}}, lr=1e-4, wd=0.1)
+    assert set(per_param.values()) == {(1e-4, 0.1)}
     per_param, _ = toy_groups({"custom_keys": {"decode_head.2": {"lr_mult": 3.0, "decay_mult": 0.5},
-                                               "head": {"lr_mult": 10.0}},
-                               "norm_decay_mult": 1.0, "bias_decay_mult": 0.5}, lr=1e-4, wd=0.1)
+                                               "head": {"lr_mult": 10.0}, "norm": {"decay_mult": 0.0}},
+                               "norm_decay_mult": 0.5}, lr=1e-4, wd=0.1)
     assert per_param["decode_head.2.weight"] == (3e-4, 0.05)      # the longer key wins
-    assert per_param["decode_head.0.weight"] == (1e-3, 0.1)
     assert per_param["decode_head.1.bias"] == (1e-3, 0.1)         # matched: norm/bias rules do not apply
-    assert per_param["backbone.1.weight"] == (1e-4, 0.1)          # BN: norm_decay_mult 1
-    assert per_param["backbone.0.bias"] == (1e-4, 0.05)           # conv bias: bias_decay_mult
-    assert per_param["backbone.pos_embed"] == (1e-4, 0.0)         # default rule
+    assert per_param["backbone.1.weight"] == (1e-4, 0.05)         # BatchNorm not named *norm*: norm_decay_mult
+    assert per_param["backbone.0.bias"] == (1e-4, 0.1)            # bias_decay_mult defaults to 1
+
+
+def test_no_paramwise_keeps_timms_groups():
+    per_param, _ = toy_groups(None)
+    assert per_param["backbone.pos_embed"] == (2e-4, 0.0) and per_param["backbone.1.weight"] == (2e-4, 0.0)
+    assert per_param["backbone.0.bias"] == (2e-4, 0.0) and per_param["backbone.0.weight"] == (2e-4, 0.05)
 
 
 @pytest.mark.parametrize("policy", [

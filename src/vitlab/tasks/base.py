@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import inspect
 import random
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ def _plain(cfg: Any) -> Any:
 
 
 # What mmengine counts as a normalisation layer (its ``norm_decay_mult`` applies to their parameters).
-NORM_LAYERS = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+NORM_LAYERS = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
@@ -66,18 +65,20 @@ PARAMWISE_KEYS = ("custom_keys", "norm_decay_mult", "bias_decay_mult")
 
 
 def paramwise_groups(model: nn.Module, weight_decay: float, lr: float | None, paramwise: dict) -> list[dict]:
-    """Optimiser groups with per-parameter multipliers, as mmengine's ``paramwise_cfg`` means them
-    (the official GPViT / PVTv2 dense configs are written in it), so recipes copy them as data.
+    """Optimiser groups as mmengine's ``paramwise_cfg`` builds them (the official dense configs are
+    written in it: GPViT's, PVTv2's 3x, and mmdetection's default of decay on everything), so
+    recipes copy them as data:
 
     * ``custom_keys: {substring: {lr_mult, decay_mult}}``: a parameter whose full name contains the
       substring gets ``lr x lr_mult`` and ``weight_decay x decay_mult`` (a missing multiplier is 1);
       the longest matching key wins (ties: alphabetical), and no other rule applies to it.
-    * Other parameters: ``norm_decay_mult`` for the parameters of normalisation layers and
-      ``bias_decay_mult`` for the other biases when given; otherwise vitlab's default (timm's):
-      no decay for 1-D parameters, biases and the names modules list in ``no_weight_decay()``.
+    * other parameters of normalisation layers: ``weight_decay x norm_decay_mult`` (default 1);
+      other biases: ``x bias_decay_mult`` (default 1); everything else: the full weight decay.
+      (So ``paramwise: {custom_keys: {}}`` decays every parameter, as mmdetection does by default;
+      without ``paramwise`` vitlab exempts 1-D parameters and ``no_weight_decay()`` names: timm's rule.)
 
-    One group per distinct (lr_mult, decay_mult); each group records its ``lr_mult``, and its
-    ``lr`` is ``lr x lr_mult`` so that timm's schedulers scale every group in proportion.
+    One group per distinct (lr_mult, decay_mult); each records its ``lr_mult``, and its ``lr`` is
+    ``lr x lr_mult``, so timm's schedulers move every group in proportion.
     """
     unknown = sorted(set(paramwise) - set(PARAMWISE_KEYS))
     if unknown:
@@ -89,8 +90,7 @@ def paramwise_groups(model: nn.Module, weight_decay: float, lr: float | None, pa
             raise ValueError(f"schedule.optimizer.paramwise.custom_keys.{key}: unknown key(s) {bad}; "
                              f"allowed: lr_mult, decay_mult")
     keys = sorted(sorted(custom), key=len, reverse=True)  # mmengine's order: longest first, then alphabetical
-    norm_mult, bias_mult = paramwise.get("norm_decay_mult"), paramwise.get("bias_decay_mult")
-    no_decay = no_weight_decay_names(model)
+    norm_mult, bias_mult = float(paramwise.get("norm_decay_mult", 1.0)), float(paramwise.get("bias_decay_mult", 1.0))
     norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
 
     groups: dict[tuple[float, float], list] = {}
@@ -101,15 +101,12 @@ def paramwise_groups(model: nn.Module, weight_decay: float, lr: float | None, pa
         if key is not None:
             mults = custom[key] or {}
             lr_mult, decay_mult = float(mults.get("lr_mult", 1.0)), float(mults.get("decay_mult", 1.0))
+        elif id(param) in norm_params:
+            lr_mult, decay_mult = 1.0, norm_mult
+        elif name.endswith(".bias"):
+            lr_mult, decay_mult = 1.0, bias_mult
         else:
-            lr_mult = 1.0
-            if id(param) in norm_params and norm_mult is not None:
-                decay_mult = float(norm_mult)
-            elif name.endswith(".bias") and id(param) not in norm_params and bias_mult is not None:
-                decay_mult = float(bias_mult)
-            else:
-                exempt = param.ndim <= 1 or name.endswith(".bias") or any(fnmatch(name, n) for n in no_decay)
-                decay_mult = 0.0 if exempt else 1.0  # timm's rule (param_groups_weight_decay)
+            lr_mult, decay_mult = 1.0, 1.0
         groups.setdefault((lr_mult, decay_mult), []).append(param)
     out = []
     for (lr_mult, decay_mult), params in groups.items():
