@@ -179,8 +179,8 @@ class VitlabTask(L.LightningModule):
 
     def configure_optimizers(self):
         opt = self.schedule["optimizer"]
-        extra = {k: tuple(v) if isinstance(v, list) else v for k, v in opt.items()
-                 if k not in ("name", "lr", "weight_decay", "paramwise")}
+        extra = {k: tuple(v) if isinstance(v, list) else v for k, v in opt.items()  # null: the optimiser's default
+                 if k not in ("name", "lr", "weight_decay", "paramwise") and v is not None}
         weight_decay, lr = opt.get("weight_decay", 0.0), self.scaled_lr()
         optimizer = create_optimizer_v2(
             self.param_groups(weight_decay, lr), opt=opt.get("name", "adamw"), lr=lr, weight_decay=weight_decay, **extra,
