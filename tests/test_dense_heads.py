@@ -8,23 +8,12 @@ import torch
 import yaml
 from torch import nn
 
+from support import StandIn
 from vitlab.heads.detection import MaskRCNNDetector, RetinaNetDetector
 from vitlab.heads.segmentation import FCNHead, SegFormerHead, Segmentor, SemanticFPNHead, UperNetHead
 
 TABLE = Path(__file__).resolve().parents[1] / "src" / "vitlab" / "paper_tables" / "dense.yaml"
 CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
-
-
-class StandIn(nn.Module):
-    """A backbone following the contract: strided convs, one map per entry of ``strides``."""
-
-    def __init__(self, channels=(8, 16, 24, 32), strides=(4, 8, 16, 32)):
-        super().__init__()
-        self.out_channels, self.strides = list(channels), list(strides)
-        self.convs = nn.ModuleList(nn.Conv2d(3, c, 3, padding=1) for c in channels)
-
-    def forward(self, x):
-        return [conv(nn.functional.avg_pool2d(x, s)) for conv, s in zip(self.convs, self.strides)]
 
 
 @pytest.mark.parametrize("strides", [(4, 8, 16, 32), (8, 8, 8, 8)])  # the second: GPViT's official seg input

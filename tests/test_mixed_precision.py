@@ -13,23 +13,12 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
+from support import StandIn
 from vitlab.heads.detection import MaskRCNNDetector, RetinaNetDetector
 from vitlab.heads.segmentation import Segmentor, UperNetHead
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 SIZE = (600, 1000)  # coordinates past 512 px: bf16 would round them to 4 px steps (padded: 608 x 1024)
-
-
-class StandIn(nn.Module):
-    """A cheap backbone following the contract (one map per stride)."""
-
-    def __init__(self, channels=(8, 16, 24, 32), strides=(4, 8, 16, 32)):
-        super().__init__()
-        self.out_channels, self.strides = list(channels), list(strides)
-        self.convs = nn.ModuleList(nn.Conv2d(3, c, 3, padding=1) for c in channels)
-
-    def forward(self, x):
-        return [conv(F.avg_pool2d(x, s)) for conv, s in zip(self.convs, self.strides)]
 
 
 def decode(deltas: torch.Tensor, anchors: torch.Tensor, weights=(1.0, 1.0, 1.0, 1.0)) -> torch.Tensor:

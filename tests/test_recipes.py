@@ -80,3 +80,11 @@ def test_cli_prints_the_table(capsys):
     assert "follows PVT v1 paper Table 5" in out and "schedule.max_steps" in out and "320000" in out
     with pytest.raises(SystemExit):
         recipes_main(["no_such_recipe"])
+
+
+def test_docs_tables_are_the_generated_ones():
+    """docs/recipes.md shows what python -m vitlab.recipes --markdown prints (regenerate it when a recipe changes)."""
+    doc = (REPO / "docs" / "recipes.md").read_text()
+    region = doc.split("<!-- recipes:begin -->")[1].split("<!-- recipes:end -->")[0]
+    assert [l for l in region.splitlines() if l.startswith("|")] == \
+        [l for l in recipes.markdown().splitlines() if l.startswith("|")]

@@ -3,6 +3,7 @@
     python -m vitlab.recipes                        # every recipe: setting | backbones | official | ours | note
     python -m vitlab.recipes pvtv2_maskrcnn_1x      # one recipe
     python -m vitlab.recipes --differences          # only the settings where ours differs (each with its reason)
+    python -m vitlab.recipes --markdown             # docs/recipes.md's tables (what it follows; every difference kept)
 
 The official values live in ``src/vitlab/recipes/<family>.yaml``, one entry per experiment::
 
@@ -87,6 +88,7 @@ def load() -> dict[str, dict]:
     return recipes
 
 
+@cache
 def compose_recipe(experiment: str, backbone: str):
     """The config ``python src/train.py experiment=<experiment> backbone=<backbone>`` runs."""
     from hydra import compose, initialize_config_dir
@@ -142,6 +144,26 @@ def _show(value: Any) -> str:
     if isinstance(value, dict) and len(str(value)) > 60:
         return yaml.safe_dump(value, default_flow_style=None, sort_keys=False, width=60).strip()
     return str(value)
+
+
+def _cell(value: Any) -> str:
+    text = _show(value) if not isinstance(value, dict) else yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown() -> str:
+    """The two tables of docs/recipes.md: what each recipe follows, and every difference it keeps."""
+    lines = ["| experiment | follows | backbones |", "| --- | --- | --- |"]
+    for name, recipe in load().items():
+        lines.append(f"| `{name}` | {_cell(recipe['follows'])} | {', '.join(recipe['backbones'])} |")
+    lines += ["", "| experiment | setting | backbones | official | ours | why |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, recipe in load().items():
+        for row in check(name):
+            if row.differs:
+                who = "all" if len(row.backbones) == len(recipe["backbones"]) else ", ".join(row.backbones)
+                lines.append(f"| `{name}` | {_cell(row.setting)} | {who} | {_cell(row.official)} | {_cell(row.ours)} | "
+                             f"{_cell(row.note or 'MISSING')} |")
+    return "\n".join(lines) + "\n"
 
 
 def print_table(experiment: str, rows: list[Row], only_differences: bool = False) -> None:

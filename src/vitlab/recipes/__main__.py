@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from vitlab.recipes import __doc__ as DOC
-from vitlab.recipes import check, load, print_table
+from vitlab.recipes import check, load, markdown, print_table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,7 +13,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiments", nargs="*", help="recipe experiments (default: all)")
     parser.add_argument("--differences", action="store_true", help="only the settings where ours differs")
+    parser.add_argument("--markdown", action="store_true", help="docs/recipes.md's tables, as markdown")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(), end="")
+        return 0
     names = args.experiments or sorted(load())
     unknown = sorted(set(names) - set(load()))
     if unknown:
