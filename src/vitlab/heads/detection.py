@@ -21,7 +21,7 @@ Decisions:
   used by the PVT/ScalableViT/GPViT configs); torchvision picks P5 whenever C5 has
   256 channels (e.g. PVTv2-B0), so the choice is set explicitly (``p6_from``).
   torchvision applies a ReLU between P6 and P7 (as the RetinaNet paper); mmdet does not.
-* Initialisation as RECIPES.md: Xavier-uniform for FPN convs (torchvision uses
+* Initialisation as the papers (PVT Section 5.2): Xavier-uniform for FPN convs (torchvision uses
   Kaiming); torchvision's RetinaNet and RPN heads already use normal(std 0.01)
   (+ the focal-loss prior bias); the box predictor gets mmdet's normal 0.01 / 0.001.
 * Focal loss (alpha 0.25, gamma 2) and 9 anchors per location (3 scales x 3 ratios)
@@ -94,7 +94,7 @@ class BackboneWithFPN(nn.Module):
         self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=extra_blocks,
                                          norm_layer=norm_layer(norm, "module.head.fpn_norm"))
         self.out_channels = out_channels  # read by torchvision's detectors
-        for m in self.fpn.modules():  # RECIPES: Xavier for the FPN (torchvision initialises Kaiming)
+        for m in self.fpn.modules():  # the papers: Xavier for the FPN (torchvision initialises Kaiming)
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:  # no bias before a norm layer
