@@ -114,7 +114,7 @@ def paramwise_groups(model: nn.Module, weight_decay: float, lr: float | None, pa
         if lr is not None:
             group["lr"] = lr * lr_mult
         out.append(group)
-    return out
+    return sorted(out, key=lambda g: g["lr_mult"] != 1.0)  # group 0 (the logged train/lr) runs at the base lr
 
 
 def check_legacy_num_classes(num_classes: int | None, info: DatasetInfo) -> None:
