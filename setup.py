@@ -6,5 +6,6 @@ from setuptools import find_packages, setup
 setup(
     packages=[*find_packages("src"), "vitlab.conf"],
     package_dir={"": "src", "vitlab.conf": "conf"},
-    package_data={"vitlab": ["paper_tables/*.yaml"], "vitlab.conf": ["*.yaml", "**/*.yaml"]},
+    package_data={"vitlab": ["paper_tables/*.yaml", "weights.yaml"], "vitlab.recipes": ["*.yaml"],
+                  "vitlab.conf": ["*.yaml", "**/*.yaml"]},
 )

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from torch import nn
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A PVTv2-B0 shrunk to one block per stage: fast, and still the real family code.
@@ -37,3 +39,15 @@ def run_script(script: str, args: list[str], data_dir: Path, env: dict | None = 
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+class StandIn(nn.Module):
+    """A backbone following the contract: strided convs, one map per entry of ``strides``."""
+
+    def __init__(self, channels=(8, 16, 24, 32), strides=(4, 8, 16, 32)):
+        super().__init__()
+        self.out_channels, self.strides = list(channels), list(strides)
+        self.convs = nn.ModuleList(nn.Conv2d(3, c, 3, padding=1) for c in channels)
+
+    def forward(self, x):
+        return [conv(nn.functional.avg_pool2d(x, s)) for conv, s in zip(self.convs, self.strides)]

@@ -300,3 +300,33 @@ def test_detection_task_trains_and_validates(coco_root, head, tmp_path):
     assert set(extra) == ({"per_class_ap", "per_class_mask_ap"} if head == "MaskRCNNDetector" else {"per_class_ap"})
     assert len(extra["per_class_ap"]) == 80 and any(v is not None for v in extra["per_class_ap"].values())
     assert len(list((tmp_path / "predictions" / "epoch_000").glob("*.png"))) == 2
+
+
+def test_detr_crop_policy_and_max_crop():
+    """The 3x policy of the official PVTv2 / GPViT configs: resize | resize(400-600) -> crop(384-600) -> resize."""
+    from torchvision import tv_tensors
+
+    from vitlab.data.coco import RandomSizeCrop
+
+    torch.manual_seed(0)
+    image = tv_tensors.Image(torch.rand(3, 700, 1000))
+    boxes = tv_tensors.BoundingBoxes(torch.tensor([[10.0, 10.0, 200.0, 300.0], [600.0, 400.0, 990.0, 690.0]]),
+                                     format="XYXY", canvas_size=(700, 1000))
+    crop = RandomSizeCrop(384, 600)
+    sizes = set()
+    for _ in range(50):
+        out_image, out_boxes = crop(image, boxes)
+        h, w = out_image.shape[-2:]
+        sizes.add((h, w))
+        assert 384 <= h <= 600 and 384 <= w <= 600 and out_boxes.canvas_size == (h, w)
+        assert (out_boxes[:, 0::2] <= w).all() and (out_boxes[:, 1::2] <= h).all() and (out_boxes >= 0).all()
+    assert len(sizes) > 10  # height and width drawn independently
+    small = RandomSizeCrop(384, 600)(torch.rand(3, 300, 350))
+    assert small.shape[-2:] == (300, 350)  # never larger than the image
+    dm = CocoDataModule(root="unused", train_scales=[480, 800], crop_policy="detr", max_crop=512)
+    target = {"boxes": boxes, "labels": torch.tensor([0, 1])}
+    outputs = [dm.train_transforms()(image, target) for _ in range(30)]
+    assert all(im.shape[-2] <= 512 and im.shape[-1] <= 512 for im, _ in outputs)
+    assert any(len(t["boxes"]) < 2 for _, t in outputs)  # crops cut boxes away (and keep empty crops)
+    with pytest.raises(ValueError, match="data.crop_policy='mmdet': expected none or detr"):
+        CocoDataModule(root="unused", crop_policy="mmdet")

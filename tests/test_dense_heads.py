@@ -8,23 +8,12 @@ import torch
 import yaml
 from torch import nn
 
+from support import StandIn
 from vitlab.heads.detection import MaskRCNNDetector, RetinaNetDetector
 from vitlab.heads.segmentation import FCNHead, SegFormerHead, Segmentor, SemanticFPNHead, UperNetHead
 
 TABLE = Path(__file__).resolve().parents[1] / "src" / "vitlab" / "paper_tables" / "dense.yaml"
 CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
-
-
-class StandIn(nn.Module):
-    """A backbone following the contract: strided convs, one map per entry of ``strides``."""
-
-    def __init__(self, channels=(8, 16, 24, 32), strides=(4, 8, 16, 32)):
-        super().__init__()
-        self.out_channels, self.strides = list(channels), list(strides)
-        self.convs = nn.ModuleList(nn.Conv2d(3, c, 3, padding=1) for c in channels)
-
-    def forward(self, x):
-        return [conv(nn.functional.avg_pool2d(x, s)) for conv, s in zip(self.convs, self.strides)]
 
 
 @pytest.mark.parametrize("strides", [(4, 8, 16, 32), (8, 8, 8, 8)])  # the second: GPViT's official seg input
@@ -151,3 +140,100 @@ def test_full_model_params_match_the_papers(row):
         model = build_task_model(row["name"], row["set"], row["task"])
     params = count_params(model) / 1e6
     assert params == pytest.approx(row["paper_params_m"], rel=0.03), f"{row['source']}: {params:.2f}M"
+
+
+# ---- mmdetection / mmsegmentation options (defaults: torchvision's behaviour) ----------------
+def test_maskrcnn_shared4conv1fc_box_head_with_syncbn_and_fpn_norm():
+    detector = MaskRCNNDetector(StandIn(), 80, box_head="4conv1fc", box_head_norm="SyncBN", fpn_norm="SyncBN")
+    head = detector.model.roi_heads.box_head
+    convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 4 and all(c.bias is None and c.kernel_size == (3, 3) for c in convs)  # bias-free before norm
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in head.modules()) == 4
+    assert [m.out_features for m in head.modules() if isinstance(m, nn.Linear)] == [1024]
+    # mmdet's Shared4Conv1FCBBoxHead: 4 x (3x3x256x256 + BN 2x256) + FC 256*7*7 -> 1024
+    assert sum(p.numel() for p in head.parameters()) == 4 * (9 * 256 * 256 + 2 * 256) + 256 * 49 * 1024 + 1024
+    fpn = detector.model.backbone.fpn
+    assert all(isinstance(b[1], nn.SyncBatchNorm) and b[0].bias is None for b in [*fpn.inner_blocks, *fpn.layer_blocks])
+    losses = detector([torch.rand(3, 64, 80)], _targets(80))  # SyncBN is plain BN in one process
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_dense_head_option_errors_name_the_key():
+    with pytest.raises(ValueError, match=r"module.head.fpn_norm='LN': expected one of BN, SyncBN, GN, none"):
+        RetinaNetDetector(StandIn(), 5, fpn_norm="LN")
+    with pytest.raises(ValueError, match=r"module.head.box_loss='giou': expected one of smooth_l1, l1"):
+        MaskRCNNDetector(StandIn(), 5, box_loss="giou")
+    with pytest.raises(ValueError, match=r"box_head_norm='BN' needs box_head=4conv1fc"):
+        MaskRCNNDetector(StandIn(), 5, box_head_norm="BN")
+    with pytest.raises(ValueError, match=r"module.head.norm='batch'"):
+        UperNetHead([8, 16, 24, 32], [4, 8, 16, 32], 5, norm="batch")
+
+
+def test_aligned_roi_align_is_mmdets_per_level_roi_align():
+    from torchvision.ops import MultiScaleRoIAlign, roi_align
+
+    from vitlab.heads.detection import LevelRoIAlign
+
+    torch.manual_seed(0)
+    feats = {str(k): torch.randn(2, 3, 64 // 2 ** k, 96 // 2 ** k) for k in range(4)}  # strides 4..32 of 256x384
+    xy = torch.rand(2, 40, 2) * torch.tensor([300.0, 200.0])
+    wh = torch.rand(2, 40, 2) * 250 + 4
+    boxes = list(torch.cat([xy, xy + wh], -1))
+    shapes = [(256, 384)] * 2
+    ours = LevelRoIAlign(list(feats), 7, 0, aligned=True)(feats, boxes, shapes)
+    # mmdet's SingleRoIExtractor: level floor(log2(sqrt(area) / 56)) in 0..3, RoIAlign(aligned, sampling 0)
+    for i, image_boxes in enumerate(boxes):
+        scale = ((image_boxes[:, 2] - image_boxes[:, 0]) * (image_boxes[:, 3] - image_boxes[:, 1])).sqrt()
+        level = torch.floor(torch.log2(scale / 56 + 1e-6)).clamp(0, 3).long()
+        for j, (box, lvl) in enumerate(zip(image_boxes, level.tolist())):
+            ref = roi_align(feats[str(lvl)][i:i + 1], [box[None]], 7, 1 / 2 ** (lvl + 2), 0, aligned=True)
+            torch.testing.assert_close(ours[i * 40 + j], ref[0])
+    # aligned=False is torchvision's own pooler
+    torch.testing.assert_close(LevelRoIAlign(list(feats), 7, 2, aligned=False)(feats, boxes, shapes),
+                               MultiScaleRoIAlign(list(feats), 7, 2)(feats, boxes, shapes))
+
+
+def test_l1_box_losses_match_a_naive_l1():
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    from vitlab.heads.detection import fastrcnn_l1_loss
+
+    torch.manual_seed(0)
+    labels = [torch.tensor([0, 2, 1, 0, 3]), torch.tensor([1, 0, 0])]
+    targets = [torch.randn(5, 4), torch.randn(3, 4)]
+    logits, regression = torch.randn(8, 4), torch.randn(8, 16)
+    _, loss = fastrcnn_l1_loss(logits, regression, labels, targets)
+    flat_labels, flat_targets = torch.cat(labels), torch.cat(targets)
+    naive = sum((regression[i, 4 * c:4 * c + 4] - flat_targets[i]).abs().sum() for i, c in enumerate(flat_labels.tolist())
+                if c > 0) / 8
+    torch.testing.assert_close(loss, naive)
+    # the RPN: same sampling as torchvision's compute_loss; smooth L1 reproduces it, L1 is the plain sum
+    detector = MaskRCNNDetector(StandIn(), 5, rpn_box_loss="l1")
+    rpn = detector.model.rpn
+    anchor_labels = [(torch.rand(300) > 0.7).float() - (torch.rand(300) > 0.9).float()]  # 1 fg, 0 bg, -1 ignored
+    objectness, deltas, reg_targets = torch.randn(300, 1), torch.randn(300, 4), [torch.randn(300, 4)]
+    torch.manual_seed(1)
+    _, ours = rpn.compute_loss(objectness, deltas, anchor_labels, reg_targets)
+    torch.manual_seed(1)
+    pos, neg = rpn.fg_bg_sampler(anchor_labels)
+    pos, sampled = torch.where(pos[0])[0], torch.where(pos[0] | neg[0])[0]
+    torch.testing.assert_close(ours, (deltas[pos] - reg_targets[0][pos]).abs().sum() / len(sampled))
+    rpn.box_loss_kind = "smooth_l1"
+    torch.manual_seed(1)
+    ours = rpn.compute_loss(objectness, deltas, anchor_labels, reg_targets)
+    torch.manual_seed(1)
+    torch.testing.assert_close(ours, RegionProposalNetwork.compute_loss(rpn, objectness, deltas, anchor_labels,
+                                                                        reg_targets))
+
+
+@pytest.mark.parametrize("norm,layer", [("SyncBN", nn.SyncBatchNorm), ("GN", nn.GroupNorm), ("none", None)])
+def test_segmentation_head_norm_option(norm, layer):
+    backbone = StandIn()
+    head = UperNetHead(backbone.out_channels, backbone.strides, 5, channels=64, norm=norm)
+    norms = [m for m in head.modules() if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm))]
+    convs = [m for m in head.modules() if isinstance(m, nn.Conv2d) and m is not head.classifier]
+    if layer is None:
+        assert not norms and all(c.bias is not None for c in convs)
+    else:
+        assert norms and all(type(m) is layer for m in norms) and all(c.bias is None for c in convs)
+    assert head(backbone(torch.rand(2, 3, 64, 64))).shape == (2, 5, 16, 16)

@@ -6,8 +6,11 @@ from types import SimpleNamespace
 from unittest import mock
 
 import pytest
+import torch
+from torch import nn
 
 from vitlab.data.base import DatasetInfo
+from vitlab.tasks.base import VitlabTask
 from vitlab.tasks.classification import ClassificationTask
 
 BACKBONE = {"_target_": "vitlab.backbones.pvt.PyramidVisionTransformer", "img_size": 32, "patch_sizes": [4, 2, 2, 2],
@@ -75,3 +78,96 @@ def test_multistep_and_poly():
     assert (before, after_8, after_9) == pytest.approx((peak, peak * 0.1, peak * 0.01))
     (half,) = lrs({"name": "poly", "power": 0.9, "warmup_iters": 0, "min_lr": 0.0}, [500])
     assert half == pytest.approx(peak * (1 - 500 / 1000) ** 0.9)
+
+
+# ---- schedule.optimizer.paramwise (mmengine's paramwise_cfg) ---------------------------
+class Toy(nn.Module):
+    """Names like an mmseg segmentor: backbone.*, decode_head.*; one position embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1))
+        self.backbone.pos_embed = nn.Parameter(torch.zeros(1, 4, 2, 2))
+        self.decode_head = nn.Sequential(nn.Conv2d(4, 4, 1), nn.GroupNorm(2, 4), nn.Conv2d(4, 2, 1))
+
+    def no_weight_decay(self):
+        return {"backbone.pos_embed"}
+
+
+class ToyTask(VitlabTask):
+    def __init__(self, schedule):
+        super().__init__({}, schedule, DatasetInfo(class_names=("a", "b"), input_size=(8, 8)))
+        self.model = Toy()
+
+
+def toy_groups(paramwise, policy=None, lr=2e-4, wd=0.05):
+    schedule = {"epochs": None, "max_steps": 100, "base_batch_size": 16, "scale_lr": True,
+                "optimizer": {"name": "adamw", "lr": lr, "weight_decay": wd, "paramwise": paramwise},
+                "lr_policy": policy or {"name": "poly", "power": 1.0, "min_lr": 0.0, "warmup_iters": 0}}
+    task = ToyTask(schedule)
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(batch_size=4), world_size=4, accumulate_grad_batches=1,
+                              estimated_stepping_batches=100, max_epochs=None)
+    with mock.patch.object(ToyTask, "trainer", new_callable=mock.PropertyMock, return_value=trainer):
+        cfg = task.configure_optimizers()
+    names = {id(p): n for n, p in task.model.named_parameters()}
+    per_param = {names[id(p)]: (round(g["lr"], 12), round(g["weight_decay"], 12))
+                 for g in cfg["optimizer"].param_groups for p in g["params"]}
+    return per_param, cfg
+
+
+def test_paramwise_custom_keys_follow_mmengine():
+    # GPViT's SegFormer recipe in miniature: x10 lr on the head, no decay on norms, biases, position embeddings
+    per_param, _ = toy_groups({"custom_keys": {"head": {"lr_mult": 10.0}, "pos_embed": {"decay_mult": 0.0}},
+                               "norm_decay_mult": 0.0, "bias_decay_mult": 0.0})
+    lr, wd = 2e-4, 0.05  # global batch 4 x 4 = the base 16: no scaling
+    assert per_param == {
+        "backbone.0.weight": (lr, wd), "backbone.0.bias": (lr, 0.0),           # bias_decay_mult
+        "backbone.1.weight": (lr, 0.0), "backbone.1.bias": (lr, 0.0),          # norm_decay_mult (BatchNorm)
+        "backbone.2.weight": (lr, wd), "backbone.2.bias": (lr, 0.0),
+        "backbone.pos_embed": (lr, 0.0),                                       # its custom key
+        # "head" matches: lr x10 and decay x1 for every head parameter, the norm's and biases too
+        # (a matched key decides alone; mmengine's default decay_mult is 1)
+        "decode_head.0.weight": (10 * lr, wd), "decode_head.0.bias": (10 * lr, wd),
+        "decode_head.1.weight": (10 * lr, wd), "decode_head.1.bias": (10 * lr, wd),
+        "decode_head.2.weight": (10 * lr, wd), "decode_head.2.bias": (10 * lr, wd),
+    }
+
+
+def test_paramwise_defaults_decay_everything_and_longest_key_wins():
+    # mmdetection's default (paramwise with no keys): every parameter decays, 1-D ones and pos_embed too
+    per_param, _ = toy_groups({"custom_keys": {}}, lr=1e-4, wd=0.1)
+    assert set(per_param.values()) == {(1e-4, 0.1)}
+    per_param, _ = toy_groups({"custom_keys": {"decode_head.2": {"lr_mult": 3.0, "decay_mult": 0.5},
+                                               "head": {"lr_mult": 10.0}, "norm": {"decay_mult": 0.0}},
+                               "norm_decay_mult": 0.5}, lr=1e-4, wd=0.1)
+    assert per_param["decode_head.2.weight"] == (3e-4, 0.05)      # the longer key wins
+    assert per_param["decode_head.1.bias"] == (1e-3, 0.1)         # matched: norm/bias rules do not apply
+    assert per_param["backbone.1.weight"] == (1e-4, 0.05)         # BatchNorm not named *norm*: norm_decay_mult
+    assert per_param["backbone.0.bias"] == (1e-4, 0.1)            # bias_decay_mult defaults to 1
+
+
+def test_no_paramwise_keeps_timms_groups():
+    per_param, _ = toy_groups(None)
+    assert per_param["backbone.pos_embed"] == (2e-4, 0.0) and per_param["backbone.1.weight"] == (2e-4, 0.0)
+    assert per_param["backbone.0.bias"] == (2e-4, 0.0) and per_param["backbone.0.weight"] == (2e-4, 0.05)
+
+
+@pytest.mark.parametrize("policy", [
+    {"name": "poly", "power": 1.0, "min_lr": 0.0, "warmup_iters": 0},
+    {"name": "multistep", "milestones": [50, 80], "gamma": 0.1, "warmup_iters": 10, "warmup_lr": 0.0},
+])
+def test_paramwise_groups_keep_their_ratio_through_the_schedule(policy):
+    _, cfg = toy_groups({"custom_keys": {"head": {"lr_mult": 10.0}}}, policy=policy)
+    optimizer, scheduler = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    for step in (0, 5, 30, 70, 99):
+        scheduler.step_update(num_updates=step)
+        by_mult = {g["lr_mult"]: g["lr"] for g in optimizer.param_groups}
+        assert by_mult[10.0] == pytest.approx(10 * by_mult[1.0], rel=1e-9, abs=1e-15)
+    assert by_mult[1.0] < 2e-4  # the schedule did move
+
+
+def test_paramwise_unknown_key_is_named():
+    with pytest.raises(ValueError, match=r"paramwise: unknown key\(s\) \['decay_mul'\]"):
+        toy_groups({"decay_mul": 0.0})
+    with pytest.raises(ValueError, match=r"custom_keys.head: unknown key\(s\) \['lr'\]"):
+        toy_groups({"custom_keys": {"head": {"lr": 1.0}}})

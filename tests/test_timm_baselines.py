@@ -82,3 +82,26 @@ def test_vit_small_p4_builds_with_stride4_grid():
         ours = vitlab.create_model("vit_small_p4")
         feats = ours.backbone(torch.zeros(1, 3, 64, 64, device="meta"))
     assert [tuple(f.shape[-2:]) for f in feats] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+
+
+def test_frozen_stages_and_norm_eval_as_mmdetection():
+    from vitlab.backbones.timm_baselines import TimmCNN
+
+    common = dict(model_name="resnet18", out_indices=[1, 2, 3, 4], in_chans=3, drop_rate=0.0, drop_path_rate=0.0)
+    plain = TimmCNN(**common)
+    frozen = TimmCNN(**common, frozen_stages=1, norm_eval=True)
+    assert plain.state_dict().keys() == frozen.state_dict().keys()  # same checkpoints either way
+    trainable = {n.split(".")[1] for n, p in frozen.named_parameters() if p.requires_grad}
+    assert trainable == {"layer2", "layer3", "layer4"}  # stem + layer1 frozen (mmdet frozen_stages=1)
+    assert all(p.requires_grad for p in plain.parameters())
+    frozen.train()
+    assert frozen.training and not any(m.training for m in frozen.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = frozen.body.layer3[0].bn1.running_mean.clone()
+    frozen(torch.randn(2, 3, 64, 64))
+    assert torch.equal(before, frozen.body.layer3[0].bn1.running_mean)  # norm_eval: statistics kept
+    only_frozen = TimmCNN(**common, frozen_stages=1)
+    only_frozen.train()
+    assert not only_frozen.body.bn1.training and not only_frozen.body.layer1.training
+    assert only_frozen.body.layer2.training
+    with pytest.raises(ValueError, match="backbone.frozen_stages=7"):
+        TimmCNN(**common, frozen_stages=7)

@@ -18,6 +18,7 @@ def test_smoke_run_writes_summary(tmp_path, train_run):
     assert "debug=smoke" in summary["overrides"]
     assert summary["backbone"] == "pvt_v2_b0" and summary["task"] == "imagenet_cls"
     assert summary["params"] > 0 and summary["gflops"] > 0
+    assert summary["pretrained"] is None  # trained from scratch, and the summary says so
 
 
 def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, train_run, data_dir):

@@ -53,14 +53,12 @@ def instantiate(cfg: Mapping | DictConfig, where: str = "config", trusted: bool 
 
 def build_backbone(cfg: Mapping | DictConfig):
     """Instantiate a backbone config (as found under ``backbone:`` in any run config);
-    ``pretrained`` loads weights (ours or the family's official release)."""
+    ``pretrained`` loads weights: a file, a run directory, or ``imagenet`` (``vitlab.weights``).
+    The file loaded is kept as ``backbone.pretrained_file`` (None: random initialisation)."""
     cfg = dict(plain(cfg))
     pretrained, use_ema = cfg.pop("pretrained", None), cfg.pop("pretrained_ema", False)
     backbone = instantiate(cfg, "backbone")
-    if pretrained:
-        from vitlab.checkpoints import load_pretrained
-
-        load_pretrained(backbone, pretrained, ema=use_ema)
+    backbone.pretrained_file = _load(backbone, backbone, pretrained, use_ema, cfg)
     return backbone
 
 
@@ -71,8 +69,17 @@ def build_classifier(cfg: Mapping | DictConfig, num_classes: int):
     cfg = dict(plain(cfg))
     pretrained, use_ema = cfg.pop("pretrained", None), cfg.pop("pretrained_ema", False)
     model = ImageClassifier(build_backbone(cfg), num_classes)
-    if pretrained:
-        from vitlab.checkpoints import load_pretrained
-
-        load_pretrained(model, pretrained, ema=use_ema)
+    model.backbone.pretrained_file = _load(model, model.backbone, pretrained, use_ema, cfg)
     return model
+
+
+def _load(model, backbone, pretrained, use_ema: bool, cfg: dict) -> str | None:
+    from vitlab.weights import resolve
+
+    path = resolve(pretrained, backbone, cfg)
+    if path is None:
+        return None
+    from vitlab.checkpoints import load_pretrained
+
+    load_pretrained(model, path, ema=use_ema)
+    return str(path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -33,6 +34,7 @@ from vitlab.loggers import ResumableCSVLogger
 from vitlab.rundir import register_resolvers
 from vitlab.trust import check_targets
 from vitlab.validate import check_run_config
+from vitlab.weights import loaded_file
 
 register_resolvers()
 log = logging.getLogger("vitlab")
@@ -217,6 +219,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         resume_step = int(read_checkpoint(resume_from, "checkpoint").get("global_step", 0))
     L.seed_everything(cfg.seed, workers=True)
     run_cfg = OmegaConf.to_container(cfg, resolve=True)
+    if run_cfg.get("paths", {}).get("weights_dir"):  # where backbone.pretrained=imagenet looks (vitlab.weights)
+        os.environ["VITLAB_WEIGHTS"] = run_cfg["paths"]["weights_dir"]
     datamodule, module = build_data_and_module(run_cfg)
     # the user's own run-level objects (a checkpoint never rebuilds these): any class may be named
     callbacks = [instantiate(c, f"callbacks.{k}", trusted=True) for k, c in (run_cfg.get("callbacks") or {}).items() if c]
@@ -246,6 +250,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "resumed_from": resume_from,
         "params": params,
         "gflops": gflops,
+        "pretrained": loaded_file(module),  # the backbone's initial weights; null: trained from scratch
         "global_step": trainer.global_step,
         **{k: meta[k] for k in ("backbone", "task", "schedule", "experiment", "overrides", "seed")},
     }

@@ -92,7 +92,8 @@ def build_task_model(name: str, overrides: list[str], task: str) -> torch.nn.Mod
     from vitlab.trust import check_targets
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=[f"task={task}", f"backbone={name}", *(f"backbone.{o}" for o in overrides)])
+        cfg = compose("train", overrides=[f"task={task}", f"backbone={name}", *(f"backbone.{o}" for o in overrides),
+                                          "backbone.pretrained=null"])  # counting needs no weights
     module_cfg = OmegaConf.to_container(cfg.module, resolve=True)  # not `paths`: no Hydra run here
     check_targets(module_cfg, "module")
     dataset = task.split("_")[0]

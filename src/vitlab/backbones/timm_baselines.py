@@ -54,10 +54,15 @@ class _TimmBody(Backbone):
 
 
 class TimmCNN(_TimmBody):
-    """A timm CNN (``features_only``) with timm's average-pool + linear classifier head."""
+    """A timm CNN (``features_only``) with timm's average-pool + linear classifier head.
+
+    mmdetection's ResNet options (its detection configs use ``frozen_stages=1, norm_eval=True``):
+    ``frozen_stages``: the stem and the first N residual stages keep their weights and BN statistics
+    (-1: none); ``norm_eval``: every BatchNorm keeps its running statistics while training."""
 
     def __init__(self, *, model_name: str, out_indices: list[int], in_chans: int, drop_rate: float,
-                 drop_path_rate: float, grad_checkpointing: bool = False):
+                 drop_path_rate: float, grad_checkpointing: bool = False, frozen_stages: int = -1,
+                 norm_eval: bool = False):
         super().__init__()
         self.body = timm.create_model(model_name, pretrained=False, features_only=True, out_indices=out_indices,
                                       in_chans=in_chans, drop_path_rate=drop_path_rate)
@@ -65,6 +70,26 @@ class TimmCNN(_TimmBody):
         self.out_channels = self.body.feature_info.channels()
         self.strides = self.body.feature_info.reduction()
         self.drop_rate = drop_rate
+        self.norm_eval = norm_eval
+        self.frozen: list[str] = []  # names in body: the stem (conv1, bn1, ...) then layer1..layer<frozen_stages>
+        if frozen_stages >= 0:
+            names = [n for n, _ in self.body.named_children()]
+            if f"layer{max(frozen_stages, 1)}" not in names:
+                raise ValueError(f"backbone.frozen_stages={frozen_stages}: {model_name} has the children {names}")
+            last = names.index("layer1") - 1 if frozen_stages == 0 else names.index(f"layer{frozen_stages}")
+            self.frozen = names[:last + 1]
+            for name in self.frozen:
+                getattr(self.body, name).requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in self.frozen:
+            getattr(self.body, name).eval()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         if not self.grad_checkpointing:

@@ -8,8 +8,12 @@ Layout (the official one)::
 Training follows mmdetection's COCO pipeline: images without (non-crowd)
 annotations are dropped, crowd regions are ignored, shorter side resized to
 800 (or a random choice of ``train_scales`` for multi-scale 3x training) with
-the longer side <= 1333, horizontal flip. Transforms are torchvision v2 on
-tv_tensors, so boxes and masks follow the image.
+the longer side <= 1333, horizontal flip. ``crop_policy=detr`` is the 3x policy of the
+official PVTv2 / GPViT configs (mmdet's AutoAugment of DETR's): half of the images are resized
+to ``train_scales``, the other half resized to a shorter side of 400/500/600, cropped to a random
+384-600 x 384-600 window and resized to ``train_scales``; ``max_crop`` (GPViT: 1024) then crops
+whatever exceeds that size. Transforms are torchvision v2 on tv_tensors, so boxes and masks follow
+the image.
 
 Padding to a multiple of 32 and the mean/std normalisation happen inside the
 model (torchvision's ``GeneralizedRCNNTransform``, see ``vitlab.heads.detection``):
@@ -48,6 +52,26 @@ from vitlab.data.report import (
     BAD_ANNOTATION_FILE, BAD_BOX, BAD_SEGMENTATION, BOX_OUTSIDE, CATEGORIES_DIFFER, CLIPPED_BOX, EMPTY, MISSING,
     SIZE_MISMATCH, UNKNOWN_CATEGORY, UNKNOWN_IMAGE, ZERO_AREA_BOX, DataReport, check_all, skip_or_raise,
 )
+
+
+class RandomSizeCrop(v2.Transform):
+    """mmdetection's ``RandomCrop(crop_type='absolute_range', allow_negative_crop=True)``: a window whose
+    height and width are drawn from [low, high] (at most the image's), at a uniform position; crops
+    without boxes are kept. (torchvision's RandomCrop takes one fixed size.)"""
+
+    def __init__(self, low: int, high: int):
+        super().__init__()
+        self.low, self.high = low, high
+
+    def make_params(self, flat_inputs) -> dict:
+        h, w = v2.query_size(flat_inputs)
+        ch = int(torch.randint(min(h, self.low), min(h, self.high) + 1, ()))
+        cw = int(torch.randint(min(w, self.low), min(w, self.high) + 1, ()))
+        top, left = int(torch.randint(0, h - ch + 1, ())), int(torch.randint(0, w - cw + 1, ()))
+        return {"top": top, "left": left, "height": ch, "width": cw}
+
+    def transform(self, inpt, params: dict):
+        return self._call_kernel(TF.crop, inpt, **params)
 
 
 class AnnotationError(ValueError):
@@ -320,6 +344,8 @@ class CocoDataModule(VitlabDataModule):
         test_scale: int = 800,
         max_size: int = 1333,
         flip_prob: float = 0.5,
+        crop_policy: str = "none",
+        max_crop: int | None = None,
         with_masks: bool = False,
         group_by_aspect_ratio: bool = True,
         clip_boxes: bool = False,
@@ -337,6 +363,9 @@ class CocoDataModule(VitlabDataModule):
         self.test_scale = test_scale
         self.max_size = max_size
         self.flip_prob = flip_prob
+        if crop_policy not in ("none", "detr"):
+            raise ValueError(f"data.crop_policy={crop_policy!r}: expected none or detr")
+        self.crop_policy, self.max_crop = crop_policy, max_crop
         self.with_masks = with_masks
         self.group_by_aspect_ratio = group_by_aspect_ratio
         self.clip_boxes = clip_boxes
@@ -435,8 +464,14 @@ class CocoDataModule(VitlabDataModule):
             if len(self.train_scales) > 1
             else v2.Resize(self.train_scales[0], max_size=self.max_size)
         )
+        if self.crop_policy == "detr":  # mmdet AutoAugment: one of the two policies, with equal chance
+            resize = v2.RandomChoice([resize, v2.Compose([
+                v2.RandomShortestSize(min_size=[400, 500, 600], max_size=self.max_size),
+                RandomSizeCrop(384, 600), resize])])
+        crops = [RandomSizeCrop(self.max_crop, self.max_crop)] if self.max_crop else []
         return v2.Compose([
             resize,
+            *crops,
             v2.RandomHorizontalFlip(self.flip_prob),
             v2.ToDtype(torch.float32, scale=True),  # images only; normalisation is in the model
             v2.SanitizeBoundingBoxes(min_size=1),  # drops boxes (and their labels, masks) squashed by the resize

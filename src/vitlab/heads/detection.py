@@ -21,11 +21,21 @@ Decisions:
   used by the PVT/ScalableViT/GPViT configs); torchvision picks P5 whenever C5 has
   256 channels (e.g. PVTv2-B0), so the choice is set explicitly (``p6_from``).
   torchvision applies a ReLU between P6 and P7 (as the RetinaNet paper); mmdet does not.
-* Initialisation as RECIPES.md: Xavier-uniform for FPN convs (torchvision uses
+* Initialisation as the papers (PVT Section 5.2): Xavier-uniform for FPN convs (torchvision uses
   Kaiming); torchvision's RetinaNet and RPN heads already use normal(std 0.01)
   (+ the focal-loss prior bias); the box predictor gets mmdet's normal 0.01 / 0.001.
 * Focal loss (alpha 0.25, gamma 2) and 9 anchors per location (3 scales x 3 ratios)
   are torchvision's RetinaNet defaults; they match the recipe.
+* Mixed precision: the box-regression and classification outputs of every head are cast to
+  float32 (forward hooks) and anchors are made in float32 whatever the feature dtype
+  (``FloatAnchorGenerator``), so anchor/proposal decoding, IoU matching, the RoIAlign boxes and
+  the losses run in float32 under bf16/fp16 autocast and the returned boxes are float32 (as
+  mmdetection keeps them); the convolutions themselves stay in the autocast dtype.
+* mmdetection options the official configs use (defaults: torchvision's behaviour):
+  ``roi_aligned`` / ``roi_sampling_ratio`` (mmcv's RoIAlign: aligned, adaptive sampling 0),
+  ``rpn_box_loss`` / ``box_loss`` (``l1``: mmdet's L1Loss; torchvision: smooth L1, beta 1/9),
+  ``box_head`` (``4conv1fc``: Shared4Conv1FCBBoxHead), ``fpn_norm`` / ``box_head_norm``
+  (BN | SyncBN | GN | none).
 """
 from __future__ import annotations
 
@@ -33,13 +43,24 @@ from collections import OrderedDict
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.models.detection import roi_heads as tv_roi_heads
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
+from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
 from vitlab.data.base import IMAGENET_MEAN, IMAGENET_STD
+from vitlab.heads.norm import norm_layer
+
+BOX_LOSSES = ("smooth_l1", "l1")
+BOX_HEADS = ("2fc", "4conv1fc")
 
 
 
@@ -63,18 +84,21 @@ class BackboneWithFPN(nn.Module):
     (IntermediateLayerGetter); ours return their levels directly.
     """
 
-    def __init__(self, backbone: nn.Module, in_strides: list[int], out_channels: int, extra_blocks=None):
+    def __init__(self, backbone: nn.Module, in_strides: list[int], out_channels: int, extra_blocks=None,
+                 norm: str = "none"):
         super().__init__()
         self.body = backbone
         self.levels = select_levels(backbone, in_strides)
         in_channels = [backbone.out_channels[i] for i in self.levels]
-        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=extra_blocks)
+        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=extra_blocks,
+                                         norm_layer=norm_layer(norm, "module.head.fpn_norm"))
         self.out_channels = out_channels  # read by torchvision's detectors
         self._reuse, self._features = False, None
-        for m in self.fpn.modules():  # RECIPES: Xavier for the FPN (torchvision initialises Kaiming)
+        for m in self.fpn.modules():  # the papers: Xavier for the FPN (torchvision initialises Kaiming)
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:  # no bias before a norm layer
+                    nn.init.zeros_(m.bias)
 
     @contextmanager
     def features_reused(self):
@@ -93,6 +117,127 @@ class BackboneWithFPN(nn.Module):
         if self._reuse:
             self._features = out
         return out
+
+
+def to_float(x):
+    """Tensors (in tensors, lists, tuples, dicts) as float32."""
+    if isinstance(x, torch.Tensor):
+        return x.float()
+    if isinstance(x, dict):
+        return type(x)((k, to_float(v)) for k, v in x.items())
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_float(v) for v in x)
+    return x
+
+
+def float_outputs(module: nn.Module) -> nn.Module:
+    """Cast ``module``'s outputs to float32 (a forward hook: parameters and state-dict keys unchanged).
+
+    Under autocast a head's convolutions / linears return bf16 or fp16; torchvision then decodes boxes
+    in that dtype (a coordinate past 512 px moves in 4 px steps in bf16). Everything computed from
+    float32 outputs (decoding, matching, losses: element-wise ops autocast leaves alone) is float32."""
+    module.register_forward_hook(lambda _module, _args, output: to_float(output))
+    return module
+
+
+class FloatAnchorGenerator(AnchorGenerator):
+    """torchvision's anchors, always in float32: its generator takes the dtype of the feature maps
+    (bf16 under autocast, and it then keeps its cell anchors in that dtype for good)."""
+
+    def forward(self, image_list, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        # only the maps' shapes, dtype and device are read: zero-stride float32 stand-ins cost no memory
+        stand_ins = [torch.zeros((), device=f.device).expand(f.shape) for f in feature_maps]
+        return super().forward(image_list, stand_ins)
+
+
+class LevelRoIAlign(MultiScaleRoIAlign):
+    """torchvision's multi-level RoIAlign with ``aligned`` exposed (its pooler hard-codes False;
+    mmcv's RoIAlign, used by every mmdetection config, defaults to True: the half-pixel shift).
+
+    torchvision's level rule (k0 4, canonical 224) equals mmdet's SingleRoIExtractor's
+    (finest scale 56), so only the per-level call changes."""
+
+    def __init__(self, featmap_names: list[str], output_size: int, sampling_ratio: int, aligned: bool):
+        super().__init__(featmap_names, output_size, sampling_ratio)
+        self.aligned = aligned
+
+    def forward(self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor], image_shapes) -> torch.Tensor:
+        if not self.aligned:
+            return super().forward(x, boxes, image_shapes)
+        feats = _filter_input(x, self.featmap_names)
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(feats, image_shapes, self.canonical_scale,
+                                                         self.canonical_level)
+        rois = _convert_to_roi_format(boxes)
+        levels = self.map_levels(boxes)
+        out = feats[0].new_zeros((len(rois), feats[0].shape[1], *self.output_size))
+        for level, (feat, scale) in enumerate(zip(feats, self.scales)):  # one RoIAlign call per pyramid level
+            idx = torch.where(levels == level)[0]
+            out[idx] = roi_align(feat, rois[idx], self.output_size, scale, self.sampling_ratio,
+                                 aligned=True).to(out.dtype)
+        return out
+
+
+def box_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Summed box-regression loss: torchvision's smooth L1 (beta 1/9) or mmdetection's L1."""
+    if kind == "l1":
+        return F.l1_loss(pred, target, reduction="sum")
+    return F.smooth_l1_loss(pred, target, beta=1 / 9, reduction="sum")
+
+
+class RPN(RegionProposalNetwork):
+    """torchvision's RPN with a choice of box loss (``box_loss_kind``); the same sampling and
+    normalisation (by the sampled anchors) as torchvision's ``compute_loss``."""
+
+    box_loss_kind = "smooth_l1"
+
+    def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
+        pos, neg = self.fg_bg_sampler(labels)
+        pos, neg = torch.where(torch.cat(pos))[0], torch.where(torch.cat(neg))[0]
+        sampled = torch.cat([pos, neg])
+        labels, regression_targets = torch.cat(labels), torch.cat(regression_targets)
+        loss_box = box_loss(pred_bbox_deltas[pos], regression_targets[pos], self.box_loss_kind) / sampled.numel()
+        loss_objectness = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], labels[sampled])
+        return loss_objectness, loss_box
+
+
+def fastrcnn_l1_loss(class_logits, box_regression, labels, regression_targets):
+    """torchvision's ``fastrcnn_loss`` with mmdet's L1 box loss (same normalisation: all sampled RoIs)."""
+    labels, regression_targets = torch.cat(labels), torch.cat(regression_targets)
+    loss_classifier = F.cross_entropy(class_logits, labels)
+    pos = torch.where(labels > 0)[0]
+    per_class = box_regression.reshape(len(labels), -1, 4)
+    loss_box = box_loss(per_class[pos, labels[pos]], regression_targets[pos], "l1") / labels.numel()
+    return loss_classifier, loss_box
+
+
+class BoxLossRoIHeads(RoIHeads):
+    """torchvision's RoIHeads; ``box_loss_kind="l1"`` swaps the module-level ``fastrcnn_loss`` that its
+    ``forward`` calls (smooth L1, beta 1/9, hard-coded) for mmdet's L1, for the duration of the call."""
+
+    box_loss_kind = "smooth_l1"
+
+    def forward(self, *args, **kwargs):
+        if self.box_loss_kind == "smooth_l1":
+            return super().forward(*args, **kwargs)
+        with _swapped(tv_roi_heads, "fastrcnn_loss", fastrcnn_l1_loss):
+            return super().forward(*args, **kwargs)
+
+
+@contextmanager
+def _swapped(module, name: str, value):
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def _check_choice(value: str, allowed: tuple[str, ...], key: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+    return value
 
 
 class PreResizedTransform(GeneralizedRCNNTransform):
@@ -175,28 +320,32 @@ class RetinaNetDetector(_Detector):
         detections_per_img: int = 100,
         topk_candidates: int = 1000,
         size_divisible: int = 32,
+        fpn_norm: str = "none",
         image_mean: list[float] = IMAGENET_MEAN,
         image_std: list[float] = IMAGENET_STD,
     ):
         super().__init__()
         if p6_from not in ("input", "output"):
-            raise ValueError(f"p6_from={p6_from!r}: 'input' (C5, mmdet on_input) or 'output' (P5)")
+            raise ValueError(f"module.head.p6_from={p6_from!r}: 'input' (C5, mmdet on_input) or 'output' "
+                             f"(P5, mmdet on_output)")
         c5 = backbone.out_channels[select_levels(backbone, in_strides)[-1]]
         extra = LastLevelP6P7(c5 if p6_from == "input" else fpn_channels, fpn_channels)
         extra.use_P5 = p6_from == "output"  # torchvision infers it from channel counts; we say it
-        body = BackboneWithFPN(backbone, in_strides, fpn_channels, extra)
+        body = BackboneWithFPN(backbone, in_strides, fpn_channels, extra, norm=fpn_norm)
         sizes = tuple(tuple(int(s * 2 ** (k / scales_per_octave)) for k in range(scales_per_octave)) for s in anchor_sizes)
-        anchors = AnchorGenerator(sizes, (tuple(aspect_ratios),) * len(sizes))
+        anchors = FloatAnchorGenerator(sizes, (tuple(aspect_ratios),) * len(sizes))
         self.model = RetinaNet(
             body, num_classes, anchor_generator=anchors, fg_iou_thresh=fg_iou_thresh, bg_iou_thresh=bg_iou_thresh,
             score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img,
             topk_candidates=topk_candidates,
         )
         self.model.transform = _transform(size_divisible, image_mean, image_std)
+        float_outputs(self.model.head)  # class logits and box regression in float32 (mixed precision)
 
 
 class MaskRCNNDetector(_Detector):
-    """Mask R-CNN (He et al.): FPN over strides 4-32 + max-pooled P6, RPN, RoIAlign, 2-FC box head, 4-conv mask head."""
+    """Mask R-CNN (He et al.): FPN over strides 4-32 + max-pooled P6, RPN, RoIAlign, 2-FC box head
+    (or mmdet's Shared4Conv1FC: ``box_head="4conv1fc"``), 4-conv mask head."""
 
     label_offset = 1  # torchvision's class 0 is the background
     loss_names = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
@@ -220,12 +369,28 @@ class MaskRCNNDetector(_Detector):
         box_nms_thresh: float = 0.5,
         box_detections_per_img: int = 100,
         size_divisible: int = 32,
+        fpn_norm: str = "none",
+        box_head: str = "2fc",
+        box_head_norm: str = "none",
+        roi_aligned: bool = False,
+        roi_sampling_ratio: int = 2,
+        rpn_box_loss: str = "smooth_l1",
+        box_loss: str = "smooth_l1",
         image_mean: list[float] = IMAGENET_MEAN,
         image_std: list[float] = IMAGENET_STD,
     ):
         super().__init__()
-        body = BackboneWithFPN(backbone, in_strides, fpn_channels, LastLevelMaxPool())
-        anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), (tuple(aspect_ratios),) * len(anchor_sizes))
+        _check_choice(box_head, BOX_HEADS, "module.head.box_head")
+        body = BackboneWithFPN(backbone, in_strides, fpn_channels, LastLevelMaxPool(), norm=fpn_norm)
+        anchors = FloatAnchorGenerator(tuple((s,) for s in anchor_sizes), (tuple(aspect_ratios),) * len(anchor_sizes))
+        levels = [str(k) for k in range(len(in_strides))]
+        heads = {}
+        if box_head == "4conv1fc":  # mmdet's Shared4Conv1FCBBoxHead: 4 x (3x3 conv 256 + norm + ReLU), FC 1024
+            heads["box_head"] = FastRCNNConvFCHead((fpn_channels, 7, 7), [256] * 4, [1024],
+                                                   norm_layer=norm_layer(box_head_norm, "module.head.box_head_norm"))
+        elif box_head_norm != "none":
+            raise ValueError(f"module.head.box_head_norm={box_head_norm!r} needs box_head=4conv1fc (the 2-FC head "
+                             f"has no norm layers)")
         self.model = MaskRCNN(
             body, num_classes + 1, rpn_anchor_generator=anchors,
             rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
@@ -233,8 +398,17 @@ class MaskRCNNDetector(_Detector):
             rpn_nms_thresh=rpn_nms_thresh, rpn_batch_size_per_image=rpn_batch_size_per_image,
             box_batch_size_per_image=box_batch_size_per_image, box_score_thresh=box_score_thresh,
             box_nms_thresh=box_nms_thresh, box_detections_per_img=box_detections_per_img,
+            box_roi_pool=LevelRoIAlign(levels, 7, roi_sampling_ratio, roi_aligned),
+            mask_roi_pool=LevelRoIAlign(levels, 14, roi_sampling_ratio, roi_aligned), **heads,
         )
         self.model.transform = _transform(size_divisible, image_mean, image_std)
+        # torchvision builds its RPN and RoI heads inside MaskRCNN: retype them to the subclasses above,
+        # which add only the choice of box loss
+        self.model.rpn.__class__, self.model.roi_heads.__class__ = RPN, BoxLossRoIHeads
+        self.model.rpn.box_loss_kind = _check_choice(rpn_box_loss, BOX_LOSSES, "module.head.rpn_box_loss")
+        self.model.roi_heads.box_loss_kind = _check_choice(box_loss, BOX_LOSSES, "module.head.box_loss")
+        for head in (self.model.rpn.head, self.model.roi_heads.box_predictor, self.model.roi_heads.mask_predictor):
+            float_outputs(head)  # deltas, logits and mask logits in float32 (mixed precision)
         predictor = self.model.roi_heads.box_predictor  # mmdet's init of the box classifier / regressor
         nn.init.normal_(predictor.cls_score.weight, std=0.01)
         nn.init.normal_(predictor.bbox_pred.weight, std=0.001)

@@ -13,8 +13,9 @@ read the maps listed in ``in_index`` (mmseg's convention: GPViT's official confi
 four stride-8 maps, ``out_indices=[2,5,8,11]``), and return logits at the first read
 map's stride (``Segmentor`` upsamples them to the input size).
 Blocks are torchvision's ``Conv2dNormActivation``; nothing in torchvision or timm
-provides these decoders themselves, so they are written here. BatchNorm (mmseg uses
-SyncBN: set ``trainer.sync_batchnorm=true`` on several GPUs).
+provides these decoders themselves, so they are written here. ``norm``: BN (default) | SyncBN
+(the official mmseg configs: batch statistics over all DDP processes) | GN | none.
+Under mixed precision the logits are upsampled (and the task's loss computed) in float32.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
+
+from vitlab.heads.norm import norm_layer
 
 
 def check_index(in_index: list[int], strides: list[int], head: str) -> list[int]:
@@ -39,8 +42,8 @@ def check_index(in_index: list[int], strides: list[int], head: str) -> list[int]
     return in_index
 
 
-def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Module:
-    return Conv2dNormActivation(cin, cout, k, norm_layer=nn.BatchNorm2d, activation_layer=nn.ReLU)
+def conv_bn_relu(cin: int, cout: int, k: int, norm: str = "BN") -> nn.Module:
+    return Conv2dNormActivation(cin, cout, k, norm_layer=norm_layer(norm, "module.head.norm"), activation_layer=nn.ReLU)
 
 
 def up(x: torch.Tensor, size) -> torch.Tensor:
@@ -69,6 +72,7 @@ class SemanticFPNHead(_Head):
         fpn_channels: int = 256,
         channels: int = 128,
         dropout: float = 0.1,
+        norm: str = "BN",
     ):
         super().__init__(channels, num_classes, dropout)
         self.levels = check_index(in_index, strides, "Semantic FPN")
@@ -84,7 +88,7 @@ class SemanticFPNHead(_Head):
             steps = max(1, int(math.log2(max(stride // base, 1))))  # 2x upsamplings to reach stride `base`
             layers = []
             for k in range(steps):
-                layers.append(conv_bn_relu(fpn_channels if k == 0 else channels, channels, 3))
+                layers.append(conv_bn_relu(fpn_channels if k == 0 else channels, channels, 3, norm))
                 if stride != base:
                     layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
             self.scale_heads.append(nn.Sequential(*layers))
@@ -100,10 +104,10 @@ class SemanticFPNHead(_Head):
 class PPM(nn.Module):
     """Pyramid pooling module (PSPNet): average-pool to each scale, 1x1 conv-BN-ReLU, upsample back."""
 
-    def __init__(self, in_channels: int, channels: int, pool_scales: list[int]):
+    def __init__(self, in_channels: int, channels: int, pool_scales: list[int], norm: str = "BN"):
         super().__init__()
         self.stages = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_bn_relu(in_channels, channels, 1)) for s in pool_scales
+            nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_bn_relu(in_channels, channels, 1, norm)) for s in pool_scales
         )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -120,15 +124,16 @@ class UperNetHead(_Head):
         channels: int = 512,
         pool_scales: list[int] = (1, 2, 3, 6),
         dropout: float = 0.1,
+        norm: str = "BN",
     ):
         super().__init__(channels, num_classes, dropout)
         self.levels = check_index(in_index, strides, "UperNet")
         chans = [in_channels[i] for i in self.levels]
-        self.ppm = PPM(chans[-1], channels, pool_scales)
-        self.bottleneck = conv_bn_relu(chans[-1] + len(pool_scales) * channels, channels, 3)
-        self.lateral_convs = nn.ModuleList(conv_bn_relu(c, channels, 1) for c in chans[:-1])
-        self.fpn_convs = nn.ModuleList(conv_bn_relu(channels, channels, 3) for _ in chans[:-1])
-        self.fpn_bottleneck = conv_bn_relu(len(chans) * channels, channels, 3)
+        self.ppm = PPM(chans[-1], channels, pool_scales, norm)
+        self.bottleneck = conv_bn_relu(chans[-1] + len(pool_scales) * channels, channels, 3, norm)
+        self.lateral_convs = nn.ModuleList(conv_bn_relu(c, channels, 1, norm) for c in chans[:-1])
+        self.fpn_convs = nn.ModuleList(conv_bn_relu(channels, channels, 3, norm) for _ in chans[:-1])
+        self.fpn_bottleneck = conv_bn_relu(len(chans) * channels, channels, 3, norm)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         xs = [feats[i] for i in self.levels]
@@ -153,11 +158,13 @@ class FCNHead(_Head):
         channels: int = 256,
         num_convs: int = 1,
         dropout: float = 0.1,
+        norm: str = "BN",
     ):
         super().__init__(channels, num_classes, dropout)
         (self.level,) = check_index([in_index], strides, "FCN auxiliary head")
         cin = in_channels[self.level]
-        self.convs = nn.Sequential(*(conv_bn_relu(cin if k == 0 else channels, channels, 3) for k in range(num_convs)))
+        self.convs = nn.Sequential(*(conv_bn_relu(cin if k == 0 else channels, channels, 3, norm)
+                                     for k in range(num_convs)))
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         return self.classify(self.convs(feats[self.level]))
@@ -172,11 +179,12 @@ class SegFormerHead(_Head):
         in_index: list[int] = (0, 1, 2, 3),
         channels: int = 256,
         dropout: float = 0.1,
+        norm: str = "BN",
     ):
         super().__init__(channels, num_classes, dropout)
         self.levels = check_index(in_index, strides, "SegFormer head")
-        self.mlps = nn.ModuleList(conv_bn_relu(in_channels[i], channels, 1) for i in self.levels)
-        self.fuse = conv_bn_relu(len(self.levels) * channels, channels, 1)
+        self.mlps = nn.ModuleList(conv_bn_relu(in_channels[i], channels, 1, norm) for i in self.levels)
+        self.fuse = conv_bn_relu(len(self.levels) * channels, channels, 1, norm)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         xs = [mlp(feats[i]) for mlp, i in zip(self.mlps, self.levels)]
@@ -185,9 +193,11 @@ class SegFormerHead(_Head):
 
 
 class Segmentor(nn.Module):
-    """Backbone + decode head (+ auxiliary head): logits at the input size.
+    """Backbone + decode head (+ auxiliary head): logits at the input size, in float32.
 
-    Training returns ``(logits, aux_logits or None)``; evaluation returns logits.
+    Training returns ``(logits, aux_logits or None)``; evaluation returns logits. The heads' logits
+    are cast to float32 before the upsampling (under autocast they come out in bf16/fp16, and
+    autocast would upsample them in that dtype on GPU), so the loss is computed in float32 too.
     """
 
     def __init__(self, backbone: nn.Module, decode_head: nn.Module, auxiliary_head: nn.Module | None = None):
@@ -199,8 +209,8 @@ class Segmentor(nn.Module):
     def forward(self, images: torch.Tensor):
         feats = self.backbone(images)
         size = images.shape[-2:]
-        logits = up(self.decode_head(feats), size)
+        logits = up(self.decode_head(feats).float(), size)
         if not self.training:
             return logits
-        aux = up(self.auxiliary_head(feats), size) if self.auxiliary_head is not None else None
+        aux = up(self.auxiliary_head(feats).float(), size) if self.auxiliary_head is not None else None
         return logits, aux

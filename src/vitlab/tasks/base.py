@@ -26,6 +26,8 @@ from PIL import Image
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRScheduler
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from vitlab.data.base import DatasetInfo, PredictBatch
 
@@ -44,6 +46,10 @@ def _plain(cfg: Any) -> Any:
     return cfg
 
 
+# What mmengine counts as a normalisation layer (its ``norm_decay_mult`` applies to their parameters).
+NORM_LAYERS = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm)
+
+
 def no_weight_decay_names(model: nn.Module) -> set[str]:
     """Full names of the parameters that modules inside ``model`` exempt from weight decay
     (backbones' position embeddings and tokens, heads' query tokens, timm models' own lists)."""
@@ -53,6 +59,62 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
         if callable(listed):
             names |= {f"{prefix}.{n}" if prefix else n for n in listed()}
     return names
+
+
+PARAMWISE_KEYS = ("custom_keys", "norm_decay_mult", "bias_decay_mult")
+
+
+def paramwise_groups(model: nn.Module, weight_decay: float, lr: float | None, paramwise: dict) -> list[dict]:
+    """Optimiser groups as mmengine's ``paramwise_cfg`` builds them (the official dense configs are
+    written in it: GPViT's, PVTv2's 3x, and mmdetection's default of decay on everything), so
+    recipes copy them as data:
+
+    * ``custom_keys: {substring: {lr_mult, decay_mult}}``: a parameter whose full name contains the
+      substring gets ``lr x lr_mult`` and ``weight_decay x decay_mult`` (a missing multiplier is 1);
+      the longest matching key wins (ties: alphabetical), and no other rule applies to it.
+    * other parameters of normalisation layers: ``weight_decay x norm_decay_mult`` (default 1);
+      other biases: ``x bias_decay_mult`` (default 1); everything else: the full weight decay.
+      (So ``paramwise: {custom_keys: {}}`` decays every parameter, as mmdetection does by default;
+      without ``paramwise`` vitlab exempts 1-D parameters and ``no_weight_decay()`` names: timm's rule.)
+
+    One group per distinct (lr_mult, decay_mult); each records its ``lr_mult``, and its ``lr`` is
+    ``lr x lr_mult``, so timm's schedulers move every group in proportion.
+    """
+    unknown = sorted(set(paramwise) - set(PARAMWISE_KEYS))
+    if unknown:
+        raise ValueError(f"schedule.optimizer.paramwise: unknown key(s) {unknown}; allowed: {', '.join(PARAMWISE_KEYS)}")
+    custom = dict(paramwise.get("custom_keys") or {})
+    for key, mults in custom.items():
+        bad = sorted(set(mults or {}) - {"lr_mult", "decay_mult"})
+        if bad:
+            raise ValueError(f"schedule.optimizer.paramwise.custom_keys.{key}: unknown key(s) {bad}; "
+                             f"allowed: lr_mult, decay_mult")
+    keys = sorted(sorted(custom), key=len, reverse=True)  # mmengine's order: longest first, then alphabetical
+    norm_mult, bias_mult = float(paramwise.get("norm_decay_mult", 1.0)), float(paramwise.get("bias_decay_mult", 1.0))
+    norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+
+    groups: dict[tuple[float, float], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        key = next((k for k in keys if k in name), None)
+        if key is not None:
+            mults = custom[key] or {}
+            lr_mult, decay_mult = float(mults.get("lr_mult", 1.0)), float(mults.get("decay_mult", 1.0))
+        elif id(param) in norm_params:
+            lr_mult, decay_mult = 1.0, norm_mult
+        elif name.endswith(".bias"):
+            lr_mult, decay_mult = 1.0, bias_mult
+        else:
+            lr_mult, decay_mult = 1.0, 1.0
+        groups.setdefault((lr_mult, decay_mult), []).append(param)
+    out = []
+    for (lr_mult, decay_mult), params in groups.items():
+        group = {"params": params, "weight_decay": weight_decay * decay_mult, "lr_mult": lr_mult}
+        if lr is not None:
+            group["lr"] = lr * lr_mult
+        out.append(group)
+    return sorted(out, key=lambda g: g["lr_mult"] != 1.0)  # group 0 (the logged train/lr) runs at the base lr
 
 
 def check_legacy_num_classes(num_classes: int | None, info: DatasetInfo) -> None:
@@ -106,18 +168,22 @@ class VitlabTask(L.LightningModule):
             return opt["lr"]
         return opt["lr"] * self.global_batch_size() / base  # linear scaling rule (Goyal et al.)
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
+    def param_groups(self, weight_decay: float, lr: float | None = None) -> list[dict]:
         """timm's weight-decay groups: no decay for 1-D parameters (norms, biases) and for the names
-        the modules list in ``no_weight_decay()`` (position embeddings, tokens)."""
+        the modules list in ``no_weight_decay()`` (position embeddings, tokens); with
+        ``schedule.optimizer.paramwise``, per-parameter multipliers on top (``paramwise_groups``)."""
+        paramwise = self.schedule["optimizer"].get("paramwise")
+        if paramwise:
+            return paramwise_groups(self.model, weight_decay, lr, paramwise)
         return param_groups_weight_decay(self.model, weight_decay, no_weight_decay_list=no_weight_decay_names(self.model))
 
     def configure_optimizers(self):
         opt = self.schedule["optimizer"]
-        extra = {k: tuple(v) if isinstance(v, list) else v for k, v in opt.items() if k not in ("name", "lr", "weight_decay")}
-        weight_decay = opt.get("weight_decay", 0.0)
+        extra = {k: tuple(v) if isinstance(v, list) else v for k, v in opt.items()  # null: the optimiser's default
+                 if k not in ("name", "lr", "weight_decay", "paramwise") and v is not None}
+        weight_decay, lr = opt.get("weight_decay", 0.0), self.scaled_lr()
         optimizer = create_optimizer_v2(
-            self.param_groups(weight_decay), opt=opt.get("name", "adamw"), lr=self.scaled_lr(),
-            weight_decay=weight_decay, **extra,
+            self.param_groups(weight_decay, lr), opt=opt.get("name", "adamw"), lr=lr, weight_decay=weight_decay, **extra,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._scheduler(optimizer), "interval": "step"}}
 
