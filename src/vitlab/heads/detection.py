@@ -90,6 +90,7 @@ class _Detector(nn.Module):
     """Shared wrapper: label offset in and out, plain tensors for torchvision."""
 
     label_offset = 0
+    with_masks = False  # whether detections carry instance masks (the task evaluates mask AP then)
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
         if targets is not None:
@@ -157,6 +158,7 @@ class MaskRCNNDetector(_Detector):
     """Mask R-CNN (He et al.): FPN over strides 4-32 + max-pooled P6, RPN, RoIAlign, 2-FC box head, 4-conv mask head."""
 
     label_offset = 1  # torchvision's class 0 is the background
+    with_masks = True
 
     def __init__(
         self,
