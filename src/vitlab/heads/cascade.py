@@ -3,12 +3,13 @@
     backbone -> FPN (strides 4-32 + max-pooled P6) -> RPN -> 3 box stages (IoU 0.5 / 0.6 / 0.7)
              -> 3 mask heads
 
-torchvision has no cascade; every piece is still torchvision's: ``GeneralizedRCNN`` (transform,
-backbone, RPN, heads, mask pasting), ``RegionProposalNetwork``, ``MultiScaleRoIAlign``, one
-``RoIHeads`` per stage for matching (``Matcher``), sampling (``BalancedPositiveNegativeSampler``),
-box coding and test-time post-processing, ``FastRCNNConvFCHead`` / ``FastRCNNPredictor``,
-``MaskRCNNHeads`` / ``MaskRCNNPredictor``, ``maskrcnn_loss`` / ``maskrcnn_inference``.
-``CascadeRoIHeads`` only chains the stages, as mmdetection's ``CascadeRoIHead``:
+torchvision has no cascade; every piece is still torchvision's: ``MaskRCNNDetector``'s Mask R-CNN
+(transform, backbone + FPN, RPN, ``MultiScaleRoIAlign``, mask pasting) whose RoI heads are replaced
+by one ``RoIHeads`` per stage for matching (``Matcher``), sampling
+(``BalancedPositiveNegativeSampler``), box coding and test-time post-processing, with
+``FastRCNNConvFCHead`` / ``FastRCNNPredictor``, ``MaskRCNNHeads`` / ``MaskRCNNPredictor``,
+``maskrcnn_loss`` / ``maskrcnn_inference``. ``CascadeRoIHeads`` only chains the stages, as
+mmdetection's ``CascadeRoIHead``:
 
 * Training: each stage adds the ground truths to its proposals, matches at its IoU threshold,
   samples 512 RoIs (25% positive), and is trained with loss weight 1 / 0.5 / 0.25; its boxes,
@@ -24,12 +25,12 @@ box coding and test-time post-processing, ``FastRCNNConvFCHead`` / ``FastRCNNPre
 The defaults are the configuration behind PVTv2 Table 4 (whai362/PVT
 ``detection/configs/cascade_mask_rcnn_pvt_v2_b2_fpn_3x_mstrain_fp16.py``, Swin's setting): per stage
 a 4-conv + 1-FC box head with norm layers (BatchNorm; SyncBN with ``trainer.sync_batchnorm``),
-class-specific regression, GIoU loss (weight 10) on the decoded boxes. Differences from mmdet's
+class-specific regression, GIoU loss (weight 10) on the decoded boxes, 2,000 RPN proposals in training. Differences from mmdet's
 default ``cascade_mask_rcnn_r50_fpn`` (2-FC heads, class-agnostic regression, smooth-L1 with
 beta 1): ``box_convs=0 box_fcs=2 box_norm=none box_loss=smooth_l1 box_loss_weight=1`` gives
 those heads and loss, but regression stays class-specific (torchvision's predictor). Differences
-from mmdet in any setting: RoIAlign is torchvision's (``aligned=False``, sampling ratio 2; mmdet:
-aligned, adaptive sampling), the predictor also regresses the background class (4 x 1024 weights
+from mmdet in any setting: RoIAlign is Mask R-CNN's (torchvision's default ``aligned=False``, sampling
+ratio 2; mmdet: aligned, adaptive sampling), the predictor also regresses the background class (4 x 1024 weights
 more per stage), and the 4 box convs start from torchvision's Kaiming init (mmdet: its ConvModule
 init; the FC: Xavier as mmdet).
 
@@ -41,17 +42,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
-from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference, maskrcnn_loss
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.ops import MultiScaleRoIAlign, clip_boxes_to_image, generalized_box_iou_loss
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops import clip_boxes_to_image, generalized_box_iou_loss
 
-from vitlab.data.base import IMAGENET_MEAN, IMAGENET_STD
-from vitlab.heads.detection import BackboneWithFPN, _Detector, _transform
+from vitlab.heads.detection import MaskRCNNDetector, init_box_predictor
 from vitlab.heads.detector_utils import fixed_rois
 
 NORMS = {"batch": nn.BatchNorm2d, "none": None}
@@ -153,39 +149,28 @@ class CascadeRoIHeads(nn.Module):
         return [torch.stack(per_image).mean(0) for per_image in zip(*probs)]
 
 
-class CascadeMaskRCNNDetector(_Detector):
-    """Cascade Mask R-CNN: FPN, RPN, ``len(stage_iou_thresholds)`` box stages, a mask head per stage.
+class CascadeMaskRCNNDetector(MaskRCNNDetector):
+    """Cascade Mask R-CNN: ``MaskRCNNDetector`` (FPN, RPN, RoI pooling and sampling, test-time
+    selection: its arguments, passed on) with its RoI heads replaced by ``len(stage_iou_thresholds)``
+    stages, each with its own box and mask head. The RPN keeps 2,000 proposals per image in training
+    (the cascade configs; Mask R-CNN's 1,000).
 
-    RPN and test-time arguments as ``MaskRCNNDetector`` (RPN keeps 2,000 proposals per image in
-    training, as the official config). Per stage: ``stage_iou_thresholds`` (foreground = background
-    threshold, no low-quality matches), ``stage_loss_weights``, ``stage_box_stds`` (delta stds).
-    Box head: ``box_convs`` 3x3 convs (256) then ``box_fcs`` FCs (``box_fc_channels``), ``box_norm``
-    after each conv (batch | none); ``box_loss`` giou | smooth_l1 times ``box_loss_weight``.
-    Mask heads: 4 convs of ``mask_channels``, a 2x deconvolution, a 1x1 classifier (28 x 28 masks).
+    Per stage: ``stage_iou_thresholds`` (foreground = background threshold, no low-quality matches),
+    ``stage_loss_weights``, ``stage_box_stds`` (delta stds). Box head: ``box_convs`` 3x3 convs then
+    ``box_fcs`` FCs (``box_fc_channels``), ``box_norm`` after each conv (batch | none); ``box_loss``
+    giou | smooth_l1 times ``box_loss_weight``. Mask heads: 4 convs of ``mask_channels``, a 2x
+    deconvolution, a 1x1 classifier (28 x 28 masks).
     """
-
-    label_offset = 1  # torchvision's class 0 is the background
-    with_masks = True
 
     def __init__(
         self,
         backbone: nn.Module,
         num_classes: int,
-        in_strides: list[int] = (4, 8, 16, 32),
-        fpn_channels: int = 256,
-        anchor_sizes: list[int] = (32, 64, 128, 256, 512),
-        aspect_ratios: list[float] = (0.5, 1.0, 2.0),
-        rpn_pre_nms_top_n_train: int = 2000,
-        rpn_pre_nms_top_n_test: int = 1000,
         rpn_post_nms_top_n_train: int = 2000,
-        rpn_post_nms_top_n_test: int = 1000,
-        rpn_nms_thresh: float = 0.7,
-        rpn_batch_size_per_image: int = 256,
         stage_iou_thresholds: list[float] = (0.5, 0.6, 0.7),
         stage_loss_weights: list[float] = (1.0, 0.5, 0.25),
         stage_box_stds: list[list[float]] = ((0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1),
                                              (0.033, 0.033, 0.067, 0.067)),
-        box_batch_size_per_image: int = 512,
         box_positive_fraction: float = 0.25,
         box_convs: int = 4,
         box_fcs: int = 1,
@@ -194,14 +179,8 @@ class CascadeMaskRCNNDetector(_Detector):
         box_loss: str = "giou",
         box_loss_weight: float = 10.0,
         mask_channels: int = 256,
-        box_score_thresh: float = 0.05,
-        box_nms_thresh: float = 0.5,
-        box_detections_per_img: int = 100,
-        size_divisible: int = 32,
-        image_mean: list[float] = IMAGENET_MEAN,
-        image_std: list[float] = IMAGENET_STD,
+        **mask_rcnn,
     ):
-        super().__init__()
         if box_norm not in NORMS:
             raise ValueError(f"module.head.box_norm={box_norm!r}: expected one of {sorted(NORMS)}")
         if box_loss not in BOX_LOSSES:
@@ -209,37 +188,26 @@ class CascadeMaskRCNNDetector(_Detector):
         if not len(stage_iou_thresholds) == len(stage_loss_weights) == len(stage_box_stds):
             raise ValueError(f"module.head: stage_iou_thresholds {list(stage_iou_thresholds)}, stage_loss_weights "
                              f"{list(stage_loss_weights)} and stage_box_stds need one entry per stage")
-        body = BackboneWithFPN(backbone, list(in_strides), fpn_channels, LastLevelMaxPool())
-        anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), (tuple(aspect_ratios),) * len(anchor_sizes))
-        rpn = RegionProposalNetwork(
-            anchors, RPNHead(fpn_channels, anchors.num_anchors_per_location()[0]), 0.7, 0.3,
-            rpn_batch_size_per_image, 0.5,
-            dict(training=rpn_pre_nms_top_n_train, testing=rpn_pre_nms_top_n_test),
-            dict(training=rpn_post_nms_top_n_train, testing=rpn_post_nms_top_n_test), rpn_nms_thresh,
-        )
-        levels = [str(k) for k in range(len(in_strides))]
+        super().__init__(backbone, num_classes, rpn_post_nms_top_n_train=rpn_post_nms_top_n_train, **mask_rcnn)
+        single = self.model.roi_heads  # Mask R-CNN's: its RoI pooling, sampling size and test settings serve every stage
+        channels = self.model.backbone.out_channels
         stages = []
         for iou, stds in zip(stage_iou_thresholds, stage_box_stds):
-            box_head = FastRCNNConvFCHead((fpn_channels, 7, 7), [fpn_channels] * box_convs,
-                                          [box_fc_channels] * box_fcs, norm_layer=NORMS[box_norm])
+            box_head = FastRCNNConvFCHead((channels, 7, 7), [channels] * box_convs, [box_fc_channels] * box_fcs,
+                                          norm_layer=NORMS[box_norm])
             for m in box_head.modules():
                 if isinstance(m, nn.Linear):  # mmdet's Xavier for the shared FCs
                     nn.init.xavier_uniform_(m.weight)
                     nn.init.zeros_(m.bias)
             predictor = FastRCNNPredictor(box_fc_channels, num_classes + 1)
-            nn.init.normal_(predictor.cls_score.weight, std=0.01)  # mmdet's init of classifier / regressor
-            nn.init.normal_(predictor.bbox_pred.weight, std=0.001)
-            nn.init.zeros_(predictor.cls_score.bias)
-            nn.init.zeros_(predictor.bbox_pred.bias)
+            init_box_predictor(predictor)
             stages.append(RoIHeads(
-                MultiScaleRoIAlign(levels, 7, 2), box_head, predictor, iou, iou, box_batch_size_per_image,
-                box_positive_fraction, tuple(1.0 / s for s in stds), box_score_thresh, box_nms_thresh,
-                box_detections_per_img, MultiScaleRoIAlign(levels, 14, 2),
-                MaskRCNNHeads(fpn_channels, [mask_channels] * 4, 1),
+                single.box_roi_pool, box_head, predictor, iou, iou, single.fg_bg_sampler.batch_size_per_image,
+                box_positive_fraction, tuple(1.0 / s for s in stds), single.score_thresh, single.nms_thresh,
+                single.detections_per_img, single.mask_roi_pool, MaskRCNNHeads(channels, [mask_channels] * 4, 1),
                 MaskRCNNPredictor(mask_channels, mask_channels, num_classes + 1),
             ))
-        self.model = GeneralizedRCNN(body, rpn, CascadeRoIHeads(stages, stage_loss_weights, box_loss, box_loss_weight),
-                                     _transform(size_divisible, image_mean, image_std))
+        self.model.roi_heads = CascadeRoIHeads(stages, stage_loss_weights, box_loss, box_loss_weight)
 
     def flops_forward(self, images: torch.Tensor, num_rois: int = 1000, num_mask_rois: int = 100):
         feats = self.model.backbone(images)

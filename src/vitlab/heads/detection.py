@@ -110,6 +110,14 @@ class _Detector(nn.Module):
         return out
 
 
+def init_box_predictor(predictor: nn.Module) -> None:
+    """mmdet's init of a torchvision ``FastRCNNPredictor``: classifier normal(0.01), regressor normal(0.001)."""
+    nn.init.normal_(predictor.cls_score.weight, std=0.01)
+    nn.init.normal_(predictor.bbox_pred.weight, std=0.001)
+    nn.init.zeros_(predictor.cls_score.bias)
+    nn.init.zeros_(predictor.bbox_pred.bias)
+
+
 def _transform(size_divisible: int, image_mean, image_std) -> PreResizedTransform:
     return PreResizedTransform(1, 1, list(image_mean), list(image_std), size_divisible=size_divisible)
 
@@ -194,8 +202,4 @@ class MaskRCNNDetector(_Detector):
             box_nms_thresh=box_nms_thresh, box_detections_per_img=box_detections_per_img,
         )
         self.model.transform = _transform(size_divisible, image_mean, image_std)
-        predictor = self.model.roi_heads.box_predictor  # mmdet's init of the box classifier / regressor
-        nn.init.normal_(predictor.cls_score.weight, std=0.01)
-        nn.init.normal_(predictor.bbox_pred.weight, std=0.001)
-        nn.init.zeros_(predictor.cls_score.bias)
-        nn.init.zeros_(predictor.bbox_pred.bias)
+        init_box_predictor(self.model.roi_heads.box_predictor)

@@ -244,7 +244,8 @@ class _GFL(_OneStage):
 
     def distances(self, reg: torch.Tensor) -> torch.Tensor:
         """Expected distance (in strides) of each side: softmax over the bins, weighted by the bin values."""
-        return reg.float().unflatten(-1, (4, self.reg_max + 1)).softmax(-1) @ self.bins
+        probs = reg.float().unflatten(-1, (4, self.reg_max + 1)).softmax(-1)
+        return (probs * self.bins).sum(-1)  # not a matmul: autocast would run that in half precision
 
     def decode(self, flat, anchors, stride_of_anchor):
         return self.box_coder.decode(self.distances(flat["reg"]) * stride_of_anchor[:, None], anchors)
