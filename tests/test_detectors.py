@@ -105,6 +105,23 @@ def test_detector_learns_and_keeps_the_contract(cls):
         assert det["masks"].shape[1:] == (1, 50, 70)
 
 
+@pytest.mark.parametrize("cls", list(SMALL), ids=lambda c: c.__name__)
+def test_bf16_autocast_trains_and_returns_float32_detections(cls):
+    """Mixed precision (trainer=gpu/ddp: bf16) takes the same path on the CPU: losses, boxes and
+    scores stay float32 (bf16 scores would tie in COCO's ranking, bf16 boxes move in pixel steps)."""
+    torch.manual_seed(0)
+    detector = cls(build_backbone(backbone_config("pvt_v2_b0", TINY)), 3, **SMALL[cls])
+    images, targets = scenes()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = detector(images, targets)
+    sum(losses.values()).backward()
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    detector.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        (det, _) = detector(images)
+    assert det["boxes"].dtype == det["scores"].dtype == torch.float32
+
+
 def naive_atss(anchors, num_per_level, gt, topk):
     """ATSS written out box by box, level by level (the paper's Algorithm 1)."""
     ious = box_iou(anchors, gt)

@@ -123,8 +123,8 @@ class CascadeRoIHeads(nn.Module):
             if k < len(self.stages) - 1:
                 proposals = self.refine(stage, logits, deltas, proposals, image_sizes)
         last = self.stages[-1]
-        boxes, scores, labels = last.postprocess_detections(torch.stack(all_logits).mean(0), deltas.float(), proposals,
-                                                            image_sizes)
+        boxes, scores, labels = last.postprocess_detections(torch.stack(all_logits).float().mean(0), deltas.float(),
+                                                            proposals, image_sizes)
         masks = self.masks(features, boxes, labels, image_sizes)
         return [{"boxes": b, "scores": s, "labels": l, "masks": m}
                 for b, s, l, m in zip(boxes, scores, labels, masks)], {}
@@ -146,7 +146,7 @@ class CascadeRoIHeads(nn.Module):
         """Per image, N x 1 x M x M mask probabilities: the mean of the stages' mask heads."""
         x = self.stages[0].mask_roi_pool(features, boxes, image_sizes)
         probs = [maskrcnn_inference(s.mask_predictor(s.mask_head(x)), labels) for s in self.stages]
-        return [torch.stack(per_image).mean(0) for per_image in zip(*probs)]
+        return [torch.stack(per_image).float().mean(0) for per_image in zip(*probs)]
 
 
 class CascadeMaskRCNNDetector(MaskRCNNDetector):

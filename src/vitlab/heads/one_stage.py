@@ -178,7 +178,7 @@ class _OneStage(nn.Module):
 
     # ---- inference --------------------------------------------------------------------
     def scores(self, flat: dict) -> torch.Tensor:
-        return flat["cls"].sigmoid()
+        return flat["cls"].float().sigmoid()
 
     def detect(self, flat, anchors, stride_of_anchor, num_per_level, image_sizes) -> list[dict]:
         scores, boxes = self.scores(flat), self.decode(flat, anchors, stride_of_anchor)
@@ -218,7 +218,7 @@ class _ATSS(_OneStage):
         return self.box_coder.decode_single(flat["reg"].reshape(-1, 4).float(), anchors.repeat(n, 1)).view(n, -1, 4)
 
     def scores(self, flat):
-        return flat["cls"].sigmoid() * flat["ctr"].sigmoid()
+        return flat["cls"].float().sigmoid() * flat["ctr"].float().sigmoid()
 
     def losses(self, flat, anchors, stride_of_anchor, assigned, targets):
         positive, gt_boxes, gt_labels = self.targets_of(assigned, targets)
