@@ -88,7 +88,7 @@ def test_detector_learns_and_keeps_the_contract(cls):
     history = []
     for _ in range(30):
         losses = detector(images, targets)
-        assert all(torch.isfinite(v) for v in losses.values()), losses
+        assert set(losses) == set(detector.loss_names) and all(torch.isfinite(v) for v in losses.values()), losses
         loss = sum(losses.values())
         optimiser.zero_grad()
         loss.backward()
@@ -120,6 +120,23 @@ def test_bf16_autocast_trains_and_returns_float32_detections(cls):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         (det, _) = detector(images)
     assert det["boxes"].dtype == det["scores"].dtype == torch.float32
+
+
+def test_detr_detections_and_losses_from_one_pass():
+    """Validation loss for DETR: one evaluation-mode pass gives the detections and the training losses."""
+    torch.manual_seed(0)
+    detector = DETRDetector(build_backbone(backbone_config("pvt_v2_b0", TINY)), 3, **SMALL[DETRDetector])
+    images, targets = scenes()
+    plain = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+    train_losses = detector(images, plain)  # dropout 0: training mode computes the same network
+    detector.eval()
+    with torch.no_grad():
+        detections, losses = detector.detect_and_losses(images, plain)
+        expected = detector(images)
+    assert set(losses) == set(detector.loss_names)
+    assert all(torch.allclose(losses[k], train_losses[k], atol=1e-5) for k in losses)
+    assert all(torch.equal(d["boxes"], e["boxes"]) and torch.equal(d["labels"], e["labels"])
+               for d, e in zip(detections, expected))
 
 
 def naive_atss(anchors, num_per_level, gt, topk):

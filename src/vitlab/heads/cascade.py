@@ -136,7 +136,7 @@ class CascadeRoIHeads(nn.Module):
             logits, deltas = self.box_outputs(stage, features, proposals, image_sizes)
             stage_losses = self.stage_losses(stage, logits, deltas, proposals, matched, labels, targets)
             stage_losses["loss_mask"] = self.mask_loss(stage, features, proposals, matched, labels, targets, image_sizes)
-            losses.update({f"s{k}.{name}": weight * value for name, value in stage_losses.items()})
+            losses.update({f"s{k}_{name}": weight * value for name, value in stage_losses.items()})
             if k < len(self.stages) - 1:
                 refined = self.refine(stage, logits, deltas, proposals, image_sizes, torch.cat(labels))
                 proposals = [b[~g] for b, g in zip(refined, is_gt)]  # the next stage adds the ground truths again
@@ -208,6 +208,8 @@ class CascadeMaskRCNNDetector(MaskRCNNDetector):
                 MaskRCNNPredictor(mask_channels, mask_channels, num_classes + 1),
             ))
         self.model.roi_heads = CascadeRoIHeads(stages, stage_loss_weights, box_loss, box_loss_weight)
+        self.loss_names = (*(f"s{k}_{n}" for k in range(len(stages)) for n in ("loss_cls", "loss_bbox", "loss_mask")),
+                           "loss_objectness", "loss_rpn_box_reg")
 
     def flops_forward(self, images: torch.Tensor, num_rois: int = 1000, num_mask_rois: int = 100):
         feats = self.model.backbone(images)

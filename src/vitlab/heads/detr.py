@@ -21,6 +21,8 @@ paper's code). As there:
   "no object", L1 x 5 and GIoU x 2 (torchvision) divided by the number of ground truths
   (averaged over processes).
 * Test: per query the best non-background class and its probability; 100 detections.
+* Losses are named ``loss_ce`` / ``loss_bbox`` / ``loss_giou`` (last layer) and ``d<k>_...``
+  (auxiliary, decoder layer k).
 
 Differences: none in the model. The official recipe's backbone lr x 0.1 needs per-parameter
 optimiser groups (see conf/task/coco_detr.yaml).
@@ -134,6 +136,11 @@ class _DETR(nn.Module):
         return self.predict(images, images.new_zeros((len(images), *images.shape[-2:]), dtype=torch.bool))
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
+        detections, losses = self.run(images, targets if self.training else None, detect=not self.training)
+        return losses if self.training else detections
+
+    def run(self, images: list[torch.Tensor], targets: list[dict] | None, detect: bool):
+        """One pass: detections (if ``detect``) and the losses of every decoder layer (if ``targets``)."""
         image_list, targets = self.transform(images, targets)
         x = image_list.tensors
         pad = torch.ones((len(x), *x.shape[-2:]), dtype=torch.bool, device=x.device)
@@ -141,13 +148,14 @@ class _DETR(nn.Module):
             mask[:h, :w] = False
         logits, boxes = self.predict(x, pad)
         sizes = [tuple(s) for s in image_list.image_sizes]
-        if not self.training:
-            return self.detect(logits[-1], boxes[-1], sizes)
+        detections = self.detect(logits[-1], boxes[-1], sizes) if detect else None
+        if targets is None:
+            return detections, None
         losses = {}
         for k, (layer_logits, layer_boxes) in enumerate(zip(logits, boxes)):
-            prefix = "" if k == len(logits) - 1 else f"d{k}."
+            prefix = "" if k == len(logits) - 1 else f"d{k}_"
             losses.update({prefix + n: v for n, v in self.losses(layer_logits, layer_boxes, targets, sizes).items()})
-        return losses
+        return detections, losses
 
     def losses(self, logits, boxes, targets, sizes) -> dict[str, torch.Tensor]:
         classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
@@ -203,3 +211,10 @@ class DETRDetector(FlopsDetector):
         self.model = _DETR(backbone, num_classes, in_stride, hidden_dim, num_heads, num_encoder_layers,
                            num_decoder_layers, ffn_dim, dropout, num_queries, cls_weight, l1_weight, giou_weight,
                            no_object_weight, size_divisible, image_mean, image_std)
+        names = ("loss_ce", "loss_bbox", "loss_giou")
+        self.loss_names = (*(f"d{k}_{n}" for k in range(num_decoder_layers - 1) for n in names), *names)
+
+    def detect_and_losses(self, images: list[torch.Tensor], targets: list[dict]) -> tuple[list[dict], dict]:
+        """Detections and losses of the same images from one pass in the current (evaluation) mode,
+        for a validation loss: DETR samples nothing, so no training-mode pass is needed."""
+        return self.model.run(list(images), [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets], True)

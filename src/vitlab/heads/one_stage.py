@@ -278,6 +278,8 @@ class ATSSDetector(FlopsDetector):
     candidates per level and ground truth; ``score_thresh`` ... ``pre_nms_top_n``: test-time selection.
     """
 
+    loss_names = ("loss_cls", "loss_bbox", "loss_centerness")
+
     def __init__(self, backbone: nn.Module, num_classes: int, in_strides: list[int] = (8, 16, 32),
                  fpn_channels: int = 256, stacked_convs: int = 4, anchor_scale: int = 8, topk: int = 9,
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0, giou_weight: float = 2.0,
@@ -297,6 +299,8 @@ class GFLDetector(FlopsDetector):
     distribution over ``reg_max + 1`` bins (distribution focal loss, ``dfl_weight``). Other arguments
     as ``ATSSDetector``.
     """
+
+    loss_names = ("loss_cls", "loss_bbox", "loss_dfl")
 
     def __init__(self, backbone: nn.Module, num_classes: int, in_strides: list[int] = (8, 16, 32),
                  fpn_channels: int = 256, stacked_convs: int = 4, anchor_scale: int = 8, topk: int = 9,

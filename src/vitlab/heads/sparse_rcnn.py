@@ -154,7 +154,7 @@ class _SparseRCNN(nn.Module):
         if self.training:
             losses = {}
             for k, (logits, boxes) in enumerate(outputs):
-                losses.update({f"s{k}.{name}": v for name, v in self.losses(logits, boxes, targets, sizes).items()})
+                losses.update({f"s{k}_{name}": v for name, v in self.losses(logits, boxes, targets, sizes).items()})
             return losses
         return self.detect(*outputs[-1], sizes)
 
@@ -219,3 +219,4 @@ class SparseRCNNDetector(FlopsDetector):
                                  ffn_channels, dynamic_channels, pooler_size, sampling_ratio, dropout, focal_alpha,
                                  focal_gamma, cls_weight, l1_weight, giou_weight, detections_per_img or num_proposals,
                                  size_divisible, image_mean, image_std)
+        self.loss_names = tuple(f"s{k}_{n}" for k in range(num_stages) for n in ("loss_cls", "loss_bbox", "loss_giou"))
