@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 import vitlab
-from vitlab.backbones.timm_baselines import TimmCNN, TimmColumnarViT
+from vitlab.backbones.timm_baselines import TimmCNN, TimmColumnarViT, TimmSwin
 from vitlab.flops import count_params
 
 # config -> timm model of the same weights; (params of timm's 1000-class classifier are the reference)
@@ -105,3 +106,23 @@ def test_frozen_stages_and_norm_eval_as_mmdetection():
     assert only_frozen.body.layer2.training
     with pytest.raises(ValueError, match="backbone.frozen_stages=7"):
         TimmCNN(**common, frozen_stages=7)
+
+
+def test_swin_tiny_classifier_and_pyramid_match_timm():
+    """PVTv2 Table 4's Swin-T: timm's classifier from timm's weights; its stages as the pyramid."""
+    ref = _random(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False), seed=2)
+    ours = vitlab.create_model("swin_tiny")
+    assert count_params(ours) == count_params(ref) + 2 * (96 + 192 + 384)  # + the three extra output norms
+    ours.load_state_dict(TimmSwin.convert_official(ref.state_dict()), strict=True)
+    ours.eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-4)
+        stages = ref.forward_intermediates(x, intermediates_only=True)  # NCHW, before any norm
+        feats = ours.backbone(x)
+    assert ours.backbone.strides == [4, 8, 16, 32] and ours.backbone.out_channels == [96, 192, 384, 768]
+    # new norms start as identity-affine LayerNorms over channels
+    torch.testing.assert_close(feats[0], F.layer_norm(stages[0].permute(0, 2, 3, 1), (96,)).permute(0, 3, 1, 2))
+    with torch.no_grad():  # detector-sized inputs: any size (padded to the patch size, windows padded)
+        assert [tuple(f.shape[-2:]) for f in ours.backbone(torch.randn(1, 3, 98, 130))] == [
+            (25, 33), (13, 17), (7, 9), (4, 5)]

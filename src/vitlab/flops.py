@@ -29,6 +29,8 @@ def count_gmacs(model: nn.Module, input_size: tuple[int, int], batch: int = 1) -
 
     Works for models on any device, including ``meta`` (no memory, no compute:
     the fast way to count big models; SDPA then decomposes into counted bmm's).
+    A model with a ``flops_forward(images)`` (detectors: their post-processing is
+    data-dependent) is counted through it.
     """
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -37,7 +39,7 @@ def count_gmacs(model: nn.Module, input_size: tuple[int, int], batch: int = 1) -
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
-            model(x)
+            getattr(model, "flops_forward", model)(x)
     finally:
         model.train(was_training)
     return counter.get_total_flops() / 2 / 1e9 / batch

@@ -12,8 +12,13 @@
   ViT-S/32, down for ViT-S/4) of the patch grid to the grid of each output
   stride, i.e. grid x patch/stride (rounded up). The classification path is
   timm's whole ViT (12 blocks, norm, class token) + a linear head.
+* ``TimmSwin``: Swin-T, the transformer baseline of PVTv2 Table 4: timm's ``features_only``
+  Swin (any input size: ``dynamic_img_size``, inputs padded to the patch size) with a LayerNorm on
+  each output as Swin's official detection backbone (``norm0``..``norm3``); the last one is timm's
+  final ``norm``, so the classifier (+ timm's average-pool / linear head) computes timm's model
+  (with 1,344 parameters more: the three other output norms, unused by the classifier).
 
-``convert_official`` (both classes) maps timm's (and torchvision's: same names for ResNets)
+``convert_official`` maps timm's (and torchvision's: same names for ResNets)
 released state dicts to our layout: the trunk goes under ``backbone.body.``,
 ``fc.*`` (CNNs) / ``head.*`` (ViT) become our head.
 """
@@ -30,7 +35,7 @@ from torch import nn
 from vitlab.backbones.base import Backbone
 from vitlab.backbones.layers import run_block
 
-__all__ = ["TimmCNN", "TimmColumnarViT"]
+__all__ = ["TimmCNN", "TimmColumnarViT", "TimmSwin"]
 
 
 def convert_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -158,3 +163,65 @@ class TimmColumnarViT(_TimmBody):
 
     def no_weight_decay(self) -> set[str]:
         return {f"body.{n}" for n in self.body.no_weight_decay()}
+
+
+def convert_timm_swin(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm Swin classifier state dict -> ours: timm's ``layers.N`` are ``layers_N`` in its
+    ``features_only`` model, and its final ``norm`` is our last output norm."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("head."):
+            out[key] = value
+        elif key.startswith("norm."):  # Swin's final norm
+            out["backbone.norms.3." + key[len("norm."):]] = value
+        elif key.startswith("layers."):  # Swin stages
+            out["backbone.body.layers_" + key[len("layers."):]] = value
+        else:
+            out["backbone.body." + key] = value
+    # the other output norms are new layers (Swin's detection backbone): LayerNorm's own init
+    for k in range(sum(k.endswith(".downsample.norm.weight") for k in state_dict)):
+        width = state_dict[f"layers.{k + 1}.downsample.norm.weight"].shape[0] // 4
+        out[f"backbone.norms.{k}.weight"], out[f"backbone.norms.{k}.bias"] = torch.ones(width), torch.zeros(width)
+    return out
+
+
+class TimmSwin(_TimmBody):
+    """timm Swin Transformer: four NCHW maps (strides 4-32), each through its own LayerNorm."""
+
+    convert_official = staticmethod(convert_timm_swin)
+
+    def __init__(self, *, model_name: str, out_indices: list[int], in_chans: int, drop_rate: float,
+                 drop_path_rate: float, grad_checkpointing: bool = False):
+        super().__init__()
+        self.body = timm.create_model(model_name, pretrained=False, features_only=True, out_indices=out_indices,
+                                      in_chans=in_chans, drop_path_rate=drop_path_rate, dynamic_img_size=True)
+        self.set_grad_checkpointing(grad_checkpointing)
+        self.out_channels = self.body.feature_info.channels()
+        self.strides = self.body.feature_info.reduction()
+        self.patch_size = self.body.patch_embed.patch_size[0]
+        self.norms = nn.ModuleList(nn.LayerNorm(c) for c in self.out_channels)
+        self.drop_rate = drop_rate
+
+    def _maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """NHWC maps after their norms; the input padded (right, bottom) to the patch size, as Swin's PatchEmbed."""
+        h, w = images.shape[-2:]
+        images = F.pad(images, (0, (-w) % self.patch_size, 0, (-h) % self.patch_size))
+        return [norm(x) for norm, x in zip(self.norms, self.body(images))]
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [x.permute(0, 3, 1, 2) for x in self._maps(images)]
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self._maps(images)[-1]
+
+    def make_head(self, num_classes: int) -> nn.Module:
+        return ClassifierHead(self.out_channels[-1], num_classes, pool_type="avg", drop_rate=self.drop_rate,
+                              input_fmt="NHWC")
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        self.body.set_grad_checkpointing(enable)  # timm's own, per block (LayerNorm only: no statistics)
+
+    def no_weight_decay(self) -> set[str]:
+        return {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
+

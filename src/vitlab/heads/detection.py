@@ -252,6 +252,7 @@ class _Detector(nn.Module):
 
     label_offset = 0
     loss_names: tuple[str, ...] = ()  # the keys of torchvision's loss dict
+    with_masks = False  # whether detections carry instance masks (the task evaluates mask AP then)
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
         if targets is not None:
@@ -292,6 +293,14 @@ class _Detector(nn.Module):
             finally:
                 self.train(was_training)
         return detections, losses
+
+
+def init_box_predictor(predictor: nn.Module) -> None:
+    """mmdet's init of a torchvision ``FastRCNNPredictor``: classifier normal(0.01), regressor normal(0.001)."""
+    nn.init.normal_(predictor.cls_score.weight, std=0.01)
+    nn.init.normal_(predictor.bbox_pred.weight, std=0.001)
+    nn.init.zeros_(predictor.cls_score.bias)
+    nn.init.zeros_(predictor.bbox_pred.bias)
 
 
 def _transform(size_divisible: int, image_mean, image_std) -> PreResizedTransform:
@@ -349,6 +358,7 @@ class MaskRCNNDetector(_Detector):
 
     label_offset = 1  # torchvision's class 0 is the background
     loss_names = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+    with_masks = True
 
     def __init__(
         self,
@@ -409,8 +419,4 @@ class MaskRCNNDetector(_Detector):
         self.model.roi_heads.box_loss_kind = _check_choice(box_loss, BOX_LOSSES, "module.head.box_loss")
         for head in (self.model.rpn.head, self.model.roi_heads.box_predictor, self.model.roi_heads.mask_predictor):
             float_outputs(head)  # deltas, logits and mask logits in float32 (mixed precision)
-        predictor = self.model.roi_heads.box_predictor  # mmdet's init of the box classifier / regressor
-        nn.init.normal_(predictor.cls_score.weight, std=0.01)
-        nn.init.normal_(predictor.bbox_pred.weight, std=0.001)
-        nn.init.zeros_(predictor.cls_score.bias)
-        nn.init.zeros_(predictor.bbox_pred.bias)
+        init_box_predictor(self.model.roi_heads.box_predictor)

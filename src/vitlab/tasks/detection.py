@@ -1,6 +1,7 @@
-"""COCO detection / instance segmentation: our backbones in torchvision's RetinaNet / Mask R-CNN.
+"""COCO detection / instance segmentation: our backbones in any detector of ``vitlab.heads``.
 
-The detector is ``module.head`` (a ``_target_`` in ``vitlab.heads.detection``, built
+The detector is ``module.head`` (a ``_target_`` in ``vitlab.heads``: RetinaNet, (Cascade) Mask
+R-CNN, ATSS, GFL, Sparse R-CNN, DETR; those with ``with_masks`` also report mask AP), built
 with the backbone, the dataset's class count and its normalisation statistics). Metrics are torchmetrics'
 ``MeanAveragePrecision`` with the pycocotools backend (COCO's own evaluation),
 on the original image sizes, crowd regions marked ``iscrowd``, with per-class AP. ``write_results``
@@ -27,7 +28,6 @@ from torchvision.models.detection.transform import resize_boxes
 
 from vitlab.build import build_backbone, instantiate
 from vitlab.data.base import DatasetInfo, DetectionBatch, PredictBatch
-from vitlab.heads.detection import MaskRCNNDetector
 from vitlab.tasks.base import VitlabTask, check_legacy_num_classes
 from vitlab.visualize import Panel, render, to_rgb_array
 
@@ -97,10 +97,11 @@ class DetectionTask(VitlabTask):
         self.num_vis_images = num_vis_images
         self.vis_score_thresh = vis_score_thresh
         self.model = self.build_model(self.backbone_cfg, {"head": head}, self.info)
-        self.with_masks = isinstance(self.model, MaskRCNNDetector)
+        self.with_masks = bool(getattr(self.model, "with_masks", False))
         if self.with_masks != self.info.with_masks:
             raise ValueError(f"data.with_masks={self.info.with_masks} does not match module.head "
-                             f"({type(self.model).__name__}): Mask R-CNN needs masks, the box-only detectors none")
+                             f"({type(self.model).__name__}): (Cascade) Mask R-CNN needs masks, the box-only "
+                             f"detectors none")
         iou_types = ("bbox", "segm") if self.with_masks else ("bbox",)
         # class_metrics: per-class AP and AR100 (one more COCOeval pass, restricted to each class in turn).
         # Synced by gather_per_image_states (see there), not by torchmetrics itself.
