@@ -24,7 +24,7 @@ train: install
 
 test: install
 	# two pytest workers, one thread each: most tests are single-threaded subprocess runs
-	OMP_NUM_THREADS=1 WANDB_MODE=offline $(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 WANDB_MODE=offline $(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 zoo: install
 	$(PY) -m vitlab.zoo

@@ -1,0 +1,142 @@
+"""Every command in README.md runs as written, from a temporary working directory.
+
+Code-block commands run for real, in README order, in one directory (later commands read what
+earlier ones wrote, as a reader's would). Only what makes them fast or possible here is added:
+``debug=smoke data.synthetic=true`` for training, CPU instead of GPUs, SLURM's launcher swapped for
+submitit's local executor (the same code path without a cluster), small inputs for the benchmark.
+The smoke overrides change a run's directory name (its hash), so a later command's path to an
+earlier run is pointed at the directory that run really made. The paper tables' commands are
+expanded and composed without training (``python -m vitlab.plan`` with the same overrides).
+
+A README command no rule below knows fails the test: add the command's rule here.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from support import REPO
+
+README = (REPO / "README.md").read_text()
+SMOKE = ["debug=smoke", "data.synthetic=true"]
+
+
+def code_block_commands() -> list[str]:
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+def table_commands() -> list[str]:
+    return [c for c in re.findall(r"\| `(python src/train\.py [^`]*)` \|", README)]
+
+
+def fast(command: str) -> str | None:
+    """The command with what makes it fast here; None where the test suite itself is the command."""
+    if command in ("make test",):
+        return None  # the suite running this test
+    if command == "make train":
+        # make runs in the repository: its outputs and data go to this directory, as the others'
+        return 'VITLAB_OUTPUT=$PWD/outputs VITLAB_DATA=$PWD/data make -C {repo} train ARGS="debug=smoke"'
+    if command.startswith(("python src/train.py", "vitlab-train")):
+        extra = list(SMOKE)
+        if "trainer=gpu" in command or "trainer=ddp" in command:
+            extra += ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true",
+                      "trainer.sync_batchnorm=false"]
+        if "logger=wandb" in command:
+            extra += ["logger.wandb.mode=offline"]
+        if "hparams_search=" in command:
+            extra += ["hydra.sweeper.n_trials=2"]
+        # SLURM -> submitit's local executor, one node: the same launcher code without a cluster
+        command = command.replace("hydra/launcher=submitit_slurm", "hydra/launcher=submitit_local")
+        command = re.sub(r"trainer\.num_nodes=\d+", "trainer.num_nodes=1", command)
+        if "+sweep=pale" in command:
+            extra += ["backbone.depths=[1,1,1,1]"]  # 15 jobs: Pale-T with one block per stage
+        return f"{command} {' '.join(extra)}"
+    if command.startswith("python -m vitlab.bench"):
+        return f"{command} --batch 1 --input 32 32 --steps 1 --warmup 0 --rounds 1"
+    if command.startswith("python -m vitlab.data.check"):
+        return f"{command} data.synthetic=true"
+    if command.startswith(("python src/eval.py", "python src/predict.py", "python -m vitlab.")):
+        return command
+    raise AssertionError(f"README command without a rule in tests/test_readme.py: {command}")
+
+
+def point_at_real_runs(command: str, cwd: Path) -> str:
+    """``outputs/<task>/<backbone>/<name>/...`` of an earlier README command -> the directory it made
+    (its name carries the smoke overrides' hash)."""
+
+    def real(match: re.Match) -> str:
+        path = Path(match.group(1))
+        if (cwd / path).exists():
+            return str(path)
+        made = sorted((cwd / path.parent).glob(f"{path.name}-*")) if (cwd / path.parent).is_dir() else []
+        return str(made[0].relative_to(cwd)) if made else str(path)
+
+    return re.sub(r"(outputs/[\w-]+/[\w-]+/[\w-]+)(?=/|\s|$)", real, command)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A reader's directory: the commands say src/train.py, and photos/ holds their own images."""
+    from PIL import Image
+
+    cwd = tmp_path_factory.mktemp("reader")
+    (cwd / "src").symlink_to(REPO / "src")
+    (cwd / "photos").mkdir()
+    for i, colour in enumerate(("red", "green", "blue")):
+        Image.new("RGB", (96, 72), colour).save(cwd / "photos" / f"photo_{i}.jpg")
+    return cwd
+
+
+def run(command: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Outputs and generated data under the temporary directory (the README's relative paths)."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "VITLAB_OFFLINE": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for key in ("VITLAB_OUTPUT", "VITLAB_DATA", "VITLAB_SWEEP_DIR", "PROJECT_ROOT"):
+        env.pop(key, None)
+    proc = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+COMMANDS = code_block_commands()
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("readme")
+@pytest.mark.parametrize("index", range(len(COMMANDS)), ids=[c[:60] for c in COMMANDS])
+def test_readme_command_runs(index, workdir):
+    command = fast(COMMANDS[index])
+    if command is None:
+        pytest.skip("make test is the command running this test")
+    command = command.format(repo=shlex.quote(str(REPO)))
+    run(point_at_real_runs(command, workdir), workdir)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("readme")
+def test_readme_paper_table_commands_compose(tmp_path):
+    """Every 'Reproducing the papers' command expands and composes (each job's model is built on
+    the meta device for its params and GFLOPs) without launching anything."""
+    commands = table_commands()
+    assert len(commands) > 30, "the paper tables' commands were not found"
+    for command in commands:
+        overrides = command.removeprefix("python src/train.py").replace(" -m ", " ").split()
+        run(f"{sys.executable} -m vitlab.plan -m " + " ".join(shlex.quote(o) for o in overrides), tmp_path)
+
+
+def test_every_readme_command_has_a_rule():
+    for command in COMMANDS:
+        fast(command)  # raises for a command the test does not know how to run
+    assert any(c.startswith("python src/eval.py") for c in COMMANDS)
