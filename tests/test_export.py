@@ -91,7 +91,8 @@ def test_detector_exports_to_onnx_with_its_detections(tmp_path):
     from vitlab.run import build_data_and_module
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose("train", [*TINY_PVT, "task=coco_maskrcnn", "data.synthetic=true", f"paths.output_dir={tmp_path}",
+        cfg = compose("train", [*TINY_PVT, "task=coco_maskrcnn", "data.synthetic=true", "backbone.pretrained=null",
+                                f"paths.output_dir={tmp_path}",
                                 "module.head.box_score_thresh=0.0"], return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)  # the ${hydra:...} resolver, as in a run
         config = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)

@@ -18,9 +18,13 @@ from vitlab.trust import check_targets
 
 
 def plain(cfg: Any) -> Any:
-    """OmegaConf containers -> dicts and lists (resolved); anything else unchanged."""
+    """OmegaConf containers (also inside dicts and lists) -> dicts and lists, resolved."""
     if isinstance(cfg, DictConfig) or OmegaConf.is_list(cfg):
         return OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(cfg, dict):
+        return {k: plain(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return type(cfg)(plain(v) for v in cfg)
     return cfg
 
 

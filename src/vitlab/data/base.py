@@ -93,6 +93,15 @@ class PredictBatch(NamedTuple):
     paths: list[str]
 
 
+class EpochSampler(DistributedSampler):
+    """torch's DistributedSampler (shuffled by seed + epoch), lazily: the order is drawn at the first
+    index, not when the iterator is made. The resumable loader makes its iterator before Lightning
+    sets a resumed run's epoch, and would otherwise replay the first epoch's order."""
+
+    def __iter__(self):
+        yield from super().__iter__()
+
+
 class EvalDistributedSampler(DistributedSampler):
     """Every evaluation image exactly once across the processes: rank r takes r, r+W, r+2W, ...
 
@@ -236,6 +245,6 @@ class VitlabDataModule(L.LightningDataModule):
         if not train:
             return DataLoader(dataset, sampler=EvalDistributedSampler(dataset, world, rank), shuffle=False, **common)
         if sampler is None:
-            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+            sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
         return StatefulDataLoader(dataset, sampler=sampler, drop_last=True,
                                   generator=torch.Generator().manual_seed(self.seed), **common)

@@ -45,7 +45,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from vitlab.data.base import (
-    IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DatasetInfo, DatasetLayoutError, DetectionBatch, VitlabDataModule,
+    IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DatasetInfo, DatasetLayoutError, DetectionBatch, EpochSampler,
+    VitlabDataModule,
 )
 from vitlab.data.imagenet import load_rgb, read_header, read_problem
 from vitlab.data.report import (
@@ -308,8 +309,9 @@ class AspectRatioGroupedSampler(DistributedSampler):
         order = torch.randperm(len(batches), generator=g).tolist()
         return [batches[i] for i in order][self.rank :: self.num_replicas]
 
-    def __iter__(self):
-        return iter([i for batch in self._batches() for i in batch])
+    def __iter__(self):  # a generator: the epoch is read at the first index (see data.base.EpochSampler)
+        for batch in self._batches():
+            yield from batch
 
     def __len__(self) -> int:
         return sum(len(b) for b in self._batches())
@@ -513,7 +515,7 @@ class CocoDataModule(VitlabDataModule):
                 self.train_set, self.train_set.aspect_groups(), self.batch_size, world, rank, self.seed
             )
         else:
-            sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+            sampler = EpochSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
         return self.make_loader(self.train_set, train=True, collate_fn=collate_detection, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:

@@ -116,6 +116,9 @@ class DistributedRepeatAugSampler(RepeatAugSampler, DistributedSampler):
     """timm's repeated-augmentation sampler, marked as distributed so that Lightning leaves it in
     place (it splits the data over the processes itself) without a Trainer option."""
 
+    def __iter__(self):  # a generator: the epoch is read at the first index (see data.base.EpochSampler)
+        yield from super().__iter__()
+
 
 def read_synset_names(root: Path, wnids: list[str]) -> list[str]:
     """Readable class names from ImageNet's ``LOC_synset_mapping.txt`` ("n01440764 tench, Tinca tinca")
