@@ -38,7 +38,7 @@ def code_block_commands() -> list[str]:
 
 
 def table_commands() -> list[str]:
-    return [c for c in re.findall(r"\| `(python src/train\.py [^`]*)` \|", README)]
+    return re.findall(r"\| `(python src/train\.py [^`]*)`[^|`]*\|", README)
 
 
 def fast(command: str) -> str | None:
