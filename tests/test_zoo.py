@@ -12,7 +12,6 @@ value is compared with the value stored in ``paper_tables/measured.yaml``: exact
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 
 import pytest
 import timm
