@@ -147,6 +147,10 @@ def test_runs_match_rows_of_the_shipped_tables():
     assert paper.match_row(rows, run("backbone.pale_size=9", task="ade20k_upernet")) is None
     dense = paper.match_row(paper.table_rows("pale:Table7"), run("backbone.pale_size=9", task="ade20k_upernet"))
     assert dense["source"] == "Pale Table 7 (pale size 9999, ADE20K)" and dense["paper_miou"] == 50.6
+    # GPViT Table 3 rows carry the official box head (module.head.*): runs match on backbone fields only
+    gpvit = paper.match_row(paper.table_rows("gpvit:Table3"), {"backbone": "gpvit_l2_adapter", "task": "coco_maskrcnn",
+                                                               "overrides": ["backbone=gpvit_l2_adapter"]})
+    assert gpvit["paper_gflops"] == 690 and "module.head.box_head=4conv1fc" in gpvit["set"]
 
 
 def test_kendall_tau_without_scipy_matches_scipy(monkeypatch):

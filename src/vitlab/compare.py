@@ -270,11 +270,9 @@ def join_paper(table: list[dict], runs: list[dict], paper_rows: list[dict], metr
             mine = row.get(paper.our_column(key))
             row[f"vs_{key}"] = None if mine is None else mine - value
         # the paper's model (its classes and input size) counted by the zoo, beside the paper's counts
-        # (detectors' GFLOPs need a real forward pass: params only for COCO rows)
         size = tuple(found["input"]) if found.get("input") else None
-        params_m, gflops = paper.model_counts(found["name"], tuple(found["set"]), found["task"], size,
-                                              flops=not paper.row_task(found).startswith("coco"))
-        row["zoo_params_m"], row["zoo_gflops"] = round(params_m, 2), None if math.isnan(gflops) else gflops
+        params_m, gflops = paper.model_counts(found["name"], tuple(found["set"]), found["task"], size)
+        row["zoo_params_m"], row["zoo_gflops"] = round(params_m, 2), gflops
         if metric and row.get(metric) is not None and found.get(paper.paper_key(metric)) is not None:
             ours.append(row[metric])
             theirs.append(found[paper.paper_key(metric)])

@@ -114,25 +114,28 @@ def run_backbone_config(run: dict) -> dict | None:
 def match_row(rows: list[dict], run: dict) -> dict | None:
     """The row a run reproduces: same backbone and task, and the same resolved value of every
     backbone field the rows set (so ablation presets and experiment files match too, and
-    ``c_ratios=[1,1,1,1]`` matches a run's ``[1.0, 1.0, 1.0, 1.0]``); of several, the most specific."""
+    ``c_ratios=[1,1,1,1]`` matches a run's ``[1.0, 1.0, 1.0, 1.0]``; head options, ``module.*``,
+    are not compared); of several, the most specific."""
+    from vitlab.zoo import split_overrides
+
     name, task = run.get("backbone"), run.get("task") or CLASSIFIER_TASK
-    candidates = [r for r in rows if r["name"] == name and row_task(r) == task]
+    candidates = [(r, split_overrides(r.get("set", []))[0]) for r in rows if r["name"] == name and row_task(r) == task]
     if not candidates:
         return None
     cfg = run_backbone_config(run) or {}
-    knobs = sorted({s.split("=", 1)[0].lstrip("+~") for r in candidates for s in r.get("set", [])})
-    found = [r for r in candidates if all(cfg.get(k) == resolved_backbone(name, tuple(r.get("set", []))).get(k) for k in knobs)]
-    return max(found, key=lambda r: len(r.get("set", [])), default=None)
+    knobs = sorted({s.split("=", 1)[0].lstrip("+~") for _, sets in candidates for s in sets})
+    found = [(r, sets) for r, sets in candidates if all(cfg.get(k) == resolved_backbone(name, sets).get(k) for k in knobs)]
+    return max(found, key=lambda found_row: len(found_row[1]), default=(None,))[0]
 
 
 @lru_cache(maxsize=None)
 def model_counts(name: str, overrides: tuple[str, ...] = (), task: str | None = None,
-                 input_size: tuple[int, int] | None = None, flops: bool = True) -> tuple[float, float]:
-    """Params (M) and GMACs (NaN when ``flops`` is false) of a model as ``vitlab.zoo.measure`` counts
-    it (meta device), once per process: a paper row's model (compare) or a sweep job's (plan)."""
+                 input_size: tuple[int, int] | None = None) -> tuple[float, float]:
+    """Params (M) and GMACs of a model as ``vitlab.zoo.measure`` counts it (meta device), once per
+    process: a paper row's model (compare) or a sweep job's (plan)."""
     from vitlab.zoo import measure
 
-    row = measure(name, list(overrides), task, input_size, flops=flops)
+    row = measure(name, list(overrides), task, input_size)
     return row.params / 1e6, row.gflops
 
 

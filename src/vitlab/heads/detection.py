@@ -36,6 +36,9 @@ Decisions:
   ``rpn_box_loss`` / ``box_loss`` (``l1``: mmdet's L1Loss; torchvision: smooth L1, beta 1/9),
   ``box_head`` (``4conv1fc``: Shared4Conv1FCBBoxHead), ``fpn_norm`` / ``box_head_norm``
   (BN | SyncBN | GN | none).
+* FLOPs are counted through ``flops_forward`` (``vitlab.flops``): the network as mmdetection's
+  ``get_flops`` runs it, without data-dependent steps, so it runs on the meta device
+  (``MaskRCNNDetector.flops_forward`` says what is counted).
 """
 from __future__ import annotations
 
@@ -351,6 +354,10 @@ class RetinaNetDetector(_Detector):
         self.model.transform = _transform(size_divisible, image_mean, image_std)
         float_outputs(self.model.head)  # class logits and box regression in float32 (mixed precision)
 
+    def flops_forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Backbone, FPN and the class and box subnets on every level (mmdet's ``forward_dummy``)."""
+        return self.model.head(list(self.model.backbone(images).values()))
+
 
 class MaskRCNNDetector(_Detector):
     """Mask R-CNN (He et al.): FPN over strides 4-32 + max-pooled P6, RPN, RoIAlign, 2-FC box head
@@ -359,6 +366,9 @@ class MaskRCNNDetector(_Detector):
     label_offset = 1  # torchvision's class 0 is the background
     loss_names = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
     with_masks = True
+    # mmdet's dummy forward for FLOPs: the box head on 1000 proposals, the mask head on the first 100
+    flops_proposals = 1000
+    flops_mask_rois = 100
 
     def __init__(
         self,
@@ -420,3 +430,26 @@ class MaskRCNNDetector(_Detector):
         for head in (self.model.rpn.head, self.model.roi_heads.box_predictor, self.model.roi_heads.mask_predictor):
             float_outputs(head)  # deltas, logits and mask logits in float32 (mixed precision)
         init_box_predictor(self.model.roi_heads.box_predictor)
+
+    def flops_forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The network for FLOP counting, as mmdetection's ``tools/analysis_tools/get_flops.py``
+        counts it (``forward_dummy``): backbone, FPN, the RPN head on every level, and the RoI heads
+        on a fixed number of proposals per image: the box head on 1000 (mmdet: ``torch.randn(1000,
+        4)`` boxes), the mask head on the first 100 (``rois[:100]``). Anchors, proposal selection,
+        box decoding, NMS and mask pasting are left out, as there. RoI features are zeros: RoIAlign
+        is no multiply-add layer (neither counter counts it) and its level assignment depends on
+        the boxes, which the meta device cannot run.
+
+        What mmdet's numbers count differently: mmcv's module hooks add bias adds, norms,
+        activations, pooling and upsampling (0.3% of the ResNet-50 models), miss functional matmuls
+        (attention: see ``vitlab.flops``), and ``get_flops --shape 1280 800`` feeds a 1280-high,
+        800-wide image where the papers' rows say 800x1280 (the same count for convolutions).
+        """
+        features = self.model.backbone(images)
+        heads, channels = self.model.roi_heads, self.model.backbone.out_channels
+        box_features = images.new_zeros(len(images) * self.flops_proposals, channels, *heads.box_roi_pool.output_size)
+        mask_features = images.new_zeros(len(images) * self.flops_mask_rois, channels,
+                                          *heads.mask_roi_pool.output_size)
+        objectness, box_deltas = self.model.rpn.head(list(features.values()))
+        return [*objectness, *box_deltas, *heads.box_predictor(heads.box_head(box_features)),
+                heads.mask_predictor(heads.mask_head(mask_features))]
