@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import vitlab
+from vitlab.build import WEIGHT_KEYS
 from vitlab.api import available_backbones, backbone_config
 from vitlab.backbones.gpvit import GPViT, GPViTAdapter
 from vitlab.flops import count_params
@@ -48,7 +49,7 @@ def test_family_bases_are_not_backbones():
 def test_composed_config_holds_every_constructor_argument(name):
     cfg = backbone_config(name)
     assert not OmegaConf.missing_keys(cfg), f"{name} leaves {OmegaConf.missing_keys(cfg)} unset"
-    assert set(cfg) - {"_target_", "pretrained"} == _constructor_args(_target(cfg)) - {"final_norm"}
+    assert set(cfg) - {"_target_", *WEIGHT_KEYS} == _constructor_args(_target(cfg)) - {"final_norm"}
     assert not set(cfg) & OLD_NAMES
 
 
@@ -91,7 +92,8 @@ OLD_CONFIGS = [
 @pytest.mark.parametrize("name,old,replaced", OLD_CONFIGS, ids=[c[0] for c in OLD_CONFIGS])
 def test_old_argument_names_still_build_the_same_model(name, old, replaced):
     cfg = OmegaConf.to_container(backbone_config(name), resolve=True)
-    cfg.pop("pretrained")
+    for key in WEIGHT_KEYS:
+        cfg.pop(key)
     new = dict(cfg)
     if name == "scalablevit_s":
         new["pos_embed"] = "none"

@@ -131,3 +131,17 @@ def test_finished_run_is_reported_not_repeated_and_resume_never_starts_fresh(tmp
     run_script("train.py", [*command, "resume=never"], data_dir, env=env, cwd=tmp_path)
     names = sorted(p.name for p in output.glob("imagenet_cls/pvt_v2_b0/*"))
     assert len(names) == 2 and names[1] == names[0] + "-2"
+
+
+def test_rerunning_a_sweep_skips_its_finished_jobs(tmp_path, data_dir):
+    """The sweep directory is a function of the sweep command: the same -m command again finds its
+    jobs' summaries and skips them (a sweep killed half-way would resume the rest)."""
+    output = tmp_path / "outputs"
+    command = ["-m", *FAST, "debug=smoke", "seed=1,2"]
+    env = {"VITLAB_OUTPUT": str(output)}
+    run_script("train.py", command, data_dir, env=env, cwd=tmp_path)
+    (sweep,) = output.glob("sweep-*")
+    assert sorted(p.parent.name for p in sweep.glob("*/summary.json")) == ["0", "1"]
+    again = run_script("train.py", command, data_dir, env=env, cwd=tmp_path)
+    assert (again.stdout + again.stderr).count("already finished") == 2
+    assert list(output.glob("sweep-*")) == [sweep]

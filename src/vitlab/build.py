@@ -16,6 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from vitlab.trust import check_targets
 
+# Keys of a backbone config that say which weights to load, not constructor arguments.
+WEIGHT_KEYS = ("pretrained", "pretrained_ema")
+
 
 def plain(cfg: Any) -> Any:
     """OmegaConf containers (also inside dicts and lists) -> dicts and lists, resolved."""
@@ -60,7 +63,7 @@ def build_backbone(cfg: Mapping | DictConfig):
     ``pretrained`` loads weights: a file, a run directory, or ``imagenet`` (``vitlab.weights``).
     The file loaded is kept as ``backbone.pretrained_file`` (None: random initialisation)."""
     cfg = dict(plain(cfg))
-    pretrained, use_ema = cfg.pop("pretrained", None), cfg.pop("pretrained_ema", False)
+    pretrained, use_ema = (cfg.pop(key, None) for key in WEIGHT_KEYS)
     backbone = instantiate(cfg, "backbone")
     backbone.pretrained_file = _load(backbone, backbone, pretrained, use_ema, cfg)
     return backbone
@@ -71,7 +74,7 @@ def build_classifier(cfg: Mapping | DictConfig, num_classes: int):
     from vitlab.backbones.base import ImageClassifier
 
     cfg = dict(plain(cfg))
-    pretrained, use_ema = cfg.pop("pretrained", None), cfg.pop("pretrained_ema", False)
+    pretrained, use_ema = (cfg.pop(key, None) for key in WEIGHT_KEYS)
     model = ImageClassifier(build_backbone(cfg), num_classes)
     model.backbone.pretrained_file = _load(model, model.backbone, pretrained, use_ema, cfg)
     return model

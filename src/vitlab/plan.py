@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
+from vitlab.build import WEIGHT_KEYS
+
 # Training images per dataset (the papers' splits).
 TRAIN_IMAGES = {"imagenet": 1_281_167, "coco": 117_266, "ade20k": 20_210}
 # Achieved (not peak) mixed-precision training TFLOP/s per GPU for hierarchical ViTs: a rough
@@ -90,7 +92,7 @@ def backbone_overrides(name: str, backbone_cfg: dict) -> list[str]:
 
     named = resolved_backbone(name)
     return [f"{k}={_hydra_value(v)}" for k, v in backbone_cfg.items()
-            if k != "pretrained" and named.get(k) != v]
+            if k not in WEIGHT_KEYS and named.get(k) != v]
 
 
 def _train_images(cfg: DictConfig, dataset: str) -> int:
