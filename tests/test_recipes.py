@@ -18,6 +18,8 @@ def test_every_recipe_experiment_names_what_it_follows():
         assert len(recipe["follows"]) > 20 and recipe["backbones"], name
         text = (REPO / "conf" / "experiment" / f"{name}.yaml").read_text()
         assert f"python -m vitlab.recipes {name}" in text, f"{name}.yaml: its header should say how it is checked"
+        for other in recipe["other"]:  # a row limited to some backbones names backbones of the recipe
+            assert set(other.get("backbones", [])) <= set(recipe["backbones"]), (name, other["setting"])
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -72,6 +74,31 @@ def test_translated_paramwise_keys_select_gpvit_parameters():
     assert selected and all(n.endswith((".weight", ".bias")) for n in selected)
     cfg = compose_recipe("gpvit_segformer_160k", "gpvit_l1")
     assert ".dw.1." in ours(cfg, "schedule.optimizer.paramwise")["custom_keys"]
+
+
+def test_detr_paramwise_puts_exactly_the_backbone_at_a_tenth_of_the_lr():
+    """detr_pvt_s_8x2_50ep_coco.py: custom_keys {backbone: lr_mult 0.1}; everything decays (wd 1e-4)."""
+    from vitlab.data.base import DatasetInfo
+    from vitlab.tasks.base import paramwise_groups
+    from vitlab.tasks.detection import DetectionTask
+
+    cfg = compose_recipe("pvt_detr_50e", "pvt_small")
+    backbone = {**ours(cfg, "backbone"), "pretrained": None}
+    info = DatasetInfo(class_names=tuple(f"c{i}" for i in range(80)), input_size=(800, 1333))
+    with torch.device("meta"):
+        model = DetectionTask.build_model(backbone, {"head": ours(cfg, "module.head")}, info)
+    groups = paramwise_groups(model, 1e-4, 1e-4, ours(cfg, "schedule.optimizer.paramwise"))
+    slow = [g for g in groups if g["lr_mult"] == 0.1]
+    assert len(slow) == 1 and slow[0]["lr"] == pytest.approx(1e-5)
+    assert {id(p) for p in slow[0]["params"]} == {id(p) for p in model.model.backbone.parameters()}
+    assert all(g["weight_decay"] == pytest.approx(1e-4) for g in groups)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_other_rows_can_be_limited_to_some_backbones():
+    rows = {r.setting: r for r in check("pvt_detr_50e")}
+    assert rows["ResNet BatchNorm weights"].backbones == ["resnet50"]
+    assert rows["schedule.epochs"].backbones == ["pvt_small", "resnet50"]
 
 
 def test_cli_prints_the_table(capsys):

@@ -28,11 +28,12 @@ a 4-conv + 1-FC box head with norm layers (BatchNorm; SyncBN with ``trainer.sync
 class-specific regression, GIoU loss (weight 10) on the decoded boxes, 2,000 RPN proposals in training. Differences from mmdet's
 default ``cascade_mask_rcnn_r50_fpn`` (2-FC heads, class-agnostic regression, smooth-L1 with
 beta 1): ``box_convs=0 box_fcs=2 box_norm=none box_loss=smooth_l1 box_loss_weight=1`` gives
-those heads and loss, but regression stays class-specific (torchvision's predictor). Differences
-from mmdet in any setting: RoIAlign is Mask R-CNN's (torchvision's default ``aligned=False``, sampling
-ratio 2; mmdet: aligned, adaptive sampling), the predictor also regresses the background class (4 x 1024 weights
-more per stage), and the 4 box convs start from torchvision's Kaiming init (mmdet: its ConvModule
-init; the FC: Xavier as mmdet).
+those heads and loss, but regression stays class-specific (torchvision's predictor). RoIAlign is
+Mask R-CNN's: torchvision's default (``aligned=False``, sampling ratio 2) unless ``roi_aligned`` /
+``roi_sampling_ratio`` ask for mmcv's (aligned, adaptive sampling 0: experiment=pvtv2_cascade_maskrcnn_3x
+does). Differences from mmdet in any setting: the predictor also regresses the background class
+(4 x 1024 weights more per stage). Initialisation as mmdet: box convs Kaiming normal (fan-out, as
+mmcv's ConvModule and torchvision's FastRCNNConvFCHead), the FC Xavier.
 
 ``flops_forward`` counts as mmdetection's ``forward_dummy`` (``tools/analysis_tools/get_flops.py``)
 does: backbone, FPN, RPN head, the three box stages on 1,000 RoIs and the three mask heads on 100.

@@ -15,7 +15,8 @@ The official values live in ``src/vitlab/recipes/<family>.yaml``, one entry per 
       variants: {pvt_v2_b4: {schedule.optimizer.lr: 1.4286e-4, ...}}   # official values of one variant
       notes: {config key: why ours differs}            # a difference without a note fails tests/test_recipes.py
       other: [{setting, official, ours, note}]         # official settings no config key expresses
-                                                       # (bases may list some too, under _other)
+                                                       # (bases may list some too, under _other; an
+                                                       # optional `backbones:` limits a row to those)
 
 "Ours" is the composed config of ``experiment=<name> backbone=<variant>`` (Hydra, as the CLI composes it,
 per-variant files under conf/recipe_variant/ included).
@@ -125,7 +126,8 @@ def check(experiment: str) -> list[Row]:
                 merged[ident] = row
     rows = list(merged.values())
     for other in recipe.get("other") or []:
-        rows.append(Row(other["setting"], list(recipe["backbones"]), other["official"], other["ours"], other.get("note")))
+        rows.append(Row(other["setting"], list(other.get("backbones", recipe["backbones"])), other["official"],
+                        other["ours"], other.get("note")))
     return rows
 
 
