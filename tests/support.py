@@ -110,7 +110,7 @@ def process_state_restored():
 
 def hydra_command(script: str, args: list[str], data_dir: Path, env: dict | None = None):
     """``python src/<script> args...`` in this process: Hydra's own run (``-m`` in ``args``: multirun)
-    of the entry point's body, ``vitlab.run.train`` / ``vitlab.run.evaluate``. This is the code
+    of the entry point's body, ``vitlab.run.train`` / ``evaluate`` / ``vitlab.predict.predict``. This is the code
     ``@hydra.main`` runs (vitlab.cli): the config is composed from the command line, HydraConfig set,
     ``hydra.runtime.output_dir`` set to what the command's ``hydra.run.dir`` (``hydra.sweep.dir``)
     resolves to, ``.hydra/`` and the job's log file written. What the run changes in this process
@@ -122,7 +122,9 @@ def hydra_command(script: str, args: list[str], data_dir: Path, env: dict | None
     import vitlab.run
     from vitlab.resources import conf_dir
 
-    body = {"train.py": vitlab.run.train, "eval.py": vitlab.run.evaluate}[script]
+    from vitlab.predict import predict
+
+    body = {"train.py": vitlab.run.train, "eval.py": vitlab.run.evaluate, "predict.py": predict}[script]
     multirun = "-m" in args or "--multirun" in args
     overrides = [a for a in args if a not in ("-m", "--multirun")]
     full_env = {"VITLAB_DATA": str(data_dir), "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1", **(env or {})}
