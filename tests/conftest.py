@@ -8,8 +8,26 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from support import DENSE_SMOKE, SWEEP_RATIOS, SWEEP_SEEDS, TINY_PVT, hydra_command
+
+
+# torch's thread count when the session starts (make test: OMP_NUM_THREADS=1, one per xdist worker).
+# A test that changes it would slow every later test of its worker: more threads than cores spin.
+THREADS = torch.get_num_threads()
+
+
+def pytest_collection_finish(session):
+    if torch.get_num_threads() != THREADS:
+        raise pytest.UsageError(f"a test module changed torch's thread count at import ({THREADS} -> "
+                                f"{torch.get_num_threads()}); set it inside the test and restore it")
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_kept():
+    yield
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="session")
