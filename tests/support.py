@@ -1,12 +1,19 @@
-"""Helpers shared by the tests (not a test file): the repository, tiny model overrides, and
-running the command-line entry points as a user does."""
+"""Helpers shared by the tests (not a test file): the repository, tiny model overrides, running
+the command-line entry points as a user does (a subprocess) or in this process (``hydra_command``)."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import random
+import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import numpy as np
+import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,6 +32,14 @@ SWEEP_SEEDS = [0, 1]
 # The demo on 32 px images, no workers, no progress bar: a real training run in seconds.
 FAST = [*TINY_PVT, "experiment=demo", "data.num_workers=0", "data.img_size=32", "data.batch_size=16",
         "trainer.enable_progress_bar=false", "callbacks.progress_bar=null"]
+# The shared dense smoke runs (conftest ``detection_run``, ``segmentation_run``): narrow heads, 4
+# generated training images and 9 validation images (an odd count, for the DDP evaluation test).
+_DENSE_DATA = ["debug=smoke", "data.synthetic=true", "data.synthetic_num_train=4", "data.synthetic_num_val=9",
+               "data.smoke_images=9", "logger=csv"]
+DENSE_SMOKE = {
+    "coco_maskrcnn": [*_DENSE_DATA, "module.head.fpn_channels=16"],
+    "ade20k_fpn": [*_DENSE_DATA, "module.head.fpn_channels=16", "module.head.channels=16"],
+}
 
 
 def run_script(script: str, args: list[str], data_dir: Path, env: dict | None = None, check: bool = True,
@@ -39,6 +54,89 @@ def run_script(script: str, args: list[str], data_dir: Path, env: dict | None = 
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+@contextlib.contextmanager
+def process_state_restored():
+    """Whatever an in-process run changes in this process is put back afterwards, so runs do not leak
+    into later tests: environment variables (``PL_GLOBAL_SEED``, ``VITLAB_SWEEP_DIR``,
+    ``VITLAB_WEIGHTS``), RNG states, torch threads and flags, the logging handlers Hydra's job
+    logging installs (its ``<run dir>/<job>.log`` file is closed), the signal handlers of
+    ``vitlab.callbacks.LastCheckpoint``, the working directory, warning filters, HydraConfig and
+    OmegaConf resolvers registered during the run."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf.basecontainer import BaseContainer
+
+    environ, cwd = dict(os.environ), os.getcwd()
+    rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    torch_flags = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+                   torch.get_float32_matmul_precision(), torch.get_default_dtype())
+    signals = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)}
+    loggers = {name: (lg.level, list(lg.handlers), lg.propagate, lg.disabled)
+               for name, lg in [("", logging.root), *logging.root.manager.loggerDict.items()]
+               if isinstance(lg, logging.Logger)}
+    hydra_cfg = HydraConfig.instance().cfg
+    resolvers = dict(BaseContainer._resolvers)
+    try:
+        with warnings.catch_warnings():
+            yield
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+        os.chdir(cwd)
+        torch.set_rng_state(rng[0])
+        np.random.set_state(rng[1])
+        random.setstate(rng[2])
+        torch.set_num_threads(torch_flags[0])
+        torch.use_deterministic_algorithms(torch_flags[1])
+        torch.set_float32_matmul_precision(torch_flags[2])
+        torch.set_default_dtype(torch_flags[3])
+        for sig, handler in signals.items():
+            signal.signal(sig, handler)
+        for name, lg in [("", logging.root), *logging.root.manager.loggerDict.items()]:
+            if not isinstance(lg, logging.Logger):
+                continue
+            level, handlers, propagate, disabled = loggers.get(name, (logging.NOTSET, [], True, False))
+            for handler in lg.handlers:
+                if handler not in handlers:
+                    handler.close()
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate, lg.disabled = propagate, disabled
+        HydraConfig.instance().cfg = hydra_cfg
+        BaseContainer._resolvers.clear()
+        BaseContainer._resolvers.update(resolvers)
+
+
+def hydra_command(script: str, args: list[str], data_dir: Path, env: dict | None = None):
+    """``python src/<script> args...`` in this process: Hydra's own run (``-m`` in ``args``: multirun)
+    of the entry point's body, ``vitlab.run.train`` / ``evaluate`` / ``vitlab.predict.predict``. This is the code
+    ``@hydra.main`` runs (vitlab.cli): the config is composed from the command line, HydraConfig set,
+    ``hydra.runtime.output_dir`` set to what the command's ``hydra.run.dir`` (``hydra.sweep.dir``)
+    resolves to, ``.hydra/`` and the job's log file written. What the run changes in this process
+    is undone (``process_state_restored``). Returns the summary (multirun: the jobs' summaries);
+    a failing run raises its exception."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import vitlab.run
+    from vitlab.resources import conf_dir
+
+    from vitlab.predict import predict
+
+    body = {"train.py": vitlab.run.train, "eval.py": vitlab.run.evaluate, "predict.py": predict}[script]
+    multirun = "-m" in args or "--multirun" in args
+    overrides = [a for a in args if a not in ("-m", "--multirun")]
+    full_env = {"VITLAB_DATA": str(data_dir), "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1", **(env or {})}
+    with process_state_restored():
+        os.environ.update(full_env)
+        job_name = Path(script).stem
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name=job_name):
+            hydra = GlobalHydra.instance().hydra
+            if not multirun:
+                return hydra.run(job_name, body, overrides).return_value
+            batches = hydra.multirun(job_name, body, overrides) or []
+            return [job.return_value for batch in batches for job in batch]
 
 
 class StandIn(nn.Module):

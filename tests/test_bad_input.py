@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
 
 import vitlab
-from support import TINY_PVT, run_script
+from support import TINY_PVT, hydra_command
 from vitlab.checkpoints import CheckpointMismatchError
 from vitlab.data.base import CorruptImageError, DatasetLayoutError
 from vitlab.data.imagenet import ImageNetDataModule, collate_skipping
@@ -14,13 +15,14 @@ from vitlab.data.synthetic import make_imagenet
 
 
 def test_missing_imagenet_names_path_layout_and_ways_out(tmp_path, data_dir):
-    proc = run_script("train.py", [*TINY_PVT, "debug=smoke", f"hydra.run.dir={tmp_path}"], data_dir, check=False)
-    assert proc.returncode != 0
-    message = proc.stderr
+    with pytest.raises(DatasetLayoutError) as err:
+        hydra_command("train.py", [*TINY_PVT, "debug=smoke", f"hydra.run.dir={tmp_path / 'run'}"], data_dir)
+    message = str(err.value)
     assert f"{data_dir}/imagenet/train is missing" in message
     assert "<root>/train/<wnid>/*.JPEG" in message
     assert "data.root=" in message and "data.synthetic=true" in message
     assert not (data_dir / "synthetic").exists() or "imagenet_" not in message  # no silent fallback
+    assert not (tmp_path / "run").exists()  # a failed command leaves no run directory
 
 
 def test_wrongly_laid_out_root(tmp_path):
@@ -57,9 +59,10 @@ def test_corrupt_image_skipped_and_counted(tmp_path):
 
 
 def test_unknown_config_option_lists_choices(tmp_path, data_dir):
-    proc = run_script("train.py", ["backbone=no_such_net", f"hydra.run.dir={tmp_path}"], data_dir, check=False)
-    assert proc.returncode != 0
-    assert "no_such_net" in proc.stderr and "Available options" in proc.stderr and "pvt_v2_b2" in proc.stderr
+    with pytest.raises(ConfigCompositionException) as err:
+        hydra_command("train.py", ["backbone=no_such_net", f"hydra.run.dir={tmp_path}"], data_dir)
+    message = f"{err.value} {err.value.__cause__}"
+    assert "no_such_net" in message and "Available options" in message and "pvt_v2_b2" in message
 
 
 def test_unknown_backbone_name_in_api_lists_available():
@@ -74,13 +77,12 @@ def test_checkpoint_from_a_different_backbone_names_the_mismatch(tmp_path):
         vitlab.create_model("pvt_v2_b1", num_classes=10, pretrained=str(tmp_path / "b0.pth"))
 
 
-def test_checkpoint_classes_must_match_the_evaluation_data(tmp_path, data_dir, train_run):
-    """The class count comes from the dataset; evaluating a checkpoint on data with other classes
-    is an error naming both counts."""
-    summary = train_run(tmp_path / "run", *TINY_PVT, "experiment=demo", "debug=smoke", "data.synthetic_classes=4")
+def test_checkpoint_classes_must_match_the_evaluation_data(tmp_path, data_dir, smoke_sweep):
+    """The class count comes from the dataset; evaluating a checkpoint (10 generated classes) on
+    data with other classes is an error naming both counts."""
     root = make_imagenet(tmp_path / "in", num_classes=3, num_train=2, num_val=2, size=32)
-    proc = run_script("eval.py", [f"ckpt_path={summary['last_ckpt']}", "+overrides.data.synthetic=false",
-                                  f"+overrides.data.root={root}", f"hydra.run.dir={tmp_path / 'eval'}"],
-                      data_dir, check=False)
-    assert proc.returncode != 0 and "trained on 4 classes but the data has 3" in proc.stderr
+    with pytest.raises(CheckpointMismatchError, match="trained on 10 classes but the data has 3"):
+        hydra_command("eval.py", [f"ckpt_path={smoke_sweep / '0' / 'checkpoints' / 'last.ckpt'}",
+                                  "+overrides.data.synthetic=false", f"+overrides.data.root={root}",
+                                  f"hydra.run.dir={tmp_path / 'eval'}"], data_dir)
     assert not (tmp_path / "eval").exists()  # a failed command leaves no run directory

@@ -5,64 +5,45 @@ import json
 
 import pytest
 
-from support import FAST, TINY_PVT, run_script
+from support import FAST, run_script
 from vitlab.data.synthetic import make_imagenet
-from vitlab.data.synthetic_dense import make_ade20k, make_coco
 
 from vitlab.dashboard import wandb_records
 
-
-def test_ddp_two_cpu_processes_validation_matches_single_process(tmp_path, train_run, data_dir):
-    summary = train_run(
-        tmp_path / "ddp", *FAST, "schedule.epochs=1", "trainer=ddp", "trainer.accelerator=cpu",
-        "trainer.devices=2", "trainer.precision=32-true", "trainer.benchmark=false",
-    )
-    # 200 validation images split over 2 ranks with no padding: the synced metric covers each once.
-    run_script("eval.py", [f"ckpt_path={summary['last_ckpt']}", f"hydra.run.dir={tmp_path / 'eval'}",
-                           "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"], data_dir)
-    single = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert single["val/top1"] == pytest.approx(summary["val/top1"], abs=1e-4)
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+       "trainer.benchmark=false", "trainer.sync_batchnorm=false", "trainer.enable_progress_bar=false"]
 
 
-DDP_EVAL = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
-            "trainer.benchmark=false", "trainer.sync_batchnorm=false", "trainer.enable_progress_bar=false"]
+def test_ddp_two_cpu_processes_train_and_validate_every_image_once(tmp_path, data_dir, eval_run):
+    """Training on 2 processes; its validation of an odd number of images (21, split 11 + 10 with no
+    padding) gives exactly what eval.py computes from the checkpoint in one process (a padding
+    sampler would score one image twice)."""
+    root = make_imagenet(tmp_path / "in", num_classes=3, num_train=8, num_val=7, size=32)
+    run_script("train.py", [*FAST, "schedule.epochs=1", f"data.root={root}", "data.synthetic=false", "data.batch_size=4",
+                            *DDP, f"hydra.run.dir={tmp_path / 'ddp'}"], data_dir)
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["global_step"] == 3  # 24 training images: 12 per process, batch 4
+    single = eval_run(tmp_path / "eval", summary["last_ckpt"], "trainer.accelerator=cpu",
+                      "trainer.enable_progress_bar=false")
+    assert single["val/top1"] == pytest.approx(summary["val/top1"], abs=1e-9)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("task,metric", [("imagenet_cls", "val/top1"), ("coco_maskrcnn", "val/map"),
-                                         ("ade20k_fpn", "val/miou")])
-def test_ddp_evaluation_counts_every_image_once(task, metric, tmp_path, data_dir):
-    """An odd number of validation images on 2 processes gives exactly the single-process metric
-    (a padding sampler would score one image twice)."""
-    if task == "imagenet_cls":
-        root = make_imagenet(tmp_path / "in", num_classes=3, num_train=4, num_val=7, size=32)  # 21 val images
-        data = [f"data.root={root}", "data.img_size=32"]
-        model = ["experiment=demo"]
-        keep_all = ["+overrides.data.smoke=false"]  # smoke keeps 2 batches of ImageNet; evaluate all 21
-    elif task == "coco_maskrcnn":
-        root = make_coco(tmp_path / "coco", num_train=4, num_val=9, size=96)
-        data = [f"data.root={root}", "data.smoke_images=9"]
-        model = [f"task={task}", "module.head.fpn_channels=16"]
-        keep_all = []
-    else:
-        root = make_ade20k(tmp_path / "ade", num_train=4, num_val=9, size=64) / "ADEChallengeData2016"
-        data = [f"data.root={root}", "data.smoke_images=9"]
-        model = [f"task={task}", "module.head.fpn_channels=16", "module.head.channels=16"]
-        keep_all = []
-    run_script("train.py", [*TINY_PVT, *model, "debug=smoke", "data.synthetic=false", *data, "backbone.pretrained=null",
-                            f"hydra.run.dir={tmp_path / 'run'}"], data_dir)
-    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    results = {}
-    for name, trainer in (("single", ["trainer.accelerator=cpu", "trainer.enable_progress_bar=false"]), ("ddp", DDP_EVAL)):
-        run_script("eval.py", [f"ckpt_path={ckpt}", *keep_all, *trainer, f"hydra.run.dir={tmp_path / name}"], data_dir)
-        results[name] = json.loads((tmp_path / name / "summary.json").read_text())[metric]
-    assert results["ddp"] == pytest.approx(results["single"], abs=1e-9), results
+@pytest.mark.parametrize("task,metric", [("coco_maskrcnn", "val/map"), ("ade20k_fpn", "val/miou")])
+def test_ddp_evaluation_counts_every_image_once(task, metric, tmp_path, data_dir, eval_run, request):
+    """eval.py on 2 processes over an odd number of validation images (the shared smoke runs' 9)
+    gives exactly the single-process metric (a padding sampler would score one image twice)."""
+    run = request.getfixturevalue({"coco_maskrcnn": "detection_run", "ade20k_fpn": "segmentation_run"}[task])
+    ckpt = run / "checkpoints" / "last.ckpt"
+    single = eval_run(tmp_path / "single", ckpt, "trainer.accelerator=cpu", "trainer.enable_progress_bar=false")
+    run_script("eval.py", [f"ckpt_path={ckpt}", *DDP, f"hydra.run.dir={tmp_path / 'ddp'}"], data_dir)
+    ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert ddp[metric] == pytest.approx(single[metric], abs=1e-9), (ddp, single)
 
 
-def test_wandb_offline_run_holds_config_and_metrics(tmp_path, train_run):
-    train_run(tmp_path, *FAST, "schedule.epochs=1", "logger=wandb", "tags=[test]")
-    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(runs) == 1, list(tmp_path.rglob("*"))
+def test_wandb_offline_run_holds_config_and_metrics(smoke_sweep):
+    """The smoke sweep's first job (logger=wandb, offline): what W&B holds for dashboards."""
+    runs = list((smoke_sweep / "0" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, list(smoke_sweep.rglob("*"))
     config, summary, history = {}, {}, set()
     for record in wandb_records(runs[0]):
         kind = record.WhichOneof("record_type")

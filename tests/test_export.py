@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from support import TINY_PVT, run_script
+from support import TINY_PVT
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")  # torch.onnx.export(dynamo=True)
@@ -66,13 +66,11 @@ def test_export_fails_when_outputs_differ(classifier_ckpt, tmp_path):
     assert exit_info.value.code == 1
 
 
-def test_segmenter_from_a_smoke_run_exports_to_both_formats(tmp_path, data_dir):
+def test_segmenter_from_a_smoke_run_exports_to_both_formats(tmp_path, segmentation_run):
     from vitlab.export import export
 
-    run_script("train.py", [*TINY_PVT, "task=ade20k_fpn", "debug=smoke", "data.synthetic=true",
-                            f"hydra.run.dir={tmp_path / 'run'}"], data_dir)
     for fmt in ("onnx", "torchscript"):
-        result = export(str(tmp_path / "run" / "checkpoints" / "last.ckpt"), fmt, input_size=(64, 64),
+        result = export(str(segmentation_run / "checkpoints" / "last.ckpt"), fmt, input_size=(64, 64),
                         out=str(tmp_path / f"seg.{fmt}"))
         assert result["ok"] and result["outputs"] == [[1, 150, 64, 64]]
 

@@ -1,8 +1,10 @@
-"""predict.py on image files, per task: it needs the checkpoint only (the training data is deleted
-first), writes figures and predictions.json, and predicts what the task's own validation computes
-for the same image. Also the per-class results of a run (summary.json and W&B)."""
+"""predict.py on image files, per task: it needs the checkpoint only (the training data is moved
+away first), writes figures and predictions.json, and predicts what the task's own validation computes
+for the same image. Also the per-class results of a run (summary.json and W&B). The checkpoints are
+the shared smoke runs (conftest): the smoke sweep's first job, ``detection_run``, ``segmentation_run``."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -14,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from support import TINY_PVT, run_script
+from support import TINY_PVT, hydra_command
 
 from vitlab.dashboard import wandb_records
 from vitlab.predict import find_images, predict
@@ -22,18 +24,24 @@ from vitlab.run import module_from_checkpoint
 from vitlab.visualize import PANEL_WIDTH
 
 
-def train(run: Path, data_dir: Path, *overrides: str) -> Path:
-    """A seconds-long training run whose generated data lives in ``run/data`` (deleted later)."""
-    run_script("train.py", [*TINY_PVT, "debug=smoke", f"data.synthetic_root={run / 'data'}", *overrides,
-                            f"hydra.run.dir={run}"], data_dir)
-    return run / "checkpoints" / "last.ckpt"
+@contextlib.contextmanager
+def data_moved_away(ckpt: Path):
+    """The checkpoint's generated data (its ``data.synthetic_root``) is absent inside the block:
+    predict needs the checkpoint only. It is put back afterwards for the other tests of the run."""
+    root = Path(torch.load(ckpt, weights_only=True)["vitlab_config"]["data"]["synthetic_root"])
+    away = root.with_name(root.name + "-away")
+    root.rename(away)
+    try:
+        yield
+    finally:
+        away.rename(root)
 
 
-def validate(ckpt: Path, root: Path, overrides: dict | None = None):
-    """The checkpoint's task validated on its data by a plain Trainer (what eval.py does)."""
+def validate(ckpt: Path, root: Path, overrides: dict | None = None, batches: int | None = None):
+    """The checkpoint's task validated on its data (the first ``batches``) by a plain Trainer (what eval.py does)."""
     datamodule, module, _ = module_from_checkpoint(str(ckpt), overrides)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=str(root))
+                        default_root_dir=str(root), limit_val_batches=batches)
     return datamodule, module, trainer, lambda: trainer.validate(module, datamodule=datamodule, verbose=False)
 
 
@@ -56,26 +64,25 @@ def check_figures(result: dict, out: Path, panels: int) -> None:
             assert figure.width >= panels * PANEL_WIDTH and figure.mode == "RGB"
 
 
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory, data_dir) -> Path:
-    """A 4-class smoke run logged to W&B (offline)."""
-    run = tmp_path_factory.mktemp("cls")
-    return train(run, data_dir, "experiment=demo", "data.synthetic_classes=4", "logger=wandb")
+@pytest.fixture
+def classifier(smoke_sweep) -> Path:
+    """A 10-class smoke run logged to W&B (offline): the smoke sweep's first job."""
+    return smoke_sweep / "0" / "checkpoints" / "last.ckpt"
 
 
 def test_classification_top_k_on_files(classifier, tmp_path, data_dir):
-    datamodule, module, _, run_validation = validate(classifier, tmp_path)
+    datamodule, module, _, run_validation = validate(classifier, tmp_path, batches=3)
     logits = []
     module.model.register_forward_hook(lambda m, i, out: logits.append(out))
     run_validation()
-    files = [Path(path) for path, _ in datamodule.val_set.samples]
     probs = torch.cat(logits).softmax(1)
+    files = [Path(path) for path, _ in datamodule.val_set.samples][:len(probs)]  # validation's order
     inputs = copy_inputs(files, tmp_path / "inputs")
-    shutil.rmtree(classifier.parents[1] / "data")  # predict needs the checkpoint only
 
     out = tmp_path / "out"
-    run_script("predict.py", [f"ckpt_path={classifier}", f"inputs={tmp_path / 'inputs'}", f"out={out}", "topk=3"],
-               data_dir)
+    with data_moved_away(classifier):
+        hydra_command("predict.py", [f"ckpt_path={classifier}", f"inputs={tmp_path / 'inputs'}", f"out={out}", "topk=3"],
+                      data_dir)
     result = json.loads((out / "predictions.json").read_text())
     assert result["task"] == "ClassificationTask" and result["class_names"] == list(module.info.class_names)
     assert [r["file"] for r in result["images"]] == [str(p) for p in sorted(inputs)]
@@ -93,7 +100,7 @@ def test_classification_top_k_on_files(classifier, tmp_path, data_dir):
 def test_per_class_results_in_summary_and_wandb(classifier):
     summary = json.loads((classifier.parents[1] / "summary.json").read_text())
     per_class = summary["extra"]["per_class_top1"]
-    assert len(per_class) == 4 and any(v is not None for v in per_class.values())
+    assert len(per_class) == 10 and any(v is not None for v in per_class.values())
     for pair in summary["extra"]["top_confusions"]:
         assert pair["true"] != pair["predicted"] and pair["count"] > 0
     (log,) = classifier.parents[1].glob("wandb/offline-run-*/run-*.wandb")
@@ -118,9 +125,8 @@ def test_bad_input_is_named(classifier, tmp_path):
         predict_in_process(classifier, tmp_path / "a.png", tmp_path / "out", score_thresh=0.5)
 
 
-def test_detection_boxes_and_masks_on_files(tmp_path, data_dir):
-    ckpt = train(tmp_path / "run", data_dir, "task=coco_maskrcnn", "data.synthetic=true", "module.head.fpn_channels=32",
-                 "data.synthetic_num_train=8", "data.synthetic_num_val=8")
+def test_detection_boxes_and_masks_on_files(tmp_path, detection_run):
+    ckpt = detection_run / "checkpoints" / "last.ckpt"
     # an untrained detector scores below the recipe's 0.05: keep everything, but only 5 per image
     head = {"box_score_thresh": 0.0, "box_detections_per_img": 5}
     datamodule, module, _, run_validation = validate(ckpt, tmp_path, {"module": {"head": head}})
@@ -128,10 +134,10 @@ def test_detection_boxes_and_masks_on_files(tmp_path, data_dir):
     coco = datamodule.val_set.coco
     files = [datamodule.val_set.image_dir / coco.imgs[i]["file_name"] for i in datamodule.val_set.ids]
     copy_inputs(files, tmp_path / "inputs")
-    shutil.rmtree(tmp_path / "run" / "data")
 
-    result = predict_in_process(ckpt, tmp_path / "inputs", tmp_path / "out", score_thresh=0.0,
-                                overrides={"module": {"head": head}})
+    with data_moved_away(ckpt):
+        result = predict_in_process(ckpt, tmp_path / "inputs", tmp_path / "out", score_thresh=0.0,
+                                    overrides={"module": {"head": head}})
     assert len(result["images"]) == len(files)
     by_name = {coco.imgs[i]["file_name"]: i for i in datamodule.val_set.ids}
     info = module.info
@@ -145,9 +151,8 @@ def test_detection_boxes_and_masks_on_files(tmp_path, data_dir):
     check_figures(result, tmp_path / "out", panels=1)
 
 
-def test_segmentation_class_maps_on_files(tmp_path, data_dir):
-    ckpt = train(tmp_path / "run", data_dir, "task=ade20k_fpn", "data.synthetic=true", "data.synthetic_num_train=8",
-                 "data.synthetic_num_val=8")
+def test_segmentation_class_maps_on_files(tmp_path, segmentation_run):
+    ckpt = segmentation_run / "checkpoints" / "last.ckpt"
     datamodule, module, _, run_validation = validate(ckpt, tmp_path)
     maps, inference = [], module.inference
 
@@ -159,9 +164,9 @@ def test_segmentation_class_maps_on_files(tmp_path, data_dir):
     module.inference = recording
     run_validation()
     inputs = copy_inputs(list(datamodule.val_set.images), tmp_path / "inputs")
-    shutil.rmtree(tmp_path / "run" / "data")
 
-    result = predict_in_process(ckpt, tmp_path / "inputs", tmp_path / "out")
+    with data_moved_away(ckpt):
+        result = predict_in_process(ckpt, tmp_path / "inputs", tmp_path / "out")
     assert len(result["images"]) == len(inputs) == len(maps)
     for record, expected in zip(result["images"], maps):  # both in file-name order
         label_map = torch.from_numpy(np.array(Image.open(tmp_path / "out" / record["label_map"])))

@@ -6,7 +6,7 @@ earlier ones wrote, as a reader's would). Only what makes them fast or possible 
 submitit's local executor (the same code path without a cluster), small inputs for the benchmark.
 The smoke overrides change a run's directory name (its hash), so a later command's path to an
 earlier run is pointed at the directory that run really made. The paper tables' commands are
-expanded and composed without training (``python -m vitlab.plan`` with the same overrides).
+expanded and composed without training (``vitlab.plan``, in this process, with the same overrides).
 
 A README command no rule below knows fails the test: add the command's rule here.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from support import REPO
+from support import REPO, process_state_restored
 
 README = (REPO / "README.md").read_text()
 SMOKE = ["debug=smoke", "data.synthetic=true"]
@@ -124,16 +124,20 @@ def test_readme_command_runs(index, workdir):
     run(point_at_real_runs(command, workdir), workdir)
 
 
-@pytest.mark.slow
-@pytest.mark.xdist_group("readme")
-def test_readme_paper_table_commands_compose(tmp_path):
+def test_readme_paper_table_commands_compose(capsys):
     """Every 'Reproducing the papers' command expands and composes (each job's model is built on
-    the meta device for its params and GFLOPs) without launching anything."""
+    the meta device for its params and GFLOPs) without launching anything: ``python -m vitlab.plan
+    -m <the command's overrides>``, run in this process (``vitlab.plan.main``)."""
+    from vitlab import plan
+
     commands = table_commands()
     assert len(commands) > 30, "the paper tables' commands were not found"
     for command in commands:
         overrides = command.removeprefix("python src/train.py").replace(" -m ", " ").split()
-        run(f"{sys.executable} -m vitlab.plan -m " + " ".join(shlex.quote(o) for o in overrides), tmp_path)
+        with process_state_restored():
+            jobs = plan.main(["-m", *overrides])
+        assert jobs and all(j.params_m > 0 and j.gflops > 0 for j in jobs), command
+        assert "nothing was launched" in capsys.readouterr().out
 
 
 def test_every_readme_command_has_a_rule():

@@ -34,7 +34,6 @@ from vitlab.backbones.scalablevit import ScalableSelfAttention, ScalableViT, Win
 from vitlab.flops import count_gmacs, count_params
 
 FIXTURES = Path(__file__).parent / "fixtures"
-torch.set_num_threads(2)
 
 # the fixture's architecture, as overrides of conf/backbone/scalablevit_s.yaml
 TINY = [

@@ -1,4 +1,6 @@
-"""Every ablation preset in conf/sweep runs end to end with -m (one result per table row)."""
+"""Every ablation preset in conf/sweep expands, as ``-m`` does, into one distinct configuration per
+paper-table row, whose model has that row's parameter count; one preset per backbone family runs
+end to end with ``-m`` (in this process, as Hydra's basic launcher runs a sweep's jobs)."""
 from __future__ import annotations
 
 import json
@@ -7,13 +9,25 @@ import pytest
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from support import REPO, run_script
+from support import REPO, hydra_command
+from vitlab import paper, plan
+from vitlab.flops import count_params
+from vitlab.zoo import build_for_count
 
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "sweep").glob("*.yaml"))
 SMOKE = ["debug=smoke", "data.synthetic=true", "logger=csv"]
+# One preset per backbone family, run for real; a block per stage where the preset does not vary
+# the depth (the full-size models' checkpoints alone would cost more than the runs).
+RUN_END_TO_END = {
+    "pvt": ["+sweep=pvtv2_components", "backbone.depths=[1,1,1,1]"],
+    "pale": ["+sweep=pale_pos_embed", "backbone.depths=[1,1,1,1]"],
+    "gpvit": ["+sweep=gpvit_propagation"],
+    "scalablevit": ["+sweep=scalablevit_lim", "backbone.depths=[1,1,1,1]"],
+}
 
 
 def expected_rows(preset: str) -> int:
+    """The product of the preset's sweep lists, read with Hydra's override parser."""
     params = yaml.safe_load((REPO / "conf" / "sweep" / f"{preset}.yaml").read_text())["hydra"]["sweeper"]["params"]
     parser = OverridesParser.create()
     rows = 1
@@ -23,12 +37,43 @@ def expected_rows(preset: str) -> int:
     return rows
 
 
+def test_every_family_has_a_preset_run_end_to_end():
+    assert {p.split("_")[0].removesuffix("v2") for p in PRESETS} == set(RUN_END_TO_END)
+
+
 @pytest.mark.parametrize("preset", PRESETS)
-def test_sweep_preset_runs_every_row(preset, tmp_path, data_dir):
-    run_script("train.py", ["-m", f"+sweep={preset}", *SMOKE, f"hydra.sweep.dir={tmp_path}"], data_dir, timeout=900)
+def test_sweep_preset_expands_to_its_table_rows(preset):
+    """``vitlab.plan.expand`` composes every job as Hydra's BasicSweeper and launcher do. Each job's
+    resolved backbone config differs from every other job's, reproduces its own paper-table row
+    (``vitlab.paper.match_row``) and builds, on the meta device, with that row's parameters."""
+    jobs = plan.expand([f"+sweep={preset}"])
+    assert len(jobs) == expected_rows(preset) >= 2
+    configs = {(j.backbone, tuple(sorted(j.backbone_overrides))) for j in jobs}
+    assert len(configs) == len(jobs), "every row must be a different configuration"
+    rows = paper.all_rows()
+    matched = []
+    for job in jobs:
+        row = paper.match_row(rows, {"backbone": job.backbone, "task": job.task,
+                                     "overrides": [f"backbone.{o}" for o in job.backbone_overrides]})
+        assert row is not None, f"{preset}: no paper-table row for {job.backbone} {job.backbone_overrides}"
+        matched.append(id(row))
+        params = count_params(build_for_count(job.backbone, job.backbone_overrides, None, "classifier"))
+        if row.get("official_params"):
+            assert params == row["official_params"], (job.overrides, params, row)
+        elif row.get("paper_params_m"):
+            tol = row.get("params_tol", 0.03) * row["paper_params_m"]
+            assert abs(params / 1e6 - row["paper_params_m"]) <= tol, (job.overrides, params, row)
+    assert len(set(matched)) == len(jobs), "two jobs reproduce the same table row"
+
+
+@pytest.mark.parametrize("family", list(RUN_END_TO_END))
+def test_sweep_preset_runs_every_row(family, tmp_path, data_dir):
+    args = RUN_END_TO_END[family]
+    preset = args[0].removeprefix("+sweep=")
+    hydra_command("train.py", ["-m", *args, *SMOKE, f"hydra.sweep.dir={tmp_path}"], data_dir)
     summaries = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/summary.json"))]
-    assert len(summaries) == expected_rows(preset) >= 2
-    settings = {tuple(sorted(o for o in s["overrides"] if not o.startswith(tuple(SMOKE)))) for s in summaries}
+    assert len(summaries) == expected_rows(preset)
+    settings = {tuple(sorted(o for o in s["overrides"] if o not in SMOKE)) for s in summaries}
     assert len(settings) == len(summaries), "every row must be a different setting"
     for s in summaries:
-        assert "val/top1" in s and s["params"] > 0 and s["gflops"] > 0
+        assert s["status"] == "finished" and "val/top1" in s and s["params"] > 0 and s["gflops"] > 0

@@ -1,4 +1,5 @@
-"""End-to-end runs of src/train.py and src/eval.py on generated data (real Trainer, real Hydra)."""
+"""End-to-end runs of src/train.py and src/eval.py on generated data (real Trainer, real Hydra), in this
+process (conftest ``train_run`` / ``eval_run``) except the killed run, which needs a process to kill."""
 from __future__ import annotations
 
 import json
@@ -43,12 +44,10 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, train_run, d
         assert torch.equal(a[key], b[key]), key
 
 
-def test_learns_and_eval_rebuilds_from_checkpoint_alone(tmp_path, train_run, data_dir):
+def test_learns_and_eval_rebuilds_from_checkpoint_alone(tmp_path, train_run, eval_run):
     """10 generated classes (chance 10%): one epoch of a tiny PVTv2 already does far better;
     eval.py, given only the checkpoint, rebuilds data and model and gets the same top-1."""
     summary = train_run(tmp_path / "run", *FAST, "schedule.epochs=1")
     assert summary["val/top1"] > 30, summary
-    run_script("eval.py", [f"ckpt_path={summary['last_ckpt']}", f"hydra.run.dir={tmp_path / 'eval'}",
-                           "trainer.enable_progress_bar=false"], data_dir)
-    evaluated = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    evaluated = eval_run(tmp_path / "eval", summary["last_ckpt"], "trainer.enable_progress_bar=false")
     assert evaluated["val/top1"] == pytest.approx(summary["val/top1"], abs=1e-6)
