@@ -38,7 +38,7 @@ Decisions the papers leave open, taken from the official code:
 
 Tokens travel as (B, N, C); spatial ops see them as NCHW views with channels-last
 strides (no copies). The dense outputs are such views. Attention is
-``F.scaled_dot_product_attention``.
+``F.scaled_dot_product_attention`` (through ``layers.attention``: written out for bf16 on the CPU).
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ from torch import nn
 from vitlab.backbones.arguments import (check_choice, check_divisible, check_ints, check_positive, check_rates,
                                         check_stages, fail, per_stage, renamed_arguments)
 from vitlab.backbones.base import Backbone
-from vitlab.backbones.layers import adapt_shapes, init_vit_weights, resize_token_grid, run_block
+from vitlab.backbones.layers import adapt_shapes, attention, init_vit_weights, resize_token_grid, run_block
 
 __all__ = ["PyramidVisionTransformer"]
 
@@ -142,7 +142,7 @@ class SRAttention(nn.Module):
         q = self.q(x).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, heads, N, d), a view
         src = x if self.sr is None else self.sr(_to_map(x, hw))
         k, v = self.kv(src).unflatten(-1, (2, self.num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        x = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).flatten(2)))
 
 
