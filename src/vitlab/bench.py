@@ -75,7 +75,7 @@ from vitlab.flops import count_gmacs
 
 PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 TASKS = {"retinanet": "coco_retinanet", "maskrcnn": "coco_maskrcnn", "fpn": "ade20k_fpn", "upernet": "ade20k_upernet"}
-TASK_INPUT = {"coco": (800, 1333), "ade20k": (512, 512)}  # the papers' training sizes (COCO: the 1333x800 scale)
+TRAIN_INPUT = {"coco": (800, 1333), "ade20k": (512, 512)}  # the papers' training sizes (COCO: the 1333x800 scale)
 PHASES = ("infer", "train")
 
 
@@ -202,19 +202,19 @@ def make_workload(task: str | None, batch: int, size: tuple[int, int] | None, de
         return classification_workload(batch, size or (224, 224), device)
     full = TASKS[task]
     dataset = full.split("_")[0]
-    size = size or TASK_INPUT[dataset]
+    size = size or TRAIN_INPUT[dataset]
     if dataset == "coco":
         return detection_workload(batch, size, device, masks=task == "maskrcnn", task=full)
     return segmentation_workload(batch, size, device, task=full)
 
 
 # --------------------------------------------------------------------------- models
-def build_ours(name: str, workload: Workload, device: torch.device, overrides=()) -> nn.Module:
+def build_ours(name: str, workload: Workload, device: torch.device, overrides=(), task_overrides=()) -> nn.Module:
     if workload.task is None:
         return vitlab.create_model(name, overrides=list(overrides)).to(device)
     from vitlab.zoo import build_task_model
 
-    return build_task_model(name, list(overrides), workload.task).to(device)
+    return build_task_model(name, list(overrides), workload.task, list(task_overrides)).to(device)
 
 
 def _timm_twin(name: str, device: torch.device) -> nn.Module | None:
@@ -362,8 +362,9 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = Non
 
 
 def candidates(name: str, workload: Workload, device: torch.device, compare_timm: bool, reference: str | None,
-               compile_backend: str | None, grad_checkpointing: bool, overrides=()) -> list[tuple[Result, nn.Module]]:
-    ours = build_ours(name, workload, device, overrides)
+               compile_backend: str | None, grad_checkpointing: bool, overrides=(),
+               task_overrides=()) -> list[tuple[Result, nn.Module]]:
+    ours = build_ours(name, workload, device, overrides, task_overrides)
     models = [(Result(name, 0.0, "ours"), ours)]
     if compare_timm and workload.task is None:
         twin = _timm_twin(name, device)
@@ -385,7 +386,7 @@ def candidates(name: str, workload: Workload, device: torch.device, compare_timm
 
 def bench(names, batch=8, input_size=None, compare_timm=False, device="cpu", steps=5, warmup=2, rounds=5,
           precision="32", references=None, task=None, compile_backend=None, grad_checkpointing=False,
-          phases=PHASES, overrides=()):
+          phases=PHASES, overrides=(), task_overrides=()):
     """One list of ``Result`` per name: ours first, then what it is compared with."""
     device = torch.device(device)
     dtype = PRECISIONS[precision]
@@ -394,7 +395,7 @@ def bench(names, batch=8, input_size=None, compare_timm=False, device="cpu", ste
     table = []
     for name, reference in zip(names, references):
         models = candidates(name, workload, device, compare_timm, reference, compile_backend, grad_checkpointing,
-                            overrides)
+                            overrides, task_overrides)
         for phase in phases:
             for _ in range(rounds):  # interleaved: ours, the others, ours, ...
                 for result, model in models:
@@ -439,7 +440,7 @@ def format_table(table, device: str, peak: float | None = None) -> str:
     for results in table:
         for r in results:
             lines.append(
-                f"{r.name:<28} {r.params_m:>9.2f} {r.gflops_per_image:>9.2f} {r.train_ips:>12.2f} {r.infer_ips:>12.2f} "
+                f"{r.name:<28} {r.params_m:>9.2f} {r.gflops_per_image:>9.2f} {r.train_ips:>12.4g} {r.infer_ips:>12.4g} "
                 f"{r.train_mem_mb:>24.1f} {r.infer_mem_mb:>24.1f} {r.gflops_rate('train'):>14.1f} "
                 f"{pct(r.gflops_rate('train')):>6.1f} {r.gflops_rate('infer'):>14.1f} {pct(r.gflops_rate('infer')):>6.1f}")
         for label, a, b in ratio_lines(results):
@@ -464,6 +465,8 @@ def main(argv=None) -> None:
     p.add_argument("--task", choices=list(TASKS), default=None, help="time the full dense model of this task")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="backbone config override for ours (e.g. depths=[1,1,1,1]); the references are built as they are")
+    p.add_argument("--task-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="--task: an override of the task's run config (e.g. module.head.norm=GN)")
     p.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default: inductor)")
     p.add_argument("--grad-checkpointing", action="store_true", help="also time ours with activation checkpointing")
@@ -503,16 +506,16 @@ def main(argv=None) -> None:
     if args.task and args.compare_timm:
         p.error("--compare-timm times classifiers; it does not apply with --task")
     batch = args.batch or (2 if args.task else 8)
-    if args.task == "upernet" and batch < 2:
-        p.error("--task upernet needs --batch >= 2: the pyramid pooling's 1x1 map has one value per channel, "
-                "which BatchNorm cannot normalise in training")
+    if args.task == "upernet" and batch < 2 and not any(o.startswith("module.head.norm=") for o in args.task_override):
+        p.error("--task upernet with --batch 1: the pyramid pooling's 1x1 map has one value per channel, which "
+                "BatchNorm cannot normalise in training; use --batch >= 2, or --task-override module.head.norm=GN")
     dtype = PRECISIONS[args.precision] or torch.float32
     peak = matmul_peak(torch.device(args.device), dtype)
     phases = PHASES if args.phase == "both" else (args.phase,)
     table = bench(args.names, batch, args.input, args.compare_timm, args.device, args.steps, args.warmup, args.rounds,
                   args.precision, args.reference, args.task, args.compile_backend if args.compile else None,
-                  args.grad_checkpointing, phases, args.override)
-    size = args.input or (TASK_INPUT[TASKS[args.task].split("_")[0]] if args.task else (224, 224))
+                  args.grad_checkpointing, phases, args.override, args.task_override)
+    size = args.input or (TRAIN_INPUT[TASKS[args.task].split("_")[0]] if args.task else (224, 224))
     print(f"device={args.device} task={args.task or 'classification'} batch={batch} input={size[0]}x{size[1]} "
           f"precision={args.precision} steps={args.steps} rounds={args.rounds} threads={torch.get_num_threads()} "
           f"torch={torch.__version__} matmul peak={peak:.0f} GFLOP/s ({str(dtype).split('.')[-1]})")
