@@ -27,14 +27,15 @@ Every extra row gets a ratio line: ``ours / timm`` and ``ours / ref`` (>1: ours 
 
 * train: forward + loss under ``--precision`` autocast, backward (no optimizer step);
 * infer: forward under ``torch.inference_mode()`` (and autocast), ``model.eval()``;
-* images/s: batch x steps / wall time after ``--warmup`` steps; the median over ``--rounds``
-  rounds; a ratio is the median of the per-round ratios (paired: a load change on a shared
-  machine hits both);
+* images/s: batch x steps / time after ``--warmup`` steps (``--clock wall``, or ``cpu``: this
+  process's CPU time, steadier on a shared machine); the median over ``--rounds`` rounds; a ratio
+  is the median of the per-round ratios (paired: a load change on a shared machine hits both),
+  followed by their quartiles (how far the pairs moved);
 * GFLOP/s: images/s x the model's forward FLOPs per image (2 x the multiply-adds that
   ``vitlab.flops.count_gmacs`` counts), x 3 for a training step (backward ~ 2 x forward; dense
   heads counted at their evaluation-mode cost, so an approximation there); ``%peak``: that rate
-  over the machine's matmul rate in the same dtype, measured at the start (a large square
-  matmul): how close to the machine's limit the model runs;
+  over the machine's matmul rate in the same dtype (a large square matmul, the best of runs before
+  and after the models'): how close to the machine's limit the model runs;
 * peak memory: CUDA -- ``torch.cuda.max_memory_allocated`` during the phase minus what was
   allocated before it (activations, gradients, workspace; weights excluded); CPU -- the peak
   resident set size (RSS, /proc/self/statm sampled every 2 ms by a thread) during the phase
@@ -77,6 +78,9 @@ PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float1
 TASKS = {"retinanet": "coco_retinanet", "maskrcnn": "coco_maskrcnn", "fpn": "ade20k_fpn", "upernet": "ade20k_upernet"}
 TRAIN_INPUT = {"coco": (800, 1333), "ade20k": (512, 512)}  # the papers' training sizes (COCO: the 1333x800 scale)
 PHASES = ("infer", "train")
+# cpu: this process's CPU time (all its threads), which other processes on a shared CPU machine do not
+# inflate as they inflate wall time (the measured threads are the ones waiting for a core then)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 @dataclass
@@ -209,12 +213,13 @@ def make_workload(task: str | None, batch: int, size: tuple[int, int] | None, de
 
 
 # --------------------------------------------------------------------------- models
-def build_ours(name: str, workload: Workload, device: torch.device, overrides=(), task_overrides=()) -> nn.Module:
+def build_ours(name: str, workload: Workload, device: torch.device, overrides=()) -> nn.Module:
+    """``overrides``: relative to the backbone config, and with a task ``module.*`` ones (the zoo's rows' convention)."""
     if workload.task is None:
         return vitlab.create_model(name, overrides=list(overrides)).to(device)
     from vitlab.zoo import build_task_model
 
-    return build_task_model(name, list(overrides), workload.task, list(task_overrides)).to(device)
+    return build_task_model(name, list(overrides), workload.task).to(device)
 
 
 def _timm_twin(name: str, device: torch.device) -> nn.Module | None:
@@ -320,8 +325,8 @@ def _step(model: nn.Module, workload: Workload, phase: str, device: torch.device
             workload.forward(model)
 
 
-def _measure(model, phase, workload, steps, warmup, device, dtype):
-    """(images/s, peak memory MB) of ``steps`` steps of ``phase`` after ``warmup`` steps."""
+def _measure(model, phase, workload, steps, warmup, device, dtype, clock=time.perf_counter):
+    """(images/s, peak memory MB) of ``steps`` steps of ``phase`` after ``warmup`` steps, timed by ``clock``."""
     model.train(phase == "train")
     for _ in range(warmup):
         _step(model, workload, phase, device, dtype)
@@ -337,15 +342,16 @@ def _measure(model, phase, workload, steps, warmup, device, dtype):
         mem = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     else:
         with _PeakRSS() as rss:
-            start = time.perf_counter()
+            start = clock()
             for _ in range(steps):
                 _step(model, workload, phase, device, dtype)
-            elapsed = time.perf_counter() - start
+            elapsed = clock() - start
         mem = rss.delta_mb
     return workload.batch * steps / elapsed, mem
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 3) -> float:
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 3,
+                clock: Callable[[], float] = time.perf_counter) -> float:
     """GFLOP/s of a large square matmul in ``dtype`` (the best of ``repeats``): the machine's limit."""
     size = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(size, size, device=device).to(dtype)
@@ -354,17 +360,16 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = Non
     best = 0.0
     for _ in range(repeats):
         _sync(device)
-        start = time.perf_counter()
+        start = clock()
         a @ b
         _sync(device)
-        best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
+        best = max(best, 2 * size**3 / (clock() - start) / 1e9)
     return best
 
 
 def candidates(name: str, workload: Workload, device: torch.device, compare_timm: bool, reference: str | None,
-               compile_backend: str | None, grad_checkpointing: bool, overrides=(),
-               task_overrides=()) -> list[tuple[Result, nn.Module]]:
-    ours = build_ours(name, workload, device, overrides, task_overrides)
+               compile_backend: str | None, grad_checkpointing: bool, overrides=()) -> list[tuple[Result, nn.Module]]:
+    ours = build_ours(name, workload, device, overrides)
     models = [(Result(name, 0.0, "ours"), ours)]
     if compare_timm and workload.task is None:
         twin = _timm_twin(name, device)
@@ -386,7 +391,7 @@ def candidates(name: str, workload: Workload, device: torch.device, compare_timm
 
 def bench(names, batch=8, input_size=None, compare_timm=False, device="cpu", steps=5, warmup=2, rounds=5,
           precision="32", references=None, task=None, compile_backend=None, grad_checkpointing=False,
-          phases=PHASES, overrides=(), task_overrides=()):
+          phases=PHASES, overrides=(), clock="wall"):
     """One list of ``Result`` per name: ours first, then what it is compared with."""
     device = torch.device(device)
     dtype = PRECISIONS[precision]
@@ -395,11 +400,11 @@ def bench(names, batch=8, input_size=None, compare_timm=False, device="cpu", ste
     table = []
     for name, reference in zip(names, references):
         models = candidates(name, workload, device, compare_timm, reference, compile_backend, grad_checkpointing,
-                            overrides, task_overrides)
+                            overrides)
         for phase in phases:
             for _ in range(rounds):  # interleaved: ours, the others, ours, ...
                 for result, model in models:
-                    ips, mem = _measure(model, phase, workload, steps, warmup, device, dtype)
+                    ips, mem = _measure(model, phase, workload, steps, warmup, device, dtype, CLOCKS[clock])
                     result.rounds[phase].append(ips)
                     result.mems[phase].append(mem)
             for result, _ in models:
@@ -410,10 +415,23 @@ def bench(names, batch=8, input_size=None, compare_timm=False, device="cpu", ste
     return table
 
 
+def round_ratios(a: Result, b: Result, phase: str) -> list[float]:
+    """a's images/s over b's in each round (both measured in the same round)."""
+    return [x / y for x, y in zip(a.rounds[phase], b.rounds[phase])]
+
+
 def paired_ratio(a: Result, b: Result, phase: str) -> float:
-    """Median over rounds of a's images/s over b's (both measured in the same round)."""
-    ratios = [x / y for x, y in zip(a.rounds[phase], b.rounds[phase])]
+    """The median of ``round_ratios``."""
+    ratios = round_ratios(a, b, phase)
     return statistics.median(ratios) if ratios else float("nan")
+
+
+def _quartiles(values: list[float]) -> str:
+    """'q1-q3' of the per-round ratios: how much the paired measurement moved ('-' for < 4 rounds)."""
+    if len(values) < 4:
+        return "-"
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return f"{q1:.2f}-{q3:.2f}"
 
 
 def ratio_lines(results: list[Result]) -> list[tuple[str, Result, Result]]:
@@ -446,7 +464,9 @@ def format_table(table, device: str, peak: float | None = None) -> str:
         for label, a, b in ratio_lines(results):
             lines.append(
                 f"{label:<28} {'':>9} {'':>9} {paired_ratio(a, b, 'train'):>11.2f}x {paired_ratio(a, b, 'infer'):>11.2f}x "
-                f"{a.train_mem_mb / max(b.train_mem_mb, 1e-9):>23.2f}x {a.infer_mem_mb / max(b.infer_mem_mb, 1e-9):>23.2f}x")
+                f"{a.train_mem_mb / max(b.train_mem_mb, 1e-9):>23.2f}x {a.infer_mem_mb / max(b.infer_mem_mb, 1e-9):>23.2f}x"
+                f"   rounds' quartiles: train {_quartiles(round_ratios(a, b, 'train'))}, "
+                f"infer {_quartiles(round_ratios(a, b, 'infer'))}")
     return "\n".join(lines)
 
 
@@ -464,9 +484,8 @@ def main(argv=None) -> None:
                    help="also time this model factory (once per name, in order), e.g. the authors' code")
     p.add_argument("--task", choices=list(TASKS), default=None, help="time the full dense model of this task")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="backbone config override for ours (e.g. depths=[1,1,1,1]); the references are built as they are")
-    p.add_argument("--task-override", action="append", default=[], metavar="KEY=VALUE",
-                   help="--task: an override of the task's run config (e.g. module.head.norm=GN)")
+                   help="an override for ours, relative to the backbone config (e.g. depths=[1,1,1,1]), or with "
+                        "--task of the task's module (module.head.norm=GN); the references are built as they are")
     p.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default: inductor)")
     p.add_argument("--grad-checkpointing", action="store_true", help="also time ours with activation checkpointing")
@@ -476,6 +495,9 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each round")
     p.add_argument("--rounds", type=int, default=5, help="rounds per model and phase; the median is reported")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                   help="wall time, or (CPU device) this process's CPU time: steadier on a shared machine, "
+                        "images per CPU-second with --threads 1")
     p.add_argument("--loader", choices=["imagenet", "coco", "ade20k"], default=None,
                    help="time this dataset's training pipeline instead (vitlab.data.throughput)")
     p.add_argument("--images", type=int, default=64, help="--loader: images per round")
@@ -503,21 +525,26 @@ def main(argv=None) -> None:
     if args.precision == "16-mixed" and args.device == "cpu":
         p.error("--precision 16-mixed on the CPU: torch has no fast fp16 matmul there (well under 1 GFLOP/s); "
                 "use --precision bf16-mixed, or --device cuda")
+    if args.clock == "cpu" and args.device != "cpu":
+        p.error("--clock cpu times CPU work; a CUDA step's time is the device's: use --clock wall")
     if args.task and args.compare_timm:
         p.error("--compare-timm times classifiers; it does not apply with --task")
     batch = args.batch or (2 if args.task else 8)
-    if args.task == "upernet" and batch < 2 and not any(o.startswith("module.head.norm=") for o in args.task_override):
+    if args.task == "upernet" and batch < 2 and not any(o.startswith("module.head.norm=") for o in args.override):
         p.error("--task upernet with --batch 1: the pyramid pooling's 1x1 map has one value per channel, which "
-                "BatchNorm cannot normalise in training; use --batch >= 2, or --task-override module.head.norm=GN")
+                "BatchNorm cannot normalise in training; use --batch >= 2, or --override module.head.norm=GN")
     dtype = PRECISIONS[args.precision] or torch.float32
-    peak = matmul_peak(torch.device(args.device), dtype)
+    device, clock = torch.device(args.device), CLOCKS[args.clock]
+    peak = matmul_peak(device, dtype, clock=clock)  # before and after the run: the best (a shared machine's load varies)
     phases = PHASES if args.phase == "both" else (args.phase,)
     table = bench(args.names, batch, args.input, args.compare_timm, args.device, args.steps, args.warmup, args.rounds,
                   args.precision, args.reference, args.task, args.compile_backend if args.compile else None,
-                  args.grad_checkpointing, phases, args.override, args.task_override)
+                  args.grad_checkpointing, phases, args.override, args.clock)
+    peak = max(peak, matmul_peak(device, dtype, clock=clock))
     size = args.input or (TRAIN_INPUT[TASKS[args.task].split("_")[0]] if args.task else (224, 224))
     print(f"device={args.device} task={args.task or 'classification'} batch={batch} input={size[0]}x{size[1]} "
           f"precision={args.precision} steps={args.steps} rounds={args.rounds} threads={torch.get_num_threads()} "
+          f"clock={args.clock} "
           f"torch={torch.__version__} matmul peak={peak:.0f} GFLOP/s ({str(dtype).split('.')[-1]})")
     print(format_table(table, args.device, peak))
 

@@ -81,10 +81,9 @@ def find_paper_row(name: str, overrides: list[str], task: str | None) -> dict | 
     return None
 
 
-def build_task_model(name: str, overrides: list[str], task: str, task_overrides: list[str] = ()) -> torch.nn.Module:
+def build_task_model(name: str, overrides: list[str], task: str) -> torch.nn.Module:
     """The full model of a dense task (backbone + neck + heads), as the papers count it: the task
-    class's own ``build_model`` with the real dataset's class count and the papers' input size.
-    ``overrides`` are relative to the backbone config, ``task_overrides`` to the whole run config."""
+    class's own ``build_model`` with the real dataset's class count and the papers' input size."""
     from hydra import compose, initialize_config_dir
 
     from vitlab.build import locate
@@ -94,7 +93,7 @@ def build_task_model(name: str, overrides: list[str], task: str, task_overrides:
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose("train", overrides=[f"task={task}", f"backbone={name}", *(f"backbone.{o}" for o in overrides),
-                                          "backbone.pretrained=null", *task_overrides])  # counting needs no weights
+                                          "backbone.pretrained=null"])  # counting needs no weights
     module_cfg = OmegaConf.to_container(cfg.module, resolve=True)  # not `paths`: no Hydra run here
     check_targets(module_cfg, "module")
     dataset = task.split("_")[0]
