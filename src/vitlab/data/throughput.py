@@ -124,7 +124,7 @@ def format_loader_table(rows: list[LoaderRow]) -> str:
     lines = [head, "-" * len(head)]
     base = rows[0]
     for row in rows:
-        paired = (statistics.median(a / b for a, b in zip(row.rounds, base.rounds))
-                  if row is not base and not row.name.endswith("device part") else float("nan"))
-        lines.append(f"{row.name:<28} {row.images_per_s:>18.1f} {paired:>10.2f}x")
+        paired = ("-" if row is base or row.name.endswith("device part") else
+                  f"{statistics.median(a / b for a, b in zip(row.rounds, base.rounds)):.2f}x")
+        lines.append(f"{row.name:<28} {row.images_per_s:>18.1f} {paired:>11}")
     return "\n".join(lines)
