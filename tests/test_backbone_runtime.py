@@ -68,6 +68,69 @@ def test_set_grad_checkpointing_reaches_the_adapter_trunk():
     assert backbone.trunk.grad_checkpointing
 
 
+def _naive_attention(q, k, v, mask=None, scale=None):
+    """softmax(q k^T scale + mask) v in float64, written out (the reference for ``layers.attention``)."""
+    q, k, v = q.double(), k.double(), v.double()
+    logits = q @ k.transpose(-2, -1) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.double()
+    return logits.softmax(-1) @ v
+
+
+def _attention_inputs():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, n, 16, generator=gen) for n in (20, 7, 7))
+    bool_mask = torch.rand(3, 1, 20, 7, generator=gen) > 0.3
+    bool_mask[..., 0] = True  # every query sees a key
+    float_mask = torch.randn(1, 2, 20, 7, generator=gen)
+    return q, k, v, bool_mask, float_mask
+
+
+def test_attention_is_sdpa_bit_for_bit_in_fp32():
+    q, k, v, bool_mask, float_mask = _attention_inputs()
+    for mask, scale in ((None, None), (bool_mask, None), (float_mask, 0.3)):
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        assert torch.equal(layers.attention(q, k, v, attn_mask=mask, scale=scale), expected)
+
+
+def test_attention_in_bf16_on_cpu_is_written_out_and_matches_float64(monkeypatch):
+    """bf16 on the CPU (autocast, or bf16 tensors) takes the written-out path (torch's fused CPU
+    kernels are several times slower there); it equals float64 attention within bf16 rounding."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("SDPA called in bf16 on the CPU")
+
+    q, k, v, bool_mask, float_mask = _attention_inputs()
+    for mask, scale in ((None, None), (bool_mask, None), (float_mask, 0.3)):
+        expected = _naive_attention(q, k, v, mask, scale)
+        with monkeypatch.context() as m:
+            m.setattr(layers.F, "scaled_dot_product_attention", refuse)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                under_autocast = layers.attention(q, k, v, attn_mask=mask, scale=scale)
+            plain_bf16 = layers.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), attn_mask=mask, scale=scale)
+        for out in (under_autocast, plain_bf16):
+            assert out.dtype == torch.bfloat16
+            torch.testing.assert_close(out.double(), expected, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("name", list(SHRUNK))
+def test_bf16_autocast_training_step_tracks_fp32(name):
+    """The bf16 path users train with (written-out attention on the CPU) gives fp32's logits and
+    gradients up to bf16 rounding (cosine similarity: a wrong mask or scale would break it)."""
+    model = _build(name, ["drop_path_rate=0.0"]).train()
+    x = torch.randn(2, 3, 64, 96)
+    outs, grads = [], []
+    for autocast in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(x)
+        logits.float().square().mean().backward()
+        outs.append(logits.float().flatten())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(outs[0], outs[1], dim=0) > 0.998
+    assert cos(grads[0], grads[1], dim=0) > 0.98
+
+
 @pytest.mark.parametrize("name", list(SHRUNK))
 def test_default_variant_compiles_without_graph_breaks(name):
     """fullgraph=True fails on any graph break; aot_eager traces forward and backward graphs

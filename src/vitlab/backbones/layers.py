@@ -35,6 +35,47 @@ def init_vit_weights(m: nn.Module, convs: bool = True) -> None:
             nn.init.zeros_(m.bias)
 
 
+# --------------------------------------------------------------------------- attention
+_REDUCED = (torch.bfloat16, torch.float16)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, scale=scale)``: the fused
+    kernels everywhere except in bf16 / fp16 on the CPU (under autocast or not), where it is
+    softmax(q k^T scale + mask) v written out as the official codes write it.
+
+    Why written out there: torch's CPU kernels for reduced precision (the flash kernel, and the
+    math fallback, which upcasts to fp32) are 1.6x (PVTv2 stage 1: 3136 queries, 49 keys) to
+    9x (49 x 49 windows) slower forward + backward than two bf16 matmuls and a bf16 softmax,
+    enough to make a whole PVTv2 / ScalableViT training step slower than the authors' code
+    (python -m vitlab.bench --precision bf16-mixed --reference ...). fp32 and GPUs keep SDPA,
+    bit for bit. The boolean mask means what SDPA's means (True: may attend).
+    """
+    if q.device.type != "cpu" or _compute_dtype(q) not in _REDUCED:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = q @ (k * scale).transpose(-2, -1)  # k: usually the shorter sequence (spatial reduction)
+    if attn_mask is not None:
+        logits = (logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
+                  else logits + attn_mask)
+    weights = logits.softmax(-1)
+    if dropout_p:
+        weights = F.dropout(weights, dropout_p)
+    return weights.to(v.dtype) @ v  # a float mask may have promoted the weights (no-op otherwise)
+
+
+def _compute_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype SDPA would compute ``q``'s attention in on the CPU (autocast's, where it is on)."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+
+
 # --------------------------------------------------------------------------- size-dependent weights
 Resizer = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -9,7 +9,7 @@ linear layers want channels last; convs get a permuted view, no copy).
 
 Attention modes (``attn_mode``, the rows of Tables 6/8); "group" always means a
 set of tokens attending among themselves, formed by reshape/permute and
-attended with one ``F.scaled_dot_product_attention`` call per branch:
+attended with one ``F.scaled_dot_product_attention`` call per branch (``layers.attention``):
 
 * ``pale_parallel`` (default, Fig. 2c): channels and heads split in half; one half
   attends within row groups (s_r interlaced rows: rows g, g+N_r, ..., g+(s_r-1)N_r
@@ -42,7 +42,7 @@ from torch import nn
 from vitlab.backbones.arguments import (check_choice, check_divisible, check_ints, check_positive, check_rates,
                                         check_stages, fail, per_stage, renamed_arguments)
 from vitlab.backbones.base import Backbone
-from vitlab.backbones.layers import adapt_shapes, init_vit_weights, resize_grid, run_block
+from vitlab.backbones.layers import adapt_shapes, attention, init_vit_weights, resize_grid, run_block
 
 ATTN_MODES = ("pale_parallel", "pale_sequential", "pale_vanilla", "cross", "axial")
 SPLIT_MODES = ("pale_parallel", "cross", "axial")  # half the heads on rows, half on columns
@@ -214,7 +214,7 @@ class PaleAttention(nn.Module):
         """Row-group attention of ``(B, R, W, C')`` q/k/v into ``out`` (one SDPA call)."""
         qg, kg, vg = (_to_groups(t, s, self.interlaced, heads) for t in (q, k, v))
         mask = _group_mask(valid, s, self.interlaced, q.shape[0])
-        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=drop)
+        o = attention(qg, kg, vg, attn_mask=mask, dropout_p=drop)
         _from_groups(o, out, s, self.interlaced)
 
     def _vanilla_attention(self, q, k, v, valid, s_r, s_c, drop) -> torch.Tensor:
@@ -239,7 +239,7 @@ class PaleAttention(nn.Module):
             return t.permute(0, 1, 3, 2, 4).reshape(b * n, heads, length, c // heads)
 
         mask = None if valid is None else valid.flatten()[idx][:, None, None, :].repeat(b, 1, 1, 1)
-        o = F.scaled_dot_product_attention(gather(q), gather(k), gather(v), attn_mask=mask, dropout_p=drop)
+        o = attention(gather(q), gather(k), gather(v), attn_mask=mask, dropout_p=drop)
         o = o.view(b, n, heads, length, c // heads).permute(0, 1, 3, 2, 4).reshape(b, n * length, c)
         flat = idx.flatten()
         y = o.new_zeros(b, hp * wp, c).index_add_(1, flat, o)

@@ -37,8 +37,11 @@ Decisions the papers leave open, taken from the official code:
   (every head dim 64 -> 90).
 
 Tokens travel as (B, N, C); spatial ops see them as NCHW views with channels-last
-strides (no copies). The dense outputs are such views. Attention is
-``F.scaled_dot_product_attention``.
+strides (no copies). The dense outputs are such views. The image itself is not made channels-last
+(the first patch embedding's tokens are copied once by its LayerNorm instead, as in the official
+code): that extra copy of the input moved where later tensors are allocated, and stage 1's GELU
+ran 2-4x slower under bf16 (torch.profiler, best of several rounds, against the authors' code). Attention is
+``F.scaled_dot_product_attention`` (through ``layers.attention``: written out for bf16 on the CPU).
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ from torch import nn
 from vitlab.backbones.arguments import (check_choice, check_divisible, check_ints, check_positive, check_rates,
                                         check_stages, fail, per_stage, renamed_arguments)
 from vitlab.backbones.base import Backbone
-from vitlab.backbones.layers import adapt_shapes, init_vit_weights, resize_token_grid, run_block
+from vitlab.backbones.layers import adapt_shapes, attention, init_vit_weights, resize_token_grid, run_block
 
 __all__ = ["PyramidVisionTransformer"]
 
@@ -67,12 +70,6 @@ def _to_map(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
 def _to_tokens(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H*W, C); a view when the map is channels-last in memory."""
     return x.flatten(2).transpose(1, 2)
-
-
-def _channels_last(images: torch.Tensor) -> torch.Tensor:
-    # A channels-last input makes the first patch-embedding conv write a channels-last map,
-    # whose (B, N, C) token view needs no copy (later stages get channels-last views anyway).
-    return images.contiguous(memory_format=torch.channels_last)
 
 
 class PatchEmbed(nn.Module):
@@ -142,7 +139,7 @@ class SRAttention(nn.Module):
         q = self.q(x).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, heads, N, d), a view
         src = x if self.sr is None else self.sr(_to_map(x, hw))
         k, v = self.kv(src).unflatten(-1, (2, self.num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        x = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).flatten(2)))
 
 
@@ -349,7 +346,7 @@ class PyramidVisionTransformer(Backbone):
                 trunc_normal_(p, std=0.02)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        outs, x = [], _channels_last(images)
+        outs, x = [], images
         for stage in self.stages:
             tokens, hw = stage(x, checkpointing=self.grad_checkpointing)
             x = _to_map(tokens, hw)
@@ -358,7 +355,7 @@ class PyramidVisionTransformer(Backbone):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """The vector the linear head reads: the class token (v1) or the mean token (v2)."""
-        x, last = _channels_last(images), len(self.stages) - 1
+        x, last = images, len(self.stages) - 1
         for i, stage in enumerate(self.stages):
             prefix = None
             if i == last and self.cls_token is not None:

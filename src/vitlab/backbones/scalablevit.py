@@ -65,7 +65,7 @@ from torch import nn
 from vitlab.backbones.arguments import (check_choice, check_divisible, check_ints, check_positive, check_rates,
                                         check_stages, fail, per_stage, renamed_arguments)
 from vitlab.backbones.base import Backbone
-from vitlab.backbones.layers import (adapt_shapes, add_relative_position_bias, init_vit_weights,
+from vitlab.backbones.layers import (adapt_shapes, add_relative_position_bias, attention, init_vit_weights,
                                      relative_position_bias, resize_relative_position_bias, run_block)
 
 ATTENTIONS = ("iwsa", "wsa", "swsa", "ssa")
@@ -178,7 +178,7 @@ class WindowAttention(nn.Module):
         if self.rel_pos_bias:  # float mask: the bias, -inf across Swin's regions
             bias = relative_position_bias(self, (ws, ws))[None]
             mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+        out = attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.attn_drop if self.training else 0.0)
         if self.local_module == "lem":  # conv inside each window: (B*nW, C, ws, ws)
             lem = self.local_conv(v.transpose(-1, -2).reshape(-1, C, ws, ws))
@@ -235,7 +235,7 @@ class ScalableSelfAttention(nn.Module):
             v = self.v(r).view(B, r.shape[1], nh, -1).transpose(1, 2)
         else:
             k, v = self.kv(x).view(B, H * W, 2, nh, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale,
+        out = attention(q, k, v, scale=self.scale,
                                              dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, H, W, C)))
 

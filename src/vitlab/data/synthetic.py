@@ -72,20 +72,23 @@ def background(rng: np.random.Generator, size: int) -> Image.Image:
 
 
 def make_imagenet(
-    out: str | Path, seed: int = 0, num_classes: int = 10, num_train: int = 80, num_val: int = 20, size: int = 64
+    out: str | Path, seed: int = 0, num_classes: int = 10, num_train: int = 80, num_val: int = 20, size: int = 64,
+    height: int | None = None,
 ) -> Path:
-    """Write ``num_train``/``num_val`` images per class in the ImageNet folder layout."""
+    """Write ``num_train``/``num_val`` images per class in the ImageNet folder layout: ``size`` x
+    ``size`` pixels, or ``size`` wide and ``height`` high (ImageNet's typical photo: 500 x 375)."""
     out = Path(out)
     rng = np.random.default_rng(seed)
+    width, height = size, height or size
     for split, per_class in (("train", num_train), ("val", num_val)):
         for c in range(num_classes):
             shape, colour = class_style(c)
             folder = out / split / wnid(c)
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
-                img = background(rng, size)
-                r = size * rng.uniform(0.18, 0.32)
-                cx, cy = rng.uniform(r, size - r, size=2)
+                img = background(rng, max(width, height)).crop((0, 0, width, height))
+                r = min(width, height) * rng.uniform(0.18, 0.32)
+                cx, cy = rng.uniform(r, (width - r, height - r))  # the same draws as before for squares
                 jitter = rng.integers(-25, 26, size=3)
                 fill = tuple(int(v) for v in np.clip(np.array(colour) + jitter, 0, 255))
                 draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, rng.uniform(0, math.pi), fill)

@@ -27,7 +27,7 @@ Facts not in the paper come from the official code
 ``convert_official`` maps onto this layout (LayerNorm eps 1e-6 in the trunk and
 the local blocks, PyTorch's default 1e-5 in the GP blocks and the neck, as
 there). Every attention (stripes, windows, grouping, ungrouping, neck) goes
-through ``F.scaled_dot_product_attention`` with its default 1/sqrt(head_dim)
+through ``F.scaled_dot_product_attention`` (``layers.attention``) with its default 1/sqrt(head_dim)
 scale, which is the official scale everywhere.
 
 Decisions left open by the paper and the official code:
@@ -94,7 +94,7 @@ from vitlab.backbones.arguments import (check_choice, check_divisible, check_int
                                         per_stage, renamed_arguments, show)
 from vitlab.backbones.base import Backbone
 from vitlab.backbones.gpvit.convert import convert_official
-from vitlab.backbones.layers import (add_relative_position_bias, adapt_shapes, init_vit_weights,
+from vitlab.backbones.layers import (add_relative_position_bias, adapt_shapes, attention, init_vit_weights,
                                      relative_position_bias, resize_relative_position_bias, resize_token_grid,
                                      run_block)
 
@@ -176,7 +176,7 @@ def window_attention(
     if bias is not None:  # float mask: the bias, -inf where the boolean mask forbids
         rel = relative_position_bias(bias, (wh, ww))[None]  # (1, heads, L, L)
         mask = rel if mask is None else rel.masked_fill(~mask, float("-inf"))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    out = attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     if lepe is not None:
         # each window's value map as an image: (B*nW, heads*d, wh, ww), head-major channels
         v_img = v.transpose(-1, -2).reshape(b * nwin, heads * d, wh, ww)
@@ -338,7 +338,7 @@ class TokenGrouping(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._qkv(x)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return out.transpose(1, 2).flatten(2)  # (B, M, C)
 
     @torch.no_grad()
@@ -401,7 +401,7 @@ class GroupSelfAttention(nn.Module):
         seq = self.norm1(torch.cat((groups, image), dim=1))
         q = self.q(seq[:, :m]).view(b, m, heads, c // heads).transpose(1, 2)
         k, v = self.kv(seq).view(b, -1, 2, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        out = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         x = groups + self.drop_path(self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, m, c))))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -433,7 +433,7 @@ class Ungrouping(nn.Module):
         q = self.q_proj(self.norm_query(x)).view(b, n, heads, c // heads).transpose(1, 2)
         k = self.k_proj(g).view(b, m, heads, c // heads).transpose(1, 2)
         v = self.v_proj(g).view(b, m, heads, c // heads).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        out = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
         x = self.cat_proj(torch.cat((x, self.drop_path(out)), dim=-1))
         return x + self.drop_path(self.mlp(self.norm2(x)))
