@@ -22,6 +22,12 @@ def pytest_collection_finish(session):
     if torch.get_num_threads() != THREADS:
         raise pytest.UsageError(f"a test module changed torch's thread count at import ({THREADS} -> "
                                 f"{torch.get_num_threads()}); set it inside the test and restore it")
+    # The README's commands build on each other and must share a worker (xdist_group + --dist loadgroup);
+    # pytest-xdist marks grouped tests by suffixing their node id, which pytest 9 silently ignores.
+    if getattr(session.config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
+        ungrouped = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+        if ungrouped:
+            raise pytest.UsageError(f"--dist loadgroup is not grouping tests (pytest/pytest-xdist versions?): {ungrouped[0]}")
 
 
 @pytest.fixture(autouse=True)

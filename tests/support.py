@@ -127,6 +127,8 @@ def hydra_command(script: str, args: list[str], data_dir: Path, env: dict | None
     body = {"train.py": vitlab.run.train, "eval.py": vitlab.run.evaluate, "predict.py": predict}[script]
     multirun = "-m" in args or "--multirun" in args
     overrides = [a for a in args if a not in ("-m", "--multirun")]
+    if multirun:
+        overrides.append("hydra.mode=MULTIRUN")  # what Hydra's command line adds for -m (hydra/_internal/utils.py)
     full_env = {"VITLAB_DATA": str(data_dir), "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1", **(env or {})}
     with process_state_restored():
         os.environ.update(full_env)
