@@ -9,7 +9,8 @@ from vitlab.validate import ConfigValueError, check_run_config
 
 GOOD = {"seed": 42, "resume": "auto", "data": {"batch_size": 8, "num_workers": 0, "synthetic": True},
         "schedule": {"epochs": 3, "max_steps": -1, "optimizer": {"lr": 1e-3, "weight_decay": 0.05},
-                     "lr_policy": {"name": "cosine", "warmup_epochs": 1, "milestones": None}}}
+                     "lr_policy": {"name": "cosine", "warmup_epochs": 1, "milestones": None}},
+        "module": {"compile": False}}
 
 
 def with_value(key: str, value):
@@ -42,6 +43,7 @@ def test_a_good_config_passes():
     ("schedule.lr_policy.milestones", [8, "x"], "schedule.lr_policy.milestones"),
     ("resume", "maybe", "resume='maybe': expected one of auto, never"),
     ("seed", -1, "seed=-1"),
+    ("module.compile", "fastest", "module.compile='fastest': expected true, false or a torch.compile backend (aot_eager"),
 ])
 def test_bad_values_name_key_value_and_what_is_allowed(key, value, message):
     with pytest.raises(ConfigValueError, match=message.replace("[", r"\[").replace("(", r"\(")):

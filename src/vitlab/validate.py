@@ -61,6 +61,17 @@ def _fraction(value):
     return None
 
 
+def _compile(value):
+    if isinstance(value, bool):
+        return None
+    import torch._dynamo
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if value in backends:
+        return None
+    return f"expected true, false or a torch.compile backend ({', '.join(backends)})"
+
+
 # key (as the user types it) -> check; keys absent from a config are skipped.
 RULES: dict[str, Any] = {
     "seed": _int(0),
@@ -101,6 +112,7 @@ RULES: dict[str, Any] = {
     "module.label_smoothing": _fraction,
     "module.aux_weight": _number(0),
     "module.test_mode": _choice("whole", "slide"),
+    "module.compile": _compile,
     "trainer.num_nodes": _int(1),
     "trainer.accumulate_grad_batches": _int(1),
     "trainer.check_val_every_n_epoch": _int(1, optional=True),

@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from vitlab.backbones.base import Backbone, ImageClassifier
 from vitlab.data.base import DatasetInfo, PredictBatch
 
 
@@ -127,11 +128,13 @@ def check_legacy_num_classes(num_classes: int | None, info: DatasetInfo) -> None
 
 
 class VitlabTask(L.LightningModule):
-    def __init__(self, backbone: dict, schedule: dict, info: DatasetInfo | dict):
+    def __init__(self, backbone: dict, schedule: dict, info: DatasetInfo | dict, compile: bool | str = False):
         super().__init__()
         self.backbone_cfg = _plain(backbone)
         self.schedule = _plain(schedule)
         self.info = DatasetInfo.from_dict(info)
+        # module.compile: true (inductor) or a torch.compile backend name; see configure_model
+        self.compile_backend = None if compile is False else "inductor" if compile is True else compile
 
     def save_plain_hyperparameters(self, ignore: list[str] = ()) -> None:
         """Lightning's ``save_hyperparameters`` for the subclass's constructor, as plain containers
@@ -143,6 +146,22 @@ class VitlabTask(L.LightningModule):
         # them as top-level keys and the whole run config (vitlab.run), so "backbone" stays its name.
         self._hparams_initial = copy.deepcopy(
             type(self._hparams)({k: v for k, v in self._hparams.items() if k not in ("backbone", "schedule", "info")}))
+
+    def configure_model(self) -> None:
+        """``module.compile``: the network's backbone part is compiled in place (``nn.Module.compile``),
+        so state-dict keys, checkpoints and ``backbone.pretrained`` stay those of the eager model:
+        each classifier (backbone + head; the EMA copy's too), or each dense model's backbone. Only
+        that part: the detectors' and heads' per-image Python control flow (lists of boxes and masks)
+        would break the graph every step for little gain. Lightning calls this hook before fit,
+        validate, test and predict; compiling twice changes nothing."""
+        if not self.compile_backend:
+            return
+        compiled: list[str] = []
+        for name, module in self.named_modules():
+            inside = any(name.startswith(f"{outer}.") for outer in compiled)
+            if isinstance(module, (ImageClassifier, Backbone)) and not inside:
+                module.compile(backend=self.compile_backend)
+                compiled.append(name)
 
     @classmethod
     def build_model(cls, backbone: dict, module: dict, info: DatasetInfo) -> nn.Module:

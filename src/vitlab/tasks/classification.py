@@ -27,9 +27,10 @@ class ClassificationTask(VitlabTask):
         mixup_switch_prob: float = 0.5,
         label_smoothing: float = 0.1,
         ema_decay: float | None = None,
+        compile: bool | str = False,
         num_classes: int | None = None,  # stored configs of vitlab < 0.2; the dataset decides now
     ):
-        super().__init__(backbone, schedule, info)
+        super().__init__(backbone, schedule, info, compile)
         check_legacy_num_classes(num_classes, self.info)
         self.save_plain_hyperparameters(ignore=["num_classes"])
         num_classes = self.info.num_classes

@@ -86,9 +86,10 @@ class DetectionTask(VitlabTask):
         vis_score_thresh: float = 0.3,
         tta: dict | None = None,
         val_loss: bool = True,
+        compile: bool | str = False,
         num_classes: int | None = None,  # stored configs of vitlab < 0.2; the dataset decides now
     ):
-        super().__init__(backbone, schedule, info)
+        super().__init__(backbone, schedule, info, compile)
         check_legacy_num_classes(num_classes, self.info)
         self.save_plain_hyperparameters(ignore=["num_classes"])
         if tta and (list(tta.get("scales", [1.0])) != [1.0] or tta.get("flip")):

@@ -52,12 +52,13 @@ class SegmentationTask(VitlabTask):
         size_divisor: int = 32,
         tta: dict | None = None,
         num_vis_images: int = 4,
+        compile: bool | str = False,
         decode_head: dict | None = None,  # the name of `head` in configs stored by vitlab < 0.2
         num_classes: int | None = None,  # likewise: the dataset decides now
         mean: list[float] | None = None,  # likewise: the dataset's statistics are in `info`
         std: list[float] | None = None,
     ):
-        super().__init__(backbone, schedule, info)
+        super().__init__(backbone, schedule, info, compile)
         check_legacy_num_classes(num_classes, self.info)
         head = head or decode_head
         if head is None:
