@@ -135,7 +135,8 @@ def test_sync_picks_new_and_grown_offline_runs(sweep_dir):
         f.with_suffix(".wandb.synced").touch()
     try:
         assert dashboard.runs_to_sync(sweep_dir) == []
-        os.utime(files[0], (files[0].stat().st_mtime + 60,) * 2)  # the run logged more since
+        synced_at = files[0].with_suffix(".wandb.synced").stat().st_mtime
+        os.utime(files[0], (synced_at + 60,) * 2)  # the run logged more after it was synced
         assert dashboard.runs_to_sync(sweep_dir) == [files[0]]
     finally:
         for f in files:
