@@ -63,6 +63,8 @@ def fast(command: str) -> str | None:
         if "+sweep=pale" in command:
             extra += ["backbone.depths=[1,1,1,1]"]  # 15 jobs: Pale-T with one block per stage
         return f"{command} {' '.join(extra)}"
+    if command.startswith("python -m vitlab.bench --loader"):
+        return f"{command} --images 4 --rounds 1 --image-size 64 48"
     if command.startswith("python -m vitlab.bench"):
         return f"{command} --batch 1 --input 32 32 --steps 1 --warmup 0 --rounds 1"
     if command.startswith("python -m vitlab.data.check"):
@@ -88,7 +90,8 @@ def point_at_real_runs(command: str, cwd: Path) -> str:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """A reader's directory: the commands say src/train.py, and photos/ holds their own images."""
+    """A reader's directory: the commands say src/train.py, photos/ holds their own images and
+    official/ the authors' model file."""
     from PIL import Image
 
     cwd = tmp_path_factory.mktemp("reader")
@@ -96,6 +99,10 @@ def workdir(tmp_path_factory) -> Path:
     (cwd / "photos").mkdir()
     for i, colour in enumerate(("red", "green", "blue")):
         Image.new("RGB", (96, 72), colour).save(cwd / "photos" / f"photo_{i}.jpg")
+    # official/: where the reader copies the authors' model file; timm's PVTv2 stands in for it here
+    (cwd / "official").mkdir()
+    (cwd / "official" / "pvt_v2.py").write_text(
+        "import timm\n\n\ndef pvt_v2_b2(**kwargs):\n    return timm.create_model('pvt_v2_b2', **kwargs)\n")
     return cwd
 
 
