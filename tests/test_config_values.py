@@ -43,6 +43,8 @@ def test_a_good_config_passes():
     ("schedule.lr_policy.milestones", [8, "x"], "schedule.lr_policy.milestones"),
     ("resume", "maybe", "resume='maybe': expected one of auto, never"),
     ("seed", -1, "seed=-1"),
+    ("data.auto_augment", "rand-x9", "data.auto_augment='rand-x9': expected null or a timm augmentation string"),
+    ("data.auto_augment", "bogus", "data.auto_augment='bogus': expected null or a timm augmentation string"),
     ("module.compile", "fastest", "module.compile='fastest': expected true, false or a torch.compile backend (aot_eager"),
 ])
 def test_bad_values_name_key_value_and_what_is_allowed(key, value, message):

@@ -92,6 +92,8 @@ def test_detector_learns_and_keeps_the_contract(cls):
         loss = sum(losses.values())
         optimiser.zero_grad()
         loss.backward()
+        if not history:  # DDP (trainer=ddp, no find_unused_parameters) needs a gradient for every parameter
+            assert not [k for k, p in detector.named_parameters() if p.grad is None]
         optimiser.step()
         history.append(loss.item())
     assert sum(history[-5:]) / 5 < 0.8 * max(history[:10]), history

@@ -36,3 +36,70 @@ def test_backbone_weights_from_any_task_checkpoint(task, tmp_path, train_run):
         with pytest.raises(Exception, match="has no EMA weights"):
             vitlab.create_backbone("pvt_v2_b0", pretrained=summary["last_ckpt"],
                                    overrides=[*TINY, "pretrained_ema=true"])
+
+
+V1 = ["depths=[1,1,1,1]", "embed_dims=[16,32,40,64]"]
+
+
+def test_pvt_v1_dense_backbone_drops_classifier_parts_and_trades_weights_with_a_classifier(tmp_path):
+    """PVT v1's class token, its position slot and the final norm serve the classifier only: a dense
+    backbone drops them (the official detection backbone has none), takes a classifier's file without
+    them, and its own weights load back into a classifier (those parts keep their initialisation)."""
+    from vitlab.api import backbone_config
+    from vitlab.build import build_backbone
+
+    classifier = vitlab.create_model("pvt_tiny", 5, overrides=V1)
+    torch.save(classifier.state_dict(), tmp_path / "classifier.pt")
+    cfg = backbone_config("pvt_tiny", [*V1, f"pretrained={tmp_path / 'classifier.pt'}"])
+    dense = build_backbone(cfg, dense=True)
+    assert dense.pruned_keys == {"cls_token", "cls_pos_embed", "norm.weight", "norm.bias"}
+    assert not dense.pruned_keys & set(dense.state_dict())
+    for key, value in dense.state_dict().items():
+        assert torch.equal(value, classifier.backbone.state_dict()[key]), key
+    torch.save({f"backbone.{k}": v for k, v in dense.state_dict().items()}, tmp_path / "dense.pt")
+    back = vitlab.create_model("pvt_tiny", 5, pretrained=tmp_path / "dense.pt", overrides=V1)
+    assert torch.equal(back.backbone.stages[3].blocks[0].attn.q.weight, dense.stages[3].blocks[0].attn.q.weight)
+
+
+# each family's default variant (shrunk where big), PVT v1, and the timm baselines
+DENSE_FAMILIES = {
+    "pvt_tiny": V1,
+    "pvt_v2_b0": ["depths=[1,1,1,1]"],
+    "pale_t": ["depths=[1,1,2,1]", "embed_dims=[16,32,48,64]", "num_heads=[2,2,4,4]"],
+    "gpvit_l1": ["embed_dims=48", "depths=4", "num_heads=4", "gp_layers=[1,3]", "group_tokens=[8,4]",
+                 "num_group_heads=2", "num_ungroup_heads=2", "propagation_heads=2", "neck_heads=2"],
+    "scalablevit_s": ["depths=[2,2,2,2]", "embed_dims=[16,32,32,64]", "num_heads=[1,2,2,4]"],
+    "resnet18": [],
+    "vit_small_p32": [],
+    "swin_tiny": [],
+}
+
+
+@pytest.mark.parametrize("name", list(DENSE_FAMILIES))
+def test_every_parameter_of_a_dense_backbone_gets_a_gradient(name):
+    """DDP (without find_unused_parameters, as trainer=ddp runs) stops on a parameter that gets no
+    gradient: a dense backbone's forward must use every parameter it holds."""
+    from vitlab.api import backbone_config
+    from vitlab.build import build_backbone
+
+    backbone = build_backbone(backbone_config(name, [*DENSE_FAMILIES[name], "pretrained=null"]), dense=True)
+    sum(level.float().mean() for level in backbone(torch.randn(1, 3, 128, 128))).backward()
+    unused = [k for k, p in backbone.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, unused
+
+
+def test_dense_checkpoint_that_still_holds_classifier_parts_loads(tmp_path, train_run, eval_run):
+    """Segmentation checkpoints of PVT v1 written before dense backbones dropped the classifier's parts
+    (vitlab < 0.3) still hold them: eval.py and resume read such a file."""
+    from support import DENSE_SMOKE
+
+    over = [f"backbone.{o}" for o in V1]
+    summary = train_run(tmp_path / "run", "backbone=pvt_tiny", *over, "task=ade20k_fpn", *DENSE_SMOKE["ade20k_fpn"],
+                        "data.synthetic_num_val=4", "data.smoke_images=4")
+    ckpt = torch.load(summary["last_ckpt"], weights_only=False)
+    assert "model.backbone.cls_token" not in ckpt["state_dict"]
+    ckpt["state_dict"].update({"model.backbone.cls_token": torch.zeros(1, 1, 64), "model.backbone.norm.weight": torch.ones(64),
+                               "model.backbone.cls_pos_embed": torch.zeros(1, 1, 64), "model.backbone.norm.bias": torch.zeros(64)})
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    evaluated = eval_run(tmp_path / "eval", tmp_path / "old.ckpt")
+    assert evaluated["val/miou"] == pytest.approx(summary["val/miou"], abs=1e-6)

@@ -58,13 +58,17 @@ def instantiate(cfg: Mapping | DictConfig, where: str = "config", trusted: bool 
         raise
 
 
-def build_backbone(cfg: Mapping | DictConfig):
+def build_backbone(cfg: Mapping | DictConfig, dense: bool = False):
     """Instantiate a backbone config (as found under ``backbone:`` in any run config);
     ``pretrained`` loads weights: a file, a run directory, or ``imagenet`` (``vitlab.weights``).
-    The file loaded is kept as ``backbone.pretrained_file`` (None: random initialisation)."""
+    The file loaded is kept as ``backbone.pretrained_file`` (None: random initialisation).
+    ``dense``: for a detector or segmenter, without the parts only classification uses
+    (``Backbone.prune_for_dense``)."""
     cfg = dict(plain(cfg))
     pretrained, use_ema = (cfg.pop(key, None) for key in WEIGHT_KEYS)
     backbone = instantiate(cfg, "backbone")
+    if dense:
+        backbone.prune_for_dense()
     backbone.pretrained_file = _load(backbone, backbone, pretrained, use_ema, cfg)
     return backbone
 

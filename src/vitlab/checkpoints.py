@@ -123,6 +123,17 @@ def _adapt(sd: dict[str, torch.Tensor], backbone: Backbone, source: str) -> dict
     return {**{k: v for k, v in sd.items() if not k.startswith("backbone.")}, **{f"backbone.{k}": v for k, v in part.items()}}
 
 
+def _keep_classifier_parts(sd: dict[str, torch.Tensor], backbone: Backbone, source: str) -> dict[str, torch.Tensor]:
+    """A detector's or segmenter's file has no classifier-only parts (``Backbone.prune_for_dense``,
+    e.g. PVT v1's class token): loaded into a whole backbone, those keep the model's initialisation."""
+    own = backbone.state_dict()
+    missing = {k for k in own if f"backbone.{k}" not in sd}
+    if not missing or backbone.pruned_keys or not missing <= backbone.classification_only_keys():
+        return sd  # nothing to keep, or a real mismatch that the strict check names
+    log.info("%s has no %s (a dense model's weights): they keep their initialisation", source, ", ".join(sorted(missing)))
+    return {**sd, **{f"backbone.{k}": own[k] for k in missing}}
+
+
 def _check_and_load(model: nn.Module, sd: dict, source: str) -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
@@ -154,6 +165,7 @@ def load_pretrained(model: nn.Module, path: str | Path, ema: bool = False) -> nn
     sd = read_state_dict(path, ema=ema)
     if isinstance(model, ImageClassifier):
         sd = _adapt(to_our_layout(sd, model.backbone, set(model.state_dict()), bare=False), model.backbone, str(path))
+        sd = _keep_classifier_parts(sd, model.backbone, str(path))
         own = model.state_dict()
         head = {k: v for k, v in sd.items() if k.startswith("head.")}
         if {k for k in own if k.startswith("head.")} != set(head) or any(
@@ -165,8 +177,9 @@ def load_pretrained(model: nn.Module, path: str | Path, ema: bool = False) -> nn
             return model
         _check_and_load(model, sd, str(path))
     elif isinstance(model, Backbone):
-        sd = to_our_layout(sd, model, {f"backbone.{k}" for k in model.state_dict()}, bare=True)
-        sd = _adapt(sd, model, str(path))
+        sd = to_our_layout(sd, model, {f"backbone.{k}" for k in [*model.state_dict(), *model.pruned_keys]}, bare=True)
+        sd = {k: v for k, v in sd.items() if k[len("backbone."):] not in model.pruned_keys}  # classifier-only parts
+        sd = _keep_classifier_parts(_adapt(sd, model, str(path)), model, str(path))
         _check_and_load(model, {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}, str(path))
     else:
         _check_and_load(model, sd, str(path))

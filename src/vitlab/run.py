@@ -321,7 +321,7 @@ def module_from_checkpoint(ckpt_path: str, overrides: dict | None = None, module
         info = DatasetInfo.from_dict(stored)
     module = instantiate(run_cfg["module"], "module", backbone=run_cfg["backbone"], schedule=run_cfg["schedule"],
                          info=info)
-    module.load_state_dict(ckpt["state_dict"], strict=True)
+    module.load_state_dict(module.without_pruned_keys(ckpt["state_dict"]), strict=True)
     return datamodule, module, ckpt
 
 

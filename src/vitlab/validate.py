@@ -72,6 +72,25 @@ def _compile(value):
     return f"expected true, false or a torch.compile backend ({', '.join(backends)})"
 
 
+def _auto_augment(value):
+    """timm's policy strings (create_transform's dispatch): rand-..., augmix-..., else AutoAugment's
+    original / originalr / v0 / v0r / 3a. timm answers a malformed one with a bare assert."""
+    if value is None:
+        return None
+    expected = "expected null or a timm augmentation string: rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, v0 or 3a"
+    if not isinstance(value, str):
+        return expected
+    from timm.data import auto_augment as aa
+
+    build = (aa.rand_augment_transform if value.startswith("rand") else
+             aa.augment_and_mix_transform if value.startswith("augmix") else aa.auto_augment_transform)
+    try:
+        build(value, {"translate_const": 100, "img_mean": (124, 116, 104)})
+    except (AssertionError, ValueError, KeyError, IndexError) as error:
+        return f"{expected} ({error})" if str(error) else expected
+    return None
+
+
 # key (as the user types it) -> check; keys absent from a config are skipped.
 RULES: dict[str, Any] = {
     "seed": _int(0),
@@ -83,6 +102,7 @@ RULES: dict[str, Any] = {
     "data.smoke": _bool,
     "data.skip_corrupt": _bool,
     "data.verify": _choice("cheap", "full", "none"),
+    "data.auto_augment": _auto_augment,
     "data.img_size": _int(1),
     "data.max_size": _int(1),
     "data.flip_prob": _fraction,

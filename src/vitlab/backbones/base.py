@@ -29,6 +29,8 @@ then a strict load.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -38,8 +40,30 @@ class Backbone(nn.Module):
     strides: list[int]
     grad_checkpointing: bool = False
 
+    pruned_keys: frozenset[str] = frozenset()
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+
+    def prune_for_dense(self) -> None:
+        """Drop what the dense outputs (``forward``) never use: under DDP a parameter that gets no
+        gradient stops training ("find_unused_parameters"), and the official dense backbones do not
+        have these parts. The dropped state-dict keys are kept in ``pruned_keys``: weight loading
+        skips them in a classifier's checkpoint, and old dense checkpoints that still hold them load."""
+        before = set(self.state_dict())
+        self.drop_classification_parts()
+        self.pruned_keys = frozenset(before - set(self.state_dict()))
+
+    def classification_only_keys(self) -> frozenset[str]:
+        """The state-dict keys ``prune_for_dense`` drops (found on a copy; this model is unchanged)."""
+        if self.pruned_keys:
+            return self.pruned_keys
+        probe = copy.deepcopy(self)
+        probe.prune_for_dense()
+        return probe.pruned_keys
+
+    def drop_classification_parts(self) -> None:
+        """Families whose ``forward`` leaves parameters unused remove them here (default: none)."""
 
     def forward_features(self, images: torch.Tensor):
         raise NotImplementedError

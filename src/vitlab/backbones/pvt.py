@@ -27,9 +27,8 @@ Decisions the papers leave open, taken from the official code:
 * Norm epsilons: blocks and stage/final norms use ``norm_eps`` (1e-6);
   patch-embedding and SRA-reduction norms ``embed_norm_eps`` (nn.LayerNorm's 1e-5).
 * Dense outputs (``forward``) of v1 follow the official detection backbone: no
-  class token and no final norm, so ``cls_token``, ``cls_pos_embed`` and ``norm``
-  are unused there (DDP needs ``find_unused_parameters`` for v1 dense tasks; the
-  official mmdet backbone simply does not have them).
+  class token and no final norm. Dense tasks drop ``cls_token``, ``cls_pos_embed``
+  and ``norm`` (``prune_for_dense``), as the official mmdet backbone has none.
 * Weight init is PVTv2's everywhere (v1 left convs at PyTorch's default init).
 * ``width_mult`` (PVT Table 9, PVT-Small-Wide): the paper does not say how C_i x 1.4
   is rounded. We round C_i * width_mult / heads_i to an integer and multiply back,
@@ -371,6 +370,10 @@ class PyramidVisionTransformer(Backbone):
         head = nn.Linear(self.out_channels[-1], num_classes)
         init_vit_weights(head)
         return head
+
+    def drop_classification_parts(self) -> None:
+        # v1's class token, its position slot and the final norm serve the classifier only
+        self.cls_token = self.cls_pos_embed = self.norm = None
 
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
         """v1's per-stage position embeddings (square grids of the checkpoint's img_size) are

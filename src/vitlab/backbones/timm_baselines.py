@@ -151,6 +151,10 @@ class TimmColumnarViT(_TimmBody):
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.body(images)
 
+    def drop_classification_parts(self) -> None:
+        # the blocks after the last tapped one, the final norm and the pooling serve the classifier only
+        self.body.prune_intermediate_layers(self.out_indices, prune_norm=True, prune_head=True)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
         self.body.set_grad_checkpointing(enable)  # timm's own, per block (use_reentrant=False; no BatchNorm)

@@ -295,7 +295,15 @@ class VitlabTask(L.LightningModule):
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
 
+    def without_pruned_keys(self, state_dict: dict) -> dict:
+        """A checkpoint's state dict less the backbone parts dense models no longer hold
+        (``Backbone.prune_for_dense``; dense checkpoints of vitlab < 0.3 still have them)."""
+        pruned = {f"{name}.{key}" for name, module in self.named_modules()
+                  if isinstance(module, Backbone) for key in module.pruned_keys}
+        return {k: v for k, v in state_dict.items() if k not in pruned}
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = self.without_pruned_keys(checkpoint["state_dict"])
         # Restore RNG as early as Lightning allows: it builds the training iterator (whose
         # first batches draw augmentations) before on_train_start, so a resumed run then draws
         # the same augmentations, mixup and drop-path masks as an uninterrupted one.

@@ -121,7 +121,7 @@ class DetectionTask(VitlabTask):
     def build_model(cls, backbone: dict, module: dict, info: DatasetInfo) -> nn.Module:
         """The detector: ``module["head"]`` around the backbone, for the dataset's classes; images are
         normalised inside the model with the dataset's statistics."""
-        return instantiate(module["head"], "module.head", backbone=build_backbone(backbone),
+        return instantiate(module["head"], "module.head", backbone=build_backbone(backbone, dense=True),
                            num_classes=info.num_classes, image_mean=list(info.mean), image_std=list(info.std))
 
     def forward(self, images: list[torch.Tensor]):

@@ -90,7 +90,7 @@ class SegmentationTask(VitlabTask):
     @classmethod
     def build_model(cls, backbone: dict, module: dict, info: DatasetInfo) -> nn.Module:
         """Backbone + ``module["head"]`` (+ ``module["auxiliary_head"]``) for the dataset's classes."""
-        backbone = build_backbone(backbone)
+        backbone = build_backbone(backbone, dense=True)
 
         def head(cfg, where):
             if not cfg:
