@@ -120,6 +120,9 @@ def test_imagenet_matches_by_architecture_not_by_name(monkeypatch):
     cfg = backbone_config("pvt_v2_b2", ["linear_sra=true", "drop_path_rate=0.3"])  # = PVTv2-B2-Li's shapes
     with pytest.raises(WeightsUnavailable, match=r"pvt_v2_b2_li's ImageNet weights.*pvt_v2_b2_li.pth"):
         build_backbone({**cfg, "pretrained": "imagenet"})
+    for name in ("pvt_small", "vit_small_p32"):  # dense backbones, without their classifier-only parts
+        with pytest.raises(WeightsUnavailable, match=rf"{name}'s ImageNet weights"):
+            build_backbone({**backbone_config(name), "pretrained": "imagenet"}, dense=True)
     ablation = backbone_config("pvt_v2_b0", ["mlp_ratios=[4,4,4,4]"])
     with pytest.raises(WeightsUnavailable, match=r"no official ImageNet release has this architecture.*"
                                                  r"backbone.pretrained=null"):

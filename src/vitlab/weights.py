@@ -131,7 +131,8 @@ def release_for(backbone: nn.Module, cfg: dict) -> Release:
     family = {n: c for n, c in _registered_configs().items() if c.get("_target_") == cfg["_target_"]}
     closest = sorted(family, key=lambda n: sum(family[n].get(k) != v for k, v in cfg.items()))
     signature = shape_signature(backbone)
-    name = next((n for n in closest if _variant_signature(n) == signature), None)
+    pruned = getattr(backbone, "pruned_keys", frozenset())  # a dense model's backbone lacks its classifier parts
+    name = next((n for n in closest if tuple(e for e in _variant_signature(n) if e[0] not in pruned) == signature), None)
     if name is None:
         raise WeightsUnavailable(
             f"backbone.pretrained=imagenet: no official ImageNet release has this architecture ({cfg['_target_']} "
