@@ -108,3 +108,20 @@ def test_map_states_gathered_over_uneven_processes_equal_one_process():
     for rank in (0, 1):
         assert out[rank][0] == pytest.approx(expected, abs=1e-12)
         assert out[rank][1] == list(range(7))  # every image once, in id order
+
+
+def test_a_resumed_run_logs_into_the_same_wandb_run(tmp_path, train_run, data_dir):
+    """Killed after epoch 1 and re-run (as a requeued SLURM job): both attempts log offline into the one
+    W&B run whose id the run directory keeps, so `wandb sync` / `vitlab.dashboard sync` merge them."""
+    from support import FAST, run_script
+
+    run = tmp_path / "run"
+    common = [*FAST, "schedule.epochs=2", "data.synthetic_classes=4", "logger=wandb"]
+    stop = ["+callbacks.stop._target_=vitlab.callbacks.StopAfter", "+callbacks.stop.epochs=1"]
+    killed = run_script("train.py", [*common, *stop, f"hydra.run.dir={run}"], data_dir, check=False)
+    assert killed.returncode == 75, killed.stderr[-2000:]
+    run_id = (run / "wandb_run_id").read_text().strip()
+    summary = train_run(run, *common)
+    assert summary["resumed_from"] and (run / "wandb_run_id").read_text().strip() == run_id
+    attempts = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and all(a.name.endswith(f"-{run_id}") for a in attempts), attempts
