@@ -195,7 +195,7 @@ def test_ground_truth_as_predictions_scores_ap_1(coco_root, tmp_path):
         images, targets, _ = batch
         task.model.forward = lambda ims, t=targets: oracle(ims, t)  # ground truth in, as detections
         task.validation_step(batch, 0)
-    result = task.val_map.compute()
+    result = task.val_coco.compute()
     assert float(result["bbox_map"]) == pytest.approx(1.0)
     assert float(result["segm_map"]) > 0.99
     # the results JSON: original category ids, xywh boxes, RLE masks -> pycocotools' own evaluation
@@ -213,7 +213,7 @@ def test_ground_truth_as_predictions_scores_ap_1(coco_root, tmp_path):
 
 def test_per_class_ap_matches_pycocotools(coco_root, tmp_path):
     """Noisy detections (jittered boxes, random scores, some wrong labels) through the task: its
-    per-class AP (torchmetrics' class_metrics) equals pycocotools' COCOeval restricted to each category,
+    per-class AP (read from CocoEvaluator's one evaluation) equals pycocotools' COCOeval restricted to each category,
     run on the results JSON against the original annotation file."""
     from vitlab.tasks.detection import DetectionTask
 
@@ -239,7 +239,7 @@ def test_per_class_ap_matches_pycocotools(coco_root, tmp_path):
     for batch in dm.val_dataloader():
         task.model.forward = lambda ims, t=batch.targets: noisy(ims, t)
         task.validation_step(batch, 0)
-    per_class = task.per_class_ap(task.val_map.compute())["ap"]
+    per_class = task.per_class_ap(task.val_coco.compute())["ap"]
     gt = COCO(str(coco_root / "annotations" / "instances_val2017.json"))
     res = gt.loadRes(str(task.write_results(tmp_path / "results.json")))
     checked = 0

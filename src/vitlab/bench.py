@@ -46,6 +46,8 @@ Every extra row gets a ratio line: ``ours / timm`` and ``ours / ref`` (>1: ours 
 
 ``--loader imagenet|coco|ade20k`` times the training data pipeline instead (see
 ``vitlab.data.throughput``): decode + augmentation, images/s of one worker process.
+``--eval coco|ade20k --images N [--masks]`` times the validation metric at full size
+(``vitlab.tools.eval_cost``): seconds and peak memory.
 """
 from __future__ import annotations
 
@@ -500,7 +502,10 @@ def main(argv=None) -> None:
                         "images per CPU-second with --threads 1")
     p.add_argument("--loader", choices=["imagenet", "coco", "ade20k"], default=None,
                    help="time this dataset's training pipeline instead (vitlab.data.throughput)")
-    p.add_argument("--images", type=int, default=64, help="--loader: images per round")
+    p.add_argument("--images", type=int, default=64, help="--loader: images per round; --eval: images evaluated")
+    p.add_argument("--eval", choices=["coco", "ade20k"], default=None,
+                   help="time the validation metric at full size instead (vitlab.tools.eval_cost)")
+    p.add_argument("--masks", action="store_true", help="--eval coco: boxes and masks")
     p.add_argument("--fast-decode", action="store_true", help="--loader imagenet: also time data.fast_decode=true")
     p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("W", "H"),
                    help="--loader: the generated images' size (default: ImageNet 500 375, COCO 640 480, ADE20K 683 512)")
@@ -509,6 +514,11 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.eval:
+        from vitlab.tools.eval_cost import run
+
+        print(run(args.eval, args.images, args.masks))
+        return
     if args.loader:
         from vitlab.data.throughput import format_loader_table, loader_bench
 

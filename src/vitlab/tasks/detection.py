@@ -2,8 +2,8 @@
 
 The detector is ``module.head`` (a ``_target_`` in ``vitlab.heads``: RetinaNet, (Cascade) Mask
 R-CNN, ATSS, GFL, Sparse R-CNN, DETR; those with ``with_masks`` also report mask AP), built
-with the backbone, the dataset's class count and its normalisation statistics). Metrics are torchmetrics'
-``MeanAveragePrecision`` with the pycocotools backend (COCO's own evaluation),
+with the backbone, the dataset's class count and its normalisation statistics). Metrics are
+``CocoEvaluator`` (faster-coco-eval's COCOeval, equal to pycocotools'),
 on the original image sizes, crowd regions marked ``iscrowd``, with per-class AP. ``write_results``
 writes the last validation's detections as a COCO results JSON.
 
@@ -13,6 +13,8 @@ the features of the first pass (``detect_and_losses``): the backbone runs once, 
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -23,7 +25,6 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from torch import nn
 from torchmetrics import MeanMetric
-from torchmetrics.detection import MeanAveragePrecision
 from torchvision.models.detection.transform import resize_boxes
 
 from vitlab.build import build_backbone, instantiate
@@ -36,39 +37,118 @@ MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "
             "mar_small", "mar_medium", "mar_large")
 
 
-def gather_per_image_states(metric: MeanAveragePrecision, image_ids: list[int], results: list[dict]) -> list[dict]:
-    """Every process's per-image mAP states (and COCO results) on every process, in image-id order.
+class CocoEvaluator:
+    """COCO evaluation of one validation pass: detections and ground truth kept as COCO entries
+    (xywh boxes, RLE masks: each mask encoded once, as the results JSON needs it anyway), evaluated
+    at the epoch's end by faster-coco-eval's COCOeval (C++; equal to pycocotools' COCOeval, tested),
+    once per IoU type. Per-class AP / AR100 are read from that one evaluation's precision and recall
+    arrays (mmdet's ``classwise``) instead of one more evaluation per class (torchmetrics'
+    ``class_metrics``: 80 more passes). The ground truth's ``area`` is the annotation's (as in
+    COCO's own files) for boxes and masks alike.
 
-    torchmetrics syncs MeanAveragePrecision's per-image lists one tensor at a time, which needs the
-    same number of images on every process; exact evaluation (each image once, no padding) gives
-    the processes different counts, so the states travel as Python objects instead. Sorting by
-    image id makes the result identical to a single process's, whatever the number of processes.
-    Returns the gathered results (the metric's states are replaced in place).
+    It replaces torchmetrics' ``MeanAveragePrecision`` here: that one re-encodes every predicted
+    mask on each update (the results JSON encoded them again) and reruns COCOeval per class, which
+    made box+mask evaluation of COCO val take many minutes.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return results
-    states = {k: [v.cpu() if isinstance(v, torch.Tensor) else v for v in vals] for k, vals in metric.metric_state.items()}
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, {"ids": image_ids, "states": states, "results": results})
-    order = sorted((image_id, rank, i) for rank, part in enumerate(gathered) for i, image_id in enumerate(part["ids"]))
-    for key, values in states.items():
-        if len(values) == len(image_ids):  # per-image lists (the mask lists stay empty for boxes only)
-            setattr(metric, key, [gathered[rank]["states"][key][i] for _, rank, i in order])
-    return sorted((r for part in gathered for r in part["results"]), key=lambda r: r["image_id"])
+
+    def __init__(self, with_masks: bool, category_ids: list[int]):
+        self.iou_types = ("bbox", "segm") if with_masks else ("bbox",)
+        self.category_ids = list(category_ids)
+        self.reset()
+
+    def reset(self) -> None:
+        self.images: list[dict] = []
+        self.ground_truth: list[dict] = []
+        self.results: list[dict] = []
+
+    def update(self, pred: dict, target: dict, image_id: int) -> list[dict]:
+        """One image: ``pred`` (boxes xyxy, labels, scores, masks N x H x W) and ``target`` (boxes,
+        labels, iscrowd, area, masks) on the original image of ``target["orig_size"]`` (H, W).
+        Returns the image's results entries."""
+        height, width = (int(v) for v in target["orig_size"])
+        self.images.append({"id": image_id, "height": height, "width": width})
+        entries = coco_results(pred, self.category_ids, image_id=image_id)
+        self.results.extend(entries)
+        gt = coco_results({"boxes": target["boxes"], "labels": target["labels"],
+                           "scores": torch.ones(len(target["labels"])),
+                           **({"masks": target["masks"]} if "segm" in self.iou_types else {})},
+                          self.category_ids, image_id=image_id, precise=True)
+        for entry, crowd, area in zip(gt, target["iscrowd"].tolist(), target["area"].tolist()):
+            del entry["score"]
+            entry.update(iscrowd=int(crowd), area=float(area), id=len(self.ground_truth) + 1)
+            self.ground_truth.append(entry)
+        return entries
+
+    def gather(self) -> None:
+        """Every process's images on every process, in image-id order (exact evaluation gives the
+        processes different numbers of images, so the entries travel as Python objects)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (self.images, self.ground_truth, self.results))
+        self.images = sorted((im for p in parts for im in p[0]), key=lambda im: im["id"])
+        self.ground_truth = sorted((a for p in parts for a in p[1]), key=lambda a: a["image_id"])
+        self.results = sorted((r for p in parts for r in p[2]), key=lambda r: r["image_id"])
+        for k, entry in enumerate(self.ground_truth, 1):
+            entry["id"] = k
+
+    def compute(self) -> dict[str, float | list[float]]:
+        """``{iou_type}_{key}`` for the 12 COCO numbers (fractions; -1 where COCOeval has none) and
+        ``{iou_type}_ap_per_class`` / ``{iou_type}_ar100_per_class`` (one per category id, in order;
+        -1: no ground truth of that class)."""
+        from faster_coco_eval import COCO, COCOeval_faster
+
+        out: dict = {}
+        cats = [{"id": c, "name": str(c)} for c in self.category_ids]
+        for iou_type in self.iou_types:
+            if not self.images:
+                out.update({f"{iou_type}_{k}": -1.0 for k in MAP_KEYS})
+                out[f"{iou_type}_ap_per_class"] = out[f"{iou_type}_ar100_per_class"] = [-1.0] * len(cats)
+                continue
+            # each type's own geometry only (as mmdet's CocoMetric): with both, loadRes would take a
+            # segm detection's area from its box; copies, as loadRes writes into the entries
+            drop = "segmentation" if iou_type == "bbox" else "bbox"
+            gt = COCO({"images": self.images, "categories": cats,
+                       "annotations": [{k: v for k, v in a.items() if k != drop} for a in self.ground_truth]})
+            dets = [{k: v for k, v in r.items() if k != drop} for r in self.results]
+            with contextlib.redirect_stdout(io.StringIO()):  # COCOeval prints its summary table
+                # no detections at all (an early, untrained detector): AP 0 where there is ground truth
+                dt = gt.loadRes(dets) if dets else COCO({"images": self.images, "annotations": [], "categories": cats})
+                ev = COCOeval_faster(gt, dt, iou_type)
+                ev.params.catIds = self.category_ids  # every category, in our label order
+                ev.evaluate()
+                ev.accumulate()
+                ev.summarize()
+            out.update({f"{iou_type}_{k}": float(v) for k, v in zip(MAP_KEYS, ev.stats)})
+            precision = np.asarray(ev.eval["precision"])[:, :, :, 0, -1]  # T x R x K, all areas, 100 dets
+            recall = np.asarray(ev.eval["recall"])[:, :, 0, -1]  # T x K
+            out[f"{iou_type}_ap_per_class"] = [_mean_valid(precision[:, :, k]) for k in range(len(cats))]
+            out[f"{iou_type}_ar100_per_class"] = [_mean_valid(recall[:, k]) for k in range(len(cats))]
+        return out
 
 
-def coco_results(pred: dict, category_ids: list[int], image_id: int | None = None) -> list[dict]:
-    """Detections on an original image -> COCO results entries (category ids, xywh boxes, RLE masks)."""
-    boxes = pred["boxes"].detach().cpu().clone()
+def _mean_valid(values: np.ndarray) -> float:
+    """COCOeval's summary rule: the mean over the entries that exist (-1 marks none), else -1."""
+    valid = values[values > -1]
+    return float(valid.mean()) if valid.size else -1.0
+
+
+def coco_results(pred: dict, category_ids: list[int], image_id: int | None = None,
+                 precise: bool = False) -> list[dict]:
+    """Detections on an original image -> COCO results entries (category ids, xywh boxes, RLE masks);
+    boxes and scores rounded as results files are written (``precise``: not rounded)."""
+    boxes = pred["boxes"].detach().cpu().double().clone()
     boxes[:, 2:] -= boxes[:, :2]  # xyxy -> COCO's xywh
     rles = None
     if "masks" in pred:
-        rles = mask_utils.encode(pred["masks"].cpu().numpy().transpose(1, 2, 0).astype("uint8", order="F"))
+        rles = mask_utils.encode(np.asfortranarray(pred["masks"].cpu().numpy().transpose(1, 2, 0), dtype=np.uint8))
     entries = []
     for k in range(len(boxes)):
         entry = {} if image_id is None else {"image_id": image_id}
-        entry.update(category_id=category_ids[int(pred["labels"][k])], bbox=[round(float(v), 2) for v in boxes[k]],
-                     score=round(float(pred["scores"][k]), 4))
+        box, score = boxes[k].tolist(), float(pred["scores"][k])
+        if not precise:
+            box, score = [round(v, 2) for v in box], round(score, 4)
+        entry.update(category_id=category_ids[int(pred["labels"][k])], bbox=box, score=score)
         if rles is not None:
             entry["segmentation"] = {"size": rles[k]["size"], "counts": rles[k]["counts"].decode("ascii")}
         entries.append(entry)
@@ -103,17 +183,12 @@ class DetectionTask(VitlabTask):
             raise ValueError(f"data.with_masks={self.info.with_masks} does not match module.head "
                              f"({type(self.model).__name__}): (Cascade) Mask R-CNN needs masks, the box-only "
                              f"detectors none")
-        iou_types = ("bbox", "segm") if self.with_masks else ("bbox",)
-        # class_metrics: per-class AP and AR100 (one more COCOeval pass, restricted to each class in turn).
-        # Synced by gather_per_image_states (see there), not by torchmetrics itself.
-        self.val_map = MeanAveragePrecision(backend="pycocotools", iou_type=iou_types, class_metrics=True,
-                                            sync_on_compute=False)
-        self._val_image_ids: list[int] = []  # the image of each entry in val_map's per-image states
         self.compute_val_loss = val_loss
         self.val_losses = nn.ModuleDict({name: MeanMetric() for name in self.model.loss_names})
         self.category_ids = list(self.info.category_ids or range(1, self.num_classes + 1))
         self.class_names = list(self.info.class_names)
-        self.results: list[dict] = []  # COCO results of the last validation (for write_results)
+        # synced by its gather(); holds the last validation's COCO results (for write_results)
+        self.val_coco = CocoEvaluator(self.with_masks, self.category_ids)
         self._vis: list[np.ndarray] = []
         self.last_per_class: dict[str, dict] = {}
 
@@ -170,7 +245,8 @@ class DetectionTask(VitlabTask):
         return {k: v.to(self.device) for k, v in out.items()}
 
     def on_validation_epoch_start(self) -> None:
-        self.results, self._vis, self._val_image_ids = [], [], []
+        self.val_coco.reset()
+        self._vis = []
 
     def validation_step(self, batch: DetectionBatch, batch_idx):
         images, targets = batch.images, batch.targets
@@ -183,22 +259,14 @@ class DetectionTask(VitlabTask):
                 self.val_losses[name].update(value, weight=len(images))
         else:
             detections = self.model(images)
-        preds, gts = [], []
         for image, det, tgt in zip(images, detections, targets):
             orig = tuple(int(v) for v in tgt["orig_size"])
             pred = self.to_original_size(det, image.shape[-2:], orig)
-            gt = {"boxes": tgt["boxes"].as_subclass(torch.Tensor).to(self.device),
-                  "labels": tgt["labels"].to(self.device), "iscrowd": tgt["iscrowd"].to(self.device),
-                  "area": tgt["area"].to(self.device)}
-            if self.with_masks:
-                gt["masks"] = tgt["masks"].as_subclass(torch.Tensor).bool().to(self.device)
-            preds.append(pred)
-            gts.append(gt)
-            self.results.extend(coco_results(pred, self.category_ids, image_id=int(tgt["image_id"])))
-            self._val_image_ids.append(int(tgt["image_id"]))
+            gt = {k: torch.as_tensor(tgt[k]).as_subclass(torch.Tensor)
+                  for k in ("boxes", "labels", "iscrowd", "area", "orig_size", *(("masks",) if self.with_masks else ()))}
+            self.val_coco.update(pred, gt, int(tgt["image_id"]))
             if len(self._vis) < self.num_vis_images:
                 self._vis.append(self.draw(image, det, tgt, orig))
-        self.val_map.update(preds, gts)
 
     def panel(self, image: torch.Tensor, det: dict, title: str) -> Panel:
         """Detections (boxes xyxy, labels, scores, optional masks N x H x W) drawn on ``image``."""
@@ -223,12 +291,11 @@ class DetectionTask(VitlabTask):
                        self.panel(image, gt, "ground truth")], self.class_names)
 
     def on_validation_epoch_end(self) -> None:
-        self.results = gather_per_image_states(self.val_map, self._val_image_ids, self.results)
-        result = self.val_map.compute()  # runs pycocotools' COCOeval on every process's images
-        self.val_map.reset()
+        self.val_coco.gather()
+        result = self.val_coco.compute()  # every process evaluates all images (the same result)
         for iou_type, prefix in (("bbox", ""), ("segm", "mask_")):
             for key in MAP_KEYS:
-                value = result.get(f"{iou_type}_{key}", result.get(key) if iou_type == "bbox" else None)
+                value = result.get(f"{iou_type}_{key}")
                 if value is not None:  # in percent, as the papers; pycocotools' -1 (no such objects) stays -1
                     value = float(value) * 100 if float(value) >= 0 else -1.0
                     self.log(f"val/{prefix}{key}", value, prog_bar=key == "map", sync_dist=False)
@@ -247,17 +314,12 @@ class DetectionTask(VitlabTask):
         self._vis = []
 
     def per_class_ap(self, result: dict) -> dict[str, dict[str, float | None]]:
-        """COCO AP (%) per class from torchmetrics' ``class_metrics`` (None: class in neither the
-        predictions nor the ground truth, or in the predictions only)."""
-        classes = result["classes"].flatten().tolist()
+        """COCO AP (%) per class from ``CocoEvaluator.compute`` (None: no ground truth of the class)."""
         out = {}
         for iou_type, key in (("bbox", "ap"), ("segm", "mask_ap")):
-            values = result.get(f"{iou_type}_map_per_class", result.get("map_per_class") if iou_type == "bbox" else None)
-            if values is None:
-                continue
-            found = dict(zip(classes, values.flatten().tolist()))
-            out[key] = {n: (round(found[i] * 100, 2) if found.get(i, -1) >= 0 else None)
-                        for i, n in enumerate(self.class_names)}
+            values = result.get(f"{iou_type}_ap_per_class")
+            if values is not None:
+                out[key] = {n: (round(v * 100, 2) if v >= 0 else None) for n, v in zip(self.class_names, values)}
         return out
 
     def extra_summary(self) -> dict:
@@ -282,6 +344,11 @@ class DetectionTask(VitlabTask):
         return records
 
     # ---- results --------------------------------------------------------------------
+    @property
+    def results(self) -> list[dict]:
+        """The last validation's detections (of every process) as COCO results entries."""
+        return self.val_coco.results
+
     def write_results(self, path: str | Path) -> Path:
         """The last validation's detections (of every process) as a COCO results JSON (original
         category ids, xywh boxes, RLE masks)."""

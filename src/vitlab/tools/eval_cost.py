@@ -1,0 +1,140 @@
+"""What evaluation at full size costs: seconds and peak memory of the COCO and ADE20K metrics.
+
+    python -m vitlab.bench --eval coco --images 5000 [--masks]
+    python -m vitlab.bench --eval ade20k --images 2000
+
+Generated predictions and ground truth at the real sizes (COCO: 640 x 480 images, ~7 objects
+and 100 detections each over 80 classes, optionally with masks; ADE20K: 512 x 512 label maps of
+150 classes) go through the same metric objects the tasks use (``DetectionTask``'s ``CocoEvaluator`` with
+per-class AP, ``SegmentationTask``'s confusion matrix), timed in two phases: ``update`` (what each
+validation step adds: COCO entries and RLE masks, the confusion-matrix bincount) and ``compute`` (the
+evaluation at the epoch's end). Peak RSS is the whole process's high-water mark (``ru_maxrss``).
+"""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+
+COCO_SIZE = (480, 640)  # height, width: COCO's typical image
+ADE_SIZE = (512, 512)
+
+
+@dataclass
+class EvalCost:
+    name: str
+    images: int
+    update_s: float
+    compute_s: float
+    peak_rss_mb: float
+    result: dict
+
+    @property
+    def total_s(self) -> float:
+        return self.update_s + self.compute_s
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def coco_batch(g: torch.Generator, images: int, masks: bool, num_classes: int = 80, dets: int = 100,
+               objects: int = 7) -> tuple[list[dict], list[dict]]:
+    """``images`` (predictions, targets) pairs: ground-truth boxes, detections that are jittered copies
+    of them (some with the wrong class) plus random boxes, random scores; masks are the boxes filled."""
+    h, w = COCO_SIZE
+    preds, targets = [], []
+    ys, xs = torch.arange(h)[:, None], torch.arange(w)[None]
+
+    def fill(boxes):  # boxes -> N x H x W bool masks (rectangles), one broadcast
+        b = boxes.round().long()
+        return ((ys >= b[:, 1, None, None]) & (ys < b[:, 3, None, None]) &
+                (xs >= b[:, 0, None, None]) & (xs < b[:, 2, None, None]))
+
+    for _ in range(images):
+        xy = torch.rand(objects, 2, generator=g) * torch.tensor([w * 0.8, h * 0.8])
+        wh = 8 + torch.rand(objects, 2, generator=g) * torch.tensor([w * 0.4, h * 0.4])
+        gt_boxes = torch.cat([xy, (xy + wh).minimum(torch.tensor([w - 1.0, h - 1.0]))], 1)
+        gt_labels = torch.randint(num_classes, (objects,), generator=g)
+        copies = gt_boxes.repeat(dets // (2 * objects) + 1, 1)[: dets // 2]
+        copies = copies + torch.randn(copies.shape, generator=g) * 4
+        rand_xy = torch.rand(dets - len(copies), 2, generator=g) * torch.tensor([w * 0.8, h * 0.8])
+        boxes = torch.cat([copies, torch.cat([rand_xy, rand_xy + 8 + torch.rand(len(rand_xy), 2, generator=g) * 100], 1)])
+        boxes = boxes.clamp(min=0).minimum(torch.tensor([w - 1.0, h - 1.0, w - 1.0, h - 1.0]))
+        labels = gt_labels.repeat(dets // objects + 1)[:dets].clone()
+        wrong = torch.rand(dets, generator=g) < 0.3
+        labels[wrong] = torch.randint(num_classes, (int(wrong.sum()),), generator=g)
+        pred = {"boxes": boxes, "labels": labels, "scores": torch.rand(dets, generator=g)}
+        area = (gt_boxes[:, 2:] - gt_boxes[:, :2]).prod(1)
+        target = {"boxes": gt_boxes, "labels": gt_labels, "iscrowd": torch.zeros(objects, dtype=torch.long),
+                  "area": area, "orig_size": torch.tensor([h, w])}
+        if masks:
+            pred["masks"] = fill(boxes)
+            target["masks"] = fill(gt_boxes)
+        preds.append(pred)
+        targets.append(target)
+    return preds, targets
+
+
+def coco_cost(images: int, masks: bool = False, seed: int = 0, chunk: int = 8) -> EvalCost:
+    """The detection task's evaluator over ``images`` generated images (made ``chunk`` at a time;
+    generation is not timed)."""
+    from vitlab.tasks.detection import CocoEvaluator
+
+    evaluator = CocoEvaluator(masks, list(range(1, 81)))
+    g = torch.Generator().manual_seed(seed)
+    update_s = 0.0
+    for start in range(0, images, chunk):
+        preds, targets = coco_batch(g, min(chunk, images - start), masks)
+        t0 = time.perf_counter()
+        for k, (pred, target) in enumerate(zip(preds, targets)):
+            evaluator.update(pred, target, start + k + 1)
+        update_s += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = evaluator.compute()
+    compute_s = time.perf_counter() - t0
+    return EvalCost(f"coco {'box+mask' if masks else 'box'}", images, update_s, compute_s, peak_rss_mb(), result)
+
+
+def ade20k_cost(images: int, num_classes: int = 150, seed: int = 0, device: str = "cpu") -> EvalCost:
+    """The segmentation task's confusion matrix over ``images`` generated 512 x 512 label maps and
+    predictions (70 % of the pixels right, 5 % ignored), one update per image as validation does (a pool of
+    8 maps, cycled)."""
+    from vitlab.tasks.segmentation import ConfusionMatrix, iou_from_confmat
+
+    confmat = ConfusionMatrix(num_classes, 255).to(device)
+    g = torch.Generator().manual_seed(seed)
+    pairs = []  # a pool of 8 generated (prediction, label) maps, cycled: generating 2,000 is not the point
+    for _ in range(min(images, 8)):
+        label = torch.randint(num_classes, ADE_SIZE, generator=g)
+        label[torch.rand(ADE_SIZE, generator=g) < 0.05] = 255
+        pred = torch.where(torch.rand(ADE_SIZE, generator=g) < 0.7, label.clamp(max=num_classes - 1),
+                           torch.randint(num_classes, ADE_SIZE, generator=g))
+        pairs.append((pred.to(device), label.to(device)))
+    update_s = 0.0
+    for k in range(images):
+        pred, label = pairs[k % len(pairs)]
+        t0 = time.perf_counter()
+        confmat.update(pred, label)
+        update_s += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    iou, acc = iou_from_confmat(confmat.compute())
+    result = {"miou": float(iou.nanmean()), "acc": float(acc)}
+    compute_s = time.perf_counter() - t0
+    return EvalCost(f"ade20k mIoU ({device})", images, update_s, compute_s, peak_rss_mb(), result)
+
+
+def format_costs(costs: list[EvalCost]) -> str:
+    head = f"{'evaluation':<36} {'images':>7} {'update s':>9} {'compute s':>10} {'total s':>8} {'peak RSS MB':>12}"
+    lines = [head, "-" * len(head)]
+    for c in costs:
+        lines.append(f"{c.name:<36} {c.images:>7} {c.update_s:>9.2f} {c.compute_s:>10.2f} {c.total_s:>8.2f} "
+                     f"{c.peak_rss_mb:>12.0f}")
+    return "\n".join(lines)
+
+
+def run(kind: str, images: int, masks: bool = False) -> str:
+    cost = coco_cost(images, masks) if kind == "coco" else ade20k_cost(images)
+    return format_costs([cost])
