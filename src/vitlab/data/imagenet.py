@@ -25,7 +25,7 @@ from timm.data import auto_augment, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
-from torch.utils.data import DataLoader, DistributedSampler, default_collate
+from torch.utils.data import DataLoader, DistributedSampler, Subset, default_collate
 from torchvision.datasets import ImageFolder
 
 from vitlab.data.base import (
@@ -35,6 +35,7 @@ from vitlab.data.base import (
 from vitlab.data.report import EMPTY, IGNORED_FILE, MISSING, UNDECODABLE, DataReport, check_all, skip_or_raise
 
 IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+FORMATS = ("folder", "litdata")  # data.format: the folder layout, or packed by python -m vitlab.data.pack
 
 _timm_posterize = auto_augment.posterize
 
@@ -215,6 +216,7 @@ class ImageNetDataModule(VitlabDataModule):
         synthetic_classes: int = 10,
         synthetic_size: int = 64,
         fast_decode: bool = False,
+        format: str = "folder",
     ):
         super().__init__(root, synthetic, synthetic_root, batch_size, num_workers, smoke, skip_corrupt, seed, verify)
         self.img_size = 32 if smoke else img_size
@@ -229,11 +231,19 @@ class ImageNetDataModule(VitlabDataModule):
         self.synthetic_classes = synthetic_classes
         self.synthetic_size = synthetic_size
         self.fast_decode = fast_decode
+        if format not in FORMATS:
+            raise ValueError(f"data.format={format!r}: expected one of {', '.join(FORMATS)}")
+        self.format = format
         self.train_set = self.val_set = None
         self._info: DatasetInfo | None = None
         self._erasing: RandomErasing | None = None
 
     def check_layout(self, root: Path) -> None:
+        if self.format == "litdata":  # the manifest, indexes and shard sizes (no shard read)
+            from vitlab.data.streaming import check_packed
+
+            check_packed(root, "imagenet")
+            return
         for split in ("train", "val"):
             folder = root / split
             if not folder.is_dir():
@@ -253,6 +263,15 @@ class ImageNetDataModule(VitlabDataModule):
         """Class folders and their images as ImageFolder finds them (``os.walk``: directory listings
         only, no file opened, fast on the 1.28M files of ImageNet); ``full`` decodes every image."""
         root = self.data_root()
+        if self.format == "litdata":
+            from vitlab.data.streaming import check_packed
+
+            how = "full: every shard hashed" if full else "cheap: indexes and shard sizes; data.verify=full hashes shards"
+            report = DataReport(f"ImageNet packed at {root} ({how})")
+            manifest = check_packed(root, "imagenet", full=full)
+            for split, written in manifest["splits"].items():
+                report.checked.append(f"{split}/: {written['images']} images in {len(written['chunks'])} shards")
+            return report
         how = "full: every image decoded" if full else "cheap: folder listings; data.verify=full decodes every image"
         report = DataReport(f"ImageNet at {root} ({how})")
         images = []
@@ -293,6 +312,11 @@ class ImageNetDataModule(VitlabDataModule):
 
                 wnids = [wnid(i) for i in range(self.synthetic_classes)]
                 names = wnids
+            elif self.format == "litdata":  # the packed dataset's manifest keeps the folder layout's classes
+                from vitlab.data.streaming import read_manifest
+
+                manifest = read_manifest(self.data_root(), "imagenet")
+                wnids, names = manifest["classes"], manifest["class_names"]
             else:
                 root = self.data_root()
                 wnids = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
@@ -342,8 +366,41 @@ class ImageNetDataModule(VitlabDataModule):
     def eval_image_transform(self):
         return self.eval_transform()  # timm's, on the PIL image as ImageFolder decodes it
 
+    def generate_packed(self, folder: Path) -> Path:
+        """``synthetic`` with ``format=litdata``: the generated folder layout packed beside it, once."""
+        from vitlab.data.pack import pack_imagenet
+
+        packed = folder.parent / f"{folder.name}_litdata"
+        if not (packed / ".complete").exists():
+            pack_imagenet(folder, packed, shard_size="256KB", workers=1)
+            (packed / ".complete").touch()
+        return packed
+
+    def data_root(self) -> Path:
+        if self.synthetic and self.format == "litdata":
+            self.format = "folder"  # generate and check the folder layout, then pack it
+            try:
+                folder = super().data_root()
+            finally:
+                self.format = "litdata"
+            return self.generate_packed(folder)
+        if self.format == "litdata":  # its errors name the shard and say how to pack; no folder layout help
+            self.check_layout(Path(self.root))
+            return Path(self.root)
+        return super().data_root()
+
     def setup(self, stage: str | None = None) -> None:
         root = self.data_root()
+        if self.format == "litdata":
+            from vitlab.data.streaming import PackedImages
+
+            self.train_set = PackedImages(root / "train", self.train_transform(), self.skip_corrupt, lazy=self.fast_decode)
+            self.val_set = PackedImages(root / "val", self.eval_transform(), self.skip_corrupt)
+            if self.smoke:
+                keep = self.batch_size * 2
+                self.train_set = Subset(self.train_set, range(0, len(self.train_set), max(1, len(self.train_set) // keep))[:keep])
+                self.val_set = Subset(self.val_set, range(0, len(self.val_set), max(1, len(self.val_set) // keep))[:keep])
+            return
         self.train_set = ImageFolderDataset(str(root / "train"), self.train_transform(), self.skip_corrupt,
                                             loader=open_lazy if self.fast_decode else load_rgb)
         self.val_set = ImageFolderDataset(str(root / "val"), self.eval_transform(), self.skip_corrupt)

@@ -1,0 +1,106 @@
+"""Reading a dataset packed by ``python -m vitlab.data.pack`` (LitData chunks): ``data.format=litdata``.
+
+``PackedImages`` is a map-style dataset over LitData's ``StreamingDataset`` (items by index, read
+from the chunk files; from object storage LitData downloads chunks into its cache), so the
+DataModule's resumable sampler and exact evaluation split apply unchanged: each DDP process reads
+its own disjoint share, and a resumed run continues at the sampler's saved position. The JPEG
+bytes are decoded here exactly as the folder reader decodes files, so the augmentation and the
+``DatasetInfo`` are the same for both formats.
+
+``check_packed`` runs before training: the manifest, each split's ``index.json`` and every chunk
+(present, of the size the index records; ``full``: its SHA-256 as written) - an error names the
+shard.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from vitlab.data.base import CorruptImageError, DatasetLayoutError
+from vitlab.data.pack import MANIFEST, sha256
+from vitlab.data.report import skip_or_raise
+
+
+class ShardError(DatasetLayoutError):
+    """A packed dataset's shard (chunk) or index is missing, truncated or not this dataset's."""
+
+
+def is_remote(root: str) -> bool:
+    return "://" in str(root)
+
+
+def read_manifest(root: str | Path, kind: str) -> dict:
+    path = Path(root) / MANIFEST
+    if not path.exists():
+        raise ShardError(f"{path} is missing: {root} is not a dataset packed by python -m vitlab.data.pack "
+                         f"(pack the folder layout with: python -m vitlab.data.pack {kind} --root DIR --out {root})")
+    manifest = json.loads(path.read_text())
+    if manifest.get("kind") != kind:
+        raise ShardError(f"{path}: packed from a {manifest.get('kind')!r} dataset, expected {kind!r}")
+    return manifest
+
+
+def check_packed(root: str | Path, kind: str, full: bool = False) -> dict:
+    """The manifest, after checking every split's index and chunks against it (see the module)."""
+    manifest = read_manifest(root, kind)
+    for split, written in manifest["splits"].items():
+        index_path = Path(root) / split / "index.json"
+        if not index_path.exists():
+            raise ShardError(f"{index_path} is missing (the shards' index); re-run python -m vitlab.data.pack")
+        chunks = json.loads(index_path.read_text())["chunks"]
+        if [c["filename"] for c in chunks] != list(written["chunks"]):
+            raise ShardError(f"{index_path}: its shards are not the ones packed into {root} (another dataset's?)")
+        if sum(c["chunk_size"] for c in chunks) != written["images"]:
+            raise ShardError(f"{index_path}: {sum(c['chunk_size'] for c in chunks)} items, the manifest says "
+                             f"{written['images']}")
+        for chunk in chunks:
+            shard = Path(root) / split / chunk["filename"]
+            if not shard.exists():
+                raise ShardError(f"{shard}: shard is missing")
+            if shard.stat().st_size != chunk["chunk_bytes"]:
+                raise ShardError(f"{shard}: shard is {shard.stat().st_size} bytes, its index says "
+                                 f"{chunk['chunk_bytes']} (truncated or replaced)")
+            if full and sha256(shard) != written["chunks"][chunk["filename"]]:
+                raise ShardError(f"{shard}: shard's SHA-256 differs from the one written (corrupt or replaced)")
+    return manifest
+
+
+class PackedImages(Dataset):
+    """(image, label) items of a packed split; ``loader(file-like, name)`` opens the JPEG bytes as
+    the folder reader opens files (``load_rgb``, or lazily for ``fast_decode``)."""
+
+    def __init__(self, split_dir: str | Path, transform=None, skip_corrupt: bool = False, lazy: bool = False):
+        self.split_dir, self.transform, self.skip_corrupt, self.lazy = str(split_dir), transform, skip_corrupt, lazy
+        self._stream = None
+        self._len = sum(c["chunk_size"] for c in json.loads((Path(split_dir) / "index.json").read_text())["chunks"])
+
+    @property
+    def stream(self):
+        if self._stream is None:  # opened in the process that reads (each loader worker its own)
+            from litdata import StreamingDataset
+
+            self._stream = StreamingDataset(self.split_dir)
+        return self._stream
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getstate__(self):
+        return {**self.__dict__, "_stream": None}
+
+    def __getitem__(self, index: int):
+        name = f"{self.split_dir} item {index}"
+        try:
+            item = self.stream[index]
+            img = Image.open(io.BytesIO(item["jpeg"]))
+            img.filename = name  # errors in the lazy crop name the item
+            if not self.lazy:
+                img = img.convert("RGB")
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            return skip_or_raise(CorruptImageError(f"{name}: cannot be decoded as an image ({err})"),
+                                 self.skip_corrupt)
+        return (self.transform(img) if self.transform else img), int(item["label"])

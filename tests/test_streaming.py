@@ -1,0 +1,157 @@
+"""data.format=litdata: python -m vitlab.data.pack, the packed reader against the folder reader,
+bad shards, the DDP split over 2 gloo processes and mid-epoch resume of the training loader."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vitlab.data.base import CorruptImageError
+from vitlab.data.imagenet import ImageNetDataModule
+from vitlab.data.synthetic import make_imagenet
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> tuple[Path, Path]:
+    from vitlab.data.pack import main
+
+    base = tmp_path_factory.mktemp("pack")
+    folder = make_imagenet(base / "folder", num_classes=3, num_train=6, num_val=3, size=48)
+    main(["imagenet", "--root", str(folder), "--out", str(base / "packed"), "--shard-size", "16KB", "--workers", "1"])
+    return folder, base / "packed"
+
+
+def module(root, fmt, **kw) -> ImageNetDataModule:
+    dm = ImageNetDataModule(str(root), num_workers=0, batch_size=3, img_size=32, format=fmt, **kw)
+    dm.setup("fit")
+    return dm
+
+
+def checksum(img) -> torch.Tensor:  # an image's identity (the generated images are random noise)
+    a = np.asarray(img, dtype=np.int64)
+    return torch.tensor(int((a * np.arange(1, a.size + 1).reshape(a.shape)).sum() % (2**61)))
+
+
+def test_pack_verifies_and_reads_as_the_folder(packed):
+    """Counts, labels and shard hashes in the manifest; every item equal to the folder's image
+    (pixels, label); the same DatasetInfo and, under the same seeds, the same augmented samples."""
+    from torchvision.datasets import ImageFolder
+
+    folder, out = packed
+    manifest = json.loads((out / "vitlab_pack.json").read_text())
+    assert manifest["splits"]["train"]["images"] == 18 and manifest["splits"]["train"]["label_counts"] == [6, 6, 6]
+    assert len(manifest["splits"]["train"]["chunks"]) > 1  # several shards at 16 KB
+    ref = ImageFolder(str(folder / "train"))
+    fd, ld = module(folder, "folder"), module(out, "litdata")
+    assert fd.info == ld.info
+    for i in range(len(ref)):
+        img, label = ld.train_set.stream[i]["jpeg"], ld.train_set.stream[i]["label"]
+        assert label == ref.samples[i][1]
+        assert bytes(img) == Path(ref.samples[i][0]).read_bytes()  # the original file, not re-encoded
+    for i in (0, 7, 17):
+        for dm in (fd, ld):
+            torch.manual_seed(i), np.random.seed(i)
+            import random
+            random.seed(i)
+            dm.sample = dm.train_set[i]
+        assert torch.equal(fd.sample[0], ld.sample[0]) and fd.sample[1] == ld.sample[1]
+    assert fd.val_set[4][0].equal(ld.val_set[4][0])
+
+
+def test_bad_shards_named(packed, tmp_path):
+    from vitlab.data.streaming import ShardError, check_packed
+
+    _, out = packed
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    shard = sorted((bad / "train").glob("*.bin"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ShardError, match=shard.name + ".*truncated"):
+        module(bad, "litdata")
+    shard.write_bytes(data.replace(b"\xff\xd8\xff", b"\x00\x00\x00", 1))  # same size, one JPEG broken
+    with pytest.raises(ShardError, match=shard.name + ".*SHA-256"):
+        check_packed(bad, "imagenet", full=True)
+    dm = module(bad, "litdata")  # the cheap check passes; the broken image names its item ...
+    broken = next(i for i in range(len(dm.train_set)) if _fails(dm.train_set, i))
+    with pytest.raises(CorruptImageError, match=f"train item {broken}.*skip_corrupt"):
+        dm.train_set[broken]
+    assert module(bad, "litdata", skip_corrupt=True).train_set[broken] is None  # ... or is skipped
+    (bad / "val" / "index.json").unlink()
+    with pytest.raises(ShardError, match="val/index.json is missing"):
+        module(bad, "litdata")
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    manifest = json.loads((other / "vitlab_pack.json").read_text())
+    manifest["kind"] = "coco"
+    (other / "vitlab_pack.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="'coco' dataset, expected 'imagenet'"):
+        module(other, "litdata")
+    with pytest.raises(ShardError, match="vitlab_pack.json is missing"):
+        module(tmp_path, "litdata")
+
+
+def _fails(dataset, i) -> bool:
+    try:
+        dataset[i]
+    except CorruptImageError:
+        return True
+    return False
+
+
+def _ranks_ids(rank: int, world: int, port: int, root: str, out: dict) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dm = ImageNetDataModule(root, num_workers=0, batch_size=3, img_size=32, format="litdata")
+    dm.world = lambda: (world, rank)
+    dm.setup("fit")
+    dm.train_set.transform = dm.val_set.transform = checksum
+    train = [int(v) for b in dm.train_dataloader() for v in b.images]
+    val = [int(v) for b in dm.val_dataloader() for v in b.images]
+    out[rank] = (train, val)
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_read_disjoint_complete_shares(packed):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from vitlab.data.streaming import PackedImages
+
+    _, out = packed
+    epoch = {split: sorted(int(checksum(PackedImages(out / split)[i][0])) for i in range(n))
+             for split, n in (("train", 18), ("val", 9))}
+    assert all(len(set(v)) == len(v) for v in epoch.values())  # the checksums identify the images
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    got = mp.Manager().dict()
+    mp.spawn(_ranks_ids, args=(2, port, str(out), got), nprocs=2, join=True)
+    for k, split in enumerate(("train", "val")):
+        shares = [got[0][k], got[1][k]]
+        assert sorted(shares[0] + shares[1]) == epoch[split]  # the epoch, each image once
+        assert shares[0] and shares[1] and not set(shares[0]) & set(shares[1])
+
+
+def test_training_loader_resumes_mid_epoch_exactly(packed):
+    """The training loader's state after 2 batches, loaded into a new loader (as a re-run restores
+    it from last.ckpt): the rest of the epoch is exactly the uninterrupted run's."""
+    _, out = packed
+    dm = module(out, "litdata")
+    dm.train_set.transform = checksum
+    straight = [b.images.tolist() for b in dm.train_dataloader()]
+    loader = dm.train_dataloader()
+    it = iter(loader)
+    seen = [next(it).images.tolist() for _ in range(2)]
+    state = loader.state_dict()
+    again = module(out, "litdata")
+    again.train_set.transform = checksum
+    resumed = again.train_dataloader()
+    resumed.load_state_dict(state)
+    assert seen + [b.images.tolist() for b in resumed] == straight and len(straight) == 6
