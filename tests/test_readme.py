@@ -63,6 +63,13 @@ def fast(command: str) -> str | None:
         if "+sweep=pale" in command:
             extra += ["backbone.depths=[1,1,1,1]"]  # 15 jobs: Pale-T with one block per stage
         return f"{command} {' '.join(extra)}"
+    if command.startswith("python -m vitlab.bench --eval"):
+        return re.sub(r"--images \d+", "--images 2", command)
+    if command.startswith("python -m vitlab.data.pack imagenet"):  # a tiny folder layout to pack, if none yet
+        make = ("from vitlab.data.synthetic import make_imagenet; import pathlib; "
+                "pathlib.Path('data/imagenet/train').exists() or "
+                "make_imagenet('data/imagenet', num_classes=2, num_train=2, num_val=1, size=32)")
+        return f'python -c "{make}" && {command} --shard-size 64KB --workers 1'
     if command.startswith("python -m vitlab.bench --loader"):
         return f"{command} --images 4 --rounds 1 --image-size 64 48"
     if command.startswith("python -m vitlab.bench"):
