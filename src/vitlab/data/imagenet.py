@@ -217,6 +217,7 @@ class ImageNetDataModule(VitlabDataModule):
         synthetic_size: int = 64,
         fast_decode: bool = False,
         format: str = "folder",
+        gpu_decode: bool = False,
     ):
         super().__init__(root, synthetic, synthetic_root, batch_size, num_workers, smoke, skip_corrupt, seed, verify)
         self.img_size = 32 if smoke else img_size
@@ -234,6 +235,14 @@ class ImageNetDataModule(VitlabDataModule):
         if format not in FORMATS:
             raise ValueError(f"data.format={format!r}: expected one of {', '.join(FORMATS)}")
         self.format = format
+        if gpu_decode and (auto_augment or color_jitter):
+            raise ValueError(f"data.gpu_decode=true decodes, crops and flips on the device; RandAugment / colour "
+                             f"jitter have no device form (data.auto_augment={auto_augment!r}, data.color_jitter="
+                             f"{color_jitter}): set data.auto_augment=null data.color_jitter=0, or data.gpu_decode=false")
+        if gpu_decode and fast_decode:
+            raise ValueError("data.gpu_decode=true and data.fast_decode=true: choose one (both move work off the workers)")
+        self.gpu_decode = gpu_decode
+        self._device_augment = None
         self.train_set = self.val_set = None
         self._info: DatasetInfo | None = None
         self._erasing: RandomErasing | None = None
@@ -349,6 +358,15 @@ class ImageNetDataModule(VitlabDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """``fast_decode``: training batches arrive as uint8; normalise them and apply timm's random
         erasing (per image, as in a worker) here, on the device."""
+        if isinstance(batch, ImageBatch) and isinstance(batch.images, list):  # gpu_decode: JPEG bytes
+            if self._device_augment is None:
+                from vitlab.data.gpu_decode import DeviceAugment
+
+                self._device_augment = DeviceAugment(self.img_size, self.scale, hflip=self.hflip,
+                                                     interpolation=self.interpolation, skip_corrupt=self.skip_corrupt)
+            device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+            images, kept = self._device_augment(batch.images, device)
+            batch = ImageBatch(images, batch.targets[kept], batch.skipped + len(batch.images) - len(kept))
         if not isinstance(batch, ImageBatch) or batch.images.dtype != torch.uint8:
             return batch
         images = normalise_uint8(batch.images, IMAGENET_MEAN, IMAGENET_STD)
@@ -394,15 +412,21 @@ class ImageNetDataModule(VitlabDataModule):
         if self.format == "litdata":
             from vitlab.data.streaming import PackedImages
 
-            self.train_set = PackedImages(root / "train", self.train_transform(), self.skip_corrupt, lazy=self.fast_decode)
+            self.train_set = PackedImages(root / "train", None if self.gpu_decode else self.train_transform(),
+                                          self.skip_corrupt, lazy=self.fast_decode, raw=self.gpu_decode)
             self.val_set = PackedImages(root / "val", self.eval_transform(), self.skip_corrupt)
             if self.smoke:
                 keep = self.batch_size * 2
                 self.train_set = Subset(self.train_set, range(0, len(self.train_set), max(1, len(self.train_set) // keep))[:keep])
                 self.val_set = Subset(self.val_set, range(0, len(self.val_set), max(1, len(self.val_set) // keep))[:keep])
             return
-        self.train_set = ImageFolderDataset(str(root / "train"), self.train_transform(), self.skip_corrupt,
-                                            loader=open_lazy if self.fast_decode else load_rgb)
+        if self.gpu_decode:
+            from vitlab.data.gpu_decode import read_bytes
+
+            self.train_set = ImageFolderDataset(str(root / "train"), None, self.skip_corrupt, loader=read_bytes)
+        else:
+            self.train_set = ImageFolderDataset(str(root / "train"), self.train_transform(), self.skip_corrupt,
+                                                loader=open_lazy if self.fast_decode else load_rgb)
         self.val_set = ImageFolderDataset(str(root / "val"), self.eval_transform(), self.skip_corrupt)
         if self.smoke:  # a few batches are enough to exercise the whole path
             keep = self.batch_size * 2
@@ -416,8 +440,15 @@ class ImageNetDataModule(VitlabDataModule):
             world, rank = self.world()
             # timm's RA sampler repeats each image 3x across ranks (DeiT)
             sampler = DistributedRepeatAugSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True)
-            return self.make_loader(self.train_set, train=True, collate_fn=collate_skipping, sampler=sampler)
-        return self.make_loader(self.train_set, train=True, collate_fn=collate_skipping)
+            return self.make_loader(self.train_set, train=True, collate_fn=self.train_collate(), sampler=sampler)
+        return self.make_loader(self.train_set, train=True, collate_fn=self.train_collate())
+
+    def train_collate(self):
+        if self.gpu_decode:
+            from vitlab.data.gpu_decode import collate_bytes
+
+            return collate_bytes
+        return collate_skipping
 
     def val_dataloader(self) -> DataLoader:
         return self.make_loader(self.val_set, train=False, collate_fn=collate_skipping)

@@ -17,6 +17,7 @@ import io
 import json
 from pathlib import Path
 
+import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
@@ -73,8 +74,10 @@ class PackedImages(Dataset):
     """(image, label) items of a packed split; ``loader(file-like, name)`` opens the JPEG bytes as
     the folder reader opens files (``load_rgb``, or lazily for ``fast_decode``)."""
 
-    def __init__(self, split_dir: str | Path, transform=None, skip_corrupt: bool = False, lazy: bool = False):
+    def __init__(self, split_dir: str | Path, transform=None, skip_corrupt: bool = False, lazy: bool = False,
+                 raw: bool = False):
         self.split_dir, self.transform, self.skip_corrupt, self.lazy = str(split_dir), transform, skip_corrupt, lazy
+        self.raw = raw  # data.gpu_decode: the JPEG bytes as a uint8 tensor, decoded on the device
         self._stream = None
         self._len = sum(c["chunk_size"] for c in json.loads((Path(split_dir) / "index.json").read_text())["chunks"])
 
@@ -96,6 +99,8 @@ class PackedImages(Dataset):
         name = f"{self.split_dir} item {index}"
         try:
             item = self.stream[index]
+            if self.raw:
+                return torch.frombuffer(bytearray(item["jpeg"]), dtype=torch.uint8), int(item["label"])
             img = Image.open(io.BytesIO(item["jpeg"]))
             img.filename = name  # errors in the lazy crop name the item
             if not self.lazy:
