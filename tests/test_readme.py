@@ -70,6 +70,9 @@ def fast(command: str) -> str | None:
                 "pathlib.Path('data/imagenet/train').exists() or "
                 "make_imagenet('data/imagenet', num_classes=2, num_train=2, num_val=1, size=32)")
         return f'python -c "{make}" && {command} --shard-size 64KB --workers 1'
+    if command.startswith("python -m vitlab.bench --loader") and "--format" in command:
+        command = re.sub(r"--(images|dataset-images) \d+", "", command)
+        return f"{command} --images 4 --dataset-images 8 --workers 0 --image-size 64 48"
     if command.startswith("python -m vitlab.bench --loader"):
         return f"{command} --images 4 --rounds 1 --image-size 64 48"
     if command.startswith("python -m vitlab.bench"):

@@ -155,3 +155,19 @@ def test_training_loader_resumes_mid_epoch_exactly(packed):
     resumed = again.train_dataloader()
     resumed.load_state_dict(state)
     assert seen + [b.images.tolist() for b in resumed] == straight and len(straight) == 6
+
+
+def test_format_bench_tiny(tmp_path, capsys):
+    """python -m vitlab.bench --loader imagenet --format folder litdata, tiny: every (cache, format,
+    workers) row with images per wall- and CPU-second, the packed copy made once beside the folder."""
+    from vitlab.bench import main
+
+    main(["--loader", "imagenet", "--format", "folder", "litdata", "--workers", "0", "--images", "4",
+          "--dataset-images", "8", "--image-size", "48", "36", "--data-dir", str(tmp_path), "--gpu-decode"])
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("deit", "gpu_decode"))]
+    assert len(rows) == 8  # 2 pipelines x 2 caches x 2 formats x 1 worker count
+    assert {(r[0], r[1], r[2]) for r in rows} == {(p, c, f) for p in ("deit", "gpu_decode")
+                                                 for c in ("cold", "warm") for f in ("folder", "litdata")}
+    assert all(int(r[4]) == 4 and float(r[5]) > 0 and float(r[6]) > 0 for r in rows)
+    assert (tmp_path / "bench" / "imagenet_48x36_8_litdata" / "vitlab_pack.json").exists()

@@ -507,6 +507,12 @@ def main(argv=None) -> None:
                    help="time the validation metric at full size instead (vitlab.tools.eval_cost)")
     p.add_argument("--masks", action="store_true", help="--eval coco: boxes and masks")
     p.add_argument("--fast-decode", action="store_true", help="--loader imagenet: also time data.fast_decode=true")
+    p.add_argument("--format", nargs="+", choices=["folder", "litdata"], default=None,
+                   help="--loader imagenet: time the training loader (workers, page cache) per data.format instead "
+                        "(vitlab.data.throughput.format_bench); --images: images timed per run")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="--format: loader workers to time")
+    p.add_argument("--dataset-images", type=int, default=20_000, help="--format: size of the generated ImageNet")
+    p.add_argument("--gpu-decode", action="store_true", help="--format: also time data.gpu_decode's worker part")
     p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("W", "H"),
                    help="--loader: the generated images' size (default: ImageNet 500 375, COCO 640 480, ADE20K 683 512)")
     p.add_argument("--data-dir", default=None, help="--loader: where the generated data is kept (default: "
@@ -518,6 +524,17 @@ def main(argv=None) -> None:
         from vitlab.tools.eval_cost import run
 
         print(run(args.eval, args.images, args.masks))
+        return
+    if args.loader and args.format:
+        from vitlab.data.throughput import format_bench, format_rows_table
+
+        if args.loader != "imagenet":
+            p.error("--format applies to --loader imagenet")
+        rows = format_bench(args.dataset_images, args.images, args.format, args.workers, batch=32,
+                            gpu_decode=args.gpu_decode, data_dir=args.data_dir, size=args.image_size)
+        print(f"loader=imagenet dataset={args.dataset_images} images timed per run={args.images} "
+              f"(one shuffled pass; CPU = this process + its workers; load average {os.getloadavg()[0]:.1f})")
+        print(format_rows_table(rows))
         return
     if args.loader:
         from vitlab.data.throughput import format_loader_table, loader_bench

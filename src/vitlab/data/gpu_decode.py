@@ -1,7 +1,7 @@
 """``data.gpu_decode=true``: JPEGs decoded and augmented on the accelerator.
 
 Loader workers only read the files' bytes (``read_bytes``; a packed dataset's items as they are)
-and hand over a list of uint8 byte tensors per batch. After the transfer, ``DeviceAugment``
+and hand over one uint8 tensor of a batch's files (``JpegBytes``). After the transfer, ``DeviceAugment``
 decodes the batch with ``torchvision.io.decode_jpeg(..., device=...)`` (nvJPEG, batched, on a GPU;
 libjpeg on the CPU when there is none: the same code), then draws timm's random-resized-crop box
 for each image exactly as the CPU pipeline draws it (``RandomResizedCropAndInterpolation
@@ -14,6 +14,8 @@ RandAugment / AutoAugment and colour jitter are PIL operations of the CPU pipeli
 form here: ``gpu_decode`` asks for ``data.auto_augment=null data.color_jitter=0``.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torchvision.transforms.v2.functional as TF2
@@ -33,11 +35,25 @@ def read_bytes(path: str) -> torch.Tensor:
         raise CorruptImageError(f"{path}: cannot be read ({err})") from err
 
 
+class JpegBytes(NamedTuple):
+    """A batch's files end to end in one uint8 tensor (one shared-memory block from a worker; a list
+    of small tensors would need a file descriptor each) and each file's length."""
+
+    data: torch.Tensor
+    lengths: torch.Tensor
+
+    def split(self) -> list[torch.Tensor]:
+        return list(self.data.cpu().split(self.lengths.tolist()))
+
+
 def collate_bytes(batch) -> ImageBatch:
-    """Byte tensors of different lengths stay a list; skipped items (None) are counted."""
+    """Byte tensors of different lengths -> ``JpegBytes``; skipped items (None) are counted."""
     kept = [b for b in batch if b is not None]
-    targets = default_collate([t for _, t in kept])
-    return ImageBatch([data for data, _ in kept], targets, torch.tensor(len(batch) - len(kept)))
+    data = [d for d, _ in kept]
+    targets = default_collate([t for _, t in kept]) if kept else torch.zeros(0, dtype=torch.long)
+    images = JpegBytes(torch.cat(data) if data else torch.zeros(0, dtype=torch.uint8),
+                       torch.tensor([len(d) for d in data], dtype=torch.long))
+    return ImageBatch(images, targets, torch.tensor(len(batch) - len(kept)))
 
 
 class DeviceAugment:
@@ -50,7 +66,7 @@ class DeviceAugment:
         self.skip_corrupt = skip_corrupt
 
     def decode(self, data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
-        cpu = [d.cpu() for d in data]  # decode_jpeg reads the bytes on the host and decodes on `device`
+        cpu = data  # decode_jpeg takes the bytes on the host and decodes on `device`
         try:
             return decode_jpeg(cpu, mode=ImageReadMode.RGB, device=device)
         except RuntimeError:  # one file is not a baseline JPEG (ImageNet has PNGs and CMYK JPEGs): one by one
@@ -63,12 +79,12 @@ class DeviceAugment:
                         f"image {k} of a training batch cannot be decoded ({err})"), self.skip_corrupt))
             return images
 
-    def __call__(self, data: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    def __call__(self, batch: JpegBytes, device: torch.device) -> tuple[torch.Tensor, list[int]]:
         """(uint8 B' x 3 x size x size, the indices of the B' images kept: undecodable ones are
         skipped with ``skip_corrupt``)."""
         out, kept = [], []
         # one crop per image: the decoded sizes differ (torchvision has no batched ragged crop)
-        for k, img in enumerate(self.decode(data, device)):
+        for k, img in enumerate(self.decode(batch.split(), device)):
             if img is None:
                 continue
             kept.append(k)

@@ -358,7 +358,7 @@ class ImageNetDataModule(VitlabDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """``fast_decode``: training batches arrive as uint8; normalise them and apply timm's random
         erasing (per image, as in a worker) here, on the device."""
-        if isinstance(batch, ImageBatch) and isinstance(batch.images, list):  # gpu_decode: JPEG bytes
+        if isinstance(batch, ImageBatch) and hasattr(batch.images, "lengths"):  # gpu_decode: JpegBytes
             if self._device_augment is None:
                 from vitlab.data.gpu_decode import DeviceAugment
 
@@ -366,7 +366,7 @@ class ImageNetDataModule(VitlabDataModule):
                                                      interpolation=self.interpolation, skip_corrupt=self.skip_corrupt)
             device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
             images, kept = self._device_augment(batch.images, device)
-            batch = ImageBatch(images, batch.targets[kept], batch.skipped + len(batch.images) - len(kept))
+            batch = ImageBatch(images, batch.targets[kept], batch.skipped + len(batch.images.lengths) - len(kept))
         if not isinstance(batch, ImageBatch) or batch.images.dtype != torch.uint8:
             return batch
         images = normalise_uint8(batch.images, IMAGENET_MEAN, IMAGENET_STD)

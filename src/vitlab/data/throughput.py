@@ -128,3 +128,125 @@ def format_loader_table(rows: list[LoaderRow]) -> str:
                   f"{statistics.median(a / b for a, b in zip(row.rounds, base.rounds)):.2f}x")
         lines.append(f"{row.name:<28} {row.images_per_s:>18.1f} {paired:>11}")
     return "\n".join(lines)
+
+
+# ---- the loader as training runs it: formats, page cache, workers --------------------------------
+@dataclass
+class FormatRow:
+    format: str
+    pipeline: str
+    cache: str
+    workers: int
+    images: int
+    wall_s: float
+    cpu_s: float
+
+    @property
+    def per_wall_s(self) -> float:
+        return self.images / self.wall_s
+
+    @property
+    def per_cpu_s(self) -> float:
+        return self.images / max(self.cpu_s, 1e-3)  # psutil counts in 10 ms ticks
+
+
+def dataset_files(root: Path, fmt: str) -> list[Path]:
+    """The files a format's training split reads (the JPEGs, or the chunk files)."""
+    return sorted((root / "train").rglob("*.bin" if fmt == "litdata" else "*.JPEG"))
+
+
+def evict(files: list[Path]) -> None:
+    """Drop the files' pages from the page cache (``posix_fadvise(DONTNEED)``: no root needed; clean
+    pages only, which is all a reader leaves)."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def warm(files: list[Path]) -> None:
+    for path in files:
+        with open(path, "rb") as f:
+            while f.read(1 << 22):
+                pass
+
+
+def _cpu_seconds(proc) -> float:
+    """CPU seconds of this process and its live children (the loader's workers)."""
+    total = sum(proc.cpu_times()[:2])
+    for child in proc.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except Exception:  # a worker that has just exited
+            pass
+    return total
+
+
+def time_loader(root: Path, fmt: str, workers: int, images: int, batch: int, gpu_decode: bool,
+                seed: int = 0) -> tuple[float, float, int]:
+    """(wall s, CPU s of this process + workers, images) for the first ``images`` training images of
+    a shuffled epoch through the DataModule's own training loader."""
+    import psutil
+
+    from vitlab.data.imagenet import ImageNetDataModule
+
+    extra = dict(auto_augment=None, color_jitter=0) if gpu_decode else {}
+    dm = ImageNetDataModule(str(root), batch_size=batch, num_workers=workers, format=fmt, gpu_decode=gpu_decode,
+                            seed=seed, **extra)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    proc = psutil.Process()
+    cpu0, t0 = _cpu_seconds(proc), time.perf_counter()
+    seen = 0
+    it = iter(loader)
+    while seen < images:
+        try:
+            seen += len(next(it).targets)
+        except StopIteration:
+            break
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds(proc) - cpu0
+    del it, loader  # the workers end here
+    return wall, cpu, seen
+
+
+def format_bench(dataset_images: int = 20_000, images: int = 1_000, formats=("folder", "litdata"),
+                 workers=(1, 2), caches=("cold", "warm"), batch: int = 32, gpu_decode: bool = False,
+                 data_dir: str | None = None, size: tuple[int, int] | None = None) -> list[FormatRow]:
+    """Every (format, cache, workers) on one generated ImageNet of ``dataset_images`` (made and
+    packed once under the bench directory): the DeiT training pipeline in the workers, and with
+    ``gpu_decode`` also the workers' part of ``data.gpu_decode`` (reading bytes: the device work is
+    not timed here)."""
+    from vitlab.data.pack import pack_imagenet
+
+    folder = generate("imagenet", bench_dir(data_dir), dataset_images, size)
+    packed = folder.parent / f"{folder.name}_litdata"
+    if not (packed / ".complete").exists():
+        pack_imagenet(folder, packed)
+        (packed / ".complete").touch()
+    roots = {"folder": folder, "litdata": packed}
+    rows = []
+    for pipeline in ("deit", "gpu_decode") if gpu_decode else ("deit",):
+        for cache in caches:
+            for fmt in formats:
+                files = dataset_files(roots[fmt], fmt)
+                for n in workers:
+                    evict(files) if cache == "cold" else warm(files)
+                    wall, cpu, seen = time_loader(roots[fmt], fmt, n, images, min(batch, images),
+                                                  pipeline == "gpu_decode")
+                    rows.append(FormatRow(fmt, pipeline, cache, n, seen, wall, cpu))
+    return rows
+
+
+def format_rows_table(rows: list[FormatRow]) -> str:
+    head = (f"{'pipeline':<11} {'cache':<5} {'format':<8} {'workers':>7} {'images':>7} {'img/wall-s':>11} "
+            f"{'img/CPU-s':>10} {'vs folder (CPU)':>16}")
+    lines = [head, "-" * len(head)]
+    base = {(r.pipeline, r.cache, r.workers): r for r in rows if r.format == "folder"}
+    for r in rows:
+        ref = base.get((r.pipeline, r.cache, r.workers))
+        ratio = "-" if ref is None or ref is r else f"{r.per_cpu_s / ref.per_cpu_s:.2f}x"
+        lines.append(f"{r.pipeline:<11} {r.cache:<5} {r.format:<8} {r.workers:>7} {r.images:>7} "
+                     f"{r.per_wall_s:>11.1f} {r.per_cpu_s:>10.1f} {ratio:>16}")
+    return "\n".join(lines)
