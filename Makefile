@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH := "torch>=2.4,<=2.14.1" "torchvision<=0.29.1"
 PYTEST_ARGS ?=
 
-.PHONY: install train test zoo bench clean
+.PHONY: install train test zoo bench gpu-check clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ zoo: install
 
 bench: install
 	$(PY) -m vitlab.bench pvt_v2_b0 pvt_v2_b2 --compare-timm
+
+# The prepared first GPU run (README "Performance"): < 8 min on one H200; on a CPU its tiny version.
+gpu-check: install
+	$(PY) -m vitlab.bench --suite gpu --json gpu-check.json
 
 clean:
 	rm -rf outputs multirun .pytest_cache

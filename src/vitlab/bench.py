@@ -93,6 +93,7 @@ class Result:
     infer_ips: float = float("nan")
     train_mem_mb: float = float("nan")
     infer_mem_mb: float = float("nan")
+    warmup_s: dict = field(default_factory=dict)  # phase -> seconds of the first round's warm-up (compilation)
     rounds: dict = field(default_factory=lambda: {"train": [], "infer": []})
     mems: dict = field(default_factory=lambda: {"train": [], "infer": []})
 
@@ -326,11 +327,14 @@ def _step(model: nn.Module, workload: Workload, phase: str, device: torch.device
 
 
 def _measure(model, phase, workload, steps, warmup, device, dtype, clock=time.perf_counter):
-    """(images/s, peak memory MB) of ``steps`` steps of ``phase`` after ``warmup`` steps, timed by ``clock``."""
+    """(images/s, peak memory MB, warm-up seconds) of ``steps`` steps of ``phase`` after ``warmup`` steps,
+    timed by ``clock`` (the warm-up by the wall clock: it holds a compiled model's compilation)."""
     model.train(phase == "train")
+    warm_start = time.perf_counter()
     for _ in range(warmup):
         _step(model, workload, phase, device, dtype)
     _sync(device)
+    warm = time.perf_counter() - warm_start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -347,7 +351,7 @@ def _measure(model, phase, workload, steps, warmup, device, dtype, clock=time.pe
                 _step(model, workload, phase, device, dtype)
             elapsed = clock() - start
         mem = rss.delta_mb
-    return workload.batch * steps / elapsed, mem
+    return workload.batch * steps / elapsed, mem, warm
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 3,
@@ -368,7 +372,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = Non
 
 
 def candidates(name: str, workload: Workload, device: torch.device, compare_timm: bool, reference: str | None,
-               compile_backend: str | None, grad_checkpointing: bool, overrides=()) -> list[tuple[Result, nn.Module]]:
+               compile_backend: str | None, grad_checkpointing: bool, overrides=(),
+               count_flops: bool = True) -> list[tuple[Result, nn.Module]]:
     ours = build_ours(name, workload, device, overrides)
     models = [(Result(name, 0.0, "ours"), ours)]
     if compare_timm and workload.task is None:
@@ -384,14 +389,15 @@ def candidates(name: str, workload: Workload, device: torch.device, compare_timm
     for result, model in models:
         result.params_m = sum(p.numel() for p in model.parameters()) / 1e6
         # compiled / checkpointed: the same network as ours, the same FLOPs
-        result.gflops_per_image = (forward_gflops(model, workload) if result.kind in ("ours", "timm", "ref")
-                                   else models[0][0].gflops_per_image)
+        if count_flops:
+            result.gflops_per_image = (forward_gflops(model, workload) if result.kind in ("ours", "timm", "ref")
+                                       else models[0][0].gflops_per_image)
     return models
 
 
 def bench(names, batch=8, input_size=None, compare_timm=False, device="cpu", steps=5, warmup=2, rounds=5,
           precision="32", references=None, task=None, compile_backend=None, grad_checkpointing=False,
-          phases=PHASES, overrides=(), clock="wall"):
+          phases=PHASES, overrides=(), clock="wall", count_flops=True):
     """One list of ``Result`` per name: ours first, then what it is compared with."""
     device = torch.device(device)
     dtype = PRECISIONS[precision]
@@ -400,11 +406,12 @@ def bench(names, batch=8, input_size=None, compare_timm=False, device="cpu", ste
     table = []
     for name, reference in zip(names, references):
         models = candidates(name, workload, device, compare_timm, reference, compile_backend, grad_checkpointing,
-                            overrides)
+                            overrides, count_flops)
         for phase in phases:
             for _ in range(rounds):  # interleaved: ours, the others, ours, ...
                 for result, model in models:
-                    ips, mem = _measure(model, phase, workload, steps, warmup, device, dtype, CLOCKS[clock])
+                    ips, mem, warm = _measure(model, phase, workload, steps, warmup, device, dtype, CLOCKS[clock])
+                    result.warmup_s.setdefault(phase, warm)
                     result.rounds[phase].append(ips)
                     result.mems[phase].append(mem)
             for result, _ in models:
@@ -506,9 +513,21 @@ def main(argv=None) -> None:
                    help="--loader: the generated images' size (default: ImageNet 500 375, COCO 640 480, ADE20K 683 512)")
     p.add_argument("--data-dir", default=None, help="--loader: where the generated data is kept (default: "
                    "$VITLAB_DATA or ./data, under bench/)")
+    p.add_argument("--suite", choices=["gpu"], default=None,
+                   help="run the prepared GPU suite (vitlab.tools.bench_suite; on a CPU its tiny version)")
+    p.add_argument("--json", default=None, metavar="FILE", help="--suite: write the results here (after every item)")
+    p.add_argument("--reference-dir", default="official", metavar="DIR",
+                   help="--suite: where the authors' files are (pvt_v2.py, pvt.py, scalablevit.py, gpvit.py)")
+    p.add_argument("--budget", type=float, default=420.0, help="--suite: seconds after which items are skipped")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.suite:
+        from vitlab.tools.bench_suite import run_suite
+
+        run_suite(None if "--device" not in (argv or sys.argv) else args.device, args.json, args.reference_dir,
+                  args.data_dir, args.budget)
+        return
     if args.loader:
         from vitlab.data.throughput import format_loader_table, loader_bench
 
