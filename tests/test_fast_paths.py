@@ -3,6 +3,7 @@
 fast path changes the arithmetic's route (fused optimiser, channels_last, the attention dispatch)."""
 from __future__ import annotations
 
+import numbers
 import traceback
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from lightning import Callback
+from lightning import Callback, LightningModule
 
 from support import DENSE_SMOKE, FAST, TINY_PVT, hydra_command
 
@@ -53,6 +54,16 @@ def _patched(name, original):
     return method
 
 
+def _logging_numbers(original):
+    """``LightningModule.log`` of a Python number copies it to the GPU with a blocking copy (a sync)."""
+    def log(self, name, value, *args, **kwargs):
+        if SyncProbe.step is not None and isinstance(value, numbers.Number):
+            SyncProbe.calls.append((SyncProbe.step, "log(number)", name))
+        return original(self, name, value, *args, **kwargs)
+
+    return log
+
+
 @pytest.mark.parametrize("task, overrides", [
     ("imagenet_cls", [*FAST, "data.batch_size=4", "module.mixup=0.8", "module.cutmix=1.0", "module.ema_decay=0.9"]),
     ("coco_maskrcnn", [*TINY_PVT, *DENSE_SMOKE["coco_maskrcnn"], "data.synthetic_num_train=8"]),
@@ -63,11 +74,14 @@ def _patched(name, original):
 def test_no_host_sync_in_training_steps_except_logging_steps(task, overrides, tmp_path, data_dir, monkeypatch):
     """Six training steps of each task with the default callbacks (progress bar on, checkpoints,
     fast paths) and ``log_every_n_steps=3``: the only calls that would make the host wait for a GPU
-    (``.item()``, ``.tolist()``, ``.cpu()``, ``bool(tensor)``, ...) from vitlab, Lightning, timm or
+    (``.item()``, ``.tolist()``, ``.cpu()``, ``bool(tensor)``, ..., and ``self.log`` of a Python number,
+    which Lightning copies to the device with a blocking copy) from vitlab, Lightning, timm or
     torchmetrics happen in the logging steps. (Before: ``batch.skipped.item()`` in every step of every
-    task, and Lightning turning the loss logged with ``prog_bar=True`` into a number every step.)"""
+    task, Lightning turning the loss logged with ``prog_bar=True`` into a number every step, and the
+    learning rate logged as a Python number.)"""
     for name in SYNCING:
         monkeypatch.setattr(torch.Tensor, name, _patched(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(LightningModule, "log", _logging_numbers(LightningModule.log))
     SyncProbe.calls = []
     args = [*overrides, f"task={task}", "trainer.max_steps=6", "trainer.limit_train_batches=6", "trainer.max_epochs=1",
             f"trainer.log_every_n_steps={LOG_EVERY}", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=true",

@@ -525,8 +525,7 @@ def main(argv=None) -> None:
     if args.suite:
         from vitlab.tools.bench_suite import run_suite
 
-        run_suite(None if "--device" not in (argv or sys.argv) else args.device, args.json, args.reference_dir,
-                  args.data_dir, args.budget)
+        run_suite(args.device, args.json, args.reference_dir, args.data_dir, args.budget)
         return
     if args.loader:
         from vitlab.data.throughput import format_loader_table, loader_bench

@@ -258,6 +258,12 @@ class VitlabTask(L.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val=clip or gradient_clip_val, gradient_clip_algorithm="norm")
 
     # ---- shared by the tasks ----------------------------------------------------------
+    def log_lr(self, batch_size: int | None = None) -> None:
+        """``train/lr``: the first group's learning rate, as a device tensor filled in place. Logged as a
+        Python number, Lightning would copy it to the GPU with a blocking copy, which waits for the GPU."""
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.log("train/lr", torch.full((), lr, device=self.device), batch_size=batch_size)
+
     def log_skipped(self, skipped: torch.Tensor) -> None:
         """``data/skipped_corrupt``: the files the loaders skipped (``data.skip_corrupt``) this epoch, over
         all processes. Logged every step as the tensor it is: testing its value (``.item()``) would make

@@ -74,7 +74,7 @@ class ClassificationTask(VitlabTask):
             images, targets = self.mixup(images, targets)
         loss = self.train_loss(self.model(images), targets)
         self.log("train/loss", loss, batch_size=images.shape[0])
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=images.shape[0])
+        self.log_lr(batch_size=images.shape[0])
         self.log_skipped(batch.skipped)
         return loss
 

@@ -138,7 +138,7 @@ class DetectionTask(VitlabTask):
         self.log("train/loss", loss, batch_size=len(images))
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=len(images))
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log_lr()
         return loss
 
     # ---- evaluation -----------------------------------------------------------------

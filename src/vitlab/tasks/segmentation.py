@@ -116,7 +116,7 @@ class SegmentationTask(VitlabTask):
             self.log("train/loss_aux", aux_loss, batch_size=len(images))
             loss = loss + self.aux_weight * aux_loss
         self.log("train/loss", loss, batch_size=len(images))
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log_lr()
         return loss
 
     # ---- inference ------------------------------------------------------------------
