@@ -191,3 +191,17 @@ def test_bf16_peak_by_device_name(name, peak):
     from vitlab.tools import bench_suite
 
     assert bench_suite.device_peak(name) == peak
+
+
+def test_suite_rows_give_mfu_against_the_data_sheet_and_the_measured_matmul():
+    from vitlab.tools import bench_suite
+
+    ours = bench.Result("pvt_v2_b2", 25.4, gflops_per_image=8.0, train_ips=1000.0)
+    ours.rounds["train"] = [1000.0, 1000.0]
+    twin = bench.Result("timm:pvt_v2_b2", 25.4, kind="timm", gflops_per_image=8.0, train_ips=800.0)
+    twin.rounds["train"] = [800.0, 800.0]
+    report = bench_suite.Report("NVIDIA H200", True, peak_tflops=989.0, matmul_tflops=600.0)
+    row, timm_row = bench_suite._rows_from("train pvt_v2_b2", [ours, twin], report, torch.device("cuda"))
+    assert row.tflops == pytest.approx(24.0)  # 1000 images/s x 8 GFLOP x 3 (forward + backward)
+    assert row.mfu_pct == pytest.approx(100 * 24.0 / 989.0) and row.matmul_pct == pytest.approx(4.0)
+    assert timm_row.ratio == "ours/timm 1.25"

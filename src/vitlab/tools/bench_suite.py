@@ -211,7 +211,7 @@ def run_suite(device: str | None = None, json_path: str | None = None, reference
               "NOT A GPU FIGURE: no CUDA device, so this is the suite's tiny CPU version (small inputs, "
               "one-block backbones); it checks that every item runs, its numbers say nothing about a GPU")
     print(banner, flush=True)
-    report.matmul_tflops = timing.matmul_peak(device_, torch.bfloat16, size=None if gpu else 256) / 1e3
+    report.matmul_tflops = timing.matmul_peak(device_, torch.bfloat16, size=16384 if gpu else 256) / 1e3
     report.write(path)
     start = time.perf_counter()
     for item, model, kind, run in items(scale, device_, Path(reference_dir), data_dir, report):
