@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vitlab.aliases import current
 from vitlab.trust import check_targets
 
 # Keys of a backbone config that say which weights to load, not constructor arguments.
@@ -32,7 +33,8 @@ def plain(cfg: Any) -> Any:
 
 
 def locate(target: str):
-    module_name, _, attr = target.rpartition(".")
+    """The object a dotted path names (a path from before a module moved is followed: ``vitlab.aliases``)."""
+    module_name, _, attr = current(target).rpartition(".")
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:

@@ -5,7 +5,8 @@ name any importable callable (``os.system``, ``torch.load`` of a pickle, ``torch
 A prefix rule ("anything under torch.") is not enough, so the rule is an allow-list: the
 ``_target_`` values found in the shipped ``conf/`` tree, nothing else, and of Hydra's special
 keys only ``_target_`` (no ``_args_``, ``_partial_``, ``_recursive_``, ``_convert_``: our
-configs never need them). Adding a config that names a new class extends the list by itself.
+configs never need them). Adding a config that names a new class extends the list by itself; a path
+from before a module moved is checked as its current path (``vitlab.aliases``).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig
 
+from vitlab.aliases import current
 from vitlab.resources import conf_dir
 
 _TARGET_LINE = re.compile(r"^\s*_target_:\s*([\w.]+)\s*(#.*)?$")
@@ -45,7 +47,7 @@ def check_targets(cfg: Any, where: str = "config") -> None:
         for key, value in cfg.items():
             key = str(key)
             if key == "_target_":
-                if not (isinstance(value, str) and value in allowed_targets()):
+                if not (isinstance(value, str) and current(value) in allowed_targets()):
                     raise UntrustedTargetError(
                         f"{where}: refusing to instantiate _target_={value!r}: a config may only name the "
                         f"classes vitlab's own configs use ({len(allowed_targets())} of them, under conf/)"
