@@ -27,10 +27,10 @@ test: install
 	OMP_NUM_THREADS=1 WANDB_MODE=offline $(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 zoo: install
-	$(PY) -m vitlab.zoo
+	$(PY) -m vitlab.tools.zoo
 
 bench: install
-	$(PY) -m vitlab.bench pvt_v2_b0 pvt_v2_b2 --compare-timm
+	$(PY) -m vitlab.tools.bench pvt_v2_b0 pvt_v2_b2 --compare-timm
 
 clean:
 	rm -rf outputs multirun .pytest_cache

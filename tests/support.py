@@ -62,7 +62,7 @@ def process_state_restored():
     into later tests: environment variables (``PL_GLOBAL_SEED``, ``VITLAB_SWEEP_DIR``,
     ``VITLAB_WEIGHTS``), RNG states, torch threads and flags, the logging handlers Hydra's job
     logging installs (its ``<run dir>/<job>.log`` file is closed), the signal handlers of
-    ``vitlab.callbacks.LastCheckpoint``, the working directory, warning filters, HydraConfig and
+    ``vitlab.runtime.callbacks.LastCheckpoint``, the working directory, warning filters, HydraConfig and
     OmegaConf resolvers registered during the run."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf.basecontainer import BaseContainer
@@ -110,8 +110,8 @@ def process_state_restored():
 
 def hydra_command(script: str, args: list[str], data_dir: Path, env: dict | None = None):
     """``python src/<script> args...`` in this process: Hydra's own run (``-m`` in ``args``: multirun)
-    of the entry point's body, ``vitlab.run.train`` / ``evaluate`` / ``vitlab.predict.predict``. This is the code
-    ``@hydra.main`` runs (vitlab.cli): the config is composed from the command line, HydraConfig set,
+    of the entry point's body, ``vitlab.runtime.run.train`` / ``evaluate`` / ``vitlab.tools.predict.predict``. This is the code
+    ``@hydra.main`` runs (vitlab.runtime.cli): the config is composed from the command line, HydraConfig set,
     ``hydra.runtime.output_dir`` set to what the command's ``hydra.run.dir`` (``hydra.sweep.dir``)
     resolves to, ``.hydra/`` and the job's log file written. What the run changes in this process
     is undone (``process_state_restored``). Returns the summary (multirun: the jobs' summaries);
@@ -119,12 +119,12 @@ def hydra_command(script: str, args: list[str], data_dir: Path, env: dict | None
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    import vitlab.run
-    from vitlab.resources import conf_dir
+    import vitlab.runtime.run
+    from vitlab.runtime.resources import conf_dir
 
-    from vitlab.predict import predict
+    from vitlab.tools.predict import predict
 
-    body = {"train.py": vitlab.run.train, "eval.py": vitlab.run.evaluate, "predict.py": predict}[script]
+    body = {"train.py": vitlab.runtime.run.train, "eval.py": vitlab.runtime.run.evaluate, "predict.py": predict}[script]
     multirun = "-m" in args or "--multirun" in args
     overrides = [a for a in args if a not in ("-m", "--multirun")]
     if multirun:

@@ -183,7 +183,7 @@ def test_validation_loss_is_the_cross_entropy_per_labelled_pixel():
 def test_tta_config_group():
     from hydra import compose, initialize_config_dir
 
-    from vitlab.resources import conf_dir
+    from vitlab.runtime.resources import conf_dir
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose("train", overrides=["task=ade20k_upernet", "schedule=160k", "tta=ms_flip"])

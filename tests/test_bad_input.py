@@ -8,7 +8,7 @@ from hydra.errors import ConfigCompositionException
 
 import vitlab
 from support import TINY_PVT, hydra_command
-from vitlab.checkpoints import CheckpointMismatchError
+from vitlab.runtime.checkpoints import CheckpointMismatchError
 from vitlab.data.base import CorruptImageError, DatasetLayoutError
 from vitlab.data.imagenet import ImageNetDataModule, collate_skipping
 from vitlab.data.synthetic import make_imagenet

@@ -1,4 +1,4 @@
-"""vitlab.compare and vitlab.paper: seeds aggregated, paired deltas, the paper's rows beside ours.
+"""vitlab.tools.compare and vitlab.tools.paper: seeds aggregated, paired deltas, the paper's rows beside ours.
 
 Most runs are summary.json files written here (what train.py writes), so the numbers are
 known and every statistic is checked against numpy/scipy computed independently; one test
@@ -16,7 +16,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from support import REPO, SWEEP_RATIOS, SWEEP_SEEDS
-from vitlab import compare, paper
+from vitlab.tools import compare, paper
 
 stats = pytest.importorskip("scipy.stats")
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from support import SWEEP_RATIOS as RATIOS
-from vitlab import compare, dashboard, paper
+from vitlab.tools import compare, dashboard, paper
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def test_dry_run_spec_holds_every_varied_field_and_metric(sweep_dir, tmp_path):
 def test_table_aggregates_seeds_per_setting(sweep_dir):
     sweep = dashboard.load_sweep(str(sweep_dir))
     assert sweep.fields == ["backbone.mlp_ratios"] and sweep.seeded and sweep.monitor == "val/top1"
-    rows = dashboard.results_table(sweep)  # vitlab.compare's aggregation
+    rows = dashboard.results_table(sweep)  # vitlab.tools.compare's aggregation
     assert [r["backbone.mlp_ratios"] for r in rows] == RATIOS
     for row in rows:
         mine = [s for s in summaries(sweep_dir) if f"backbone.mlp_ratios={row['backbone.mlp_ratios']}" in s["overrides"]]
@@ -145,7 +145,7 @@ def test_sync_picks_new_and_grown_offline_runs(sweep_dir):
 
 def run_script_module(args):
     env = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "-m", "vitlab.dashboard", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "vitlab.tools.dashboard", *args], env=env, capture_output=True, text=True,
                           timeout=120, check=True)
 
 

@@ -47,16 +47,16 @@ def run_installed(target: Path, cwd: Path, *args: str) -> subprocess.CompletedPr
 def test_wheel_holds_configs_and_tables(installed):
     assert (installed / "vitlab" / "conf" / "train.yaml").is_file()
     assert (installed / "vitlab" / "conf" / "backbone" / "pvt_v2_b0.yaml").is_file()
-    assert list((installed / "vitlab" / "paper_tables").glob("*.yaml"))
+    assert list((installed / "vitlab" / "tools" / "paper_tables").glob("*.yaml"))
 
 
 def test_api_and_zoo_from_another_directory(installed, tmp_path):
-    code = ("import vitlab, vitlab.resources as r; m = vitlab.create_model('pvt_v2_b0', num_classes=3); "
+    code = ("import vitlab, vitlab.runtime.resources as r; m = vitlab.create_model('pvt_v2_b0', num_classes=3); "
             "print(vitlab.__file__, r.conf_dir(), sum(p.numel() for p in m.parameters()))")
     out = run_installed(installed, tmp_path, sys.executable, "-c", code).stdout.split()
     assert out[0].startswith(str(installed)) and out[1] == str(installed / "vitlab" / "conf")
     assert int(out[2]) > 3_000_000
-    zoo = run_installed(installed, tmp_path, sys.executable, "-m", "vitlab.zoo", "pvt_v2_b0").stdout
+    zoo = run_installed(installed, tmp_path, sys.executable, "-m", "vitlab.tools.zoo", "pvt_v2_b0").stdout
     assert "pvt_v2_b0" in zoo and "3.667" in zoo  # 3,666,760 params (official code)
 
 

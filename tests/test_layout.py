@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from support import REPO
-from vitlab.aliases import MOVED, current
-from vitlab.build import instantiate, locate
-from vitlab.trust import check_targets
+from vitlab.runtime.aliases import MOVED, current
+from vitlab.runtime.build import instantiate, locate
+from vitlab.runtime.trust import check_targets
 
 # Written by vitlab 0.1.0 before the runtime / tools move (commit 6691f66): the tiny PVTv2 of
 # tests/support.py TINY_PVT trained one epoch of `experiment=demo` at 32 px (optimizer state and

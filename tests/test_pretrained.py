@@ -46,7 +46,7 @@ def test_pvt_v1_dense_backbone_drops_classifier_parts_and_trades_weights_with_a_
     backbone drops them (the official detection backbone has none), takes a classifier's file without
     them, and its own weights load back into a classifier (those parts keep their initialisation)."""
     from vitlab.api import backbone_config
-    from vitlab.build import build_backbone
+    from vitlab.runtime.build import build_backbone
 
     classifier = vitlab.create_model("pvt_tiny", 5, overrides=V1)
     torch.save(classifier.state_dict(), tmp_path / "classifier.pt")
@@ -80,7 +80,7 @@ def test_every_parameter_of_a_dense_backbone_gets_a_gradient(name):
     """DDP (without find_unused_parameters, as trainer=ddp runs) stops on a parameter that gets no
     gradient: a dense backbone's forward must use every parameter it holds."""
     from vitlab.api import backbone_config
-    from vitlab.build import build_backbone
+    from vitlab.runtime.build import build_backbone
 
     backbone = build_backbone(backbone_config(name, [*DENSE_FAMILIES[name], "pretrained=null"]), dense=True)
     sum(level.float().mean() for level in backbone(torch.randn(1, 3, 128, 128))).backward()

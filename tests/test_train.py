@@ -31,7 +31,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, train_run, d
     straight = tmp_path / "straight"
     resumed = tmp_path / "resumed"
     common = [*FAST, "schedule.epochs=2", "data.synthetic_classes=4"]
-    stop = ["+callbacks.stop._target_=vitlab.callbacks.StopAfter", "+callbacks.stop.epochs=1"]
+    stop = ["+callbacks.stop._target_=vitlab.runtime.callbacks.StopAfter", "+callbacks.stop.epochs=1"]
     killed = run_script("train.py", [*common, *stop, f"hydra.run.dir={resumed}"], data_dir, check=False)
     assert killed.returncode == 75 and not (resumed / "summary.json").exists()
     train_run(straight, *common)

@@ -23,7 +23,7 @@ A backbone is an ``nn.Module`` that
 
 Classification models are ``ImageClassifier(backbone, num_classes)``, so every
 state dict in this project has the layout ``backbone.*`` + ``head.*``.
-``vitlab.checkpoints.load_pretrained`` uses a file as it is when its keys are in
+``vitlab.runtime.checkpoints.load_pretrained`` uses a file as it is when its keys are in
 that layout, else ``type(backbone).convert_official``; then ``adapt_state_dict``,
 then a strict load.
 """

@@ -36,7 +36,7 @@ Decisions:
   ``rpn_box_loss`` / ``box_loss`` (``l1``: mmdet's L1Loss; torchvision: smooth L1, beta 1/9),
   ``box_head`` (``4conv1fc``: Shared4Conv1FCBBoxHead), ``fpn_norm`` / ``box_head_norm``
   (BN | SyncBN | GN | none).
-* FLOPs are counted through ``flops_forward`` (``vitlab.flops``): the network as mmdetection's
+* FLOPs are counted through ``flops_forward`` (``vitlab.runtime.flops``): the network as mmdetection's
   ``get_flops`` runs it, without data-dependent steps, so it runs on the meta device
   (``MaskRCNNDetector.flops_forward`` says what is counted).
 """
@@ -442,7 +442,7 @@ class MaskRCNNDetector(_Detector):
 
         What mmdet's numbers count differently: mmcv's module hooks add bias adds, norms,
         activations, pooling and upsampling (0.3% of the ResNet-50 models), miss functional matmuls
-        (attention: see ``vitlab.flops``), and ``get_flops --shape 1280 800`` feeds a 1280-high,
+        (attention: see ``vitlab.runtime.flops``), and ``get_flops --shape 1280 800`` feeds a 1280-high,
         800-wide image where the papers' rows say 800x1280 (the same count for convolutions).
         """
         features = self.model.backbone(images)

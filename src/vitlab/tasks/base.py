@@ -5,7 +5,7 @@ A task is built from plain configs and the dataset's description::
     Task(backbone=<backbone config>, schedule=<schedule config>, info=DatasetInfo, **module fields)
 
 Subclasses implement the classmethod ``build_model(backbone, module, info)`` (the whole
-network, also used by ``vitlab.zoo`` to count parameters and FLOPs without data) and own
+network, also used by ``vitlab.tools.zoo`` to count parameters and FLOPs without data) and own
 their losses and metrics. The optimiser and schedule come from the ``schedule`` config group
 (see ``conf/schedule/``), so the papers' recipes are data, not code.
 """
@@ -143,7 +143,7 @@ class VitlabTask(L.LightningModule):
         for key in list(self.hparams):
             self.hparams[key] = _plain(self.hparams[key])
         # What Lightning logs to the loggers: the module's own fields. The backbone and schedule reach
-        # them as top-level keys and the whole run config (vitlab.run), so "backbone" stays its name.
+        # them as top-level keys and the whole run config (vitlab.runtime.run), so "backbone" stays its name.
         self._hparams_initial = copy.deepcopy(
             type(self._hparams)({k: v for k, v in self._hparams.items() if k not in ("backbone", "schedule", "info")}))
 
@@ -243,7 +243,7 @@ class VitlabTask(L.LightningModule):
 
     # ---- shared by the tasks ----------------------------------------------------------
     def log_images(self, tag: str, images: list[np.ndarray]) -> None:
-        """H x W x 3 uint8 figures (``vitlab.visualize``) -> W&B (WandbLogger) or PNGs under
+        """H x W x 3 uint8 figures (``vitlab.tasks.visualize``) -> W&B (WandbLogger) or PNGs under
         ``<run dir>/predictions/epoch_XXX/``."""
         trainer = self.trainer
         if not images or not trainer.is_global_zero or trainer.sanity_checking:
@@ -272,7 +272,7 @@ class VitlabTask(L.LightningModule):
 
     def predict_step(self, batch: PredictBatch, batch_idx: int) -> list[dict]:
         """``predict.py``: one JSON-ready record per image, plus ``figure`` (H x W x 3 uint8, drawn by
-        ``vitlab.visualize``) and optionally ``label_map`` (H x W class ids), which are written as PNGs."""
+        ``vitlab.tasks.visualize``) and optionally ``label_map`` (H x W class ids), which are written as PNGs."""
         raise NotImplementedError(f"{type(self).__name__} has no prediction for image files")
 
     def test_step(self, batch, batch_idx):  # testing = validating on the test loader

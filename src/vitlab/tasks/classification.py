@@ -9,10 +9,10 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from vitlab.build import build_classifier
+from vitlab.runtime.build import build_classifier
 from vitlab.data.base import DatasetInfo, ImageBatch, PredictBatch
 from vitlab.tasks.base import VitlabTask, check_legacy_num_classes
-from vitlab.visualize import Panel, confusion_figure, render, to_rgb_array, top_confusions
+from vitlab.tasks.visualize import Panel, confusion_figure, render, to_rgb_array, top_confusions
 
 
 class ClassificationTask(VitlabTask):

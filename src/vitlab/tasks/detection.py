@@ -26,10 +26,10 @@ from torchmetrics import MeanMetric
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.models.detection.transform import resize_boxes
 
-from vitlab.build import build_backbone, instantiate
+from vitlab.runtime.build import build_backbone, instantiate
 from vitlab.data.base import DatasetInfo, DetectionBatch, PredictBatch
 from vitlab.tasks.base import VitlabTask, check_legacy_num_classes
-from vitlab.visualize import Panel, render, to_rgb_array
+from vitlab.tasks.visualize import Panel, render, to_rgb_array
 
 # torchmetrics' result keys -> ours (``val/<prefix><name>``)
 MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100",

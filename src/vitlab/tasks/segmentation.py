@@ -20,11 +20,11 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from vitlab.build import build_backbone, instantiate
+from vitlab.runtime.build import build_backbone, instantiate
 from vitlab.data.base import DatasetInfo, PredictBatch, SegmentationBatch
 from vitlab.heads.segmentation import Segmentor
 from vitlab.tasks.base import VitlabTask, check_legacy_num_classes
-from vitlab.visualize import Panel, render, to_rgb_array
+from vitlab.tasks.visualize import Panel, render, to_rgb_array
 
 
 def iou_from_confmat(confmat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
