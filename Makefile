@@ -11,12 +11,14 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
-	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,cluster,export]"
-	touch $(STAMP)
+# Quiet: pip's own messages (errors, warnings) and one line at the end; `make -n install` shows the commands.
+$(STAMP): pyproject.toml constraints.txt setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	@$(PY) -m pip install --quiet $(TORCH)
+	@$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,cluster,export]"
+	@touch $(STAMP)
+	@echo "vitlab installed in $(VENV) (editable; configs from conf/)"
 
 # The embedded default: pvt_v2_b0 learns generated ImageNet-format data on CPU (a few minutes).
 train: install
