@@ -97,7 +97,8 @@ def test_detector_exports_to_onnx_with_its_detections(tmp_path):
     torch.manual_seed(0)
     module = build_data_and_module(config)[1]
     ckpt = tmp_path / "det.ckpt"
-    torch.save({"state_dict": module.state_dict(), "vitlab_config": config}, ckpt)
+    torch.save({"state_dict": module.state_dict(), "vitlab_config": config,
+                "hyper_parameters": {"info": module.hparams["info"]}}, ckpt)  # what a run stores
 
     result = export(str(ckpt), "onnx", input_size=(96, 128), out=str(tmp_path / "det.onnx"))
     assert result["outputs"] == [[100, 4], [100], [100], [100, 1, 96, 128]]

@@ -86,20 +86,3 @@ def test_every_parameter_of_a_dense_backbone_gets_a_gradient(name):
     sum(level.float().mean() for level in backbone(torch.randn(1, 3, 128, 128))).backward()
     unused = [k for k, p in backbone.named_parameters() if p.requires_grad and p.grad is None]
     assert not unused, unused
-
-
-def test_dense_checkpoint_that_still_holds_classifier_parts_loads(tmp_path, train_run, eval_run):
-    """Segmentation checkpoints of PVT v1 written before dense backbones dropped the classifier's parts
-    (vitlab < 0.3) still hold them: eval.py and resume read such a file."""
-    from support import DENSE_SMOKE
-
-    over = [f"backbone.{o}" for o in V1]
-    summary = train_run(tmp_path / "run", "backbone=pvt_tiny", *over, "task=ade20k_fpn", *DENSE_SMOKE["ade20k_fpn"],
-                        "data.synthetic_num_val=4", "data.smoke_images=4")
-    ckpt = torch.load(summary["last_ckpt"], weights_only=False)
-    assert "model.backbone.cls_token" not in ckpt["state_dict"]
-    ckpt["state_dict"].update({"model.backbone.cls_token": torch.zeros(1, 1, 64), "model.backbone.norm.weight": torch.ones(64),
-                               "model.backbone.cls_pos_embed": torch.zeros(1, 1, 64), "model.backbone.norm.bias": torch.zeros(64)})
-    torch.save(ckpt, tmp_path / "old.ckpt")
-    evaluated = eval_run(tmp_path / "eval", tmp_path / "old.ckpt")
-    assert evaluated["val/miou"] == pytest.approx(summary["val/miou"], abs=1e-6)

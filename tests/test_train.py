@@ -23,7 +23,7 @@ def test_smoke_run_writes_summary(tmp_path, train_run):
 
 
 def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, train_run, data_dir):
-    """Interrupted after epoch 1 and resumed with ckpt_path=last: bit-equal weights to one straight run.
+    """Interrupted after epoch 1 and resumed (resume=auto): bit-equal weights to one straight run.
 
     CPU, num_workers=0: data order (epoch-seeded sampler), augmentation RNG (restored before
     Lightning builds the training iterator), optimiser state and LR schedule all carry over.

@@ -40,7 +40,7 @@ from timm.layers import DropPath, LayerNorm2d, Mlp, NormMlpClassifierHead, trunc
 from torch import nn
 
 from vitlab.backbones.arguments import (check_choice, check_divisible, check_ints, check_positive, check_rates,
-                                        check_stages, fail, per_stage, renamed_arguments)
+                                        check_stages, fail, per_stage)
 from vitlab.backbones.base import Backbone
 from vitlab.backbones.layers import adapt_shapes, attention, init_vit_weights, resize_grid, run_block
 
@@ -347,7 +347,6 @@ class PaleTransformer(Backbone):
 
     strides = [4, 8, 16, 32]
 
-    @renamed_arguments(names={"mlp_ratio": "mlp_ratios", "ape_size": "img_size"})
     def __init__(
         self,
         embed_dims: Sequence[int],

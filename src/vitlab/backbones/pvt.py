@@ -52,7 +52,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from vitlab.backbones.arguments import (check_choice, check_divisible, check_ints, check_positive, check_rates,
-                                        check_stages, fail, per_stage, renamed_arguments)
+                                        check_stages, fail, per_stage)
 from vitlab.backbones.base import Backbone
 from vitlab.backbones.layers import adapt_shapes, attention, init_vit_weights, resize_token_grid, run_block
 
@@ -271,7 +271,6 @@ _OFFICIAL_RULES = [
 class PyramidVisionTransformer(Backbone):
     """PVT v1 / PVTv2 (see the module docstring for every switch)."""
 
-    @renamed_arguments(values={"pos_embed": {True: "ape", False: "none"}})
     def __init__(
         self,
         *,

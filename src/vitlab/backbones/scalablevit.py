@@ -63,7 +63,7 @@ from timm.layers import DropPath, Mlp
 from torch import nn
 
 from vitlab.backbones.arguments import (check_choice, check_divisible, check_ints, check_positive, check_rates,
-                                        check_stages, fail, per_stage, renamed_arguments)
+                                        check_stages, fail, per_stage)
 from vitlab.backbones.base import Backbone
 from vitlab.backbones.layers import (adapt_shapes, add_relative_position_bias, attention, init_vit_weights,
                                      relative_position_bias, resize_relative_position_bias, run_block)
@@ -302,7 +302,6 @@ class ScalableViT(Backbone):
     IWSA / WSA never have one (the official IWSA has none, and WSA is IWSA without its LIM).
     """
 
-    @renamed_arguments(names={"peg": "pos_embed"}, values={"pos_embed": {True: "peg", False: "none"}})
     def __init__(
         self,
         in_chans: int,

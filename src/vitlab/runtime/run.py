@@ -59,8 +59,6 @@ def plan_resume(cfg: DictConfig, run_dir: Path) -> tuple[str | None, dict | None
     """(checkpoint to resume from or None, the summary of an already finished run or None); logs
     which of the cases applies."""
     resume, ckpt_path = cfg.get("resume", "auto"), cfg.get("ckpt_path")
-    if ckpt_path == "last":  # vitlab < 0.2 spelled resume=auto this way
-        ckpt_path = None
     if ckpt_path not in (None, "", "null", "none"):
         read_checkpoint(ckpt_path, "ckpt_path")  # a clear error for a missing or non-checkpoint file
         log.info("resuming from ckpt_path=%s (run dir %s)", ckpt_path, run_dir)
@@ -279,10 +277,8 @@ def load_checkpoint_config(ckpt_path: str) -> tuple[dict, dict]:
     return ckpt, config
 
 
-def check_same_dataset(stored: dict | None, info: DatasetInfo, ckpt_path: str) -> None:
+def check_same_dataset(stored: dict, info: DatasetInfo, ckpt_path: str) -> None:
     """A checkpoint's classes must be the evaluation data's classes, in the same order."""
-    if not stored:
-        return
     trained = DatasetInfo.from_dict(stored)
     if trained.class_names != info.class_names:
         diff = next((i for i, (a, b) in enumerate(zip(trained.class_names, info.class_names)) if a != b),
@@ -300,7 +296,7 @@ def module_from_checkpoint(ckpt_path: str, overrides: dict | None = None, module
     ``overrides``: dotted keys of the stored run config to change (``{"data": {"root": ...}}``);
     ``module_overrides``: merged into ``module`` (``tta=ms_flip`` sets ``module.tta``).
     ``with_data=False``: the task gets the dataset description stored in the checkpoint, so the
-    dataset need not exist (predict, export; older checkpoints without one still read the dataset); the DataModule is constructed, which reads no file,
+    dataset need not exist (predict, export); the DataModule is constructed, which reads no file,
     for its evaluation transform, but not set up."""
     ckpt, config = load_checkpoint_config(ckpt_path)
     run_cfg = OmegaConf.create(config)
@@ -314,14 +310,17 @@ def module_from_checkpoint(ckpt_path: str, overrides: dict | None = None, module
         check_targets(run_cfg[part], part)
     datamodule = instantiate(run_cfg["data"], "data")
     stored = ckpt.get("hyper_parameters", {}).get("info")
-    if with_data or not stored:  # checkpoints of vitlab < 0.2 store no description: ask the dataset
+    if not stored:
+        raise CheckpointMismatchError(f"ckpt_path={ckpt_path}: holds no dataset description (hyper_parameters.info); "
+                                      f"expected checkpoints/last.ckpt or best.ckpt of a vitlab run")
+    if with_data:
         info = datamodule.info
         check_same_dataset(stored, info, ckpt_path)
     else:
         info = DatasetInfo.from_dict(stored)
     module = instantiate(run_cfg["module"], "module", backbone=run_cfg["backbone"], schedule=run_cfg["schedule"],
                          info=info)
-    module.load_state_dict(module.without_pruned_keys(ckpt["state_dict"]), strict=True)
+    module.load_state_dict(ckpt["state_dict"], strict=True)
     return datamodule, module, ckpt
 
 

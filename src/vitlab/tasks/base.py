@@ -118,15 +118,6 @@ def paramwise_groups(model: nn.Module, weight_decay: float, lr: float | None, pa
     return sorted(out, key=lambda g: g["lr_mult"] != 1.0)  # group 0 (the logged train/lr) runs at the base lr
 
 
-def check_legacy_num_classes(num_classes: int | None, info: DatasetInfo) -> None:
-    """Configs stored by vitlab < 0.2 carry ``module.num_classes``; it must agree with the dataset."""
-    if num_classes is not None and num_classes != info.num_classes:
-        raise ValueError(
-            f"module.num_classes={num_classes} but the dataset has {info.num_classes} classes; the class "
-            f"count now comes from the dataset: drop module.num_classes"
-        )
-
-
 class VitlabTask(L.LightningModule):
     def __init__(self, backbone: dict, schedule: dict, info: DatasetInfo | dict, compile: bool | str = False):
         super().__init__()
@@ -295,15 +286,7 @@ class VitlabTask(L.LightningModule):
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
 
-    def without_pruned_keys(self, state_dict: dict) -> dict:
-        """A checkpoint's state dict less the backbone parts dense models no longer hold
-        (``Backbone.prune_for_dense``; dense checkpoints of vitlab < 0.3 still have them)."""
-        pruned = {f"{name}.{key}" for name, module in self.named_modules()
-                  if isinstance(module, Backbone) for key in module.pruned_keys}
-        return {k: v for k, v in state_dict.items() if k not in pruned}
-
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = self.without_pruned_keys(checkpoint["state_dict"])
         # Restore RNG as early as Lightning allows: it builds the training iterator (whose
         # first batches draw augmentations) before on_train_start, so a resumed run then draws
         # the same augmentations, mixup and drop-path masks as an uninterrupted one.

@@ -11,7 +11,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from vitlab.runtime.build import build_classifier
 from vitlab.data.base import DatasetInfo, ImageBatch, PredictBatch
-from vitlab.tasks.base import VitlabTask, check_legacy_num_classes
+from vitlab.tasks.base import VitlabTask
 from vitlab.tasks.visualize import Panel, confusion_figure, render, to_rgb_array, top_confusions
 
 
@@ -28,11 +28,9 @@ class ClassificationTask(VitlabTask):
         label_smoothing: float = 0.1,
         ema_decay: float | None = None,
         compile: bool | str = False,
-        num_classes: int | None = None,  # stored configs of vitlab < 0.2; the dataset decides now
     ):
         super().__init__(backbone, schedule, info, compile)
-        check_legacy_num_classes(num_classes, self.info)
-        self.save_plain_hyperparameters(ignore=["num_classes"])
+        self.save_plain_hyperparameters()
         num_classes = self.info.num_classes
         self.model = self.build_model(self.backbone_cfg, {}, self.info)
         self.mixup = None

@@ -28,7 +28,7 @@ from torchvision.models.detection.transform import resize_boxes
 
 from vitlab.runtime.build import build_backbone, instantiate
 from vitlab.data.base import DatasetInfo, DetectionBatch, PredictBatch
-from vitlab.tasks.base import VitlabTask, check_legacy_num_classes
+from vitlab.tasks.base import VitlabTask
 from vitlab.tasks.visualize import Panel, render, to_rgb_array
 
 # torchmetrics' result keys -> ours (``val/<prefix><name>``)
@@ -87,11 +87,9 @@ class DetectionTask(VitlabTask):
         tta: dict | None = None,
         val_loss: bool = True,
         compile: bool | str = False,
-        num_classes: int | None = None,  # stored configs of vitlab < 0.2; the dataset decides now
     ):
         super().__init__(backbone, schedule, info, compile)
-        check_legacy_num_classes(num_classes, self.info)
-        self.save_plain_hyperparameters(ignore=["num_classes"])
+        self.save_plain_hyperparameters()
         if tta and (list(tta.get("scales", [1.0])) != [1.0] or tta.get("flip")):
             raise ValueError(f"test-time augmentation {tta} is implemented for segmentation only; use tta=none")
         self.num_classes = self.info.num_classes

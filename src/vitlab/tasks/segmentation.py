@@ -23,7 +23,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from vitlab.runtime.build import build_backbone, instantiate
 from vitlab.data.base import DatasetInfo, PredictBatch, SegmentationBatch
 from vitlab.heads.segmentation import Segmentor
-from vitlab.tasks.base import VitlabTask, check_legacy_num_classes
+from vitlab.tasks.base import VitlabTask
 from vitlab.tasks.visualize import Panel, render, to_rgb_array
 
 
@@ -53,18 +53,11 @@ class SegmentationTask(VitlabTask):
         tta: dict | None = None,
         num_vis_images: int = 4,
         compile: bool | str = False,
-        decode_head: dict | None = None,  # the name of `head` in configs stored by vitlab < 0.2
-        num_classes: int | None = None,  # likewise: the dataset decides now
-        mean: list[float] | None = None,  # likewise: the dataset's statistics are in `info`
-        std: list[float] | None = None,
     ):
         super().__init__(backbone, schedule, info, compile)
-        check_legacy_num_classes(num_classes, self.info)
-        head = head or decode_head
         if head is None:
             raise ValueError("module.head is missing: the segmentation task needs a decode head (conf/head/)")
-        self.save_plain_hyperparameters(ignore=["decode_head", "num_classes", "mean", "std", "head"])
-        self.hparams["head"] = head
+        self.save_plain_hyperparameters()
         if test_mode not in ("whole", "slide"):
             raise ValueError(f"module.test_mode={test_mode!r}: expected 'whole' or 'slide'")
         self.num_classes = self.info.num_classes
