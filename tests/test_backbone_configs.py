@@ -18,9 +18,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import vitlab
-from vitlab.runtime.weights import WEIGHT_KEYS
 from vitlab.api import available_backbones, backbone_config
 from vitlab.backbones.gpvit import GPViT, GPViTAdapter
+from vitlab.runtime.weights import WEIGHT_KEYS
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
 FAMILIES = sorted(p.stem for p in (CONF / "family").glob("*.yaml"))

@@ -9,8 +9,8 @@ import timm
 import torch
 from timm.models import _registry
 
-from vitlab.tools import bench
 from vitlab.data.throughput import format_loader_table, loader_bench
+from vitlab.tools import bench
 
 TINY = ["depths=[1,1,1,1]", "embed_dims=[16,32,48,64]", "num_heads=[1,1,2,2]"]
 FAST = dict(steps=1, warmup=0, rounds=2)

@@ -17,14 +17,14 @@ from torchvision.ops import box_iou
 
 from support import REPO, TINY_PVT
 from vitlab.api import backbone_config
-from vitlab.runtime.build import build_backbone
 from vitlab.data.base import DatasetInfo
-from vitlab.runtime.flops import count_gmacs, count_params
 from vitlab.heads.cascade import CascadeMaskRCNNDetector
 from vitlab.heads.detector_utils import hungarian_match
 from vitlab.heads.detr import DETRDetector, sine_positions
 from vitlab.heads.one_stage import ATSSDetector, GFLDetector, atss_assign, distribution_focal_loss, quality_focal_loss
 from vitlab.heads.sparse_rcnn import SparseRCNNDetector
+from vitlab.runtime.build import build_backbone
+from vitlab.runtime.flops import count_gmacs, count_params
 from vitlab.tools.zoo import build_for_count
 
 TINY = [o.removeprefix("backbone.") for o in TINY_PVT[1:]]  # a one-block-per-stage PVTv2-B0

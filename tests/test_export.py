@@ -84,9 +84,9 @@ def test_detector_exports_to_onnx_with_its_detections(tmp_path):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from vitlab.tools.export import export, main
     from vitlab.runtime.resources import conf_dir
     from vitlab.runtime.run import build_data_and_module
+    from vitlab.tools.export import export, main
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose("train", [*TINY_PVT, "task=coco_maskrcnn", "data.synthetic=true", "backbone.pretrained=null",

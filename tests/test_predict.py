@@ -18,10 +18,10 @@ from PIL import Image
 
 from support import TINY_PVT, hydra_command
 
-from vitlab.tools.dashboard import wandb_records
-from vitlab.tools.predict import find_images, predict
 from vitlab.runtime.run import module_from_checkpoint
 from vitlab.tasks.visualize import PANEL_WIDTH
+from vitlab.tools.dashboard import wandb_records
+from vitlab.tools.predict import find_images, predict
 
 
 @contextlib.contextmanager

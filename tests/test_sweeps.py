@@ -10,8 +10,8 @@ import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from support import REPO, hydra_command
-from vitlab.tools import paper, plan
 from vitlab.runtime.flops import count_params
+from vitlab.tools import paper, plan
 from vitlab.tools.zoo import build_for_count
 
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "sweep").glob("*.yaml"))

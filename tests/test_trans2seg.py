@@ -10,11 +10,11 @@ import torch.nn.functional as F
 
 from support import TINY_PVT, run_script
 from vitlab.api import backbone_config
-from vitlab.runtime.build import build_backbone
 from vitlab.data.ade20k import ADE20KDataModule
 from vitlab.data.synthetic_dense import make_ade20k
 from vitlab.heads.segmentation import Segmentor
 from vitlab.heads.trans2seg import Trans2SegHead
+from vitlab.runtime.build import build_backbone
 from vitlab.tasks.segmentation import iou_from_confmat
 
 TINY = [o.removeprefix("backbone.") for o in TINY_PVT[1:]]

@@ -14,8 +14,8 @@ import torch
 import yaml
 
 from support import REPO, run_script
-from vitlab.runtime import weights
 from vitlab.api import available_backbones, backbone_config
+from vitlab.runtime import weights
 from vitlab.runtime.build import build_backbone
 from vitlab.runtime.weights import Release, WeightsUnavailable, fetch
 

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from support import StandIn
-from vitlab.tools import zoo
 from vitlab.api import available_backbones
-from vitlab.runtime.flops import count_gmacs, gmacs_by_op, is_attention_op
 from vitlab.heads.detection import MaskRCNNDetector, RetinaNetDetector
+from vitlab.runtime.flops import count_gmacs, gmacs_by_op, is_attention_op
+from vitlab.tools import zoo
 
 ROWS = zoo.paper_rows()
 BY_ID = {r["id"]: r for r in ROWS if "id" in r}

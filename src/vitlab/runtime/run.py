@@ -25,10 +25,10 @@ import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from vitlab.data.base import DatasetInfo
 from vitlab.runtime.build import instantiate, locate
 from vitlab.runtime.callbacks import RunConfigInCheckpoint
 from vitlab.runtime.checkpoints import AtomicCheckpointIO, CheckpointMismatchError, read_checkpoint
-from vitlab.data.base import DatasetInfo
 from vitlab.runtime.flops import count_gmacs, count_params
 from vitlab.runtime.loggers import ResumableCSVLogger
 from vitlab.runtime.rundir import register_resolvers

@@ -9,8 +9,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from vitlab.runtime.build import build_classifier
 from vitlab.data.base import DatasetInfo, ImageBatch, PredictBatch
+from vitlab.runtime.build import build_classifier
 from vitlab.tasks.base import VitlabTask
 from vitlab.tasks.visualize import Panel, confusion_figure, render, to_rgb_array, top_confusions
 

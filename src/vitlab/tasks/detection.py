@@ -26,8 +26,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.models.detection.transform import resize_boxes
 
-from vitlab.runtime.build import build_backbone, instantiate
 from vitlab.data.base import DatasetInfo, DetectionBatch, PredictBatch
+from vitlab.runtime.build import build_backbone, instantiate
 from vitlab.tasks.base import VitlabTask
 from vitlab.tasks.visualize import Panel, render, to_rgb_array
 

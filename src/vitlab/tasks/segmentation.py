@@ -20,9 +20,9 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from vitlab.runtime.build import build_backbone, instantiate
 from vitlab.data.base import DatasetInfo, PredictBatch, SegmentationBatch
 from vitlab.heads.segmentation import Segmentor
+from vitlab.runtime.build import build_backbone, instantiate
 from vitlab.tasks.base import VitlabTask
 from vitlab.tasks.visualize import Panel, render, to_rgb_array
 

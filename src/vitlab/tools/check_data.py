@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from vitlab.runtime.build import instantiate
     from vitlab.data.base import DatasetLayoutError
+    from vitlab.runtime.build import instantiate
     from vitlab.runtime.validate import ConfigValueError, check_run_config
 
     try:

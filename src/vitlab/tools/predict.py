@@ -31,9 +31,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from vitlab.runtime.build import instantiate
 from vitlab.data.base import PredictBatch
 from vitlab.data.imagenet import IMG_EXTENSIONS, load_rgb
+from vitlab.runtime.build import instantiate
 from vitlab.runtime.resources import conf_dir
 from vitlab.runtime.run import module_from_checkpoint
 

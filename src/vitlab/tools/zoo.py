@@ -195,8 +195,8 @@ def _backbone_config(name: str, overrides: tuple[str, ...]) -> dict:
 def build_task_model(name: str, overrides: list[str], task: str) -> torch.nn.Module:
     """The full model of a dense task (backbone + neck + heads), as the papers count it: the task
     class's own ``build_model`` with the real dataset's class count and the papers' input size."""
-    from vitlab.runtime.build import locate
     from vitlab.data.base import DatasetInfo
+    from vitlab.runtime.build import locate
 
     backbone_overrides, module_overrides = split_overrides(overrides)
     module_cfg, with_masks = _task_config(task, module_overrides)
