@@ -105,6 +105,9 @@ class _DETR(nn.Module):
             for p in layer.parameters():
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
+            for m in layer.modules():  # mmdet's xavier_init also zeroes the biases (FFN; attention's already are)
+                if isinstance(m, nn.Linear):
+                    nn.init.zeros_(m.bias)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)  # the last class is "no object"
         self.bbox_embed = MLP(hidden_dim, [hidden_dim, hidden_dim, 4])

@@ -110,15 +110,20 @@ class SegmentationTask(VitlabTask):
         if skipped.item():
             self.log("data/skipped_corrupt", skipped.float(), reduce_fx="sum")
         logits, aux = self.model(images)
-        loss = F.cross_entropy(logits, labels, ignore_index=self.ignore_index)
+        loss = self.pixel_loss(logits, labels)
         self.log("train/loss_decode", loss, batch_size=len(images))
         if aux is not None:
-            aux_loss = F.cross_entropy(aux, labels, ignore_index=self.ignore_index)
+            aux_loss = self.pixel_loss(aux, labels)
             self.log("train/loss_aux", aux_loss, batch_size=len(images))
             loss = loss + self.aux_weight * aux_loss
         self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
+
+    def pixel_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy as mmsegmentation 0.x's ``CrossEntropyLoss`` reduces it: summed over the labelled
+        pixels, divided by all pixels, ignored ones included (``avg_non_ignore=False``, its default)."""
+        return F.cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction="sum") / labels.numel()
 
     # ---- inference ------------------------------------------------------------------
     def predict_whole(self, image: torch.Tensor) -> torch.Tensor:
