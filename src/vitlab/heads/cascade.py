@@ -31,7 +31,10 @@ beta 1): ``box_convs=0 box_fcs=2 box_norm=none box_loss=smooth_l1 box_loss_weigh
 those heads and loss, but regression stays class-specific (torchvision's predictor). RoIAlign is
 Mask R-CNN's: torchvision's default (``aligned=False``, sampling ratio 2) unless ``roi_aligned`` /
 ``roi_sampling_ratio`` ask for mmcv's (aligned, adaptive sampling 0: experiment=pvtv2_cascade_maskrcnn_3x
-does). Differences from mmdet in any setting: the predictor also regresses the background class
+does). The RPN and mask targets follow mmdet's cascade config (conf/head/cascade_maskrcnn.yaml):
+low-quality RPN matches from IoU 0.3 (``rpn_min_pos_iou``), border-crossing anchors out of RPN
+training (``rpn_allowed_border=0``), binary aligned mask targets (``mask_target=mmdet``).
+Differences from mmdet in any setting: the predictor also regresses the background class
 (4 x 1024 weights more per stage). Initialisation as mmdet: box convs Kaiming normal (fan-out, as
 mmcv's ConvModule and torchvision's FastRCNNConvFCHead), the FC Xavier.
 

@@ -24,7 +24,8 @@ paper's code). As there:
 * Losses are named ``loss_ce`` / ``loss_bbox`` / ``loss_giou`` (last layer) and ``d<k>_...``
   (auxiliary, decoder layer k).
 
-Differences: none in the model. The official recipe's backbone lr x 0.1 is an optimiser setting:
+Initialisation of the transformer as mmdet's ``Transformer.init_weights``: Xavier-uniform weights,
+zero biases (``xavier_init``). Differences: none in the model. The official recipe's backbone lr x 0.1 is an optimiser setting:
 experiment=pvt_detr_50e (conf/paramwise/detr.yaml).
 
 ``flops_forward`` runs every layer on an unpadded image (all positions valid).

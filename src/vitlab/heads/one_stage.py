@@ -179,7 +179,7 @@ class _OneStage(nn.Module):
 
     def assign(self, anchors, num_per_level, valid, gt_boxes) -> torch.Tensor:
         """ATSS over the image's valid anchors (mmdet's ``inside_flags``); the others stay unassigned."""
-        per_level = [int(v.sum()) for v in valid.split(num_per_level)]
+        per_level = torch.stack([v.sum() for v in valid.split(num_per_level)]).tolist()  # one sync
         assigned = anchors.new_full((len(anchors),), -1, dtype=torch.int64)
         assigned[valid] = atss_assign(anchors[valid], per_level, gt_boxes, self.topk)
         return assigned

@@ -1,6 +1,7 @@
 """ADE20K semantic segmentation: backbone + decode head (+ auxiliary head), mmseg's recipe.
 
-Loss: cross-entropy (ignore 255) on logits upsampled to the crop, plus
+Loss: cross-entropy (ignore 255) on logits upsampled to the crop, reduced as mmseg 0.x does (summed
+over the labelled pixels, divided by all pixels of the batch, ignored ones included), plus
 ``aux_weight`` x the auxiliary head's (UperNet: FCN on stage 3, 0.4).
 Evaluation: whole-image or sliding-window inference on the validation image
 (shorter side 512), optional multi-scale + flip TTA (softmax averaged), logits
@@ -8,8 +9,8 @@ resized to the label map's original size; one confusion matrix
 (torchmetrics) accumulated over the whole validation set gives mIoU, per-class
 IoU and pixel accuracy exactly as mmseg computes them (classes absent from both
 prediction and ground truth are left out of the mean). ``val/loss``: the decode head's
-cross-entropy of the evaluated class probabilities per labelled pixel (no auxiliary head; compare it
-with ``train/loss_decode``).
+cross-entropy of the evaluated class probabilities per labelled pixel (no auxiliary head); compare it
+with ``train/loss_decode`` divided by the labelled fraction of the training crops.
 """
 from __future__ import annotations
 
