@@ -1,6 +1,7 @@
 """ADE20K semantic segmentation: backbone + decode head (+ auxiliary head), mmseg's recipe.
 
-Loss: cross-entropy (ignore 255) on logits upsampled to the crop, plus
+Loss: cross-entropy (ignore 255) on logits upsampled to the crop, reduced as mmseg 0.x does (summed
+over the labelled pixels, divided by all pixels of the batch, ignored ones included), plus
 ``aux_weight`` x the auxiliary head's (UperNet: FCN on stage 3, 0.4).
 Evaluation: whole-image or sliding-window inference on the validation image
 (shorter side 512), optional multi-scale + flip TTA (softmax averaged), logits
@@ -8,8 +9,8 @@ resized to the label map's original size; one confusion matrix
 (torchmetrics) accumulated over the whole validation set gives mIoU, per-class
 IoU and pixel accuracy exactly as mmseg computes them (classes absent from both
 prediction and ground truth are left out of the mean). ``val/loss``: the decode head's
-cross-entropy of the evaluated class probabilities per labelled pixel (no auxiliary head; compare it
-with ``train/loss_decode``).
+cross-entropy of the evaluated class probabilities per labelled pixel (no auxiliary head); compare it
+with ``train/loss_decode`` divided by the labelled fraction of the training crops.
 """
 from __future__ import annotations
 
@@ -103,15 +104,20 @@ class SegmentationTask(VitlabTask):
         if skipped.item():
             self.log("data/skipped_corrupt", skipped.float(), reduce_fx="sum")
         logits, aux = self.model(images)
-        loss = F.cross_entropy(logits, labels, ignore_index=self.ignore_index)
+        loss = self.pixel_loss(logits, labels)
         self.log("train/loss_decode", loss, batch_size=len(images))
         if aux is not None:
-            aux_loss = F.cross_entropy(aux, labels, ignore_index=self.ignore_index)
+            aux_loss = self.pixel_loss(aux, labels)
             self.log("train/loss_aux", aux_loss, batch_size=len(images))
             loss = loss + self.aux_weight * aux_loss
         self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
+
+    def pixel_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy as mmsegmentation 0.x's ``CrossEntropyLoss`` reduces it: summed over the labelled
+        pixels, divided by all pixels, ignored ones included (``avg_non_ignore=False``, its default)."""
+        return F.cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction="sum") / labels.numel()
 
     # ---- inference ------------------------------------------------------------------
     def predict_whole(self, image: torch.Tensor) -> torch.Tensor:
