@@ -16,9 +16,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from support import TINY_PVT, hydra_command
+from support import TINY_PVT, hydra_command, wandb_records
 
-from vitlab.dashboard import wandb_records
 from vitlab.predict import find_images, predict
 from vitlab.run import module_from_checkpoint
 from vitlab.visualize import PANEL_WIDTH
