@@ -256,7 +256,9 @@ def save_workspace(workspace, url: str | None = None) -> str:
 
 # ----------------------------------------------------------------------------- sync from the login node
 def runs_to_sync(root: Path) -> list[Path]:
-    """Offline run logs under ``root`` never synced, or grown since their last sync (``.wandb.synced`` marker)."""
+    """Offline run logs under ``root`` never synced, or grown since their last sync (``.wandb.synced`` marker).
+    Only file names: the offline-run directories ``wandb sync`` takes and the marker it leaves; the
+    logs' contents (W&B's private record format) are not read."""
     todo = []
     for path in sorted(Path(root).rglob("offline-run-*/run-*.wandb")):
         marker = path.with_suffix(".wandb.synced")
