@@ -278,7 +278,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             if trainer.is_global_zero:
-                logger.experiment.summary.update({k: v for k, v in summary.items() if k != "extra"})
+                logger.experiment.summary.update({k: v for k, v in summary.items() if k not in ("extra", "wandb")})
             # Close the run: writes its files, and the next job of a -m sweep (same process) gets its own run.
             logger.experiment.finish()
     return summary
