@@ -148,8 +148,8 @@ def test_every_imported_package_is_declared_where_it_is_needed():
 
     owners = packages_distributions()
     sections = {name: {canonical(r.name) for r in reqs} for name, reqs in declared().items()}
-    problems = []
-    for file, module, how in src_imports():
+    problems, imports = [], src_imports()
+    for file, module, how in imports:
         if module in sys.stdlib_module_names or module == "vitlab":
             continue
         dists = {canonical(d) for d in owners.get(module, [])}
@@ -162,7 +162,7 @@ def test_every_imported_package_is_declared_where_it_is_needed():
         elif how not in ("module", "lazy") and not dists & sections.get(how, set()):
             problems.append(f"{file}: require({module!r}, {how!r}): extra {how!r} does not declare it")
     assert not problems, "\n".join(problems)
-    assert {"numpy", "yaml", "filelock"} <= {m for _, m, _ in src_imports()}  # the scan sees them
+    assert {"numpy", "yaml", "filelock"} <= {m for _, m, _ in imports}  # the scan sees them
 
 
 def test_a_missing_extra_names_its_pip_line(monkeypatch):
