@@ -4,7 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # torch/torchvision pinned to the newest releases the project allows (see pyproject.toml).
-TORCH := "torch>=2.4,<=2.14.1" "torchvision<=0.29.1"
+TORCH := "torch>=2.6,<=2.14.1" "torchvision>=0.21,<=0.29.1"
+# the extras (pyproject.toml) the tests need, comma-separated: add new ones here
+EXTRAS := dev,slurm,search,wandb,export
 PYTEST_ARGS ?=
 
 .PHONY: install train test zoo bench clean
@@ -16,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	@$(PY) -m pip install --quiet $(TORCH)
-	@$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,cluster,export]"
+	@$(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 	@echo "vitlab installed in $(VENV) (editable; configs from conf/)"
 

@@ -5,10 +5,9 @@ import json
 
 import pytest
 
-from support import FAST, run_script
+from support import FAST, run_script, wandb_records
 from vitlab.data.synthetic import make_imagenet
 
-from vitlab.tools.dashboard import wandb_records
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
        "trainer.benchmark=false", "trainer.sync_batchnorm=false", "trainer.enable_progress_bar=false"]

@@ -17,7 +17,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from support import TINY_PVT, StandIn
 from vitlab.api import backbone_config
-from vitlab.build import build_backbone
+from vitlab.runtime.build import build_backbone
 from vitlab.data.base import DatasetInfo
 from vitlab.heads.cascade import CascadeMaskRCNNDetector
 from vitlab.heads.detection import (LastLevelP6P7NoReLU, MaskRCNNDetector, RetinaNetDetector, binary_mask_targets,

@@ -16,11 +16,10 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from support import TINY_PVT, hydra_command
+from support import TINY_PVT, hydra_command, wandb_records
 
 from vitlab.runtime.run import module_from_checkpoint
 from vitlab.tasks.visualize import PANEL_WIDTH
-from vitlab.tools.dashboard import wandb_records
 from vitlab.tools.predict import find_images, predict
 
 

@@ -74,7 +74,7 @@ _VITLAB_BACKBONE_PREFIXES = ("backbone.", "model.backbone.body.")
 
 def _from_vitlab_checkpoint(sd: dict[str, torch.Tensor], ema: bool, path: Path) -> dict | None:
     """A vitlab checkpoint's weights in our ``backbone.*`` (+ ``head.*`` for classifiers) layout;
-    None if ``sd`` is not one. ``ema``: the EMA copy the classification task keeps."""
+    None if ``sd`` is not one. ``ema``: the EMA copy a task keeps (``module.ema_decay``)."""
     root = "ema.module." if ema else "model."
     if not any(k.startswith("model.") for k in sd):
         return None

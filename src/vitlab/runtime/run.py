@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from vitlab.data.base import DatasetInfo
+from vitlab.runtime.extras import require
 from vitlab.runtime.build import instantiate, locate
 from vitlab.runtime.callbacks import RunConfigInCheckpoint
 from vitlab.runtime.checkpoints import AtomicCheckpointIO, CheckpointMismatchError, read_checkpoint
@@ -155,6 +156,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> li
         cls = locate(logger_cfg["_target_"]) if isinstance(logger_cfg, dict) and "_target_" in logger_cfg else None
         extra = {}
         if cls is not None and issubclass(cls, WandbLogger):
+            require("wandb", "wandb", f"logger.{name} (W&B)")
             if not logger_cfg.get("name"):
                 logger_cfg["name"] = ",".join(o for o in _overrides() if not o.startswith("hydra")) or "default"
             logger_cfg["group"] = _sweep_group() or logger_cfg.get("group")
@@ -163,6 +165,21 @@ def build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> li
             extra = {"resume_step": resume_step}
         loggers.append(instantiate(logger_cfg, f"logger.{name}", trusted=True, **extra))
     return loggers
+
+
+# Lightning's WandbLogger plots every series against this key (its define_metric).
+WANDB_STEP_METRIC = "trainer/global_step"
+
+
+def wandb_record(run) -> dict:
+    """What a W&B run holds, for summary.json (``vitlab.dashboard`` reads it, not W&B's files):
+    its identity, its config's top-level keys and the numeric series it logged (W&B's summary holds
+    the last value of each series until vitlab's own summary is added after this)."""
+    last = {k: run.summary[k] for k in run.summary.keys()}  # wandb's Summary has keys() but no items()
+    series = sorted(k for k, v in last.items()
+                    if not k.startswith("_") and isinstance(v, (int, float)) and not isinstance(v, bool))
+    return {"id": run.id, "project": run.project or None, "entity": run.entity or None, "group": run.group or None,
+            "config_keys": sorted(run.config.keys()), "series": series, "step_metric": WANDB_STEP_METRIC}
 
 
 def write_summary(out_dir: Path, summary: dict) -> None:
@@ -251,12 +268,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     }
     if hasattr(module, "extra_summary"):
         summary["extra"] = module.extra_summary()
+    wandb_logger = next((lg for lg in loggers if isinstance(lg, WandbLogger)), None)
+    if wandb_logger is not None and trainer.is_global_zero:
+        summary["wandb"] = wandb_record(wandb_logger.experiment)
     if trainer.is_global_zero:
         write_summary(run_dir, summary)
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             if trainer.is_global_zero:
-                logger.experiment.summary.update({k: v for k, v in summary.items() if k != "extra"})
+                logger.experiment.summary.update({k: v for k, v in summary.items() if k not in ("extra", "wandb")})
             # Close the run: writes its files, and the next job of a -m sweep (same process) gets its own run.
             logger.experiment.finish()
     return summary

@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.utils import ModelEmaV3
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRScheduler
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -153,6 +154,33 @@ class VitlabTask(L.LightningModule):
             if isinstance(module, (ImageClassifier, Backbone)) and not inside:
                 module.compile(backend=self.compile_backend)
                 compiled.append(name)
+
+    # ---- EMA (module.ema_decay) --------------------------------------------------------
+    def init_ema(self, decay: float | None) -> None:
+        """``module.ema_decay``: timm's ``ModelEmaV3`` copy of ``self.model`` (checkpoint keys
+        ``ema.module.*``, which ``backbone.pretrained_ema`` reads), updated once per optimiser step
+        (``optimizer_step``) and used for validation, testing and prediction (``eval_model``).
+        Not Lightning's ``WeightAveraging`` callback: it keeps the average in the callback's state and
+        swaps it into ``model`` to validate, so checkpoints would change layout."""
+        self.ema = None
+        if decay:
+            if not 0 < decay < 1:
+                raise ValueError(f"module.ema_decay={decay}: expected a number in (0, 1), e.g. 0.99996, or null")
+            self.ema = ModelEmaV3(self.model, decay=decay)
+            self.ema.requires_grad_(False)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The network validation, testing and prediction run: the EMA copy when there is one."""
+        return self.ema.module if getattr(self, "ema", None) is not None else self.model
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Lightning calls this once per optimiser step, not for the micro-batches that
+        ``trainer.accumulate_grad_batches`` accumulates: the EMA moves once per step, as in timm's
+        train loop (per micro-batch, decay d would act as d^k)."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if getattr(self, "ema", None) is not None:
+            self.ema.update(self.model)
 
     @classmethod
     def build_model(cls, backbone: dict, module: dict, info: DatasetInfo) -> nn.Module:

@@ -53,6 +53,7 @@ class SegmentationTask(VitlabTask):
         size_divisor: int = 32,
         tta: dict | None = None,
         num_vis_images: int = 4,
+        ema_decay: float | None = None,
         compile: bool | str = False,
     ):
         super().__init__(backbone, schedule, info, compile)
@@ -74,6 +75,7 @@ class SegmentationTask(VitlabTask):
         self.register_buffer("mean", torch.tensor(self.info.mean).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(self.info.std).view(3, 1, 1), persistent=False)
         self.model = self.build_model(self.backbone_cfg, {"head": head, "auxiliary_head": auxiliary_head}, self.info)
+        self.init_ema(ema_decay)
         self.confmat = MulticlassConfusionMatrix(self.num_classes, ignore_index=self.info.ignore_index,
                                                  validate_args=False)
         self.val_loss = MeanMetric()  # cross-entropy per labelled pixel over the validation set
@@ -125,7 +127,7 @@ class SegmentationTask(VitlabTask):
         h, w = image.shape[-2:]
         d = self.size_divisor
         padded = F.pad(image, (0, (-w) % d, 0, (-h) % d))
-        return self.model(padded)[..., :h, :w]
+        return self.eval_model(padded)[..., :h, :w]
 
     def predict_slide(self, image: torch.Tensor) -> torch.Tensor:
         """mmseg's sliding-window inference: overlapping crops, logits averaged where they overlap.

@@ -83,7 +83,9 @@ def load_local_runs(paths: list[str | Path]) -> list[dict]:
 def load_wandb_runs(project: str, group: str | None = None) -> list[dict]:
     """Runs of a W&B project (``entity/project``), optionally one sweep group; needs network.
     Attempts of one job logged as separate W&B runs count once (``merge_attempts``)."""
-    import wandb
+    from vitlab.runtime.extras import require
+
+    wandb = require("wandb", "wandb", "reading runs from W&B (--wandb)")
 
     filters = {"group": group} if group else {}
     runs = []

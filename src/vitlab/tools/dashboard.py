@@ -12,82 +12,39 @@ repeated attempts of one setting fall into one group), with: the paper-style tab
 per setting, seeds aggregated, the paper's numbers when ``--paper`` is given: the table of
 ``python -m vitlab.tools.compare``), the main metric against GFLOPs, parallel coordinates over the
 varied fields, and the training and validation curves grouped by setting. Everything is derived from the sweep itself.
-Saving it again updates the same workspace (its name is a function of entity/project/group).
+Saving it again updates the same workspace: a sweep directory keeps its URL (``wandb_workspace_url``);
+``--update URL`` names one. Reads only public data: the runs' ``summary.json`` (which records what
+each run sent to W&B), the CSV logger's ``metrics.csv``, W&B's public API, and wandb-workspaces'
+public classes.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
-import struct
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from vitlab.runtime.extras import require
 from vitlab.tools import compare, paper
 
 # Keys that run_metadata (vitlab.runtime.run) logs at the top level of the W&B config besides the backbone fields.
 META_KEYS = ("backbone", "task", "schedule", "experiment")
 
 
-# ----------------------------------------------------------------------------- offline W&B runs
-def wandb_records(path: Path) -> Iterator:
-    """The records of a run's ``.wandb`` transaction log (LevelDB log format: 32 KiB blocks of
-    [crc32, length, type] chunks around protobuf ``Record``s). wandb >= 0.19 ships no Python
-    reader of its own, so we read it here (needed for offline runs, which have no API)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    if data[:4] != b":W&B":
-        raise ValueError(f"{path}: not a W&B transaction log (no ':W&B' header)")
-    pos, block, pending = 7, 32768, b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind == 0:
-            continue
-        pending = chunk if kind in (1, 2) else pending + chunk  # FULL/FIRST start, MIDDLE/LAST extend
-        if kind in (1, 4):
-            record = pb.Record()
-            record.ParseFromString(pending)
-            yield record
-
-
-def wandb_run_files(run_dir: Path) -> list[Path]:
-    """The ``.wandb`` logs under a vitlab run dir (``<run>/wandb/{offline-,}run-*/run-<id>.wandb``), oldest first."""
-    return sorted(Path(run_dir).glob("wandb/*run-*/run-*.wandb"))
-
-
-def wandb_run_info(path: Path) -> dict:
-    """Identity (id, project, entity, group), config, summary keys, numeric history keys and
-    step metric of one logged run."""
-    info: dict[str, Any] = {"history": set(), "step_metric": None, "config": {}, "summary": set()}
-    for record in wandb_records(path):
-        kind = record.WhichOneof("record_type")
-        if kind == "config":
-            info["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
-        elif kind == "summary":
-            info["summary"] |= {i.key or "/".join(i.nested_key) for i in record.summary.update}
-        elif kind == "run":
-            run = record.run
-            info.update(wandb_id=run.run_id, project=run.project or None, entity=run.entity or None,
-                        group=run.run_group or None)
-        elif kind == "history":
-            for item in record.history.item:
-                key = item.key or "/".join(item.nested_key)
-                value = json.loads(item.value_json)
-                if not key.startswith("_") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    info["history"].add(key)
-        elif kind == "metric" and record.metric.step_metric and not info["step_metric"]:
-            info["step_metric"] = record.metric.step_metric  # Lightning: trainer/global_step
-    return info
+# ----------------------------------------------------------------------------- what runs logged
+def wandb_logged(run: dict) -> dict:
+    """What a local run sent to W&B, as vitlab recorded it in summary.json (``wandb``: id, project,
+    entity, group, config keys, series, step metric; ``vitlab.runtime.run.wandb_record``). Runs finished before
+    vitlab recorded it: the project and entity of their stored logger config."""
+    if run.get("wandb"):
+        return run["wandb"]
+    logger = ((run.get("run_config") or {}).get("logger") or {}).get("wandb") or {}
+    return {"project": logger.get("project"), "entity": logger.get("entity")} if logger else {}
 
 
 def csv_history_keys(run_dir: Path) -> set[str]:
@@ -140,13 +97,14 @@ def load_sweep(source: str, project: str | None = None, entity: str | None = Non
     if Path(source).exists():
         runs = compare.load_local_runs([source])
         for run in runs:
-            for info in map(wandb_run_info, wandb_run_files(Path(run["run_dir"]))):
-                curves |= info["history"]
-                step_metrics.append(info["step_metric"])
-                run.setdefault("wandb_config", {}).update(info["config"])
-                for key in ("wandb_id", "project", "entity", "group"):
-                    if info.get(key):
-                        run.setdefault(key, info[key])
+            logged = wandb_logged(run)
+            curves |= set(logged.get("series", []))
+            step_metrics.append(logged.get("step_metric"))
+            if "config_keys" in logged:
+                run["wandb_config_keys"] = logged["config_keys"]
+            for key, ours in (("id", "wandb_id"), ("project", "project"), ("entity", "entity"), ("group", "group")):
+                if logged.get(key):
+                    run.setdefault(ours, logged[key])
             curves |= csv_history_keys(Path(run["run_dir"]))
         groups = sorted({r["group"] for r in runs if r.get("group")})
         if group:
@@ -177,7 +135,7 @@ def load_sweep(source: str, project: str | None = None, entity: str | None = Non
 
 def unlogged_fields(sweep: Sweep) -> list[str]:
     """Varied fields whose W&B config key a local run did not log (the workspace could not group by them)."""
-    logged = [r["wandb_config"] for r in sweep.runs if "wandb_config" in r]
+    logged = [set(r["wandb_config_keys"]) for r in sweep.runs if "wandb_config_keys" in r]
     return [f for f in sweep.fields if any(config_key(f).split(".")[0] not in c for c in logged)]
 
 
@@ -209,27 +167,16 @@ def markdown_table(rows: list[dict], labels: dict[str, str] | None = None) -> st
 # ----------------------------------------------------------------------------- the workspace
 def column(metric) -> str:
     """Runs-table accessor of a Config/SummaryMetric: ``config:<key>.value[.<rest>]``, ``summary:<key>``."""
-    import wandb_workspaces.reports.v2 as wr
-
+    wr = require("wandb_workspaces.reports.v2", "wandb", "python -m vitlab.tools.dashboard")
     if isinstance(metric, wr.Config):
         first, _, rest = metric.name.partition(".")
         return f"config:{first}.value" + (f".{rest}" if rest else "")
     return f"summary:{metric.name}"
 
 
-def view_name(entity: str | None, project: str | None, group: str | None) -> str:
-    """A fixed internal view name per (entity, project, group): saving again updates that view."""
-    digest = int(hashlib.sha256(f"{entity}/{project}/{group}".encode()).hexdigest(), 16)
-    alphabet, short = "0123456789abcdefghijklmnopqrstuvwxyz", ""
-    for _ in range(11):
-        digest, i = divmod(digest, 36)
-        short += alphabet[i]
-    return f"nw-{short}-v"
-
-
 def build_workspace(sweep: Sweep, paper_rows: list[dict] | None = None, paper_key: str | None = None):
-    import wandb_workspaces.reports.v2 as wr
-    import wandb_workspaces.workspaces as ws
+    wr = require("wandb_workspaces.reports.v2", "wandb", "python -m vitlab.tools.dashboard")
+    ws = require("wandb_workspaces.workspaces", "wandb", "python -m vitlab.tools.dashboard")
 
     main = wr.SummaryMetric(sweep.main_metric)
     fields = [wr.Config(config_key(f)) for f in sweep.fields]
@@ -268,32 +215,50 @@ def build_workspace(sweep: Sweep, paper_rows: list[dict] | None = None, paper_ke
             pinned_columns=[column(c) for c in [*fields, *map(wr.SummaryMetric, dict.fromkeys(summary_columns))]],
         ),
     )
-    object.__setattr__(workspace, "_internal_name", view_name(sweep.entity, sweep.project, sweep.group))
     return workspace
 
 
 def workspace_spec(workspace) -> dict:
-    """What saving sends: the workspace's view model (display name, entity/project, spec)."""
-    return workspace._to_model().model_dump(mode="json", by_alias=True, exclude_none=True)
+    """The workspace as built, through the public pydantic model wandb-workspaces defines it with
+    (pydantic's ``TypeAdapter``), each panel with its ``kind`` (class name); the library's private
+    fields (``_``-prefixed: random panel ids, view ids) are left out, so equal builds give equal specs."""
+    TypeAdapter = require("pydantic", "wandb", "python -m vitlab.tools.dashboard").TypeAdapter
+
+    def public(obj):
+        if isinstance(obj, dict):
+            return {k: public(v) for k, v in obj.items() if not k.startswith("_")}
+        return [public(v) for v in obj] if isinstance(obj, list) else obj
+
+    spec = public(TypeAdapter(type(workspace)).dump_python(workspace, mode="json"))
+    for section, built in zip(spec["sections"], workspace.sections):
+        for panel, obj in zip(section["panels"], built.panels):
+            panel["kind"] = type(obj).__name__
+    return spec
 
 
-def save_workspace(workspace) -> str:
-    """Create the view, or update it when one of this name exists (needs network and a W&B login)."""
-    from wandb_workspaces.workspaces import internal
+# The parts of a workspace vitlab builds; the rest of a saved view (its id, name, UI state) stays.
+WORKSPACE_FIELDS = ("name", "sections", "settings", "runset_settings")
 
-    try:
-        existing = internal.View.from_name(workspace.entity, workspace.project, workspace._internal_name)
-        object.__setattr__(workspace, "_internal_id", existing.id)
-    except ValueError as err:
-        if "not found in project" not in str(err):  # a missing project, no access: not ours to paper over
-            raise
+
+def save_workspace(workspace, url: str | None = None) -> str:
+    """Save as a new view, or with ``url`` (an earlier save's) update that view: loaded with
+    ``Workspace.from_url``, given this build's sections and settings, saved. Needs network and a
+    W&B login. Returns the view's URL."""
+    if url:
+        ws = require("wandb_workspaces.workspaces", "wandb", "python -m vitlab.tools.dashboard")
+        existing = ws.Workspace.from_url(url)
+        for field in WORKSPACE_FIELDS:
+            setattr(existing, field, getattr(workspace, field))
+        workspace = existing
     workspace.save()
     return workspace.url
 
 
 # ----------------------------------------------------------------------------- sync from the login node
 def runs_to_sync(root: Path) -> list[Path]:
-    """Offline run logs under ``root`` never synced, or grown since their last sync (``.wandb.synced`` marker)."""
+    """Offline run logs under ``root`` never synced, or grown since their last sync (``.wandb.synced`` marker).
+    Only file names: the offline-run directories ``wandb sync`` takes and the marker it leaves; the
+    logs' contents (W&B's private record format) are not read."""
     todo = []
     for path in sorted(Path(root).rglob("offline-run-*/run-*.wandb")):
         marker = path.with_suffix(".wandb.synced")
@@ -323,6 +288,8 @@ def sync(root: Path, watch: float | None = None, dry_run: bool = False, wandb_ar
 
 
 # ----------------------------------------------------------------------------- command line
+URL_FILE = "wandb_workspace_url"  # in a sweep directory: its workspace, so saving again updates it
+
 def main(argv: list[str] | None = None) -> dict | list:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["sync"]:
@@ -343,6 +310,8 @@ def main(argv: list[str] | None = None) -> dict | list:
     parser.add_argument("--group", help="the W&B group (default: the runs' own)")
     parser.add_argument("--paper", metavar="PAPER:TABLE", help="e.g. pale:Table7: the paper's numbers beside ours")
     parser.add_argument("--dry-run", metavar="FILE", type=Path, help="write the workspace spec as JSON; no network")
+    parser.add_argument("--update", metavar="URL", help="update this saved workspace (default for a sweep directory: "
+                        f"the one its last save made, kept in <dir>/{URL_FILE})")
     args = parser.parse_args(argv)
     try:
         paper_rows = paper.table_rows(args.paper) if args.paper else None
@@ -354,8 +323,7 @@ def main(argv: list[str] | None = None) -> dict | list:
     if not args.dry_run and not sweep.group:
         parser.error(f"{args.source}: its runs logged no W&B group (logger=wandb?); give --group")
     if not args.dry_run and not sweep.entity:
-        import wandb
-
+        wandb = require("wandb", "wandb", "python -m vitlab.tools.dashboard")
         sweep.entity = wandb.Api().default_entity  # the view's name depends on it: set before building
     for field in unlogged_fields(sweep):
         print(f"warning: {field}: its W&B config key {config_key(field)!r} is missing from some runs; "
@@ -364,10 +332,15 @@ def main(argv: list[str] | None = None) -> dict | list:
     spec = workspace_spec(workspace)
     if args.dry_run:
         args.dry_run.write_text(json.dumps(spec, indent=1))
-        print(f"wrote {args.dry_run}: workspace {spec['displayName']!r}, {len(sweep.runs)} runs, "
+        print(f"wrote {args.dry_run}: workspace {spec['name']!r}, {len(sweep.runs)} runs, "
               f"settings by {', '.join(sweep.fields) or '(none)'}")
         return spec
-    print(f"saved {save_workspace(workspace)}")
+    url_file = Path(args.source) / URL_FILE if Path(args.source).is_dir() else None
+    url = args.update or (url_file.read_text().strip() if url_file and url_file.is_file() else None)
+    url = save_workspace(workspace, url)
+    if url_file:
+        url_file.write_text(url + "\n")
+    print(f"saved {url}")
     return spec
 
 

@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vitlab.runtime.extras import require
+
 
 def task_kind(module) -> str:
     from vitlab.tasks.classification import ClassificationTask
@@ -89,8 +91,7 @@ def export_onnx(model: nn.Module, example, out: Path, dynamo: bool) -> None:
 
 
 def run_onnx(path: Path, example) -> list[torch.Tensor]:
-    import onnxruntime
-
+    onnxruntime = require("onnxruntime", "export", "--format onnx")
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     images = example[0] if isinstance(example, list) else example
     return [torch.from_numpy(o) for o in session.run(None, {session.get_inputs()[0].name: images.numpy()})]
@@ -101,6 +102,9 @@ def export(ckpt_path: str, fmt: str, part: str = "model", input_size=None, out: 
     """Export, run both models on the same input, and return the file and the largest difference."""
     from vitlab.runtime.run import module_from_checkpoint
 
+    if fmt == "onnx":  # torch.onnx.export needs onnx (+ onnxscript with dynamo=True): say so before the work
+        for name in ("onnx", "onnxscript", "onnxruntime"):
+            require(name, "export", "--format onnx")
     module = module_from_checkpoint(ckpt_path, with_data=False)[1].eval()  # the dataset need not exist
     kind = task_kind(module)
     if fmt == "torchscript" and kind == "detection" and part == "model":
