@@ -215,3 +215,94 @@ def test_timm_baselines_round_trip_through_timm(name, tmp_path):
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(ref(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+# ---- --push: the Hub's HTTP API recorded (httpx MockTransport under huggingface_hub's client) ----
+class RecordedHub:
+    """Answers the Hub endpoints an upload calls, as the Hub documents them, and keeps every request."""
+
+    def __init__(self):
+        self.requests = []
+
+    def __call__(self, request):
+        import httpx
+
+        self.requests.append(request)
+        path = request.url.path
+        if path == "/api/repos/create":
+            return httpx.Response(200, json={"url": "https://huggingface.co/me/pvt", "name": "me/pvt"})
+        if path == "/api/validate-yaml":  # the Hub checks the card's metadata before a commit
+            return httpx.Response(200, json={"errors": [], "warnings": []})
+        if path.startswith("/api/models/me/pvt/preupload/"):
+            files = json.loads(request.content)["files"]
+            return httpx.Response(200, json={"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                                       for f in files]})
+        if path.startswith("/api/models/me/pvt/commit/"):
+            return httpx.Response(200, json={"commitUrl": "https://huggingface.co/me/pvt/commit/abc123",
+                                             "commitOid": "abc123", "pullRequestUrl": None})
+        return httpx.Response(404, json={"error": f"not recorded: {request.method} {path}"})
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    import httpx
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    recorded = RecordedHub()
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))  # no login on this machine
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    huggingface_hub.set_client_factory(lambda: httpx.Client(transport=httpx.MockTransport(recorded)))
+    yield recorded
+    huggingface_hub.set_client_factory(httpx.Client)
+    huggingface_hub.close_session()
+
+
+def test_push_uploads_the_export_folder(pvt_v2_checkpoint, tmp_path, hub, monkeypatch, capsys):
+    import base64
+
+    from vitlab.export import main
+
+    monkeypatch.setenv("HF_TOKEN", "hf_recorded")
+    out = tmp_path / "export"
+    result = main([f"ckpt_path={pvt_v2_checkpoint[0]}", "--format", "timm", "--out", str(out), "--push", "me/pvt"])
+    assert result["url"] == "https://huggingface.co/me/pvt/commit/abc123"
+    assert "pushed to https://huggingface.co/me/pvt/commit/abc123" in capsys.readouterr().out
+    api = [r for r in hub.requests if r.url.path != "/api/agent-harnesses"]
+    assert [r.url.path for r in api] == ["/api/repos/create", "/api/validate-yaml", "/api/models/me/pvt/preupload/main",
+                                         "/api/models/me/pvt/commit/main"]
+    assert all(r.headers["authorization"] == "Bearer hf_recorded" for r in api)
+    assert json.loads(api[0].content) == {"name": "pvt", "organization": "me", "type": "model"}
+    lines = [json.loads(line) for line in api[-1].content.decode().splitlines()]
+    sent = {v["value"]["path"]: base64.b64decode(v["value"]["content"]) for v in lines if v["key"] == "file"}
+    assert sent == {name: (out / name).read_bytes() for name in ("README.md", "model.pth", "model.safetensors")}
+
+
+def test_push_without_token_or_network_says_so(pvt_v2_checkpoint, tmp_path, hub, monkeypatch, capsys):
+    import httpx
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from vitlab.export import main
+
+    args = [f"ckpt_path={pvt_v2_checkpoint[0]}", "--format", "official", "--out", str(tmp_path), "--push", "me/pvt"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 1 and "no Hugging Face token: set HF_TOKEN" in capsys.readouterr().err
+    assert not hub.requests and (tmp_path / "model.safetensors").is_file()  # nothing sent, the files kept
+
+    monkeypatch.setenv("HF_TOKEN", "hf_recorded")
+
+    def unreachable(request):
+        raise httpx.ConnectError("[Errno -3] Temporary failure in name resolution", request=request)
+
+    huggingface_hub.set_client_factory(lambda: httpx.Client(transport=httpx.MockTransport(unreachable)))
+    huggingface_hub.close_session()
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "cannot reach the Hugging Face Hub (ConnectError" in capsys.readouterr().err
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err

@@ -96,9 +96,11 @@ def push(folder: str | Path, repo_id: str) -> str:
     """Upload ``folder`` to the model repository ``repo_id`` (created if missing); the commit's URL.
     No token, offline mode or no network: a RuntimeError that says which."""
     import httpx
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import HfApi, constants, get_token
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
+    if constants.HF_HUB_OFFLINE:
+        raise RuntimeError(f"HF_HUB_OFFLINE is set, so nothing was uploaded; the files stay in {folder}")
     token = get_token()
     if not token:
         raise RuntimeError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (nothing was uploaded; "
