@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,cluster,export]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,cluster,export,tensorboard,mlflow]"
 	touch $(STAMP)
 
 # The embedded default: pvt_v2_b0 learns generated ImageNet-format data on CPU (a few minutes).

@@ -10,6 +10,7 @@ architecture, parameters / GFLOPs, the backbone config, the training recipe, the
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import yaml
@@ -84,7 +85,7 @@ def write_model_card(out_dir: Path, module, config: dict, ckpt_path: str, result
           else ["No summary.json beside the checkpoint: no results recorded."]), "",
         "## Reproduce", "",
         "```bash",
-        f"python src/train.py {' '.join(overrides)}" if overrides is not None else "# the run's overrides are in summary.json",
+        f"python src/train.py {shlex.join(overrides)}" if overrides is not None else "# the run's overrides are in summary.json",
         "```", "",
     ]
     path = out_dir / "README.md"
