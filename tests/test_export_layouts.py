@@ -71,6 +71,16 @@ def test_to_official_gives_back_the_authors_state_dict(name):
     assert_same_state(family.to_official(model.state_dict()), official)
 
 
+def test_gpvit_l1_every_official_key_comes_back():
+    """Every key of the authors' full L1 classifier (tests/fixtures/gpvit_l1_official_keys.json, from their code)."""
+    shapes = json.loads((FIXTURES / "gpvit_l1_official_keys.json").read_text())
+    with torch.device("meta"):
+        model = vitlab.create_model("gpvit_l1", num_classes=1000)
+    model.load_state_dict(GPViT.convert_official({k: torch.empty(s, device="meta") for k, s in shapes.items()}),
+                          strict=True, assign=True)
+    assert {k: list(v.shape) for k, v in GPViT.to_official(model.state_dict()).items()} == shapes
+
+
 @pytest.mark.parametrize("variant,strides", [("maskrcnn", [4, 8, 16, 32]), ("retinanet", [8, 16, 32])])
 def test_gpvit_adapter_to_official_mmdet_layout(variant, strides):
     from test_gpvit import ADAPTER_TINY

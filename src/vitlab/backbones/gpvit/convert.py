@@ -102,11 +102,7 @@ _MIXER_RENAMES = (
 def _convert_layer_key(tail: str) -> str:
     if tail.startswith("mixer.layers."):  # mixer.layers.{d}.X -> propagate.{d}.X
         d, _, rest = tail[len("mixer.layers."):].partition(".")
-        for old, new in _MIXER_RENAMES:
-            if rest.startswith(old):
-                rest = new + rest[len(old):]
-                break
-        return f"propagate.{d}.{rest}"
+        return f"propagate.{d}.{_first_prefix_renamed(rest, _MIXER_RENAMES)}"
     for old, new in _LAYER_RENAMES:
         if tail.startswith(old) and not (old == "group_token" and tail != "group_token"):
             return new + tail[len(old):]
@@ -155,14 +151,18 @@ def _official_key(key: str) -> str:
 def _official_layer_key(tail: str) -> str:
     if tail.startswith("propagate."):
         d, _, rest = tail[len("propagate."):].partition(".")
-        for old, new in _MIXER_RENAMES:
-            if rest.startswith(new):
-                rest = old + rest[len(new):]
-                break
-        return f"mixer.layers.{d}.{rest}"
+        return f"mixer.layers.{d}.{_first_prefix_renamed(rest, [(new, old) for old, new in _MIXER_RENAMES])}"
     if re.match(r"dw\.\d", tail):  # the GP block's conv + BN (official dwconv.N); the local block's dw conv keeps its name
         return "dwconv." + tail[len("dw."):]
     for old, new in _LAYER_RENAMES:
         if old != "dwconv." and tail.startswith(new) and not (new == "group.group_token" and tail != new):
             return old + tail[len(new):]
     return tail
+
+
+def _first_prefix_renamed(text: str, renames) -> str:
+    """``text`` with the first (old prefix, new prefix) pair that starts it applied; unchanged if none does."""
+    for old, new in renames:
+        if text.startswith(old):
+            return new + text[len(old):]
+    return text
