@@ -174,6 +174,10 @@ def test_export_timm_loads_into_timm_and_gives_the_authors_logits(pvt_v2_checkpo
                 torch.testing.assert_close(model(x.float()), y, rtol=1e-4, atol=1e-5)
     assert result["tensors"] == len(fix["state_dict"])
     assert "library_name: timm" in (tmp_path / "README.md").read_text()
+    # timm's config.json: the folder is a timm model as the Hub serves one (hf-hub:USER/REPO after --push)
+    model = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(fix["inputs"][0].float()), fix["logits"][0], rtol=1e-4, atol=1e-5)
 
 
 def test_export_mmdet_is_what_mmengine_pretrained_init_loads(pvt_v2_checkpoint, tmp_path):
@@ -225,6 +229,17 @@ def test_timm_baselines_round_trip_through_timm(name, tmp_path):
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(ref(x), model(x), rtol=1e-4, atol=1e-4)
+    # the export's timm config.json: the folder as a timm model (local-dir:, as hf-hub: after --push)
+    from omegaconf import OmegaConf
+
+    from vitlab.api import backbone_config
+    from vitlab.export import timm_config
+
+    config = OmegaConf.to_container(backbone_config(name), resolve=True)
+    timm_config(model.backbone, config, state, 10, tmp_path / "hub")
+    with torch.no_grad():
+        torch.testing.assert_close(timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True).eval()(x),
+                                   model(x), rtol=1e-4, atol=1e-4)
 
 
 # ---- --push: the Hub's HTTP API recorded (httpx MockTransport under huggingface_hub's client) ----
@@ -285,7 +300,7 @@ def test_push_uploads_the_export_folder(pvt_v2_checkpoint, tmp_path, hub, monkey
     assert json.loads(api[0].content) == {"name": "pvt", "organization": "me", "type": "model"}
     lines = [json.loads(line) for line in api[-1].content.decode().splitlines()]
     sent = {v["value"]["path"]: base64.b64decode(v["value"]["content"]) for v in lines if v["key"] == "file"}
-    assert sent == {name: (out / name).read_bytes() for name in ("README.md", "model.pth", "model.safetensors")}
+    assert sent == {name: (out / name).read_bytes() for name in ("README.md", "model.pth", "model.safetensors", "config.json")}
 
 
 def test_push_without_token_or_network_says_so(pvt_v2_checkpoint, tmp_path, hub, monkeypatch, capsys):

@@ -15,7 +15,10 @@ Weight layouts (``--format official|timm|mmdet``) write ``model.pth`` and ``mode
   ChenhongyiYang/GPViT (mmcls ``{"state_dict": ...}``); timm's for the timm baselines. Pale has
   no official code: refused with a message.
 * ``timm``: ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))``
-  loads it: PVTv2 (``pvt_v2_*``) and the timm baselines (ResNet / ResNeXt, Swin, ViT).
+  loads it: PVTv2 (``pvt_v2_*``) and the timm baselines (ResNet / ResNeXt, Swin, ViT). A whole
+  classifier also gets timm's ``config.json`` (``timm.models.save_for_hf``: architecture and
+  arguments), so the folder is a timm model: ``timm.create_model('local-dir:DIR', pretrained=True)``,
+  or ``'hf-hub:USER/REPO'`` after ``--push``.
 * ``mmdet``: the backbone for an mmdetection / mmsegmentation config, ``{"state_dict":
   {"backbone.<key>": ...}}`` with the official key names (vitlab's where a family has none):
   ``init_cfg=dict(type='Pretrained', prefix='backbone.', checkpoint=FILE)`` (mmengine's
@@ -178,6 +181,19 @@ def weights_in_layout(module, fmt: str, part: str) -> dict[str, torch.Tensor]:
     return {k if k.startswith("backbone.") else f"backbone.{k}": v for k, v in keys.items()}
 
 
+def timm_config(backbone, config: dict, weights: dict[str, torch.Tensor], num_classes: int, out_dir: Path) -> None:
+    """timm's ``config.json`` beside the weights (``timm.create_model('hf-hub:USER/REPO')`` after
+    ``--push``, ``'local-dir:DIR'`` before), written by timm's ``save_for_hf`` from its own model
+    with the weights loaded strictly: a check that the layout is timm's. It rewrites
+    ``model.safetensors`` with the same tensors."""
+    import timm
+
+    arch, args = backbone.timm_architecture(config)
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **args)
+    model.load_state_dict(weights, strict=True)
+    timm.models.save_for_hf(model, str(out_dir), model_args=args, safe_serialization=True)
+
+
 def export_weights(ckpt_path: str, fmt: str, part: str = "model", out: str | None = None) -> dict:
     """Write ``model.pth`` + ``model.safetensors`` (+ the model card) in ``fmt``'s layout into ``out``."""
     from safetensors.torch import save_file
@@ -197,7 +213,12 @@ def export_weights(ckpt_path: str, fmt: str, part: str = "model", out: str | Non
     container = {"mmdet": "state_dict", "official": family.official_container}.get(fmt)  # as their files hold it
     torch.save({container: weights, "meta": {"vitlab_layout": fmt}} if container else weights, out_dir / "model.pth")
     save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt", "vitlab_layout": fmt})
-    result = {"dir": str(out_dir), "files": ["model.pth", "model.safetensors", "README.md"], "format": fmt,
+    files = ["model.pth", "model.safetensors", "README.md"]
+    if fmt == "timm" and part == "model":
+        timm_config(select_part(module, "backbone"), ckpt["vitlab_config"]["backbone"], weights,
+                    module.info.num_classes, out_dir)
+        files.append("config.json")
+    result = {"dir": str(out_dir), "files": files, "format": fmt,
               "part": part, "task": task_kind(module), "tensors": len(weights),
               "family": family.__name__, "container": container}
     write_model_card(out_dir, module, ckpt["vitlab_config"], ckpt_path, result)

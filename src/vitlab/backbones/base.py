@@ -95,6 +95,11 @@ class Backbone(nn.Module):
         """``backbone.*`` + ``head.*`` -> timm's layout (``vitlab.export --format timm``)."""
         raise ValueError(f"{cls.__name__}: timm has no model of this family, so there is no timm layout to write")
 
+    def timm_architecture(self, config: dict) -> tuple[str, dict]:
+        """(timm model name, keyword arguments) of the timm classifier that ``to_timm``'s weights
+        fill, for timm's ``config.json`` (``config``: this backbone's config)."""
+        raise ValueError(f"{type(self).__name__}: timm has no model of this family")
+
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
         """Our-layout backbone state dict (no ``backbone.`` prefix) -> one with this model's
         size-dependent shapes, and what was changed. The default changes nothing."""

@@ -452,6 +452,14 @@ class PyramidVisionTransformer(Backbone):
             out[last] = torch.cat([cls_pos, out[last]], dim=1)
         return out
 
+    def timm_architecture(self, config: dict) -> tuple[str, dict]:
+        """timm's ``pvt_v2_b0`` with this model's widths, depths, heads and ratios (``linear``: -Li)."""
+        if self.cls_token is not None or self.stages[0].pos_embed is not None:
+            raise ValueError("timm has PVTv2 only; this is a PVT v1 model")
+        return "pvt_v2_b0", {"depths": list(config["depths"]), "embed_dims": list(self.out_channels),
+                             "num_heads": list(config["num_heads"]), "mlp_ratios": config["mlp_ratios"],
+                             "sr_ratios": list(config["sr_ratios"]), "linear": bool(config["linear_sra"])}
+
     @classmethod
     def to_timm(cls, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``backbone.*`` + ``head.*`` -> timm's ``pvt_v2_*`` layout (PVTv2 only: timm has no PVT v1)."""

@@ -73,6 +73,9 @@ class _TimmBody(Backbone):
     convert_official = staticmethod(convert_timm)
     to_official = to_timm = staticmethod(to_timm)
 
+    def timm_architecture(self, config: dict) -> tuple[str, dict]:
+        return config["model_name"], {}
+
 
 class TimmCNN(_TimmBody):
     """A timm CNN (``features_only``) with timm's average-pool + linear classifier head.
@@ -166,6 +169,10 @@ class TimmColumnarViT(_TimmBody):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.body(images)
+
+    def timm_architecture(self, config: dict) -> tuple[str, dict]:
+        return config["model_name"], {"patch_size": self.patch_size, "img_size": config["img_size"],
+                                      "dynamic_img_size": True, "dynamic_img_pad": True}
 
     def drop_classification_parts(self) -> None:
         # the blocks after the last tapped one, the final norm and the pooling serve the classifier only

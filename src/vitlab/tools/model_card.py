@@ -25,8 +25,9 @@ TASKS = {
 }
 LOADING = {
     "official": "the authors' code: `model.load_state_dict(torch.load('model.pth'){state_dict})`",
-    "timm": "`timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='model.safetensors'"
-            "{classes}))` (the architecture fields below as keyword arguments where they differ from timm's defaults)",
+    "timm": "`timm.create_model('hf-hub:USER/REPO', pretrained=True)` for a classifier pushed with its config.json "
+            "(`'local-dir:DIR'` for this folder); or `timm.create_model(ARCH, pretrained=True, "
+            "pretrained_cfg_overlay=dict(file='model.safetensors'{classes}))` with the architecture fields below",
     "mmdet": "an mmdetection / mmsegmentation config: `backbone=dict(..., init_cfg=dict(type='Pretrained', "
              "prefix='backbone.', checkpoint='model.pth'))`",
 }
