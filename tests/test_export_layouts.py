@@ -198,7 +198,7 @@ def test_export_mmdet_is_what_mmengine_pretrained_init_loads(pvt_v2_checkpoint, 
             assert_same_state({k.removeprefix("backbone."): v for k, v in load_file(tmp_path / name).items()}, backbone)
 
 
-def test_export_refuses_what_a_layout_cannot_hold(pvt_v2_checkpoint, segmentation_run, capsys):
+def test_export_refuses_what_a_layout_cannot_hold(pvt_v2_checkpoint, segmentation_run, capsys, tmp_path):
     from vitlab.export import main
 
     ckpt, _ = pvt_v2_checkpoint
@@ -209,6 +209,14 @@ def test_export_refuses_what_a_layout_cannot_hold(pvt_v2_checkpoint, segmentatio
     with pytest.raises(SystemExit):
         main([f"ckpt_path={seg}", "--format", "official"])
     assert "only a classifier goes out whole" in capsys.readouterr().err
+    # its backbone goes out: the official names, which the official converter brings back to the trained weights
+    main([f"ckpt_path={seg}", "--format", "official", "--part", "backbone", "--out", str(tmp_path)])
+    trained = {k.split("backbone.", 1)[1]: v for k, v in torch.load(seg, weights_only=True)["state_dict"].items()
+               if ".backbone." in k}
+    official = torch.load(tmp_path / "model.pth", weights_only=True)
+    assert all(k.startswith(("patch_embed", "block", "norm")) for k in official)
+    assert_same_state({k.removeprefix("backbone."): v for k, v in PyramidVisionTransformer.convert_official(official).items()},
+                      trained)
 
 
 # ---- the timm baselines: ours -> timm's layout -> timm's own model ---------------------------------
