@@ -29,7 +29,8 @@ def logged_run(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("loggers")
     run, uri = root / "run", f"sqlite:///{root / 'mlflow.db'}"
     hydra_command("train.py", [*TINY_PVT, "experiment=demo", "debug=smoke", "data.img_size=32",
-                               "logger=[csv,tensorboard,mlflow]", f"data.synthetic_root={root / 'data'}",
+                               "logger=[csv,tensorboard,mlflow]", f"logger.mlflow.artifact_location={root / 'artifacts'}",
+                               f"data.synthetic_root={root / 'data'}",
                                f"hydra.run.dir={run}"], data_dir, env={"MLFLOW_TRACKING_URI": uri})
     return run, uri
 
