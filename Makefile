@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch/torchvision pinned to the newest releases the project allows (see pyproject.toml).
 TORCH := "torch>=2.6,<=2.14.1" "torchvision>=0.21,<=0.29.1"
 # the extras (pyproject.toml) the tests need, comma-separated: add new ones here
-EXTRAS := dev,slurm,search,wandb,export
+EXTRAS := dev,slurm,search,wandb,export,tensorboard,mlflow
 PYTEST_ARGS ?=
 
 .PHONY: install train test zoo bench clean

@@ -453,5 +453,13 @@ class PaleTransformer(Backbone):
 
         return adapt_shapes(self, state_dict, {"pos_embed": (resize, "bicubic")})
 
+    @classmethod
+    def to_official(cls, state_dict):
+        raise ValueError("Pale Transformer: its authors released no code and no checkpoint, so there is no official "
+                         "layout to write (and timm has no Pale model); share vitlab's own checkpoint, "
+                         "--format mmdet (vitlab's key names under backbone.), or --format onnx / torchscript")
+
+    to_timm = to_official
+
     def no_weight_decay(self) -> set[str]:
         return {f"stages.{i}.pos_embed" for i, s in enumerate(self.stages) if s.pos_embed is not None}

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from vitlab.data.base import DatasetInfo
@@ -31,7 +31,7 @@ from vitlab.runtime.build import instantiate, locate
 from vitlab.runtime.callbacks import RunConfigInCheckpoint
 from vitlab.runtime.checkpoints import AtomicCheckpointIO, CheckpointMismatchError, read_checkpoint
 from vitlab.runtime.flops import count_gmacs, count_params
-from vitlab.runtime.loggers import ResumableCSVLogger
+from vitlab.runtime.loggers import ResumableCSVLogger, log_summary, mlflow_names
 from vitlab.runtime.rundir import register_resolvers
 from vitlab.runtime.trust import check_targets
 from vitlab.runtime.validate import check_run_config
@@ -155,15 +155,23 @@ def build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> li
         logger_cfg = OmegaConf.to_container(logger_cfg, resolve=True)
         cls = locate(logger_cfg["_target_"]) if isinstance(logger_cfg, dict) and "_target_" in logger_cfg else None
         extra = {}
+        run_name = ",".join(o for o in _overrides() if not o.startswith("hydra")) or "default"
         if cls is not None and issubclass(cls, WandbLogger):
             require("wandb", "wandb", f"logger.{name} (W&B)")
-            if not logger_cfg.get("name"):
-                logger_cfg["name"] = ",".join(o for o in _overrides() if not o.startswith("hydra")) or "default"
+            logger_cfg["name"] = logger_cfg.get("name") or run_name
             logger_cfg["group"] = _sweep_group() or logger_cfg.get("group")
             extra = {"id": wandb_run_id(run_dir), "resume": "allow"}
+        elif cls is not None and issubclass(cls, MLFlowLogger):
+            logger_cfg["run_name"] = logger_cfg.get("run_name") or run_name[:250]  # MLflow's limit on names
+            # every attempt of a run (resume, requeue) logs into the MLflow run it started
+            saved = run_dir / "mlflow_run_id"
+            extra = {"run_id": saved.read_text().strip()} if saved.is_file() else {}
         elif cls is not None and issubclass(cls, ResumableCSVLogger):
             extra = {"resume_step": resume_step}
         loggers.append(instantiate(logger_cfg, f"logger.{name}", trusted=True, **extra))
+        if isinstance(loggers[-1], MLFlowLogger) and L.fabric.utilities.rank_zero.rank_zero_only.rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "mlflow_run_id").write_text(loggers[-1].run_id)
     return loggers
 
 
@@ -172,7 +180,7 @@ WANDB_STEP_METRIC = "trainer/global_step"
 
 
 def wandb_record(run) -> dict:
-    """What a W&B run holds, for summary.json (``vitlab.dashboard`` reads it, not W&B's files):
+    """What a W&B run holds, for summary.json (``vitlab.tools.dashboard`` reads it, not W&B's files):
     its identity, its config's top-level keys and the numeric series it logged (W&B's summary holds
     the last value of each series until vitlab's own summary is added after this)."""
     last = {k: run.summary[k] for k in run.summary.keys()}  # wandb's Summary has keys() but no items()
@@ -245,7 +253,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     params = count_params(module.model)
     gflops = model_gflops(module)
     for logger in loggers:
-        logger.log_hyperparams({**meta, "params": params, "gflops": gflops, "config": run_cfg})
+        hparams = {**meta, "params": params, "gflops": gflops, "config": run_cfg}
+        logger.log_hyperparams(mlflow_names(hparams) if isinstance(logger, MLFlowLogger) else hparams)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
 
@@ -274,9 +283,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if trainer.is_global_zero:
         write_summary(run_dir, summary)
     for logger in loggers:
+        if trainer.is_global_zero:
+            log_summary(logger, summary)
         if isinstance(logger, WandbLogger):
-            if trainer.is_global_zero:
-                logger.experiment.summary.update({k: v for k, v in summary.items() if k not in ("extra", "wandb")})
             # Close the run: writes its files, and the next job of a -m sweep (same process) gets its own run.
             logger.experiment.finish()
     return summary

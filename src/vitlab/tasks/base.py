@@ -20,7 +20,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
@@ -262,28 +261,31 @@ class VitlabTask(L.LightningModule):
 
     # ---- shared by the tasks ----------------------------------------------------------
     def log_images(self, tag: str, images: list[np.ndarray]) -> None:
-        """H x W x 3 uint8 figures (``vitlab.tasks.visualize``) -> W&B (WandbLogger) or PNGs under
-        ``<run dir>/predictions/epoch_XXX/``."""
+        """H x W x 3 uint8 figures (``vitlab.tasks.visualize``) -> W&B, MLflow, TensorBoard
+        (``vitlab.runtime.loggers.log_images``) or, with none of them, PNGs under ``<run dir>/predictions/epoch_XXX/``."""
+        from vitlab.runtime.loggers import log_images
+
         trainer = self.trainer
         if not images or not trainer.is_global_zero or trainer.sanity_checking:
             return
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key=tag, images=list(images), step=self.global_step)
-                return
+        logged = [log_images(logger, tag, images, self.global_step) for logger in self.loggers]
+        if any(logged):
+            return
         out = Path(trainer.default_root_dir) / "predictions" / f"epoch_{self.current_epoch:03d}"
         out.mkdir(parents=True, exist_ok=True)
         for i, im in enumerate(images):
             Image.fromarray(im).save(out / f"{tag.replace('/', '_')}_{i}.png")
 
     def log_table(self, tag: str, columns: list[str], rows: list[list]) -> None:
-        """A table (e.g. per-class results) for W&B; other loggers get it through summary.json."""
+        """A table (e.g. per-class results) for W&B, MLflow and TensorBoard (``vitlab.runtime.loggers.log_table``);
+        the CSV logger's runs have it in summary.json."""
+        from vitlab.runtime.loggers import log_table
+
         trainer = self.trainer
         if not rows or not trainer.is_global_zero or trainer.sanity_checking:
             return
         for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_table(key=tag, columns=columns, data=rows, step=self.global_step)
+            log_table(logger, tag, columns, rows, self.global_step)
 
     def extra_summary(self) -> dict:
         """Per-class results of the last validation for summary.json's ``extra`` (by class name)."""

@@ -365,6 +365,46 @@ def print_table(rows: list[dict], title: str = "vitlab compare", hidden=()) -> N
     Console(width=240).print(table)
 
 
+# ----------------------------------------------------------------------------- paper-ready tables
+def paper_table(rows: list[dict], fmt: str, metrics: list[str] | None = None, digits: int = 1) -> str:
+    """Our settings as a table to paste: the setting, params (M), GFLOPs, ``n``, each metric as
+    mean ± std over seeds (the best mean of each metric in bold); where the paper's rows were joined
+    (``--paper``), the paper's value and ours minus it beside each metric. ``fmt``: ``latex``
+    (booktabs: ``\\usepackage{booktabs}``) or ``markdown`` (GitHub tables)."""
+    from vitlab.tools.paper import paper_key
+
+    rows = [r for r in rows if "n" in r]  # our settings; the paper's rows we did not run are in compare.csv
+    metrics = metrics or [c for c in columns(rows) if c.startswith("val/") and "loss" not in c]
+    latex = fmt == "latex"
+    pm, delta = (" $\\pm$ ", "$\\Delta$") if latex else (" ± ", "Δ")
+    num = lambda v, signed=False: "" if not is_number(v) else f"{v:{'+' if signed else ''}.{digits}f}"  # noqa: E731
+    text = (lambda s: s.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("&", "\\&")
+            .replace("%", "\\%").replace("#", "\\#")) if latex else (lambda s: s.replace("|", "\\|"))
+    bold = (lambda s: f"\\textbf{{{s}}}") if latex else (lambda s: f"**{s}**")
+
+    header = ["Setting", "Params (M)", "GFLOPs", "$n$" if latex else "n"]
+    with_paper = {m: any(r.get(paper_key(m)) is not None for r in rows) for m in metrics}
+    for m in metrics:
+        name = text(m.removeprefix("val/"))
+        header += [name] + ([f"{name} (paper)", delta] if with_paper[m] else [])
+    best = {m: max((r[m] for r in rows if is_number(r.get(m))), default=None) for m in metrics}
+    body = []
+    for r in rows:
+        line = [text(r["setting"].replace("backbone.", "")), num(r.get("params_m")),
+                num(r.get("gflops")), str(r["n"])]
+        for m in metrics:
+            value = num(r.get(m)) + (pm + num(r[f"{m}_std"]) if is_number(r.get(f"{m}_std")) else "")
+            line.append(bold(value) if value and r.get(m) == best[m] else value)
+            if with_paper[m]:
+                line += [num(r.get(paper_key(m))), num(r.get(f"vs_{paper_key(m)}"), signed=True)]
+        body.append(line)
+    if latex:
+        return "\n".join(["\\begin{tabular}{l" + "r" * (len(header) - 1) + "}", "\\toprule",
+                          " & ".join(header) + " \\\\", "\\midrule", *(" & ".join(b) + " \\\\" for b in body),
+                          "\\bottomrule", "\\end{tabular}"]) + "\n"
+    return "\n".join("| " + " | ".join(line) + " |" for line in [header, ["---"] + ["---:"] * (len(header) - 1), *body]) + "\n"
+
+
 def per_class_rows(runs: list[dict], rows: list[dict]) -> list[dict]:
     """One row per class, one column per setting (the mean over its runs, e.g. seeds): the per-class
     result runs keep in summary.json's ``extra`` (``per_class_top1``, ``per_class_ap``, ``per_class_iou``).
@@ -395,6 +435,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--baseline", help="setting to take deltas against: its overrides or its row index")
     parser.add_argument("--paper", metavar="PAPER:TABLE", help="join the paper's rows, e.g. pale:Table7")
     parser.add_argument("--out", help="folder for compare.csv, compare_runs.csv, compare.json and compare.png")
+    parser.add_argument("--format", choices=["latex", "markdown"], action="append", default=[],
+                        help="also write the paper-ready table compare.tex / compare.md (repeatable) and print it")
+    parser.add_argument("--digits", type=int, default=1, help="decimals of the paper-ready table (default 1)")
     args = parser.parse_args(argv)
     if not args.paths and not args.wandb:
         parser.error("give run/sweep directories or --wandb ENTITY/PROJECT")
@@ -431,6 +474,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         {"metric": metric, "baseline": args.baseline, "paper": args.paper, "kendall_tau": tau, "rows": table}, indent=2))
     if metric:
         plot(table, metric, out / "compare.png")
+    for fmt in args.format:
+        rendered = paper_table(table, fmt, digits=args.digits)
+        (out / f"compare.{'tex' if fmt == 'latex' else 'md'}").write_text(rendered)
+        print(rendered)
     per_class = per_class_rows(runs, per_run)
     if per_class:
         write_csv(per_class, out / "compare_per_class.csv")

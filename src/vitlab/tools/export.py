@@ -1,8 +1,32 @@
-"""Export a trained model to ONNX or TorchScript, checked against PyTorch on the same input.
+"""Export a trained model: to ONNX or TorchScript (checked against PyTorch on the same input), or
+its weights in the key layout other code reads (the authors' repositories, timm, mmdet / mmseg).
 
     python -m vitlab.tools.export ckpt_path=outputs/imagenet_cls/RUN/checkpoints/best.ckpt --format onnx
     python -m vitlab.tools.export ckpt_path=FILE --format torchscript --part backbone --input 512 512
     python -m vitlab.tools.export ckpt_path=FILE --format onnx --out model.onnx
+    python -m vitlab.tools.export ckpt_path=FILE --format timm --out DIR [--push USER/REPO]
+
+Weight layouts (``--format official|timm|mmdet``) write ``model.pth`` and ``model.safetensors``
+(the same tensors) and a Hugging Face model card ``README.md`` into ``--out DIR`` (default:
+``<run dir>/export/<format>[-backbone]``):
+
+* ``official``: the authors' release layout (``Backbone.to_official``, the inverse of the
+  ``convert_official`` that reads their releases): whai362/PVT (v1 and v2), Yangr116/ScalableViT,
+  ChenhongyiYang/GPViT (mmcls ``{"state_dict": ...}``); timm's for the timm baselines. Pale has
+  no official code: refused with a message.
+* ``timm``: ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))``
+  loads it: PVTv2 (``pvt_v2_*``) and the timm baselines (ResNet / ResNeXt, Swin, ViT). A whole
+  classifier also gets timm's ``config.json`` (``timm.models.save_for_hf``: architecture and
+  arguments), so the folder is a timm model: ``timm.create_model('local-dir:DIR', pretrained=True)``,
+  or ``'hf-hub:USER/REPO'`` after ``--push``.
+* ``mmdet``: the backbone for an mmdetection / mmsegmentation config, ``{"state_dict":
+  {"backbone.<key>": ...}}`` with the official key names (vitlab's where a family has none):
+  ``init_cfg=dict(type='Pretrained', prefix='backbone.', checkpoint=FILE)`` (mmengine's
+  ``PretrainedInit`` keeps the keys under ``prefix`` and strips it) loads it into the backbone.
+
+``--part model`` (default) writes the classifier (backbone + head; classification runs only),
+``--part backbone`` the backbone alone; ``mmdet`` is always the backbone. ``--push REPO_ID``
+uploads the folder to the Hugging Face Hub (``vitlab.tools.model_card``).
 
 Any vitlab checkpoint is rebuilt from itself (``vitlab.runtime.run.module_from_checkpoint``: its stored
 config and the dataset's description, weights loaded with ``weights_only=True``).
@@ -136,20 +160,111 @@ def export(ckpt_path: str, fmt: str, part: str = "model", input_size=None, out: 
             "outputs": [list(t.shape) for t in reference], "max_abs_diff": diff, "ok": diff <= tol * scale}
 
 
+WEIGHT_FORMATS = ("official", "timm", "mmdet")
+
+
+def weights_in_layout(module, fmt: str, part: str) -> dict[str, torch.Tensor]:
+    """The model's (or its backbone's) weights, renamed to ``fmt``'s layout by the backbone's family."""
+    backbone = select_part(module, "backbone")
+    family = type(backbone)
+    if part == "model":
+        if task_kind(module) != "classification":
+            raise ValueError(f"--format {fmt} --part model: only a classifier goes out whole (the authors' "
+                             "classification code and timm hold classifiers); use --part backbone")
+        ours = module.model.state_dict()  # backbone.* + head.*
+    else:
+        ours = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    if fmt == "timm":
+        return family.to_timm(ours)
+    if fmt == "official":
+        return family.to_official(ours)
+    try:  # mmdet: the official names where the family has them (what the authors' mmdet backbones load)
+        keys = family.to_official(ours)
+    except ValueError:  # no official code (Pale): vitlab's own names
+        keys = {k.removeprefix("backbone."): v for k, v in ours.items()}
+    return {k if k.startswith("backbone.") else f"backbone.{k}": v for k, v in keys.items()}
+
+
+def timm_config(backbone, config: dict, weights: dict[str, torch.Tensor], num_classes: int, out_dir: Path) -> None:
+    """timm's ``config.json`` beside the weights (``timm.create_model('hf-hub:USER/REPO')`` after
+    ``--push``, ``'local-dir:DIR'`` before), written by timm's ``save_for_hf`` from its own model
+    with the weights loaded strictly: a check that the layout is timm's. It rewrites
+    ``model.safetensors`` with the same tensors."""
+    import timm
+
+    arch, args = backbone.timm_architecture(config)
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **args)
+    model.load_state_dict(weights, strict=True)
+    timm.models.save_for_hf(model, str(out_dir), model_args=args, safe_serialization=True)
+
+
+def export_weights(ckpt_path: str, fmt: str, part: str = "model", out: str | None = None) -> dict:
+    """Write ``model.pth`` + ``model.safetensors`` (+ the model card) in ``fmt``'s layout into ``out``."""
+    from safetensors.torch import save_file
+
+    from vitlab.runtime.run import module_from_checkpoint
+    from vitlab.tools.model_card import write_model_card
+
+    part = "backbone" if fmt == "mmdet" else part
+    _, module, ckpt = module_from_checkpoint(ckpt_path, with_data=False)
+    module.eval()
+    # own storage, contiguous: safetensors refuses tensors that share memory
+    weights = {k: v.detach().contiguous().clone() for k, v in weights_in_layout(module, fmt, part).items()}
+    run_dir = Path(ckpt_path).resolve().parent.parent
+    out_dir = Path(out) if out else run_dir / "export" / (fmt if part == "model" else f"{fmt}-backbone")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    family = type(select_part(module, "backbone"))
+    container = {"mmdet": "state_dict", "official": family.official_container}.get(fmt)  # as their files hold it
+    torch.save({container: weights, "meta": {"vitlab_layout": fmt}} if container else weights, out_dir / "model.pth")
+    save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt", "vitlab_layout": fmt})
+    files = ["model.pth", "model.safetensors", "README.md"]
+    if fmt == "timm" and part == "model":
+        timm_config(select_part(module, "backbone"), ckpt["vitlab_config"]["backbone"], weights,
+                    module.info.num_classes, out_dir)
+        files.append("config.json")
+    result = {"dir": str(out_dir), "files": files, "format": fmt,
+              "part": part, "task": task_kind(module), "tensors": len(weights),
+              "family": family.__name__, "container": container}
+    write_model_card(out_dir, module, ckpt["vitlab_config"], ckpt_path, result)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m vitlab.tools.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ckpt_path", help="ckpt_path=FILE: a vitlab checkpoint (or the file itself)")
-    parser.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    parser.add_argument("--format", required=True, choices=["onnx", "torchscript", *WEIGHT_FORMATS])
     parser.add_argument("--part", default="model", choices=["model", "backbone"])
     parser.add_argument("--input", nargs=2, type=int, metavar=("H", "W"), help="input size (default: the run's evaluation size)")
-    parser.add_argument("--out", help="output file (default: next to the checkpoint, .onnx or .pt)")
+    parser.add_argument("--out", help="output file (default: next to the checkpoint, .onnx or .pt); "
+                                      "for official / timm / mmdet: a folder (default: <run dir>/export/<format>)")
+    parser.add_argument("--push", metavar="REPO_ID", help="official / timm / mmdet: upload the folder to the "
+                                                          "Hugging Face Hub (needs a token: HF_TOKEN or `hf auth login`)")
     parser.add_argument("--dynamo", choices=["true", "false"], help="ONNX exporter (default: true; false for detectors)")
     parser.add_argument("--tol", type=float, default=1e-3, help="largest allowed difference, relative to max(1, |output|)")
     args = parser.parse_args(argv)
     ckpt = args.ckpt_path.removeprefix("ckpt_path=")
     if not Path(ckpt).is_file():
         parser.error(f"ckpt_path={ckpt}: no such checkpoint file")
+    if args.format in WEIGHT_FORMATS:
+        try:
+            result = export_weights(ckpt, args.format, args.part, args.out)
+        except ValueError as err:
+            parser.error(str(err))
+        print(f"wrote {result['dir']}/{{{','.join(result['files'])}}} ({result['format']} layout, {result['family']} "
+              f"{result['part']}, {result['tensors']} tensors)")
+        if args.push:
+            from vitlab.tools.model_card import push
+
+            try:
+                result["url"] = push(result["dir"], args.push)
+            except RuntimeError as err:
+                print(f"--push {args.push}: {err}", file=sys.stderr)
+                sys.exit(1)
+            print(f"pushed to {result['url']}")
+        return result
+    if args.push:
+        parser.error("--push: only with --format official, timm or mmdet")
     dynamo = None if args.dynamo is None else args.dynamo == "true"
     try:
         result = export(ckpt, args.format, args.part, args.input, args.out, dynamo, args.tol)
