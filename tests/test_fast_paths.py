@@ -85,7 +85,7 @@ def test_no_host_sync_in_training_steps_except_logging_steps(task, overrides, tm
     SyncProbe.calls = []
     args = [*overrides, f"task={task}", "trainer.max_steps=6", "trainer.limit_train_batches=6", "trainer.max_epochs=1",
             f"trainer.log_every_n_steps={LOG_EVERY}", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=true",
-            "callbacks.progress_bar={_target_:vitlab.callbacks.StepMetricsProgressBar}",
+            "callbacks.progress_bar={_target_:vitlab.runtime.callbacks.StepMetricsProgressBar}",
             "+callbacks.sync_probe._target_=test_fast_paths.SyncProbe", f"data.synthetic_root={tmp_path / 'data'}",
             f"hydra.run.dir={tmp_path / 'run'}"]
     hydra_command("train.py", args, data_dir)
@@ -116,7 +116,7 @@ def test_attention_takes_sdpa_off_the_cpu_even_in_bf16(monkeypatch):
 
 
 def test_fast_path_settings_per_device_precision_and_task():
-    from vitlab.callbacks import FastPaths
+    from vitlab.runtime.callbacks import FastPaths
 
     fast = FastPaths()
     assert fast.settings("cuda", "32-true", True) == {"matmul_precision": "high", "cudnn_benchmark": True,
@@ -133,7 +133,7 @@ def test_fast_path_settings_per_device_precision_and_task():
 
 
 def test_fast_paths_apply_and_put_back_the_global_flags():
-    from vitlab.callbacks import FastPaths
+    from vitlab.runtime.callbacks import FastPaths
 
     before = torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark
     module = torch.nn.Conv2d(3, 4, 3)

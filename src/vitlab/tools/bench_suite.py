@@ -1,4 +1,4 @@
-"""``python -m vitlab.bench --suite gpu`` (``make gpu-check``): the prepared first GPU run.
+"""``python -m vitlab.tools.bench --suite gpu`` (``make gpu-check``): the prepared first GPU run.
 
 One command, under 8 minutes on one H200, printing one table and writing JSON (``--json``, rewritten
 after every item, so a run cut short keeps what it measured):
@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from vitlab import bench as timing
+from vitlab.tools import bench as timing
 
 MODELS = ("pvt_v2_b2", "scalablevit_s", "pale_t", "gpvit_l1", "pvt_small")
 COMPILED = ("pvt_v2_b2",)
