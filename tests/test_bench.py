@@ -12,6 +12,8 @@ from timm.models import _registry
 
 from vitlab.data.throughput import format_loader_table, loader_bench
 from vitlab.tools import bench
+from vitlab.tools.bench import models as bench_models
+from vitlab.tools.bench import suite as bench_suite
 
 TINY = ["depths=[1,1,1,1]", "embed_dims=[16,32,48,64]", "num_heads=[1,1,2,2]"]
 FAST = dict(steps=1, warmup=0, rounds=2)
@@ -58,7 +60,7 @@ def test_dense_task_training_steps_with_and_without_checkpointing(task, monkeypa
     # a detector's FLOPs need a real evaluation forward (100 random detections through the mask
     # head: slow here); the dense-task counts are the zoo's, tested there
     counted = []
-    monkeypatch.setattr(bench, "count_gmacs", lambda model, size: counted.append(size) or 1.0)
+    monkeypatch.setattr(bench_models, "count_gmacs", lambda model, size: counted.append(size) or 1.0)
     (ours, ckpt), = bench.bench(["pvt_v2_b0"], batch=2, input_size=(64, 64), task=task, grad_checkpointing=True,
                                 phases=("train",), overrides=TINY, steps=1, warmup=0, rounds=1)
     assert ckpt.kind == "checkpointed" and ckpt.params_m == ours.params_m
@@ -122,9 +124,7 @@ AUTHORS_PVT_V2_B2 = "import torch\n\ndef pvt_v2_b2(**kwargs):\n    return torch.
 def test_gpu_suite_runs_every_item_tiny_on_the_cpu_and_says_so(tmp_path, capsys, monkeypatch):
     """``--suite gpu`` without a GPU: every item of the GPU run, tiny, with its table and JSON, and the
     words that these are not GPU figures. (FLOP counts are tested above and in the zoo's tests.)"""
-    from vitlab.tools import bench_suite
-
-    monkeypatch.setattr(bench, "count_gmacs", lambda model, size: 1.0)
+    monkeypatch.setattr(bench_models, "count_gmacs", lambda model, size: 1.0)
     (tmp_path / "official").mkdir()
     (tmp_path / "official" / "pvt_v2.py").write_text(AUTHORS_PVT_V2_B2)
     out = tmp_path / "suite.json"
@@ -157,8 +157,6 @@ def test_gpu_suite_runs_every_item_tiny_on_the_cpu_and_says_so(tmp_path, capsys,
 
 
 def test_gpu_suite_keeps_going_past_failures_and_writes_json_after_each_item(tmp_path, monkeypatch, capsys):
-    from vitlab.tools import bench_suite
-
     out = tmp_path / "suite.json"
     seen_in_json = []
 
@@ -188,14 +186,10 @@ def test_gpu_suite_keeps_going_past_failures_and_writes_json_after_each_item(tmp
                                         ("NVIDIA H100 PCIe", 756.0), ("NVIDIA A100-SXM4-80GB", 312.0),
                                         ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0), ("Tesla V100-SXM2-16GB", None)])
 def test_bf16_peak_by_device_name(name, peak):
-    from vitlab.tools import bench_suite
-
     assert bench_suite.device_peak(name) == peak
 
 
 def test_suite_rows_give_mfu_against_the_data_sheet_and_the_measured_matmul():
-    from vitlab.tools import bench_suite
-
     ours = bench.Result("pvt_v2_b2", 25.4, gflops_per_image=8.0, train_ips=1000.0)
     ours.rounds["train"] = [1000.0, 1000.0]
     twin = bench.Result("timm:pvt_v2_b2", 25.4, kind="timm", gflops_per_image=8.0, train_ips=800.0)

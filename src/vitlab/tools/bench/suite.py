@@ -31,7 +31,9 @@ from typing import Callable
 
 import torch
 
-from vitlab.tools import bench as timing
+from vitlab.tools.bench.measure import matmul_peak
+from vitlab.tools.bench.models import load_reference
+from vitlab.tools.bench.run import bench, paired_ratio
 
 MODELS = ("pvt_v2_b2", "scalablevit_s", "pale_t", "gpvit_l1", "pvt_small")
 COMPILED = ("pvt_v2_b2",)
@@ -118,9 +120,9 @@ def _rows_from(item: str, results: list, report: Report, device: torch.device) -
                   matmul_pct=100 * tflops / report.matmul_tflops,
                   peak_mem_gb=r.train_mem_mb / 1024, warmup_s=r.warmup_s.get("train", float("nan")))
         if r.kind == "compiled":
-            row.ratio = f"compiled/eager {timing.paired_ratio(r, ours, 'train'):.2f}"
+            row.ratio = f"compiled/eager {paired_ratio(r, ours, 'train'):.2f}"
         elif r is not ours:  # >1: ours is faster
-            row.ratio = f"ours/{row.kind} {timing.paired_ratio(ours, r, 'train'):.2f}"
+            row.ratio = f"ours/{row.kind} {paired_ratio(ours, r, 'train'):.2f}"
         rows.append(row)
     return rows
 
@@ -143,7 +145,7 @@ def items(scale: Scale, device: torch.device, reference_dir: Path, data_dir: str
             if name in AUTHORS:
                 spec = f"{reference_dir / AUTHORS[name].split(':')[0]}:{AUTHORS[name].split(':')[1]}"
                 try:
-                    timing.load_reference(spec)
+                    load_reference(spec)
                     reference = spec
                 except (Exception, SystemExit) as err:  # noqa: BLE001 -- reported as the authors' row
                     rows.append(Row(f"train {name}", f"authors:{name}", "authors",
@@ -151,14 +153,14 @@ def items(scale: Scale, device: torch.device, reference_dir: Path, data_dir: str
             if scale.tiny and reference:
                 reference = None  # the authors' full-size model is no tiny item
                 rows.append(Row(f"train {name}", f"authors:{name}", "authors", status="found; timed on a GPU only"))
-            table = timing.bench([name], scale.batch, scale.size, compare_timm=name == "pvt_v2_b2",
+            table = bench([name], scale.batch, scale.size, compare_timm=name == "pvt_v2_b2",
                                  references=[reference], overrides=overrides, **common)
             return _rows_from(f"train {name}", table[0], report, device) + rows
         return run
 
     def compiled(name: str) -> Callable[[], list[Row]]:
         def run() -> list[Row]:
-            table = timing.bench([name], scale.batch, scale.size, compile_backend=scale.compile_backend,
+            table = bench([name], scale.batch, scale.size, compile_backend=scale.compile_backend,
                                  overrides=TINY[name] if scale.tiny else [], **common)
             return _rows_from(f"compile {name}", table[0], report, device)
         return run
@@ -168,7 +170,7 @@ def items(scale: Scale, device: torch.device, reference_dir: Path, data_dir: str
             size_ = scale.dense_size[task] if scale.dense_size else size
             # steps/s and memory: a detector's FLOPs need an evaluation forward on the CPU (minutes at
             # 800x1333); the dense models' counts are the zoo's
-            table = timing.bench([name], 2, size_, task=task, overrides=TINY[name] + TINY_HEADS[task] if scale.tiny
+            table = bench([name], 2, size_, task=task, overrides=TINY[name] + TINY_HEADS[task] if scale.tiny
                                  else [], count_flops=False, **common)
             rows = _rows_from(f"{task} {name} {size_[0]}x{size_[1]}", table[0], report, device)
             for row in rows:
@@ -211,7 +213,7 @@ def run_suite(device: str | None = None, json_path: str | None = None, reference
               "NOT A GPU FIGURE: no CUDA device, so this is the suite's tiny CPU version (small inputs, "
               "one-block backbones); it checks that every item runs, its numbers say nothing about a GPU")
     print(banner, flush=True)
-    report.matmul_tflops = timing.matmul_peak(device_, torch.bfloat16, size=16384 if gpu else 256) / 1e3
+    report.matmul_tflops = matmul_peak(device_, torch.bfloat16, size=16384 if gpu else 256) / 1e3
     report.write(path)
     start = time.perf_counter()
     for item, model, kind, run in items(scale, device_, Path(reference_dir), data_dir, report):
