@@ -57,15 +57,24 @@ class LastCheckpoint(L.Callback):
     time limit and SIGTERM on pre-emption) the run finishes its current step, saves, asks SLURM to
     requeue the job (``scontrol requeue $SLURM_JOB_ID``, when running under SLURM) and exits with
     ``exit_code``; the requeued job re-runs the same command, which resumes from this file.
+
+    This callback is the one owner of those signals: Lightning's SLURM environment runs without its
+    requeue handler (``SLURMEnvironment(auto_requeue=False)``, ``vitlab.run.trainer_plugins``), the
+    handlers are installed again when training starts, over the SIGTERM handler Lightning adds, and
+    over submitit's (so its ``max_num_timeout`` does not apply). ``max_requeues`` takes its place: a
+    job SLURM has already restarted that many times (``SLURM_RESTART_COUNT``) saves and exits
+    without asking for another requeue.
     """
 
     def __init__(self, dirpath: str, every_n_train_steps: int | None = None,
-                 signals: list[str] = ("SIGUSR1", "SIGUSR2", "SIGTERM"), requeue: bool = True, exit_code: int = 0):
+                 signals: list[str] = ("SIGUSR1", "SIGUSR2", "SIGTERM"), requeue: bool = True, exit_code: int = 0,
+                 max_requeues: int | None = 20):
         self.dirpath = dirpath
         self.every_n_train_steps = every_n_train_steps
         self.signals = list(signals)
         self.requeue = requeue
         self.exit_code = exit_code
+        self.max_requeues = max_requeues
         self._signalled: str | None = None
         self._saved_step = -1
 
@@ -76,10 +85,17 @@ class LastCheckpoint(L.Callback):
     def _handle(self, signum, frame) -> None:
         self._signalled = signal.Signals(signum).name  # acted on at the next step boundary
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit" and threading.current_thread() is threading.main_thread():
+    def _install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
             for name in self.signals:
                 signal.signal(getattr(signal, name), self._handle)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            self._install()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._install()  # after Lightning's Trainer has added its own SIGTERM handler (it does so after setup)
 
     def _save(self, trainer) -> None:
         if trainer.global_step != self._saved_step:
@@ -104,11 +120,20 @@ class LastCheckpoint(L.Callback):
     def _requeue_and_exit(self, trainer) -> None:
         log.warning("received %s: saved %s at step %d", self._signalled or "a signal", self.path, trainer.global_step)
         job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
         if self.requeue and job and trainer.is_global_zero:
             task = os.environ.get("SLURM_ARRAY_TASK_ID")
             job = f"{job}_{task}" if os.environ.get("SLURM_ARRAY_JOB_ID") and task else job
-            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-            log.warning("scontrol requeue %s: %s", job, "done" if result.returncode == 0 else result.stderr.strip())
+            if self.max_requeues is not None and restarts >= self.max_requeues:
+                log.warning("not requeueing job %s: SLURM has restarted it %d times (max_requeues=%d); the same "
+                            "command resumes it from %s", job, restarts, self.max_requeues, self.path)
+            else:
+                try:
+                    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+                    outcome = "done" if result.returncode == 0 else result.stderr.strip()
+                except OSError as err:  # no scontrol on this node
+                    outcome = str(err)
+                log.warning("scontrol requeue %s: %s", job, outcome)
         for logger in trainer.loggers:  # what this attempt logged reaches the files (CSV history)
             logger.save()
         sys.stdout.flush()

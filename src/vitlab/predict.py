@@ -33,9 +33,14 @@ from torchvision.transforms.v2 import functional as TF
 from vitlab.build import instantiate
 from vitlab.data.base import PredictBatch
 from vitlab.data.imagenet import IMG_EXTENSIONS, load_rgb
+from vitlab.errors import VitlabUserError
 from vitlab.run import module_from_checkpoint
 
 log = logging.getLogger("vitlab")
+
+
+class InputsNotFoundError(VitlabUserError, FileNotFoundError):
+    """``inputs=`` names no image file."""
 
 
 def find_images(inputs: str | list[str]) -> list[Path]:
@@ -52,10 +57,10 @@ def find_images(inputs: str | list[str]) -> list[Path]:
         elif glob.has_magic(item):
             found += sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
         else:
-            raise FileNotFoundError(f"inputs={item}: no such file or directory (give image files, directories or "
+            raise InputsNotFoundError(f"inputs={item}: no such file or directory (give image files, directories or "
                                     f"glob patterns)")
     if not found:
-        raise FileNotFoundError(f"inputs={inputs}: no image files ({', '.join(IMG_EXTENSIONS)}) found")
+        raise InputsNotFoundError(f"inputs={inputs}: no image files ({', '.join(IMG_EXTENSIONS)}) found")
     return found
 
 

@@ -27,11 +27,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from vitlab.build import instantiate, locate
 from vitlab.callbacks import RunConfigInCheckpoint
-from vitlab.checkpoints import AtomicCheckpointIO, CheckpointMismatchError, read_checkpoint
+from vitlab.checkpoints import (AtomicCheckpointIO, CheckpointMismatchError, previous_of, read_checkpoint,
+                                write_atomically)
+from vitlab.errors import VitlabUserError
 from vitlab.data.base import DatasetInfo
 from vitlab.flops import count_gmacs, count_params
 from vitlab.loggers import ResumableCSVLogger
-from vitlab.rundir import register_resolvers
+from vitlab.rundir import LOCK_FILE, owned, register_resolvers
 from vitlab.trust import check_targets
 from vitlab.validate import check_run_config
 from vitlab.weights import loaded_file
@@ -55,9 +57,33 @@ def _overrides() -> list[str]:
 
 
 # ---- resume -----------------------------------------------------------------------------
+class NoGoodCheckpointError(VitlabUserError):
+    """Neither ``last.ckpt`` nor the one it replaced can be read."""
+
+
+def _readable_step(path: Path) -> int | None:
+    """The checkpoint's global step, or None (logged, naming the file) when it cannot be read."""
+    try:
+        return int(read_checkpoint(path, "checkpoint").get("global_step", 0))
+    except CheckpointMismatchError as err:
+        log.warning("%s is damaged and is not resumed from: %s", path, err)
+        return None
+
+
+def _finished_summary(summary: Path) -> dict | None:
+    try:
+        done = json.loads(summary.read_text())
+    except (OSError, ValueError) as err:  # summary.json is written atomically: only a hand-edited one gets here
+        log.warning("%s cannot be read (%s); the run is treated as unfinished", summary, err)
+        return None
+    return done if isinstance(done, dict) and done.get("status") == "finished" else None
+
+
 def plan_resume(cfg: DictConfig, run_dir: Path) -> tuple[str | None, dict | None]:
     """(checkpoint to resume from or None, the summary of an already finished run or None); logs
-    which of the cases applies."""
+    which of the cases applies. A damaged ``last.ckpt`` is named in the log and the run resumes from
+    the one it replaced (``last.prev.ckpt``); if neither can be read the command stops, never
+    silently starting the run again from scratch."""
     resume, ckpt_path = cfg.get("resume", "auto"), cfg.get("ckpt_path")
     if ckpt_path == "last":  # vitlab < 0.2 spelled resume=auto this way
         ckpt_path = None
@@ -68,21 +94,34 @@ def plan_resume(cfg: DictConfig, run_dir: Path) -> tuple[str | None, dict | None
     last = run_dir / "checkpoints" / "last.ckpt"
     summary = run_dir / "summary.json"
     if resume == "auto" and summary.is_file():
-        done = json.loads(summary.read_text())
-        if done.get("status") == "finished":
+        done = _finished_summary(summary)
+        if done is not None:
             log.info("run %s already finished (summary.json); nothing to do. resume=never starts a new run "
                      "beside it", run_dir)
             return None, done
-    if resume == "auto" and last.is_file():
-        log.info("resuming from %s (resume=auto; resume=never starts a new run)", last)
-        return str(last), None
+    candidates = [p for p in (last, previous_of(last)) if p.is_file()]
+    if resume == "auto" and candidates:
+        for path in candidates:
+            if _readable_step(path) is not None:
+                if path != last:  # the damaged file is kept aside, and never becomes the next "previous"
+                    damaged = last.with_name("last.damaged.ckpt")
+                    if last.is_file():
+                        os.replace(last, damaged)
+                    log.warning("resuming from %s, the checkpoint %s replaced (the damaged file is now %s)",
+                                path, last.name, damaged.name)
+                log.info("resuming from %s (resume=auto; resume=never starts a new run)", path)
+                return str(path), None
+        raise NoGoodCheckpointError(
+            f"{run_dir}: no readable checkpoint to resume from ({', '.join(str(p) for p in candidates)} are "
+            f"damaged, see above). Move them away to start this run again from scratch, or use resume=never "
+            f"for a new run beside it")
     log.info("starting a new run in %s", run_dir)
     return None, None
 
 
 def _holds_only_hydra_files(run_dir: Path) -> bool:
     """A run directory Hydra has just made: its .hydra/ folder and log file, nothing of ours."""
-    return run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir())
+    return run_dir.is_dir() and all(p.name in (".hydra", LOCK_FILE) or p.suffix == ".log" for p in run_dir.iterdir())
 
 
 # ---- building -----------------------------------------------------------------------------
@@ -167,9 +206,17 @@ def build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> li
     return loggers
 
 
+def trainer_plugins() -> list:
+    """Atomic checkpoint writes; under SLURM, Lightning's SLURM environment without its requeue
+    handler: vitlab's ``LastCheckpoint`` owns the pre-emption signals (save, requeue, exit)."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    return [AtomicCheckpointIO(), *([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])]
+
+
 def write_summary(out_dir: Path, summary: dict) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    text = json.dumps(summary, indent=2, default=str)
+    write_atomically(out_dir / "summary.json", lambda tmp: tmp.write_text(text))  # a kill leaves no half file
     from rich.console import Console
     from rich.table import Table
 
@@ -204,10 +251,23 @@ def _cleaned_up_on_failure(body):
     return run
 
 
+def _owned(body):
+    """The run directory's lock (``vitlab.rundir.owned``) around everything that reads or writes it;
+    a second copy stops before it touches anything (nor cleans up what the owner is making)."""
+
+    def run(cfg: DictConfig) -> dict:
+        check_run_config(cfg)
+        with owned(Path(cfg.paths.output_dir), requeue_wait_s=float(cfg.get("requeue_lock_wait_s", 300))):
+            return body(cfg)
+
+    run.__doc__ = body.__doc__
+    return run
+
+
+@_owned
 @_cleaned_up_on_failure
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Fit (or resume) the run the config describes and return its summary."""
-    check_run_config(cfg)
     resume_from, finished = plan_resume(cfg, run_dir)
     if finished is not None:
         return finished
@@ -224,7 +284,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     callbacks.append(RunConfigInCheckpoint(run_cfg))
     loggers = build_loggers(cfg, run_dir, resume_step)
     trainer: L.Trainer = instantiate(run_cfg["trainer"], "trainer", trusted=True, callbacks=callbacks,
-                                     logger=loggers or False, plugins=[AtomicCheckpointIO()])
+                                     logger=loggers or False, plugins=trainer_plugins())
 
     meta = run_metadata(cfg)
     params = count_params(module.model)

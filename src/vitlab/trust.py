@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig
 
+from vitlab.errors import VitlabUserError
 from vitlab.resources import conf_dir
 
 _TARGET_LINE = re.compile(r"^\s*_target_:\s*([\w.]+)\s*(#.*)?$")
@@ -22,7 +23,7 @@ _TARGET_LINE = re.compile(r"^\s*_target_:\s*([\w.]+)\s*(#.*)?$")
 _NOT_FROM_STORED_CONFIGS = ("hydra_plugins.",)
 
 
-class UntrustedTargetError(ValueError):
+class UntrustedTargetError(VitlabUserError, ValueError):
     pass
 
 

@@ -29,6 +29,9 @@ import torch
 import yaml
 from torch import nn
 
+from vitlab.errors import VitlabUserError
+
+
 log = logging.getLogger("vitlab")
 
 REGISTRY_FILE = Path(__file__).with_name("weights.yaml")
@@ -39,7 +42,7 @@ HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.[a-z]+$")
 DOWNLOAD_TIMEOUT_S = 60
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(VitlabUserError, RuntimeError):
     """``backbone.pretrained`` cannot be resolved to a file: the message says what to do."""
 
 

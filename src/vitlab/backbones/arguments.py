@@ -11,6 +11,9 @@ import functools
 import warnings
 from typing import Any, Callable
 
+from vitlab.errors import VitlabUserError
+
+
 
 def renamed_arguments(names: dict[str, str] | None = None, values: dict[str, dict] | None = None) -> Callable:
     """Decorator for a backbone ``__init__``: ``names`` maps an old argument name to the current
@@ -47,7 +50,7 @@ def per_stage(value: Any, stages: int) -> list:
 
 
 # --------------------------------------------------------------------------- validation
-class BackboneConfigError(ValueError):
+class BackboneConfigError(VitlabUserError, ValueError):
     """A backbone argument no model can be built from: the message names the config key
     (``backbone.<name>``), the value, and what is allowed. Raised before anything is built."""
 
