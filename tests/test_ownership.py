@@ -36,6 +36,7 @@ NO_TRACEBACK = {"HYDRA_FULL_ERROR": "0"}  # support.run_script shows tracebacks 
 def start(script: str, args: list[str], output: Path, data_dir: Path, env: dict | None = None,
           log: Path | None = None) -> subprocess.Popen:
     """``python src/<script> args`` from ``output``'s parent; its output piped, or written to ``log``."""
+    output.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "VITLAB_OUTPUT": str(output), "VITLAB_DATA": str(data_dir), "WANDB_MODE": "offline",
                 "PYTHONWARNINGS": "ignore", **(env or {})}
     out = dict(stdout=log.open("w"), stderr=subprocess.STDOUT) if log else dict(stdout=subprocess.PIPE,
@@ -226,3 +227,94 @@ def test_dataset_layout_error_through_the_script(tmp_path, data_dir):
     assert "Error (DatasetLayoutError): " in proc.stderr and "imagenet/train is missing" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not list((tmp_path / "out").rglob("*"))  # a failed command leaves no run directory
+
+
+# ---- kill at any instant --------------------------------------------------------------------------
+# Loaded by every Python process started with this folder on PYTHONPATH: VITLAB_TEST_KILL=NAME:N:PHASE
+# kills the process (os._exit(9): nothing runs after it) at the N-th rename onto a file called NAME,
+# which is how every checkpoint and summary.json reaches its place: "partial" with the new file
+# half written, "before" the rename, "after" it.
+KILLER = '''
+import os
+_spec = os.environ.get("VITLAB_TEST_KILL")
+if _spec:
+    _name, _n, _phase = _spec.split(":")
+    _replace, _seen = os.replace, [0]
+
+    def _killing_replace(src, dst, *args, **kwargs):
+        if os.path.basename(str(dst)) == _name:
+            _seen[0] += 1
+            if _seen[0] == int(_n):
+                if _phase == "partial":
+                    os.truncate(src, os.path.getsize(src) // 2)
+                if _phase == "after":
+                    _replace(src, dst, *args, **kwargs)
+                os._exit(9)
+        return _replace(src, dst, *args, **kwargs)
+
+    os.replace = _killing_replace
+'''
+# 2 epochs of 10 steps, last.ckpt every 3 steps; each kill is counted from its own process's start
+# (each re-run resumes where the killed one left off).
+KILL_COMMAND = [*FAST, "schedule.epochs=2", "data.synthetic_classes=2", "schedule.checkpoint_every_n_steps=3",
+                "trainer.log_every_n_steps=1"]
+KILLS = [
+    "last.ckpt:1:partial",       # the first step checkpoint half written: the re-run starts cleanly
+    "last.prev.ckpt:1:before",   # while the previous last.ckpt is being kept
+    "best.ckpt:1:after",         # epoch 0's best written, the epoch-end last.ckpt not yet
+    "last.ckpt:1:after",         # then last.ckpt is damaged by hand: the re-run resumes from last.prev.ckpt
+    "best.ckpt:1:partial",       # epoch 1's best half written: epoch 0's stays
+    "summary.json:1:partial",    # the summary half written: the re-run writes it again
+]
+
+
+def best_score(ckpt: Path) -> float:
+    callbacks = torch.load(ckpt, weights_only=True)["callbacks"]
+    (state,) = [v for k, v in callbacks.items() if k.startswith("ModelCheckpoint")]
+    return float(state["best_model_score"])
+
+
+@pytest.mark.slow
+def test_killed_at_every_kind_of_checkpoint_write_the_same_command_resumes_and_keeps_the_best(tmp_path, data_dir):
+    killer = tmp_path / "killer"
+    killer.mkdir()
+    (killer / "sitecustomize.py").write_text(KILLER)
+    straight_out = tmp_path / "straight" / "outputs"
+    straight = start("train.py", KILL_COMMAND, straight_out, data_dir, log=tmp_path / "straight.log")
+    assert straight.wait(timeout=900) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+    expected = json.loads((only_run_dir(straight_out) / "summary.json").read_text())
+
+    output = tmp_path / "outputs"
+    env = {"PYTHONPATH": f"{killer}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    best_seen = None
+    for i, kill in enumerate(KILLS):
+        log = tmp_path / f"{i}.log"
+        proc = start("train.py", KILL_COMMAND, output, data_dir, env={**env, "VITLAB_TEST_KILL": kill}, log=log)
+        assert proc.wait(timeout=900) == 9, f"{kill}: the kill point was not reached\n{log.read_text()[-3000:]}"
+        if i:  # every re-run starts cleanly or resumes: never fails on what the kill left
+            assert "resuming from" in log.read_text() or "starting a new run" in log.read_text()
+        ckpts = only_run_dir(output) / "checkpoints"
+        if (ckpts / "best.ckpt").exists():  # the best checkpoint is never lost, nor its score lowered
+            score = best_score(ckpts / "best.ckpt")
+            assert best_seen is None or score >= best_seen, kill
+            best_seen = score
+        else:
+            assert best_seen is None, f"{kill}: best.ckpt lost"
+        if kill == "last.ckpt:1:after":
+            (ckpts / "last.ckpt").write_bytes(b"\0" * 1000)  # damaged after it was written
+    log = tmp_path / "final.log"
+    final = start("train.py", KILL_COMMAND, output, data_dir, log=log)
+    assert final.wait(timeout=900) == 0, log.read_text()[-3000:]
+    assert "resuming from" in log.read_text()
+    first_damaged = (tmp_path / f"{KILLS.index('last.ckpt:1:after') + 1}.log").read_text()
+    assert f"{ckpts / 'last.ckpt'} is damaged" in first_damaged and "resuming from " in first_damaged
+    assert str(ckpts / "last.prev.ckpt") in first_damaged
+    summary = json.loads((only_run_dir(output) / "summary.json").read_text())
+    assert summary["global_step"] == expected["global_step"] == 20
+    assert summary["best_score"] == expected["best_score"] == best_score(ckpts / "best.ckpt")
+    a = torch.load(ckpts / "best.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(only_run_dir(straight_out) / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in b)  # the best weights are the uninterrupted run's
+    rows = list(csv.DictReader((only_run_dir(output) / "csv" / "metrics.csv").open()))
+    steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    assert steps == list(range(20))  # the history holds every step once

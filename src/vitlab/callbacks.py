@@ -9,6 +9,7 @@ import sys
 import threading
 
 import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
 
 log = logging.getLogger("vitlab")
 
@@ -46,12 +47,15 @@ class RunConfigInCheckpoint(L.Callback):
         checkpoint["vitlab_config"] = self.config
 
 
-class LastCheckpoint(L.Callback):
+class LastCheckpoint(Checkpoint):
     """``<dirpath>/last.ckpt`` for resuming: written at every epoch end (after its validation),
     every ``every_n_train_steps`` optimiser steps, and when a pre-emption signal arrives.
 
     Lightning's ``ModelCheckpoint(save_last=True)`` writes ``last`` only when another checkpoint
-    is saved, so resuming needs its own callback. Writes are atomic (``AtomicCheckpointIO``).
+    is saved, so resuming needs its own callback. Writes are atomic (``AtomicCheckpointIO``). A
+    ``Checkpoint`` subclass, so Lightning runs it with the checkpoint callbacks, after them (vitlab.run
+    puts it last): the epoch-end ``last.ckpt`` holds the best checkpoint's state of that epoch, and a
+    run resumed from it keeps its best score.
 
     Pre-emption: on one of ``signals`` (SLURM sends SIGUSR1/SIGUSR2 ``--signal`` seconds before the
     time limit and SIGTERM on pre-emption) the run finishes its current step, saves, asks SLURM to

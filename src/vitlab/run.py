@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from vitlab.build import instantiate, locate
-from vitlab.callbacks import RunConfigInCheckpoint
+from vitlab.callbacks import LastCheckpoint, RunConfigInCheckpoint
 from vitlab.checkpoints import (AtomicCheckpointIO, CheckpointMismatchError, previous_of, read_checkpoint,
                                 write_atomically)
 from vitlab.errors import VitlabUserError
@@ -282,6 +282,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     # the user's own run-level objects (a checkpoint never rebuilds these): any class may be named
     callbacks = [instantiate(c, f"callbacks.{k}", trusted=True) for k, c in (run_cfg.get("callbacks") or {}).items() if c]
     callbacks.append(RunConfigInCheckpoint(run_cfg))
+    # last.ckpt after best.ckpt at an epoch's end (both are Checkpoint callbacks, which Lightning runs
+    # last, in this order): a last.ckpt written before would miss that epoch's best score
+    callbacks.sort(key=lambda c: isinstance(c, LastCheckpoint))
     loggers = build_loggers(cfg, run_dir, resume_step)
     trainer: L.Trainer = instantiate(run_cfg["trainer"], "trainer", trusted=True, callbacks=callbacks,
                                      logger=loggers or False, plugins=trainer_plugins())
