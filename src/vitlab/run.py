@@ -103,12 +103,12 @@ def plan_resume(cfg: DictConfig, run_dir: Path) -> tuple[str | None, dict | None
     if resume == "auto" and candidates:
         for path in candidates:
             if _readable_step(path) is not None:
-                if path != last:  # the damaged file is kept aside, and never becomes the next "previous"
-                    damaged = last.with_name("last.damaged.ckpt")
+                if path != last:  # the damaged file is set aside, and never becomes the next "previous"
+                    why = f"{last.name} is missing"
                     if last.is_file():
-                        os.replace(last, damaged)
-                    log.warning("resuming from %s, the checkpoint %s replaced (the damaged file is now %s)",
-                                path, last.name, damaged.name)
+                        os.replace(last, last.with_name("last.damaged.ckpt"))
+                        why = "the damaged file is now last.damaged.ckpt"
+                    log.warning("resuming from %s, the checkpoint before %s (%s)", path, last.name, why)
                 log.info("resuming from %s (resume=auto; resume=never starts a new run)", path)
                 return str(path), None
         raise NoGoodCheckpointError(
@@ -201,7 +201,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> li
             logger_cfg["group"] = _sweep_group() or logger_cfg.get("group")
             extra = {"id": wandb_run_id(run_dir), "resume": "allow"}
         elif cls is not None and issubclass(cls, ResumableCSVLogger):
-            extra = {"resume_step": resume_step}
+            extra = {"resume_step": resume_step or 0}  # a new run drops the rows of an attempt that saved nothing
         loggers.append(instantiate(logger_cfg, f"logger.{name}", trusted=True, **extra))
     return loggers
 
