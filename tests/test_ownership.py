@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,11 +19,12 @@ import threading
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from support import FAST, REPO, TINY_PVT, process_state_restored, run_script
+from support import FAST, REPO, TINY_PVT, hydra_command, process_state_restored, run_script
 from vitlab.checkpoints import AtomicCheckpointIO, CheckpointWriteError
 from vitlab.cli import user_errors_as_messages
 from vitlab.errors import VitlabUserError
@@ -119,6 +121,29 @@ def test_other_ddp_ranks_do_not_take_the_lock(tmp_path, monkeypatch):
     finally:
         release.set()
         holder.join()
+
+
+# ---- SLURM signals ------------------------------------------------------------------------------
+class SignalProbe(L.Callback):
+    """Records, during training, who handles the pre-emption signals and Lightning's cluster environment."""
+
+    seen: dict = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        env = trainer._accelerator_connector.cluster_environment
+        SignalProbe.seen = {"environment": type(env).__name__, "auto_requeue": getattr(env, "auto_requeue", None),
+                            **{s.name: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}}
+
+
+def test_under_slurm_vitlab_alone_handles_the_preemption_signals(tmp_path, data_dir):
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+    hydra_command("train.py", [*SMOKE, "+callbacks.probe._target_=test_ownership.SignalProbe",
+                               f"hydra.run.dir={tmp_path}"], data_dir, env=slurm)
+    seen = SignalProbe.seen
+    assert seen["environment"] == "SLURMEnvironment" and seen["auto_requeue"] is False
+    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):  # not Lightning's (it adds a SIGTERM handler after setup)
+        assert type(getattr(seen[name], "__self__", None)).__name__ == "LastCheckpoint", (name, seen[name])
 
 
 # ---- checkpoints --------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from vitlab.errors import VitlabUserError
 from vitlab.data.base import DatasetInfo
 from vitlab.flops import count_gmacs, count_params
 from vitlab.loggers import ResumableCSVLogger
-from vitlab.rundir import LOCK_FILE, owned, register_resolvers
+from vitlab.rundir import LOCK_FILE, RunDirLockedError, owned, register_resolvers
 from vitlab.trust import check_targets
 from vitlab.validate import check_run_config
 from vitlab.weights import loaded_file
@@ -239,6 +239,8 @@ def _cleaned_up_on_failure(body):
         fresh = not run_dir.exists() or _holds_only_hydra_files(run_dir)
         try:
             return body(cfg, run_dir)
+        except RunDirLockedError:
+            raise  # another process's directory: not ours to clean up
         except BaseException:
             if fresh and not (run_dir / "checkpoints").exists() and not (run_dir / "summary.json").exists():
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -252,20 +254,20 @@ def _cleaned_up_on_failure(body):
 
 
 def _owned(body):
-    """The run directory's lock (``vitlab.rundir.owned``) around everything that reads or writes it;
-    a second copy stops before it touches anything (nor cleans up what the owner is making)."""
+    """The config checked, then the run directory's lock (``vitlab.rundir.owned``) held around the
+    body; a second copy stops before it touches anything."""
 
-    def run(cfg: DictConfig) -> dict:
+    def run(cfg: DictConfig, run_dir: Path) -> dict:
         check_run_config(cfg)
-        with owned(Path(cfg.paths.output_dir), requeue_wait_s=float(cfg.get("requeue_lock_wait_s", 300))):
-            return body(cfg)
+        with owned(run_dir, requeue_wait_s=float(cfg.get("requeue_lock_wait_s", 300))):
+            return body(cfg, run_dir)
 
     run.__doc__ = body.__doc__
     return run
 
 
-@_owned
 @_cleaned_up_on_failure
+@_owned
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Fit (or resume) the run the config describes and return its summary."""
     resume_from, finished = plan_resume(cfg, run_dir)
