@@ -30,9 +30,9 @@ class StopAfter(L.Callback):
         if self.steps is not None and trainer.global_step >= self.steps:
             os._exit(75)
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        # runs after the epoch's validation and last.ckpt, as a kill between epochs would
-        if self.epochs is not None and trainer.current_epoch + 1 >= self.epochs:
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        # after everything of the epoch before (validation, best.ckpt, last.ckpt), as a kill between epochs
+        if self.epochs is not None and trainer.current_epoch >= self.epochs:
             os._exit(75)
 
 
