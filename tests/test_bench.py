@@ -1,4 +1,4 @@
-"""``python -m vitlab.bench`` on tiny inputs (seconds): every flag runs and the table holds what it
+"""``python -m vitlab.tools.bench`` on tiny inputs (seconds): every flag runs and the table holds what it
 says. Timings themselves are not asserted (a benchmark is a command that prints a table)."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import timm
 import torch
 from timm.models import _registry
 
-from vitlab import bench
 from vitlab.data.throughput import format_loader_table, loader_bench
+from vitlab.tools import bench
 
 TINY = ["depths=[1,1,1,1]", "embed_dims=[16,32,48,64]", "num_heads=[1,1,2,2]"]
 FAST = dict(steps=1, warmup=0, rounds=2)

@@ -32,7 +32,7 @@ def test_killed_mid_epoch_rerun_continues_and_finishes_same_step_count(tmp_path,
     run_dir = tmp_path / "run"
     command = [*FAST, "schedule.epochs=2", "data.synthetic_classes=4", "schedule.checkpoint_every_n_steps=4",
                f"hydra.run.dir={run_dir}"]
-    kill = ["+callbacks.stop._target_=vitlab.callbacks.StopAfter", "+callbacks.stop.steps=6"]
+    kill = ["+callbacks.stop._target_=vitlab.runtime.callbacks.StopAfter", "+callbacks.stop.steps=6"]
     proc = run_script("train.py", [*command, *kill], data_dir, check=False)
     assert proc.returncode == 75, proc.stderr[-2000:]  # killed like a pre-empted job
     assert (run_dir / "checkpoints" / "last.ckpt").exists() and not (run_dir / "summary.json").exists()

@@ -26,11 +26,10 @@ import torch
 from omegaconf import OmegaConf
 
 from support import FAST, REPO, TINY_PVT, hydra_command, process_state_restored, run_script
-from vitlab.checkpoints import AtomicCheckpointIO, CheckpointWriteError
-from vitlab.cli import user_errors_as_messages
-from vitlab.errors import VitlabUserError
-from vitlab.run import NoGoodCheckpointError, plan_resume
-from vitlab.rundir import RunDirLockedError, owned
+from vitlab.errors import VitlabUserError, user_errors_as_messages
+from vitlab.runtime.checkpoints import AtomicCheckpointIO, CheckpointWriteError
+from vitlab.runtime.run import NoGoodCheckpointError, plan_resume
+from vitlab.runtime.rundir import RunDirLockedError, owned
 
 SMOKE = [*TINY_PVT, "debug=smoke", "data.synthetic=true"]
 NO_TRACEBACK = {"HYDRA_FULL_ERROR": "0"}  # support.run_script shows tracebacks by default
@@ -225,11 +224,11 @@ USER_ERRORS = {
 
 @pytest.mark.parametrize("case", USER_ERRORS)
 def test_user_error_through_the_entry_point(case, tmp_path, data_dir, monkeypatch, capfd):
-    """``vitlab.cli.train_main`` / ``eval_main`` (all that src/train.py and src/eval.py run) in this
+    """``vitlab.runtime.cli.train_main`` / ``eval_main`` (all that src/train.py and src/eval.py run) in this
     process with the command line in sys.argv; the dataset-layout case below runs the script itself."""
     from hydra.core.global_hydra import GlobalHydra
 
-    import vitlab.cli
+    import vitlab.runtime.cli
 
     entry, args, text = USER_ERRORS[case]
     monkeypatch.chdir(tmp_path)
@@ -238,7 +237,7 @@ def test_user_error_through_the_entry_point(case, tmp_path, data_dir, monkeypatc
                            "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"})
         monkeypatch.setattr(sys, "argv", [f"src/{entry}.py", *args(tmp_path)])
         with pytest.raises(SystemExit) as exit_:
-            getattr(vitlab.cli, f"{entry}_main")()
+            getattr(vitlab.runtime.cli, f"{entry}_main")()
         GlobalHydra.instance().clear()
     err = capfd.readouterr().err
     assert exit_.value.code == 2, err[-3000:]

@@ -3,7 +3,7 @@
 Transforms, mixup/cutmix and the repeated-augmentation sampler are timm's: the
 DeiT recipe the papers train with is exactly what timm implements.
 
-``fast_decode``: the same augmentation, cheaper for the loader workers (``python -m vitlab.bench
+``fast_decode``: the same augmentation, cheaper for the loader workers (``python -m vitlab.tools.bench
 --loader imagenet --fast-decode`` shows the images/s): JPEGs are decoded at a reduced DCT scale
 where the random crop allows it and resized by torch (``FastRandomResizedCrop``), workers hand over uint8 images, and
 normalisation + random erasing run on the device after the transfer (``on_after_batch_transfer``,

@@ -1,7 +1,7 @@
 """What a dataset check finds: every problem of a dataset in one pass, by kind, with counts.
 
 Each DataModule's ``check(full)`` fills a ``DataReport``; ``VitlabDataModule.preflight()`` runs it
-at the start of a run and ``python -m vitlab.data.check`` prints it. The same per-file and
+at the start of a run and ``python -m vitlab.tools.check_data`` prints it. The same per-file and
 per-annotation rules raise in the loaders, so a run with ``data.verify=none`` fails (or skips,
 with ``data.skip_corrupt=true``) on the same files, only later.
 """

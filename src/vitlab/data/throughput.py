@@ -1,8 +1,8 @@
 """How fast one data-loader worker makes training samples: decode + augmentation, images/s per core.
 
-    python -m vitlab.bench --loader imagenet --fast-decode --threads 1
-    python -m vitlab.bench --loader coco
-    python -m vitlab.bench --loader ade20k
+    python -m vitlab.tools.bench --loader imagenet --fast-decode --threads 1
+    python -m vitlab.tools.bench --loader coco
+    python -m vitlab.tools.bench --loader ade20k
 
 Generated data in the real formats at realistic sizes (kept under ``<data dir>/bench/``, made once):
 ImageNet photos of 500 x 375 (its most common size), COCO 640 x 480 (its typical size, with
