@@ -12,8 +12,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vitlab.errors import VitlabUserError
 
-class ConfigValueError(ValueError):
+
+
+class ConfigValueError(VitlabUserError, ValueError):
     """A config value of the wrong type or out of range; the message names the key."""
 
 
@@ -95,6 +98,8 @@ def _auto_augment(value):
 RULES: dict[str, Any] = {
     "seed": _int(0),
     "resume": _choice("auto", "never"),
+    "requeue_lock_wait_s": _number(0),
+    "callbacks.last_checkpoint.max_requeues": _int(0, optional=True),
     "data.batch_size": _int(1),
     "data.val_batch_size": _int(1),
     "data.num_workers": _int(0),

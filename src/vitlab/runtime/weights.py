@@ -29,6 +29,9 @@ import torch
 import yaml
 from torch import nn
 
+from vitlab.errors import VitlabUserError
+
+
 log = logging.getLogger("vitlab")
 
 REGISTRY_FILE = Path(__file__).with_name("weights.yaml")
@@ -41,7 +44,7 @@ DOWNLOAD_TIMEOUT_S = 60
 WEIGHT_KEYS = ("pretrained", "pretrained_ema")
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(VitlabUserError, RuntimeError):
     """``backbone.pretrained`` cannot be resolved to a file: the message says what to do."""
 
 
