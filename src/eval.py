@@ -4,7 +4,7 @@ Everything (data, backbone, head) is rebuilt from the run config stored in the c
 ``+overrides.data.root=/datasets/...`` changes parts of it. ``vitlab-eval`` is the same command
 for an installed vitlab.
 """
-from vitlab.cli import eval_main
+from vitlab.runtime.cli import eval_main
 
 if __name__ == "__main__":
     eval_main()

@@ -2,9 +2,9 @@
 
 Model, classes and preprocessing are rebuilt from the checkpoint alone (the dataset need not
 exist); writes a figure per image and predictions.json to ``out``. The body is
-``vitlab.predict.predict``; ``vitlab-predict`` is the same command for an installed vitlab.
+``vitlab.tools.predict.predict``; ``vitlab-predict`` is the same command for an installed vitlab.
 """
-from vitlab.cli import predict_main
+from vitlab.tools.predict import main
 
 if __name__ == "__main__":
-    predict_main()
+    main()

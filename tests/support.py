@@ -62,7 +62,7 @@ def process_state_restored():
     into later tests: environment variables (``PL_GLOBAL_SEED``, ``VITLAB_SWEEP_DIR``,
     ``VITLAB_WEIGHTS``), RNG states, torch threads and flags, the logging handlers Hydra's job
     logging installs (its ``<run dir>/<job>.log`` file is closed), the signal handlers of
-    ``vitlab.callbacks.LastCheckpoint``, the working directory, warning filters, HydraConfig and
+    ``vitlab.runtime.callbacks.LastCheckpoint``, the working directory, warning filters, HydraConfig and
     OmegaConf resolvers registered during the run."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf.basecontainer import BaseContainer
@@ -110,8 +110,8 @@ def process_state_restored():
 
 def hydra_command(script: str, args: list[str], data_dir: Path, env: dict | None = None):
     """``python src/<script> args...`` in this process: Hydra's own run (``-m`` in ``args``: multirun)
-    of the entry point's body, ``vitlab.run.train`` / ``evaluate`` / ``vitlab.predict.predict``. This is the code
-    ``@hydra.main`` runs (vitlab.cli): the config is composed from the command line, HydraConfig set,
+    of the entry point's body, ``vitlab.runtime.run.train`` / ``evaluate`` / ``vitlab.tools.predict.predict``. This is the code
+    ``@hydra.main`` runs (vitlab.runtime.cli): the config is composed from the command line, HydraConfig set,
     ``hydra.runtime.output_dir`` set to what the command's ``hydra.run.dir`` (``hydra.sweep.dir``)
     resolves to, ``.hydra/`` and the job's log file written. What the run changes in this process
     is undone (``process_state_restored``). Returns the summary (multirun: the jobs' summaries);
@@ -119,12 +119,12 @@ def hydra_command(script: str, args: list[str], data_dir: Path, env: dict | None
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    import vitlab.run
-    from vitlab.resources import conf_dir
+    import vitlab.runtime.run
+    from vitlab.runtime.resources import conf_dir
 
-    from vitlab.predict import predict
+    from vitlab.tools.predict import predict
 
-    body = {"train.py": vitlab.run.train, "eval.py": vitlab.run.evaluate, "predict.py": predict}[script]
+    body = {"train.py": vitlab.runtime.run.train, "eval.py": vitlab.runtime.run.evaluate, "predict.py": predict}[script]
     multirun = "-m" in args or "--multirun" in args
     overrides = [a for a in args if a not in ("-m", "--multirun")]
     if multirun:
@@ -151,3 +151,59 @@ class StandIn(nn.Module):
 
     def forward(self, x):
         return [conv(nn.functional.avg_pool2d(x, s)) for conv, s in zip(self.convs, self.strides)]
+
+
+# ----------------------------------------------------------------------------- W&B's own record of a run
+def wandb_records(path: Path):
+    """The records of an offline run's ``.wandb`` transaction log (LevelDB log format: 32 KiB blocks
+    of [crc32, length, type] chunks around protobuf ``Record``s). Tests only: they check what W&B
+    itself recorded (config, summary, history, tables) against what vitlab meant to log, and wandb
+    >= 0.19 has no public reader of offline runs (vitlab.tools.dashboard reads summary.json instead)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path}: not a W&B transaction log (no ':W&B' header)")
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk  # FULL/FIRST start, MIDDLE/LAST extend
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+def wandb_run_info(path: Path) -> dict:
+    """Identity (id, project, entity, group), config, summary keys, numeric history keys and step
+    metric of one offline W&B run, from its ``.wandb`` log (``wandb_records``)."""
+    import json
+
+    info = {"history": set(), "step_metric": None, "config": {}, "summary": set()}
+    for record in wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "config":
+            info["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
+        elif kind == "summary":
+            info["summary"] |= {i.key or "/".join(i.nested_key) for i in record.summary.update}
+        elif kind == "run":
+            run = record.run
+            info.update(wandb_id=run.run_id, project=run.project or None, entity=run.entity or None,
+                        group=run.run_group or None)
+        elif kind == "history":
+            for item in record.history.item:
+                key = item.key or "/".join(item.nested_key)
+                value = json.loads(item.value_json)
+                if not key.startswith("_") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    info["history"].add(key)
+        elif kind == "metric" and record.metric.step_metric and not info["step_metric"]:
+            info["step_metric"] = record.metric.step_metric  # Lightning: trainer/global_step
+    return info

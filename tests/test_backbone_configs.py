@@ -18,10 +18,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import vitlab
-from vitlab.build import WEIGHT_KEYS
 from vitlab.api import available_backbones, backbone_config
 from vitlab.backbones.gpvit import GPViT, GPViTAdapter
-from vitlab.flops import count_params
+from vitlab.runtime.weights import WEIGHT_KEYS
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
 FAMILIES = sorted(p.stem for p in (CONF / "family").glob("*.yaml"))
@@ -79,36 +78,10 @@ def test_one_name_per_concept_across_families():
     assert {"PyramidVisionTransformer", "PaleTransformer", "GPViT", "TimmColumnarViT"} <= seen["img_size"]
 
 
-# configs stored by earlier runs, as their checkpoints' .hydra/config.yaml hold them
-OLD_CONFIGS = [
-    ("pvt_tiny", {"pos_embed": True}, {}),
-    ("pvt_v2_b0", {"pos_embed": False}, {}),
-    ("pale_t", {"mlp_ratio": 4.0, "ape_size": [224, 224]}, {"mlp_ratios", "img_size"}),
-    ("scalablevit_s", {"peg": False}, {"pos_embed"}),
-    ("gpvit_l1", {"num_layers": 12, "ffn_ratio": 4.0, "window_size": 7}, {"depths", "mlp_ratios", "window_sizes"}),
-]
-
-
-@pytest.mark.parametrize("name,old,replaced", OLD_CONFIGS, ids=[c[0] for c in OLD_CONFIGS])
-def test_old_argument_names_still_build_the_same_model(name, old, replaced):
-    cfg = OmegaConf.to_container(backbone_config(name), resolve=True)
-    for key in WEIGHT_KEYS:
-        cfg.pop(key)
-    new = dict(cfg)
-    if name == "scalablevit_s":
-        new["pos_embed"] = "none"
-    old_cfg = {**{k: v for k, v in cfg.items() if k not in replaced}, **old}
-    with torch.device("meta"):
-        expected = count_params(hydra.utils.instantiate(new, _convert_="all"))
-        with pytest.warns(DeprecationWarning, match="backbone\\."):
-            model = hydra.utils.instantiate(old_cfg, _convert_="all")
-    assert count_params(model) == expected
-    if name.startswith("pvt"):  # the bool meant: v1's APE (true) or none (false)
-        assert (model.stages[0].pos_embed is not None) is old["pos_embed"]
-
-
-def test_old_and_new_name_together_is_an_error():
-    with pytest.raises(Exception, match="both backbone.mlp_ratio .* and backbone.mlp_ratios"):
+def test_an_old_argument_name_is_refused_naming_the_config():
+    """vitlab 0.1.0 is the first release: the argument names of its development never shipped and
+    have no compatibility path (only moved classes do: vitlab.runtime.aliases)."""
+    with pytest.raises(TypeError, match=r"backbone \(vitlab\.backbones\.pale\.\w+\): .*'mlp_ratio'"):
         vitlab.create_backbone("pale_t", overrides=["+mlp_ratio=2.0"])
 
 

@@ -8,10 +8,10 @@ from hydra.errors import ConfigCompositionException
 
 import vitlab
 from support import TINY_PVT, hydra_command
-from vitlab.checkpoints import CheckpointMismatchError
 from vitlab.data.base import CorruptImageError, DatasetLayoutError
 from vitlab.data.imagenet import ImageNetDataModule, collate_skipping
 from vitlab.data.synthetic import make_imagenet
+from vitlab.runtime.checkpoints import CheckpointMismatchError
 
 
 def test_missing_imagenet_names_path_layout_and_ways_out(tmp_path, data_dir):

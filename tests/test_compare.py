@@ -1,4 +1,4 @@
-"""vitlab.compare and vitlab.paper: seeds aggregated, paired deltas, the paper's rows beside ours.
+"""vitlab.tools.compare and vitlab.tools.paper: seeds aggregated, paired deltas, the paper's rows beside ours.
 
 Most runs are summary.json files written here (what train.py writes), so the numbers are
 known and every statistic is checked against numpy/scipy computed independently; one test
@@ -16,7 +16,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from support import REPO, SWEEP_RATIOS, SWEEP_SEEDS
-from vitlab import compare, paper
+from vitlab.tools import compare, paper
 
 stats = pytest.importorskip("scipy.stats")
 
@@ -188,3 +188,32 @@ def test_smoke_sweep_table_csv_plot_and_notebook(smoke_sweep, tmp_path):
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "4 runs from" in printed and "in 2 settings" in printed
     assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def test_paper_ready_tables_render_as_expected(tmp_path, capsys):
+    """Two settings x two seeds: mean ± sample std (78.0/78.4 -> 78.2 ± 0.3), the best mean bold per
+    metric, Pale Table 7's top-1 (83.1, 83.4) and ours minus it; expected text written out by hand."""
+    runs = {5: ([78.0, 78.4], [94.0, 94.2]), 7: ([79.0, 79.6], [94.5, 94.3])}
+    for size, (top1, top5) in runs.items():
+        for seed in range(2):
+            write_run(tmp_path / f"{size}_{seed}", ["backbone=pale_t", f"backbone.pale_size={size}", f"seed={seed}"],
+                      {"val/top1": top1[seed], "val/top5": top5[seed], "val/loss": 1.0})
+    compare.main([str(tmp_path), "--paper", "pale:Table7", "--format", "latex"])
+    latex = r"""\begin{tabular}{lrrrrrrr}
+\toprule
+Setting & Params (M) & GFLOPs & $n$ & top1 & top1 (paper) & $\Delta$ & top5 \\
+\midrule
+pale\_size=5 & 21.7 & 4.2 & 2 & 78.2 $\pm$ 0.3 & 83.1 & -4.9 & 94.1 $\pm$ 0.1 \\
+pale\_size=7 & 21.7 & 4.2 & 2 & \textbf{79.3 $\pm$ 0.4} & 83.4 & -4.1 & \textbf{94.4 $\pm$ 0.1} \\
+\bottomrule
+\end{tabular}
+"""
+    assert (tmp_path / "compare.tex").read_text() == latex and latex in capsys.readouterr().out
+
+    compare.main([str(tmp_path), "--format", "markdown", "--digits", "2"])  # no paper: no paper columns
+    assert (tmp_path / "compare.md").read_text() == """\
+| Setting | Params (M) | GFLOPs | n | top1 | top5 |
+| --- | ---: | ---: | ---: | ---: | ---: |
+| pale_size=5 | 21.72 | 4.20 | 2 | 78.20 ± 0.28 | 94.10 ± 0.14 |
+| pale_size=7 | 21.72 | 4.20 | 2 | **79.30 ± 0.42** | **94.40 ± 0.14** |
+"""

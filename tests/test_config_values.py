@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from support import FAST, run_script
-from vitlab.validate import ConfigValueError, check_run_config
+from vitlab.runtime.validate import ConfigValueError, check_run_config
 
 GOOD = {"seed": 42, "resume": "auto", "data": {"batch_size": 8, "num_workers": 0, "synthetic": True},
         "schedule": {"epochs": 3, "max_steps": -1, "optimizer": {"lr": 1e-3, "weight_decay": 0.05},

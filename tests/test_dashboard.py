@@ -1,4 +1,7 @@
-"""W&B dashboards as code, offline: the workspace spec of a smoke sweep, the paper join, sync."""
+"""W&B dashboards as code, offline: the workspace spec of a smoke sweep, the paper join, sync.
+
+The dashboard reads the runs' summary.json; these tests check it against what W&B itself recorded
+offline (``support.wandb_run_info``: W&B has no public reader of offline runs)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +14,8 @@ from types import SimpleNamespace
 import pytest
 
 from support import SWEEP_RATIOS as RATIOS
-from vitlab import compare, dashboard, paper
+from support import wandb_run_info
+from vitlab.tools import compare, dashboard, paper
 
 
 @pytest.fixture
@@ -26,7 +30,11 @@ def summaries(sweep_dir):
 
 def logged(sweep_dir):
     """Config keys and summary keys each offline W&B run really holds."""
-    return [dashboard.wandb_run_info(p) for p in sorted(sweep_dir.glob("*/wandb/offline-run-*/run-*.wandb"))]
+    return [wandb_run_info(p) for p in sorted(sweep_dir.glob("*/wandb/offline-run-*/run-*.wandb"))]
+
+
+def panels_of(spec) -> list[dict]:
+    return [p for section in spec["sections"] for p in section["panels"]]
 
 
 def test_dry_run_spec_holds_every_varied_field_and_metric(sweep_dir, tmp_path):
@@ -34,38 +42,49 @@ def test_dry_run_spec_holds_every_varied_field_and_metric(sweep_dir, tmp_path):
     spec = dashboard.main([str(sweep_dir), "--dry-run", str(out)])
     assert json.loads(out.read_text()) == spec
     text = out.read_text()
-    section = spec["spec"]["section"]
-    runset = section["runSets"][0]
+    runset = spec["runset_settings"]
     # the sweep's runs only (vitlab names a -m sweep's W&B group after its directory), grouped by setting:
     # the varied backbone field, not the seed, so seeds (and requeued attempts) aggregate
-    assert spec["project"] == "vitlab" and spec["displayName"] == f"vitlab {sweep_dir.name}"
-    assert runset["filters"]["filters"][0]["value"] == sweep_dir.name
-    assert runset["grouping"] == [{"section": "config", "name": "mlp_ratios.value"}]
-    panels = [p for s in section["panelBankConfig"]["sections"] for p in s["panels"]]
-    kinds = {p["viewType"] for p in panels}
-    assert {"Markdown Panel", "Scatter Plot", "Parallel Coordinates Plot", "Run History Line Plot", "Bar Chart"} <= kinds
-    assert ("summary:gflops", "summary:best_score") in [(p["config"]["xAxis"], p["config"]["yAxis"])
-                                                        for p in panels if p["viewType"] == "Scatter Plot"]
-    parallel = next(p for p in panels if p["viewType"] == "Parallel Coordinates Plot")
-    assert "config:mlp_ratios.value" in [c["accessor"] for c in parallel["config"]["columns"]]
-    curves = {m for p in panels if p["viewType"] == "Run History Line Plot" for m in p["config"]["metrics"]}
+    assert spec["project"] == "vitlab" and spec["name"] == f"vitlab {sweep_dir.name}"
+    assert runset["filters"] == f"Metric(\"Group\") == '{sweep_dir.name}'"
+    assert runset["groupby"] == [{"name": "mlp_ratios"}]
+    panels = panels_of(spec)
+    kinds = {p["kind"] for p in panels}
+    assert {"MarkdownPanel", "ScatterPlot", "ParallelCoordinatesPlot", "LinePlot", "BarPlot"} <= kinds
+    assert ({"name": "gflops"}, {"name": "best_score"}) in [(p["x"], p["y"]) for p in panels if p["kind"] == "ScatterPlot"]
+    parallel = next(p for p in panels if p["kind"] == "ParallelCoordinatesPlot")
+    assert {"name": "mlp_ratios"} in [c["metric"] for c in parallel["columns"]]
+    curves = {m for p in panels if p["kind"] == "LinePlot" for m in p["y"]}
     runs = logged(sweep_dir)
     assert len(runs) == 4
     val_metrics = {k for s in summaries(sweep_dir) for k in s if k.startswith("val/")}
     assert val_metrics and val_metrics <= curves and {"train/loss"} <= curves
-    assert all(f"summary:{m}" in runset["runFeed"]["columnOrder"] for m in val_metrics | {"params", "gflops"})
-    # every key the workspace reads exists in what the runs logged to W&B
+    assert all(f"summary:{m}" in runset["pinned_columns"] for m in val_metrics | {"params", "gflops"})
+    # every key the workspace reads exists in what the runs logged to W&B (W&B's own record of them)
+    x_axes = {p["x"] for p in panels if p["kind"] == "LinePlot"} | {spec["settings"]["x_axis"]}
     for run in runs:
         assert run["config"]["mlp_ratios"] in ([4, 4, 4, 4], [2, 2, 2, 2]) and run["config"]["debug"] == "smoke"
         assert {"params", "gflops", "best_score"} | val_metrics <= run["summary"]
-        assert curves <= run["history"]
+        assert curves <= run["history"] and x_axes == {run["step_metric"]}
+        assert run["group"] == sweep_dir.name and run["project"] == "vitlab"
     assert all(r in text for r in RATIOS)
+
+
+def test_summary_records_what_the_run_sent_to_wandb(sweep_dir):
+    """summary.json's ``wandb`` block (what the dashboard reads) agrees with W&B's own record."""
+    for summary, run in zip(summaries(sweep_dir), logged(sweep_dir)):
+        mine = summary["wandb"]
+        assert (mine["id"], mine["project"], mine["entity"], mine["group"]) == (
+            run["wandb_id"], run["project"], run["entity"], run["group"])
+        assert set(mine["config_keys"]) == set(run["config"])
+        assert {"train/loss", "val/top1", mine["step_metric"]} <= set(mine["series"]) <= run["history"]
+        assert mine["step_metric"] == run["step_metric"]  # Lightning's WandbLogger: trainer/global_step
 
 
 def test_table_aggregates_seeds_per_setting(sweep_dir):
     sweep = dashboard.load_sweep(str(sweep_dir))
     assert sweep.fields == ["backbone.mlp_ratios"] and sweep.seeded and sweep.monitor == "val/top1"
-    rows = dashboard.results_table(sweep)  # vitlab.compare's aggregation
+    rows = dashboard.results_table(sweep)  # vitlab.tools.compare's aggregation
     assert [r["backbone.mlp_ratios"] for r in rows] == RATIOS
     for row in rows:
         mine = [s for s in summaries(sweep_dir) if f"backbone.mlp_ratios={row['backbone.mlp_ratios']}" in s["overrides"]]
@@ -114,16 +133,8 @@ def test_paper_join_on_synthetic_rows(sweep_dir):
     assert joined[0]["zoo_params_m"] > joined[1]["zoo_params_m"] > 1
     assert "n" not in joined[2] and "val/top1" not in joined[2]  # the paper's row no setting reproduced
     spec = dashboard.workspace_spec(dashboard.build_workspace(sweep, table, "toy:Table3"))
-    markdown = next(p["config"]["value"] for s in spec["spec"]["section"]["panelBankConfig"]["sections"]
-                    for p in s["panels"] if p["viewType"] == "Markdown Panel")
+    markdown = next(p["markdown"] for p in panels_of(spec) if p["kind"] == "MarkdownPanel")
     assert "paper_top1" in markdown and "Toy Table 3 (ratio 8)" in markdown and "toy:Table3" in markdown
-
-
-def test_same_group_same_workspace_name(sweep_dir):
-    sweep = dashboard.load_sweep(str(sweep_dir))
-    names = {dashboard.build_workspace(sweep)._internal_name for _ in range(2)}
-    other = dashboard.view_name(None, "vitlab", "another-group")
-    assert len(names) == 1 and other not in names and other.startswith("nw-") and other.endswith("-v")
 
 
 def test_sync_picks_new_and_grown_offline_runs(sweep_dir):
@@ -145,44 +156,64 @@ def test_sync_picks_new_and_grown_offline_runs(sweep_dir):
 
 def run_script_module(args):
     env = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "-m", "vitlab.dashboard", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "vitlab.tools.dashboard", *args], env=env, capture_output=True, text=True,
                           timeout=120, check=True)
 
 
-def test_saving_sends_the_dry_run_spec_and_updates_the_same_view(sweep_dir, tmp_path, monkeypatch):
-    """The network calls replaced by recorders: saving sends what --dry-run writes; a second save updates."""
-    from wandb_workspaces.workspaces import interface, internal
+def test_saving_again_updates_the_same_view(sweep_dir, tmp_path, monkeypatch):
+    """The network calls replaced by recorders (wandb-workspaces' two request functions: the only
+    place to intercept them): the first save creates a view and the sweep directory keeps its URL;
+    the second loads that view (public ``Workspace.from_url``) and updates it in place; what was sent
+    reads back as the --dry-run spec."""
+    import wandb_workspaces.workspaces as ws
+    from wandb_workspaces.workspaces import internal
 
-    sent, existing = [], {}
+    sent, ids = [], {}
 
     def from_name(cls, entity, project, name):
-        if name not in existing:
-            raise ValueError(f"Workspace `{name}` not found in project `{project}`")
-        return sent[-1].model_copy(update={"id": existing[name]})
+        view = next(v for v in reversed(sent) if v.name == name)
+        return view.model_copy(update={"id": ids[name]})
 
     def upsert(view):
+        view = view.model_copy(update={"name": view.name or f"nw-{len(sent)}-v"})
         sent.append(view)
-        existing.setdefault(view.name, "view-id-1")
-        return {"upsertView": {"view": {"name": view.name, "id": existing[view.name]}}}
+        ids.setdefault(view.name, f"view-id-{len(ids) + 1}")
+        return {"upsertView": {"view": {"name": view.name, "id": ids[view.name]}}}
 
     monkeypatch.setattr(internal.View, "from_name", classmethod(from_name))
     monkeypatch.setattr(internal, "upsert_view2", upsert)
-    monkeypatch.setattr(interface.Workspace, "url", property(lambda self: f"https://wandb.test/{self._internal_name}"))
-    sweep = dashboard.load_sweep(str(sweep_dir))
-    sweep.entity = "me"
-    for _ in range(2):
-        dashboard.save_workspace(dashboard.build_workspace(sweep))
-    dry = dashboard.workspace_spec(dashboard.build_workspace(sweep))
-    first, second = (v.model_dump(mode="json", by_alias=True, exclude_none=True) for v in sent)
-    assert first["id"] == "" and second["id"] == "view-id-1" and first["name"] == second["name"] == dry["name"]
-    assert without_ids(first["spec"]) == without_ids(second["spec"]) == without_ids(dry["spec"])
+    # the app's address comes from a logged-in wandb.Api(): a fixed one here (view "nw-x-v" -> "?nw=x")
+    monkeypatch.setattr(ws.Workspace, "url", property(
+        lambda self: f"https://wandb.test/{self.entity}/{self.project}?nw={self._internal_name[3:-2]}"))
+    url_file = sweep_dir / dashboard.URL_FILE
+    try:
+        for _ in range(2):
+            dashboard.main([str(sweep_dir), "--entity", "me"])
+        url = url_file.read_text().strip()
+    finally:
+        url_file.unlink(missing_ok=True)
+    first, second = sent
+    assert first.id == "" and second.id == "view-id-1" and first.name == second.name and len(ids) == 1
+    assert url.startswith("https://wandb.test/me/vitlab?nw=") and f"nw-{url.split('nw=')[1]}-v" == first.name
+    dry = dashboard.workspace_spec(dashboard.build_workspace(dashboard.load_sweep(str(sweep_dir), entity="me")))
+    back = dashboard.workspace_spec(ws.Workspace.from_url(url))  # the view as W&B would hold it, read back
+    def outline(spec):  # panel kinds, titles and texts (the read-back spells metric names as objects)
+        return [(p["kind"], p.get("title"), p.get("markdown")) for p in panels_of(spec)]
+
+    assert outline(back) == outline(dry) and back["runset_settings"]["groupby"] == dry["runset_settings"]["groupby"]
+    assert back["name"] == dry["name"] == f"vitlab {sweep_dir.name}"
 
 
-def without_ids(obj):
-    """A spec without its panels' random ``__id__``s (fresh per build)."""
-    if isinstance(obj, dict):
-        return {k: without_ids(v) for k, v in obj.items() if k != "__id__"}
-    return [without_ids(v) for v in obj] if isinstance(obj, list) else obj
+def test_the_dashboard_uses_public_wandb_workspaces_api_only():
+    """vitlab.tools.dashboard touches no private name of wandb-workspaces (the tests intercept its requests)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(dashboard))
+    private = sorted({n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr.startswith("_")
+                      and not n.attr.startswith("__")})
+    assert private == [], private
+    assert "wandb_internal_pb2" not in inspect.getsource(dashboard)
 
 
 def test_a_wandb_group_source_merges_attempts(sweep_dir, monkeypatch):

@@ -1,5 +1,5 @@
 """Dataset pre-flight: broken copies of small generated datasets, every problem kind counted in one
-pass, the run-start ``preflight()`` (stop, skip, none) and ``python -m vitlab.data.check`` as typed."""
+pass, the run-start ``preflight()`` (stop, skip, none) and ``python -m vitlab.tools.check_data`` as typed."""
 from __future__ import annotations
 
 import json
@@ -283,7 +283,7 @@ def test_verify_value_is_checked():
 def test_cli_as_typed_from_another_directory(generated, tmp_path):
     root = copy_of(generated, "coco", tmp_path / "work")
     break_coco(root)
-    cmd = [sys.executable, "-m", "vitlab.data.check", "task=coco_retinanet", "data.root=coco", "data.verify=full"]
+    cmd = [sys.executable, "-m", "vitlab.tools.check_data", "task=coco_retinanet", "data.root=coco", "data.verify=full"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, cwd=tmp_path / "work", env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]

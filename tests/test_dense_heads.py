@@ -12,7 +12,7 @@ from support import StandIn
 from vitlab.heads.detection import MaskRCNNDetector, RetinaNetDetector
 from vitlab.heads.segmentation import FCNHead, SegFormerHead, Segmentor, SemanticFPNHead, UperNetHead
 
-TABLE = Path(__file__).resolve().parents[1] / "src" / "vitlab" / "paper_tables" / "dense.yaml"
+TABLE = Path(__file__).resolve().parents[1] / "src" / "vitlab" / "tools" / "paper_tables" / "dense.yaml"
 CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
 
 
@@ -133,8 +133,8 @@ def _rows():
 def test_full_model_params_match_the_papers(row):
     if not (CONF / f"{row['name']}.yaml").is_file():
         pytest.skip(f"backbone config {row['name']} not there yet")
-    from vitlab.flops import count_params
-    from vitlab.zoo import build_task_model
+    from vitlab.runtime.flops import count_params
+    from vitlab.tools.zoo import build_task_model
 
     with torch.device("meta"):
         model = build_task_model(row["name"], row["set"], row["task"])

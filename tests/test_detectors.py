@@ -17,15 +17,15 @@ from torchvision.ops import box_iou
 
 from support import REPO, TINY_PVT
 from vitlab.api import backbone_config
-from vitlab.build import build_backbone
 from vitlab.data.base import DatasetInfo
-from vitlab.flops import count_gmacs, count_params
 from vitlab.heads.cascade import CascadeMaskRCNNDetector
 from vitlab.heads.detector_utils import hungarian_match
 from vitlab.heads.detr import DETRDetector, sine_positions
 from vitlab.heads.one_stage import ATSSDetector, GFLDetector, atss_assign, distribution_focal_loss, quality_focal_loss
 from vitlab.heads.sparse_rcnn import SparseRCNNDetector
-from vitlab.zoo import build_for_count
+from vitlab.runtime.build import build_backbone
+from vitlab.runtime.flops import count_gmacs, count_params
+from vitlab.tools.zoo import build_for_count
 
 TINY = [o.removeprefix("backbone.") for o in TINY_PVT[1:]]  # a one-block-per-stage PVTv2-B0
 # Test-sized heads: same code paths, narrow layers, few RoIs / proposals / queries.
@@ -248,7 +248,7 @@ def test_set_predictors_start_from_the_papers_settings():
 
 
 TABLE_TASKS = ("coco_cascade_maskrcnn", "coco_atss", "coco_gfl", "coco_sparse_rcnn", "coco_detr")
-ROWS = [r for r in yaml.safe_load((REPO / "src" / "vitlab" / "paper_tables" / "dense.yaml").read_text())
+ROWS = [r for r in yaml.safe_load((REPO / "src" / "vitlab" / "tools" / "paper_tables" / "dense.yaml").read_text())
         if r["task"] in TABLE_TASKS and r.get("paper_gflops")]
 
 

@@ -5,10 +5,9 @@ import json
 
 import pytest
 
-from support import FAST, run_script
+from support import FAST, run_script, wandb_records
 from vitlab.data.synthetic import make_imagenet
 
-from vitlab.dashboard import wandb_records
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
        "trainer.benchmark=false", "trainer.sync_batchnorm=false", "trainer.enable_progress_bar=false"]
@@ -112,12 +111,12 @@ def test_map_states_gathered_over_uneven_processes_equal_one_process():
 
 def test_a_resumed_run_logs_into_the_same_wandb_run(tmp_path, train_run, data_dir):
     """Killed after epoch 1 and re-run (as a requeued SLURM job): both attempts log offline into the one
-    W&B run whose id the run directory keeps, so `wandb sync` / `vitlab.dashboard sync` merge them."""
+    W&B run whose id the run directory keeps, so `wandb sync` / `vitlab.tools.dashboard sync` merge them."""
     from support import FAST, run_script
 
     run = tmp_path / "run"
     common = [*FAST, "schedule.epochs=2", "data.synthetic_classes=4", "logger=wandb"]
-    stop = ["+callbacks.stop._target_=vitlab.callbacks.StopAfter", "+callbacks.stop.epochs=1"]
+    stop = ["+callbacks.stop._target_=vitlab.runtime.callbacks.StopAfter", "+callbacks.stop.epochs=1"]
     killed = run_script("train.py", [*common, *stop, f"hydra.run.dir={run}"], data_dir, check=False)
     assert killed.returncode == 75, killed.stderr[-2000:]
     run_id = (run / "wandb_run_id").read_text().strip()

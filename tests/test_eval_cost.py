@@ -109,7 +109,7 @@ def test_confusion_matrix_equals_naive_count():
 
 
 def test_bench_eval_runs_tiny(capsys):
-    from vitlab.bench import main
+    from vitlab.tools.bench.cli import main
 
     main(["--eval", "coco", "--images", "2", "--masks"])
     main(["--eval", "ade20k", "--images", "3"])

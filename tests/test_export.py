@@ -1,4 +1,4 @@
-"""vitlab.export: checkpoints of real runs to ONNX (run by onnxruntime) and TorchScript, against PyTorch."""
+"""vitlab.tools.export: checkpoints of real runs to ONNX (run by onnxruntime) and TorchScript, against PyTorch."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,7 @@ def classifier_ckpt(smoke_sweep):
 
 
 def independent_reference(ckpt, part: str, images: torch.Tensor) -> torch.Tensor:
-    """The trained classifier rebuilt through the public API and its weights, not through vitlab.export."""
+    """The trained classifier rebuilt through the public API and its weights, not through vitlab.tools.export."""
     import vitlab
 
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
@@ -35,7 +35,7 @@ def independent_reference(ckpt, part: str, images: torch.Tensor) -> torch.Tensor
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 @pytest.mark.parametrize("part", ["model", "backbone"])
 def test_classifier_exports_match_pytorch(classifier_ckpt, tmp_path, fmt, part, capsys):
-    from vitlab.export import main
+    from vitlab.tools.export import main
 
     out = tmp_path / f"model.{fmt}"
     result = main([f"ckpt_path={classifier_ckpt}", "--format", fmt, "--part", part, "--input", "48", "64", "--out", str(out)])
@@ -58,7 +58,7 @@ def test_classifier_exports_match_pytorch(classifier_ckpt, tmp_path, fmt, part, 
 
 def test_export_fails_when_outputs_differ(classifier_ckpt, tmp_path):
     """The check can fail: a tolerance below float32 rounding of the ONNX run is refused."""
-    from vitlab.export import main
+    from vitlab.tools.export import main
 
     with pytest.raises(SystemExit) as exit_info:
         main([f"ckpt_path={classifier_ckpt}", "--format", "onnx", "--input", "48", "64", "--tol", "0",
@@ -67,7 +67,7 @@ def test_export_fails_when_outputs_differ(classifier_ckpt, tmp_path):
 
 
 def test_segmenter_from_a_smoke_run_exports_to_both_formats(tmp_path, segmentation_run):
-    from vitlab.export import export
+    from vitlab.tools.export import export
 
     for fmt in ("onnx", "torchscript"):
         result = export(str(segmentation_run / "checkpoints" / "last.ckpt"), fmt, input_size=(64, 64),
@@ -84,9 +84,9 @@ def test_detector_exports_to_onnx_with_its_detections(tmp_path):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from vitlab.export import export, main
-    from vitlab.resources import conf_dir
-    from vitlab.run import build_data_and_module
+    from vitlab.runtime.resources import conf_dir
+    from vitlab.runtime.run import build_data_and_module
+    from vitlab.tools.export import export, main
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose("train", [*TINY_PVT, "task=coco_maskrcnn", "data.synthetic=true", "backbone.pretrained=null",
@@ -97,7 +97,8 @@ def test_detector_exports_to_onnx_with_its_detections(tmp_path):
     torch.manual_seed(0)
     module = build_data_and_module(config)[1]
     ckpt = tmp_path / "det.ckpt"
-    torch.save({"state_dict": module.state_dict(), "vitlab_config": config}, ckpt)
+    torch.save({"state_dict": module.state_dict(), "vitlab_config": config,
+                "hyper_parameters": {"info": module.hparams["info"]}}, ckpt)  # what a run stores
 
     result = export(str(ckpt), "onnx", input_size=(96, 128), out=str(tmp_path / "det.onnx"))
     assert result["outputs"] == [[100, 4], [100], [100], [100, 1, 96, 128]]

@@ -37,7 +37,7 @@ from vitlab.backbones.base import ImageClassifier
 from vitlab.backbones.gpvit import GPViT, GPViTAdapter, LocalAttention, group_attention_maps, ms_deform_attn
 from vitlab.backbones.gpvit.trunk import GroupSelfAttention, LocalBlock
 from vitlab.backbones.layers import relative_position_index
-from vitlab.flops import count_params
+from vitlab.runtime.flops import count_params
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"

@@ -35,8 +35,10 @@ def decode(deltas: torch.Tensor, anchors: torch.Tensor, weights=(1.0, 1.0, 1.0, 
 
 
 def fp32_anchors(generator: AnchorGenerator, features: list[torch.Tensor], padded) -> torch.Tensor:
-    """torchvision's anchors for these maps, computed in float32 outside autocast by a fresh generator."""
-    fresh = AnchorGenerator(generator.sizes, generator.aspect_ratios)
+    """The detector's anchors for these maps (its generator's sizes, ratios and strides), computed from
+    float32 maps outside autocast by a fresh generator."""
+    fresh = type(generator)(generator.sizes, generator.aspect_ratios)
+    fresh.strides = generator.strides
     images = ImageList(torch.zeros(1, 3, *padded), [SIZE])
     return fresh(images, [f.float() for f in features])[0]
 

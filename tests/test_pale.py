@@ -1,6 +1,6 @@
 """Pale Transformer (seed 002): attention modes vs naive masked attention, Eq. 5, configs.
 
-The paper's params/GFLOPs rows (src/vitlab/paper_tables/pale.yaml) are checked by
+The paper's params/GFLOPs rows (src/vitlab/tools/paper_tables/pale.yaml) are checked by
 tests/test_zoo.py; here: what only this family has.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import vitlab
 from vitlab.api import backbone_config, build_backbone
 from vitlab.backbones.base import ImageClassifier
 from vitlab.backbones.pale import PaleAttention, PaleTransformer
-from vitlab.flops import count_gmacs
+from vitlab.runtime.flops import count_gmacs
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(embed_dims=[16, 32, 48, 64], depths=[1, 2, 1, 1], num_heads=[2, 2, 4, 4])
@@ -257,7 +257,7 @@ def test_ape_classifier_at_224_loads_into_a_dense_backbone_of_another_size(tmp_p
     torch.manual_seed(0)
     src = vitlab.create_model("pale_t", num_classes=10, overrides=tiny)
     torch.save(src.state_dict(), tmp_path / "pale_ape_224.pth")
-    with caplog.at_level(logging.INFO, logger="vitlab.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="vitlab.runtime.checkpoints"):
         dst = vitlab.create_backbone("pale_t", pretrained=str(tmp_path / "pale_ape_224.pth"),
                                      overrides=[*tiny, "img_size=[96,160]"])
     for i, size in enumerate([(24, 40), (12, 20), (6, 10), (3, 5)]):

@@ -1,4 +1,4 @@
-"""vitlab.plan: the jobs of a sweep as Hydra's multirun makes them, their FLOPs, steps and GPU-hours."""
+"""vitlab.tools.plan: the jobs of a sweep as Hydra's multirun makes them, their FLOPs, steps and GPU-hours."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from support import REPO
-from vitlab import plan
+from vitlab.tools import plan
 
 PALE_TABLE7_GFLOPS = {1: 3.8, 3: 4.1, 5: 4.4, 7: 4.2, 9: 5.4}  # the paper's ImageNet FLOPs per pale size
 

@@ -16,12 +16,11 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from support import TINY_PVT, hydra_command
+from support import TINY_PVT, hydra_command, wandb_records
 
-from vitlab.dashboard import wandb_records
-from vitlab.predict import find_images, predict
-from vitlab.run import module_from_checkpoint
-from vitlab.visualize import PANEL_WIDTH
+from vitlab.runtime.run import module_from_checkpoint
+from vitlab.tasks.visualize import PANEL_WIDTH
+from vitlab.tools.predict import find_images, predict
 
 
 @contextlib.contextmanager
@@ -214,7 +213,7 @@ def test_classification_per_class_top1_and_confusions(tmp_path):
 
 
 def test_compare_lists_per_class_results_by_setting(tmp_path):
-    from vitlab.compare import main as compare_main, per_class_rows
+    from vitlab.tools.compare import main as compare_main, per_class_rows
 
     runs = [{"extra": {"per_class_iou": {"wall": 50.0, "sky": None}}}, {"extra": {"per_class_iou": {"wall": 60.0}}},
             {"extra": {"per_class_iou": {"wall": 61.5, "sky": 20.0}}}]

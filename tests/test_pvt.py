@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 import vitlab
 from vitlab.backbones.pvt import PyramidVisionTransformer
-from vitlab.flops import count_gmacs, count_params
+from vitlab.runtime.flops import count_gmacs, count_params
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -183,7 +183,7 @@ def test_v1_checkpoint_at_224_loads_into_another_img_size(tmp_path, caplog):
     torch.manual_seed(0)
     src = vitlab.create_model("pvt_tiny", num_classes=10, overrides=["depths=[1,1,1,1]"])
     torch.save(src.state_dict(), tmp_path / "pvt_tiny_224.pth")
-    with caplog.at_level(logging.INFO, logger="vitlab.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="vitlab.runtime.checkpoints"):
         dst = vitlab.create_model("pvt_tiny", num_classes=10, pretrained=str(tmp_path / "pvt_tiny_224.pth"),
                                   overrides=["depths=[1,1,1,1]", "img_size=320"])
     for i, (side, new) in enumerate(zip([56, 28, 14, 7], [80, 40, 20, 10])):

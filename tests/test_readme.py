@@ -6,7 +6,7 @@ earlier ones wrote, as a reader's would). Only what makes them fast or possible 
 submitit's local executor (the same code path without a cluster), small inputs for the benchmark.
 The smoke overrides change a run's directory name (its hash), so a later command's path to an
 earlier run is pointed at the directory that run really made. The paper tables' commands are
-expanded and composed without training (``vitlab.plan``, in this process, with the same overrides).
+expanded and composed without training (``vitlab.tools.plan``, in this process, with the same overrides).
 
 A README command no rule below knows fails the test: add the command's rule here.
 """
@@ -63,21 +63,23 @@ def fast(command: str) -> str | None:
         if "+sweep=pale" in command:
             extra += ["backbone.depths=[1,1,1,1]"]  # 15 jobs: Pale-T with one block per stage
         return f"{command} {' '.join(extra)}"
-    if command.startswith("python -m vitlab.bench --eval"):
+    if command.startswith("python -m vitlab.tools.bench --eval"):
         return re.sub(r"--images \d+", "--images 2", command)
     if command.startswith("python -m vitlab.data.pack imagenet"):  # a tiny folder layout to pack, if none yet
         make = ("from vitlab.data.synthetic import make_imagenet; import pathlib; "
                 "pathlib.Path('data/imagenet/train').exists() or "
                 "make_imagenet('data/imagenet', num_classes=2, num_train=2, num_val=1, size=32)")
         return f'python -c "{make}" && {command} --shard-size 64KB --workers 1'
-    if command.startswith("python -m vitlab.bench --loader") and "--format" in command:
+    if command.startswith("python -m vitlab.tools.bench --loader") and "--format" in command:
         command = re.sub(r"--(images|dataset-images) \d+", "", command)
         return f"{command} --images 4 --dataset-images 8 --workers 0 --image-size 64 48"
-    if command.startswith("python -m vitlab.bench --loader"):
+    if command.startswith("python -m vitlab.tools.bench --suite"):
+        return command  # without a GPU the suite runs its own tiny version
+    if command.startswith("python -m vitlab.tools.bench --loader"):
         return f"{command} --images 4 --rounds 1 --image-size 64 48"
-    if command.startswith("python -m vitlab.bench"):
+    if command.startswith("python -m vitlab.tools.bench"):
         return f"{command} --batch 1 --input 32 32 --steps 1 --warmup 0 --rounds 1"
-    if command.startswith("python -m vitlab.data.check"):
+    if command.startswith("python -m vitlab.tools.check_data"):
         return f"{command} data.synthetic=true"
     if command.startswith(("python src/eval.py", "python src/predict.py", "python -m vitlab.")):
         return command
@@ -143,9 +145,9 @@ def test_readme_command_runs(index, workdir):
 
 def test_readme_paper_table_commands_compose(capsys):
     """Every 'Reproducing the papers' command expands and composes (each job's model is built on
-    the meta device for its params and GFLOPs) without launching anything: ``python -m vitlab.plan
-    -m <the command's overrides>``, run in this process (``vitlab.plan.main``)."""
-    from vitlab import plan
+    the meta device for its params and GFLOPs) without launching anything: ``python -m vitlab.tools.plan
+    -m <the command's overrides>``, run in this process (``vitlab.tools.plan.main``)."""
+    from vitlab.tools import plan
 
     commands = table_commands()
     assert len(commands) > 30, "the paper tables' commands were not found"

@@ -1,13 +1,13 @@
-"""Recipes are checked data: every recipe experiment against the official values in src/vitlab/recipes/*.yaml."""
+"""Recipes are checked data: every recipe experiment against the official values in src/vitlab/tools/recipes/*.yaml."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from support import REPO
-from vitlab import recipes
-from vitlab.recipes import Row, check, compose_recipe, load, ours, recipe_experiments
-from vitlab.recipes.__main__ import main as recipes_main
+from vitlab.tools import recipes
+from vitlab.tools.recipes import Row, check, compose_recipe, load, ours, recipe_experiments
+from vitlab.tools.recipes.__main__ import main as recipes_main
 
 RECIPES = sorted(load())
 
@@ -17,7 +17,7 @@ def test_every_recipe_experiment_names_what_it_follows():
     for name, recipe in load().items():
         assert len(recipe["follows"]) > 20 and recipe["backbones"], name
         text = (REPO / "conf" / "experiment" / f"{name}.yaml").read_text()
-        assert f"python -m vitlab.recipes {name}" in text, f"{name}.yaml: its header should say how it is checked"
+        assert f"python -m vitlab.tools.recipes {name}" in text, f"{name}.yaml: its header should say how it is checked"
         for other in recipe["other"]:  # a row limited to some backbones names backbones of the recipe
             assert set(other.get("backbones", [])) <= set(recipe["backbones"]), (name, other["setting"])
 
@@ -110,7 +110,7 @@ def test_cli_prints_the_table(capsys):
 
 
 def test_docs_tables_are_the_generated_ones():
-    """docs/recipes.md shows what python -m vitlab.recipes --markdown prints (regenerate it when a recipe changes)."""
+    """docs/recipes.md shows what python -m vitlab.tools.recipes --markdown prints (regenerate it when a recipe changes)."""
     doc = (REPO / "docs" / "recipes.md").read_text()
     region = doc.split("<!-- recipes:begin -->")[1].split("<!-- recipes:end -->")[0]
     assert [l for l in region.splitlines() if l.startswith("|")] == \

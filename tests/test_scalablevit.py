@@ -31,7 +31,7 @@ from timm.models.swin_transformer import SwinTransformerBlock
 
 import vitlab
 from vitlab.backbones.scalablevit import ScalableSelfAttention, ScalableViT, WindowAttention
-from vitlab.flops import count_gmacs, count_params
+from vitlab.runtime.flops import count_gmacs, count_params
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -57,7 +57,7 @@ def test_official_fixture_logits():
 
 
 def test_official_file_through_loader(tmp_path):
-    # the release files are DeiT-style {"model": state_dict}; vitlab.checkpoints detects
+    # the release files are DeiT-style {"model": state_dict}; vitlab.runtime.checkpoints detects
     # the official layout and calls convert_official (classifier and bare backbone)
     ref = torch.load(FIXTURES / "scalablevit_tiny_official.pt")
     path = tmp_path / "scalablevit_tiny.pth"

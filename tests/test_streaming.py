@@ -158,9 +158,9 @@ def test_training_loader_resumes_mid_epoch_exactly(packed):
 
 
 def test_format_bench_tiny(tmp_path, capsys):
-    """python -m vitlab.bench --loader imagenet --format folder litdata, tiny: every (cache, format,
+    """python -m vitlab.tools.bench --loader imagenet --format folder litdata, tiny: every (cache, format,
     workers) row with images per wall- and CPU-second, the packed copy made once beside the folder."""
-    from vitlab.bench import main
+    from vitlab.tools.bench.cli import main
 
     main(["--loader", "imagenet", "--format", "folder", "litdata", "--workers", "0", "--images", "4",
           "--dataset-images", "8", "--image-size", "48", "36", "--data-dir", str(tmp_path), "--gpu-decode"])

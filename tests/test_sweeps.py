@@ -10,9 +10,9 @@ import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from support import REPO, hydra_command
-from vitlab import paper, plan
-from vitlab.flops import count_params
-from vitlab.zoo import build_for_count
+from vitlab.runtime.flops import count_params
+from vitlab.tools import paper, plan
+from vitlab.tools.zoo import build_for_count
 
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "sweep").glob("*.yaml"))
 SMOKE = ["debug=smoke", "data.synthetic=true", "logger=csv"]
@@ -43,9 +43,9 @@ def test_every_family_has_a_preset_run_end_to_end():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_sweep_preset_expands_to_its_table_rows(preset):
-    """``vitlab.plan.expand`` composes every job as Hydra's BasicSweeper and launcher do. Each job's
+    """``vitlab.tools.plan.expand`` composes every job as Hydra's BasicSweeper and launcher do. Each job's
     resolved backbone config differs from every other job's, reproduces its own paper-table row
-    (``vitlab.paper.match_row``) and builds, on the meta device, with that row's parameters."""
+    (``vitlab.tools.paper.match_row``) and builds, on the meta device, with that row's parameters."""
     jobs = plan.expand([f"+sweep={preset}"])
     assert len(jobs) == expected_rows(preset) >= 2
     configs = {(j.backbone, tuple(sorted(j.backbone_overrides))) for j in jobs}

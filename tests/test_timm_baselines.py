@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import vitlab
 from vitlab.backbones.timm_baselines import TimmCNN, TimmColumnarViT, TimmSwin
-from vitlab.flops import count_params
+from vitlab.runtime.flops import count_params
 
 # config -> timm model of the same weights; (params of timm's 1000-class classifier are the reference)
 CNNS = {

@@ -23,7 +23,7 @@ def test_smoke_run_writes_summary(tmp_path, train_run):
 
 
 def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, train_run, data_dir):
-    """Interrupted after epoch 1 and resumed with ckpt_path=last: bit-equal weights to one straight run.
+    """Interrupted after epoch 1 and resumed (resume=auto): bit-equal weights to one straight run.
 
     CPU, num_workers=0: data order (epoch-seeded sampler), augmentation RNG (restored before
     Lightning builds the training iterator), optimiser state and LR schedule all carry over.
@@ -31,11 +31,12 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, train_run, d
     straight = tmp_path / "straight"
     resumed = tmp_path / "resumed"
     common = [*FAST, "schedule.epochs=2", "data.synthetic_classes=4"]
-    stop = ["+callbacks.stop._target_=vitlab.callbacks.StopAfter", "+callbacks.stop.epochs=1"]
+    stop = ["+callbacks.stop._target_=vitlab.runtime.callbacks.StopAfter", "+callbacks.stop.epochs=1"]
     killed = run_script("train.py", [*common, *stop, f"hydra.run.dir={resumed}"], data_dir, check=False)
     assert killed.returncode == 75 and not (resumed / "summary.json").exists()
     train_run(straight, *common)
     second = train_run(resumed, *common)  # resume=auto is the default: continues
+    assert second["resumed_from"], "the re-run started again instead of resuming"
     assert second["global_step"] == json.loads((straight / "summary.json").read_text())["global_step"]
     a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]

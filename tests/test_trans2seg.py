@@ -10,11 +10,11 @@ import torch.nn.functional as F
 
 from support import TINY_PVT, run_script
 from vitlab.api import backbone_config
-from vitlab.build import build_backbone
 from vitlab.data.ade20k import ADE20KDataModule
 from vitlab.data.synthetic_dense import make_ade20k
 from vitlab.heads.segmentation import Segmentor
 from vitlab.heads.trans2seg import Trans2SegHead
+from vitlab.runtime.build import build_backbone
 from vitlab.tasks.segmentation import iou_from_confmat
 
 TINY = [o.removeprefix("backbone.") for o in TINY_PVT[1:]]
@@ -82,8 +82,8 @@ def test_learns_on_generated_ade20k(tmp_path):
 def test_model_size_matches_pvt_table_7():
     """PVT-Small + Trans2Seg at 512x512: 31.6 GFLOPs in the paper's text; the stride-4 detail map of
     Trans2Seg's ResNet code would cost 8.7 more."""
-    from vitlab.flops import count_gmacs
-    from vitlab.zoo import build_for_count
+    from vitlab.runtime.flops import count_gmacs
+    from vitlab.tools.zoo import build_for_count
 
     model = build_for_count("pvt_small", [], "ade20k_trans2seg", "classifier")
     assert count_gmacs(model, (512, 512)) == pytest.approx(31.6, rel=0.05)

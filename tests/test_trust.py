@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from support import REPO, run_script
-from vitlab.trust import UntrustedTargetError, allowed_targets, check_targets
+from vitlab.runtime.trust import UntrustedTargetError, allowed_targets, check_targets
 
 
 def _payloads(marker: str, tmp) -> dict[str, dict]:

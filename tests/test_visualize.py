@@ -1,10 +1,10 @@
-"""The shared figure renderer (vitlab.visualize): readable size, legend of the classes drawn, confusions."""
+"""The shared figure renderer (vitlab.tasks.visualize): readable size, legend of the classes drawn, confusions."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from vitlab.visualize import PANEL_WIDTH, Panel, palette, render, to_rgb_array, top_confusions
+from vitlab.tasks.visualize import PANEL_WIDTH, Panel, palette, render, to_rgb_array, top_confusions
 
 NAMES = [f"class {i}" for i in range(12)]
 

@@ -14,10 +14,10 @@ import torch
 import yaml
 
 from support import REPO, run_script
-from vitlab import weights
 from vitlab.api import available_backbones, backbone_config
-from vitlab.build import build_backbone
-from vitlab.weights import Release, WeightsUnavailable, fetch
+from vitlab.runtime import weights
+from vitlab.runtime.build import build_backbone
+from vitlab.runtime.weights import Release, WeightsUnavailable, fetch
 
 
 @pytest.fixture

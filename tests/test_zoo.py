@@ -1,4 +1,4 @@
-"""The zoo reproduces the papers' tables (src/vitlab/paper_tables/*.yaml).
+"""The zoo reproduces the papers' tables (src/vitlab/tools/paper_tables/*.yaml).
 
 Tolerances: params exact where the official code was measured (``official_params``),
 else within ``params_tol`` (default 3%) of the paper's rounded number; GFLOPs within
@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from support import StandIn
-from vitlab import zoo
 from vitlab.api import available_backbones
-from vitlab.flops import count_gmacs, gmacs_by_op, is_attention_op
 from vitlab.heads.detection import MaskRCNNDetector, RetinaNetDetector
+from vitlab.runtime.flops import count_gmacs, gmacs_by_op, is_attention_op
+from vitlab.tools import zoo
 
 ROWS = zoo.paper_rows()
 BY_ID = {r["id"]: r for r in ROWS if "id" in r}
@@ -55,7 +55,7 @@ def _measure(row: dict) -> zoo.ZooRow:
 def test_paper_row(row):
     assert row["name"] in available_backbones(), f"{row['table_file']}: no conf/backbone/{row['name']}.yaml"
     got = _measure(row)
-    record = "no paper value and nothing stored: `python -m vitlab.zoo --rows --record`"
+    record = "no paper value and nothing stored: `python -m vitlab.tools.zoo --rows --record`"
     if row.get("official_params"):
         assert got.params == row["official_params"], f"{got.params} != official {row['official_params']}"
     elif row.get("paper_params_m"):
@@ -113,7 +113,7 @@ def test_every_backbone_config_has_a_paper_row():
 
 def test_stored_values_belong_to_rows_without_paper_values():
     keys = {zoo.row_key(r) for r in ROWS if not (r.get("paper_gflops") and (r.get("paper_params_m") or r.get("official_params")))}
-    assert set(zoo.load_measured()) <= keys, "stale entries: re-run `python -m vitlab.zoo --rows --record`"
+    assert set(zoo.load_measured()) <= keys, "stale entries: re-run `python -m vitlab.tools.zoo --rows --record`"
 
 
 def test_gmacs_match_independent_counts():
@@ -237,7 +237,7 @@ def test_record_needs_rows(capsys):
 def test_runs_count_detectors_as_the_zoo_does():
     from types import SimpleNamespace
 
-    from vitlab.run import model_gflops
+    from vitlab.runtime.run import model_gflops
 
     detector = MaskRCNNDetector(StandIn(), num_classes=3, fpn_channels=8)
     # run.py counts a meta-device copy (fast shapes); the reference runs real tensors on the CPU

@@ -1,4 +1,4 @@
-"""Write constraints.txt: the exact versions of everything ``vitlab[dev,cluster]`` pulls in, as
+"""Write constraints.txt: the exact versions of everything vitlab and all its extras pull in, as
 installed in the environment the tests passed in (``make install`` installs with ``-c constraints.txt``).
 
     .venv/bin/python tools/freeze_constraints.py > constraints.txt

@@ -18,8 +18,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from vitlab.backbones.base import Backbone
-from vitlab.build import build_backbone, build_classifier
-from vitlab.resources import conf_dir
+from vitlab.runtime.build import build_backbone, build_classifier
+from vitlab.runtime.resources import conf_dir
 
 
 def available_backbones() -> list[str]:

@@ -16,6 +16,9 @@ A backbone is an ``nn.Module`` that
   activations in the backward pass instead of keeping them (``layers.run_block``);
 * ``convert_official(state_dict)`` (a static method): an official release's state
   dict -> our layout (below); the default converts nothing (no official release);
+* ``to_official(state_dict)`` / ``to_timm(state_dict)`` (class methods): the way out,
+  our layout -> the authors' release / timm's (``vitlab.tools.export --format official|timm|mmdet``);
+  the default refuses with a message;
 * ``adapt_state_dict(state_dict) -> (state_dict, messages)``: resizes the tensors
   whose shape depends on the input size or window (position embeddings, relative
   position bias tables) to this model's, so that weights trained at 224 load into a
@@ -23,7 +26,7 @@ A backbone is an ``nn.Module`` that
 
 Classification models are ``ImageClassifier(backbone, num_classes)``, so every
 state dict in this project has the layout ``backbone.*`` + ``head.*``.
-``vitlab.checkpoints.load_pretrained`` uses a file as it is when its keys are in
+``vitlab.runtime.checkpoints.load_pretrained`` uses a file as it is when its keys are in
 that layout, else ``type(backbone).convert_official``; then ``adapt_state_dict``,
 then a strict load.
 """
@@ -41,6 +44,8 @@ class Backbone(nn.Module):
     grad_checkpointing: bool = False
 
     pruned_keys: frozenset[str] = frozenset()
+    # the key the official release's .pth keeps its state dict under (None: the file is the state dict)
+    official_container: str | None = None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -78,6 +83,22 @@ class Backbone(nn.Module):
     def convert_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Official release -> ``backbone.*`` + ``head.*``; families with a release override it."""
         return dict(state_dict)
+
+    @classmethod
+    def to_official(cls, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``backbone.*`` + ``head.*`` -> the authors' release layout (the inverse of
+        ``convert_official``; ``vitlab.tools.export --format official``). Families with a release override it."""
+        raise ValueError(f"{cls.__name__}: no converter to an official layout")
+
+    @classmethod
+    def to_timm(cls, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``backbone.*`` + ``head.*`` -> timm's layout (``vitlab.tools.export --format timm``)."""
+        raise ValueError(f"{cls.__name__}: timm has no model of this family, so there is no timm layout to write")
+
+    def timm_architecture(self, config: dict) -> tuple[str, dict]:
+        """(timm model name, keyword arguments) of the timm classifier that ``to_timm``'s weights
+        fill, for timm's ``config.json`` (``config``: this backbone's config)."""
+        raise ValueError(f"{type(self).__name__}: timm has no model of this family")
 
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
         """Our-layout backbone state dict (no ``backbone.`` prefix) -> one with this model's

@@ -55,7 +55,7 @@ def attention(
     math fallback, which upcasts to fp32) are 1.6x (PVTv2 stage 1: 3136 queries, 49 keys) to
     9x (49 x 49 windows) slower forward + backward than two bf16 matmuls and a bf16 softmax,
     enough to make a whole PVTv2 / ScalableViT training step slower than the authors' code
-    (python -m vitlab.bench --precision bf16-mixed --reference ...). fp32 and GPUs keep SDPA,
+    (python -m vitlab.tools.bench --precision bf16-mixed --reference ...). fp32 and GPUs keep SDPA,
     bit for bit. The boolean mask means what SDPA's means (True: may attend).
     """
     if q.device.type != "cpu" or _compute_dtype(q) not in _REDUCED:

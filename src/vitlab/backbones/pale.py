@@ -40,7 +40,7 @@ from timm.layers import DropPath, LayerNorm2d, Mlp, NormMlpClassifierHead, trunc
 from torch import nn
 
 from vitlab.backbones.arguments import (check_choice, check_divisible, check_ints, check_positive, check_rates,
-                                        check_stages, fail, per_stage, renamed_arguments)
+                                        check_stages, fail, per_stage)
 from vitlab.backbones.base import Backbone
 from vitlab.backbones.layers import adapt_shapes, attention, init_vit_weights, resize_grid, run_block
 
@@ -347,7 +347,6 @@ class PaleTransformer(Backbone):
 
     strides = [4, 8, 16, 32]
 
-    @renamed_arguments(names={"mlp_ratio": "mlp_ratios", "ape_size": "img_size"})
     def __init__(
         self,
         embed_dims: Sequence[int],
@@ -453,6 +452,14 @@ class PaleTransformer(Backbone):
             return resize_grid(value, tuple(target.shape[1:3]), "bicubic")
 
         return adapt_shapes(self, state_dict, {"pos_embed": (resize, "bicubic")})
+
+    @classmethod
+    def to_official(cls, state_dict):
+        raise ValueError("Pale Transformer: its authors released no code and no checkpoint, so there is no official "
+                         "layout to write (and timm has no Pale model); share vitlab's own checkpoint, "
+                         "--format mmdet (vitlab's key names under backbone.), or --format onnx / torchscript")
+
+    to_timm = to_official
 
     def no_weight_decay(self) -> set[str]:
         return {f"stages.{i}.pos_embed" for i, s in enumerate(self.stages) if s.pos_embed is not None}

@@ -52,7 +52,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from vitlab.backbones.arguments import (check_choice, check_divisible, check_ints, check_positive, check_rates,
-                                        check_stages, fail, per_stage, renamed_arguments)
+                                        check_stages, fail, per_stage)
 from vitlab.backbones.base import Backbone
 from vitlab.backbones.layers import adapt_shapes, attention, init_vit_weights, resize_token_grid, run_block
 
@@ -268,10 +268,42 @@ _OFFICIAL_RULES = [
 ]
 
 
+# ours -> official: the inverse of _OFFICIAL_RULES (first match wins)
+_TO_OFFICIAL_RULES = [
+    (r"^backbone\.stages\.(\d+)\.patch_embed\.", lambda m: f"patch_embed{int(m[1]) + 1}."),
+    (r"^backbone\.stages\.(\d+)\.pos_embed$", lambda m: f"pos_embed{int(m[1]) + 1}"),
+    (r"^backbone\.stages\.(\d+)\.blocks\.(\d+)\.attn\.sr\.conv\.", lambda m: f"block{int(m[1]) + 1}.{m[2]}.attn.sr."),
+    (r"^backbone\.stages\.(\d+)\.blocks\.(\d+)\.attn\.sr\.norm\.", lambda m: f"block{int(m[1]) + 1}.{m[2]}.attn.norm."),
+    (r"^backbone\.stages\.(\d+)\.blocks\.(\d+)\.mlp\.dwconv\.", lambda m: f"block{int(m[1]) + 1}.{m[2]}.mlp.dwconv.dwconv."),
+    (r"^backbone\.stages\.(\d+)\.blocks\.(\d+)\.", lambda m: f"block{int(m[1]) + 1}.{m[2]}."),
+    (r"^backbone\.stages\.(\d+)\.norm\.", lambda m: f"norm{int(m[1]) + 1}."),
+    (r"^backbone\.(norm\.|cls_token$)", lambda m: m[1]),
+]
+# official (whai362/PVT pvt_v2.py) -> timm's pvt_v2 (the inverse of timm's checkpoint_filter_fn)
+_OFFICIAL_TO_TIMM_RULES = [
+    (r"^patch_embed1\.", lambda m: "patch_embed."),
+    (r"^patch_embed(\d+)\.", lambda m: f"stages.{int(m[1]) - 1}.downsample."),
+    (r"^block(\d+)\.(\d+)\.(.*)mlp\.dwconv\.dwconv\.", lambda m: f"stages.{int(m[1]) - 1}.blocks.{m[2]}.{m[3]}mlp.dwconv."),
+    (r"^block(\d+)\.(\d+)\.", lambda m: f"stages.{int(m[1]) - 1}.blocks.{m[2]}."),
+    (r"^norm(\d+)\.", lambda m: f"stages.{int(m[1]) - 1}.norm."),
+]
+
+
+def rename_keys(state_dict: dict[str, torch.Tensor], rules) -> dict[str, torch.Tensor]:
+    """Each key through the first (pattern, replacement) rule that matches; keys no rule knows pass through."""
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, repl in rules:
+            key, hits = re.subn(pattern, repl, key)
+            if hits:
+                break
+        out[key] = value
+    return out
+
+
 class PyramidVisionTransformer(Backbone):
     """PVT v1 / PVTv2 (see the module docstring for every switch)."""
 
-    @renamed_arguments(values={"pos_embed": {True: "ape", False: "none"}})
     def __init__(
         self,
         *,
@@ -396,16 +428,42 @@ class PyramidVisionTransformer(Backbone):
         v1's last ``pos_embed{n}`` starts with the class token's slot: it becomes
         ``backbone.cls_pos_embed``. Keys no rule knows pass through, so a strict load names them.
         """
-        out = {}
+        state_dict = dict(state_dict)
         pos_keys = [k for k in state_dict if re.fullmatch(r"pos_embed\d+", k)]
         last_pos = max(pos_keys, key=lambda k: int(k[len("pos_embed"):]), default=None)
-        for key, value in state_dict.items():
-            if key == last_pos and "cls_token" in state_dict:
-                out["backbone.cls_pos_embed"] = value[:, :1]
-                value = value[:, 1:]
-            for pattern, repl in _OFFICIAL_RULES:
-                key, hits = re.subn(pattern, repl, key)
-                if hits:
-                    break
-            out[key] = value
+        cls_pos = None
+        if last_pos is not None and "cls_token" in state_dict:
+            cls_pos, state_dict[last_pos] = state_dict[last_pos][:, :1], state_dict[last_pos][:, 1:]
+        out = rename_keys(state_dict, _OFFICIAL_RULES)
+        if cls_pos is not None:
+            out["backbone.cls_pos_embed"] = cls_pos
         return out
+
+    @classmethod
+    def to_official(cls, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``backbone.*`` + ``head.*`` -> whai362/PVT's layout (v1 ``pvt.py`` / v2 ``pvt_v2.py``):
+        v1's ``cls_pos_embed`` goes back in front of the last stage's position embedding."""
+        state_dict = dict(state_dict)
+        cls_pos = state_dict.pop("backbone.cls_pos_embed", None)
+        out = rename_keys(state_dict, _TO_OFFICIAL_RULES)
+        if cls_pos is not None:
+            last = max((k for k in out if re.fullmatch(r"pos_embed\d+", k)), key=lambda k: int(k[len("pos_embed"):]))
+            out[last] = torch.cat([cls_pos, out[last]], dim=1)
+        return out
+
+    def timm_architecture(self, config: dict) -> tuple[str, dict]:
+        """timm's ``pvt_v2_b0`` with this model's widths, depths, heads and ratios (``linear``: -Li)."""
+        if self.cls_token is not None or self.stages[0].pos_embed is not None:
+            raise ValueError("timm has PVTv2 only; this is a PVT v1 model")
+        return "pvt_v2_b0", {"depths": list(config["depths"]), "embed_dims": list(self.out_channels),
+                             "num_heads": list(config["num_heads"]), "mlp_ratios": config["mlp_ratios"],
+                             "sr_ratios": list(config["sr_ratios"]), "linear": bool(config["linear_sra"])}
+
+    @classmethod
+    def to_timm(cls, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``backbone.*`` + ``head.*`` -> timm's ``pvt_v2_*`` layout (PVTv2 only: timm has no PVT v1)."""
+        official = cls.to_official(state_dict)
+        if any(re.fullmatch(r"pos_embed\d+|cls_token|norm\..*", k) for k in official):
+            raise ValueError("--format timm: timm has PVTv2 only (pvt_v2_b0..b5, b2_li); this is a PVT v1 model "
+                             "(position embeddings / class token); use --format official")
+        return rename_keys(official, _OFFICIAL_TO_TIMM_RULES)

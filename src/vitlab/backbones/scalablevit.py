@@ -63,7 +63,7 @@ from timm.layers import DropPath, Mlp
 from torch import nn
 
 from vitlab.backbones.arguments import (check_choice, check_divisible, check_ints, check_positive, check_rates,
-                                        check_stages, fail, per_stage, renamed_arguments)
+                                        check_stages, fail, per_stage)
 from vitlab.backbones.base import Backbone
 from vitlab.backbones.layers import (adapt_shapes, add_relative_position_bias, attention, init_vit_weights,
                                      relative_position_bias, resize_relative_position_bias, run_block)
@@ -291,6 +291,18 @@ _OFFICIAL_RENAMES = [
     (r"^norm\.", "backbone.norm."),
 ]
 
+# ours -> official: the inverse of _OFFICIAL_RENAMES (each applied in turn)
+_TO_OFFICIAL_RENAMES = [
+    (r"^backbone\.stages\.(\d+)\.embed\.", r"patch_embeds.\1."),
+    (r"^backbone\.stages\.(\d+)\.peg\.proj\.", r"pos_block.\1.proj.0."),
+    (r"^backbone\.stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2."),
+    (r"\.attn\.local_conv\.", ".attn.lim_func."),
+    (r"\.attn\.sr_dw\.", ".attn.reduction.0."),
+    (r"\.attn\.sr_pw\.", ".attn.reduction.1."),
+    (r"\.attn\.sr_norm\.", ".attn.norm_act.0."),
+    (r"^backbone\.norm\.", "norm."),
+]
+
 
 class ScalableViT(Backbone):
     """ScalableViT backbone; every argument is a field of conf/backbone/scalablevit_*.yaml.
@@ -302,7 +314,6 @@ class ScalableViT(Backbone):
     IWSA / WSA never have one (the official IWSA has none, and WSA is IWSA without its LIM).
     """
 
-    @renamed_arguments(names={"peg": "pos_embed"}, values={"pos_embed": {True: "peg", False: "none"}})
     def __init__(
         self,
         in_chans: int,
@@ -419,10 +430,20 @@ class ScalableViT(Backbone):
         (head.0/1/3, or head.weight/bias for the plain head) are already ours."""
         if "model" in state_dict and isinstance(state_dict["model"], dict):
             state_dict = state_dict["model"]
-        out = {}
-        for key, value in state_dict.items():
-            new = key
-            for pattern, repl in _OFFICIAL_RENAMES:
-                new = re.sub(pattern, repl, new)
-            out[new] = value
-        return out
+        return _renamed(state_dict, _OFFICIAL_RENAMES)
+
+    official_container = "model"  # DeiT-style release files
+
+    @classmethod
+    def to_official(cls, state_dict: dict) -> dict:
+        """``backbone.*`` + ``head.*`` -> Yangr116/ScalableViT's layout (the head's keys are the same)."""
+        return _renamed(state_dict, _TO_OFFICIAL_RENAMES)
+
+
+def _renamed(state_dict: dict, renames) -> dict:
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, repl in renames:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out

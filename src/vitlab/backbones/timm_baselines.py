@@ -51,11 +51,30 @@ def convert_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
+def to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``backbone.body.*`` + ``head.*`` -> timm's classifier layout (the inverse of ``convert_timm``):
+    the CNNs' ``ClassifierHead`` (``head.fc``) is timm's ``fc``, the ViT's linear head is ``head``."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("head.fc."):
+            out[key[len("head."):]] = value
+        elif key.startswith("head."):
+            out[key] = value
+        else:
+            out[key.removeprefix("backbone.body.")] = value
+    return out
+
+
 class _TimmBody(Backbone):
-    """A backbone around a timm model ``self.body``, whose checkpoints ``convert_official`` reads."""
+    """A backbone around a timm model ``self.body``, whose checkpoints ``convert_official`` reads;
+    timm's layout is these baselines' official one (torchvision's ResNets share its names)."""
 
     body: nn.Module
     convert_official = staticmethod(convert_timm)
+    to_official = to_timm = staticmethod(to_timm)
+
+    def timm_architecture(self, config: dict) -> tuple[str, dict]:
+        return config["model_name"], {}
 
 
 class TimmCNN(_TimmBody):
@@ -151,6 +170,10 @@ class TimmColumnarViT(_TimmBody):
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.body(images)
 
+    def timm_architecture(self, config: dict) -> tuple[str, dict]:
+        return config["model_name"], {"patch_size": self.patch_size, "img_size": config["img_size"],
+                                      "dynamic_img_size": True, "dynamic_img_pad": True}
+
     def drop_classification_parts(self) -> None:
         # the blocks after the last tapped one, the final norm and the pooling serve the classifier only
         self.body.prune_intermediate_layers(self.out_indices, prune_norm=True, prune_head=True)
@@ -189,10 +212,26 @@ def convert_timm_swin(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
+def to_timm_swin(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Ours -> timm's Swin classifier (the inverse of ``convert_timm_swin``). The output norms of
+    stages 1-3 are not part of timm's Swin (its detection backbone's) and are left out."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("backbone.norms."):
+            if key.startswith("backbone.norms.3."):
+                out["norm." + key[len("backbone.norms.3."):]] = value
+        elif key.startswith("backbone.body.layers_"):
+            out["layers." + key[len("backbone.body.layers_"):]] = value
+        else:
+            out[key.removeprefix("backbone.body.")] = value
+    return out
+
+
 class TimmSwin(_TimmBody):
     """timm Swin Transformer: four NCHW maps (strides 4-32), each through its own LayerNorm."""
 
     convert_official = staticmethod(convert_timm_swin)
+    to_official = to_timm = staticmethod(to_timm_swin)
 
     def __init__(self, *, model_name: str, out_indices: list[int], in_chans: int, drop_rate: float,
                  drop_path_rate: float, grad_checkpointing: bool = False):

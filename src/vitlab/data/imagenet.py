@@ -3,7 +3,7 @@
 Transforms, mixup/cutmix and the repeated-augmentation sampler are timm's: the
 DeiT recipe the papers train with is exactly what timm implements.
 
-``fast_decode``: the same augmentation, cheaper for the loader workers (``python -m vitlab.bench
+``fast_decode``: the same augmentation, cheaper for the loader workers (``python -m vitlab.tools.bench
 --loader imagenet --fast-decode`` shows the images/s): JPEGs are decoded at a reduced DCT scale
 where the random crop allows it and resized by torch (``FastRandomResizedCrop``), workers hand over uint8 images, and
 normalisation + random erasing run on the device after the transfer (``on_after_batch_transfer``,
@@ -32,9 +32,9 @@ from vitlab.data.base import (
     IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DatasetInfo, DatasetLayoutError, ImageBatch, MissingFileError,
     VitlabDataModule,
 )
+from vitlab.data.folder_layout import IMG_EXTENSIONS, has_image_suffix, read_synset_names
 from vitlab.data.report import EMPTY, IGNORED_FILE, MISSING, UNDECODABLE, DataReport, check_all, skip_or_raise
 
-IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 FORMATS = ("folder", "litdata")  # data.format: the folder layout, or packed by python -m vitlab.data.pack
 
 _timm_posterize = auto_augment.posterize
@@ -148,13 +148,9 @@ class ImageFolderDataset(ImageFolder):
     """
 
     def __init__(self, root: str, transform=None, skip_corrupt: bool = False, loader=load_rgb):
-        super().__init__(root, transform=transform, loader=loader, is_valid_file=self._has_image_suffix,
+        super().__init__(root, transform=transform, loader=loader, is_valid_file=has_image_suffix,
                          allow_empty=skip_corrupt)
         self.skip_corrupt = skip_corrupt
-
-    @staticmethod
-    def _has_image_suffix(path: str) -> bool:
-        return path.lower().endswith(IMG_EXTENSIONS)
 
     def __getitem__(self, index: int):
         try:
@@ -175,16 +171,6 @@ class DistributedRepeatAugSampler(RepeatAugSampler, DistributedSampler):
 
     def __iter__(self):  # a generator: the epoch is read at the first index (see data.base.EpochSampler)
         yield from super().__iter__()
-
-
-def read_synset_names(root: Path, wnids: list[str]) -> list[str]:
-    """Readable class names from ImageNet's ``LOC_synset_mapping.txt`` ("n01440764 tench, Tinca tinca")
-    next to train/ (or one level up); the wnids themselves where there is none."""
-    for path in (root / "LOC_synset_mapping.txt", root.parent / "LOC_synset_mapping.txt"):
-        if path.is_file():
-            mapping = dict(line.split(" ", 1) for line in path.read_text().splitlines() if " " in line)
-            return [mapping.get(w, w).split(",")[0].strip() for w in wnids]
-    return list(wnids)
 
 
 class ImageNetDataModule(VitlabDataModule):

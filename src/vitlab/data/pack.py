@@ -77,7 +77,7 @@ def pack_imagenet(root: str | Path, out: str | Path, shard_size: str = "256MB", 
     from litdata import optimize
     from torchvision.datasets import ImageFolder
 
-    from vitlab.data.imagenet import ImageFolderDataset, read_synset_names
+    from vitlab.data.folder_layout import has_image_suffix, read_synset_names
 
     root, out = Path(root), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,7 +89,7 @@ def pack_imagenet(root: str | Path, out: str | Path, shard_size: str = "256MB", 
     manifest.update(kind="imagenet", classes=wnids, class_names=read_synset_names(root, wnids),
                     splits=manifest.get("splits", {}))
     for split in ("train", "val"):
-        folder = ImageFolder(str(root / split), is_valid_file=ImageFolderDataset._has_image_suffix)
+        folder = ImageFolder(str(root / split), is_valid_file=has_image_suffix)
         if folder.classes != wnids:
             raise SystemExit(f"{root / split}: class folders differ from train/'s")
         samples = folder.samples

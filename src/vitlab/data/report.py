@@ -1,7 +1,7 @@
 """What a dataset check finds: every problem of a dataset in one pass, by kind, with counts.
 
 Each DataModule's ``check(full)`` fills a ``DataReport``; ``VitlabDataModule.preflight()`` runs it
-at the start of a run and ``python -m vitlab.data.check`` prints it. The same per-file and
+at the start of a run and ``python -m vitlab.tools.check_data`` prints it. The same per-file and
 per-annotation rules raise in the loaders, so a run with ``data.verify=none`` fails (or skips,
 with ``data.skip_corrupt=true``) on the same files, only later.
 """
@@ -12,6 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Callable, Iterable
+
+from vitlab.errors import VitlabUserError
+
 
 # Problems: a run stops on them (unless data.skip_corrupt=true leaves the items out).
 MISSING = "missing file"
@@ -44,7 +47,7 @@ HINTS = {
 }
 
 
-class DataCheckError(ValueError):
+class DataCheckError(VitlabUserError, ValueError):
     """A dataset with problems; the message lists every kind with its count and examples."""
 
 

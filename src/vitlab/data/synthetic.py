@@ -16,7 +16,9 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import ImageDraw
+
+from vitlab.data.texture import background
 
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "bar", "diamond", "star")
 PALETTE = (
@@ -61,14 +63,6 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
         draw.polygon(rotated(pts), fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}")
-
-
-def background(rng: np.random.Generator, size: int) -> Image.Image:
-    """Low-frequency colour noise plus fine grain: a texture, not a flat colour."""
-    coarse = rng.integers(0, 120, size=(4, 4, 3), dtype=np.uint8)
-    img = Image.fromarray(coarse).resize((size, size), Image.BILINEAR)
-    grain = rng.normal(0, 12, size=(size, size, 3))
-    return Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) + grain, 0, 255).astype(np.uint8))
 
 
 def make_imagenet(

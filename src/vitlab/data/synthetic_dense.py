@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-from vitlab.data.synthetic import background
+from vitlab.data.texture import background
 
 # The 80 COCO 2017 categories with their original (non-contiguous) ids.
 COCO_CATEGORIES = [

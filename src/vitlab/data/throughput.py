@@ -1,8 +1,8 @@
 """How fast one data-loader worker makes training samples: decode + augmentation, images/s per core.
 
-    python -m vitlab.bench --loader imagenet --fast-decode --threads 1
-    python -m vitlab.bench --loader coco
-    python -m vitlab.bench --loader ade20k
+    python -m vitlab.tools.bench --loader imagenet --fast-decode --threads 1
+    python -m vitlab.tools.bench --loader coco
+    python -m vitlab.tools.bench --loader ade20k
 
 Generated data in the real formats at realistic sizes (kept under ``<data dir>/bench/``, made once):
 ImageNet photos of 500 x 375 (its most common size), COCO 640 x 480 (its typical size, with
@@ -20,6 +20,7 @@ timed here on the CPU: on a GPU it costs far less) as its own row.
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -147,7 +148,7 @@ class FormatRow:
 
     @property
     def per_cpu_s(self) -> float:
-        return self.images / max(self.cpu_s, 1e-3)  # psutil counts in 10 ms ticks
+        return self.images / max(self.cpu_s, 1e-3)  # rusage counts in ticks
 
 
 def dataset_files(root: Path, fmt: str) -> list[Path]:
@@ -173,23 +174,16 @@ def warm(files: list[Path]) -> None:
                 pass
 
 
-def _cpu_seconds(proc) -> float:
-    """CPU seconds of this process and its live children (the loader's workers)."""
-    total = sum(proc.cpu_times()[:2])
-    for child in proc.children(recursive=True):
-        try:
-            total += sum(child.cpu_times()[:2])
-        except Exception:  # a worker that has just exited
-            pass
-    return total
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its ended, joined children (the loader's workers)."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
 def time_loader(root: Path, fmt: str, workers: int, images: int, batch: int, gpu_decode: bool,
                 seed: int = 0) -> tuple[float, float, int]:
     """(wall s, CPU s of this process + workers, images) for the first ``images`` training images of
     a shuffled epoch through the DataModule's own training loader."""
-    import psutil
-
     from vitlab.data.imagenet import ImageNetDataModule
 
     extra = dict(auto_augment=None, color_jitter=0) if gpu_decode else {}
@@ -197,8 +191,7 @@ def time_loader(root: Path, fmt: str, workers: int, images: int, batch: int, gpu
                             seed=seed, **extra)
     dm.setup("fit")
     loader = dm.train_dataloader()
-    proc = psutil.Process()
-    cpu0, t0 = _cpu_seconds(proc), time.perf_counter()
+    cpu0, t0 = _cpu_seconds(), time.perf_counter()
     seen = 0
     it = iter(loader)
     while seen < images:
@@ -206,9 +199,9 @@ def time_loader(root: Path, fmt: str, workers: int, images: int, batch: int, gpu
             seen += len(next(it).targets)
         except StopIteration:
             break
-    wall, cpu = time.perf_counter() - t0, _cpu_seconds(proc) - cpu0
-    del it, loader  # the workers end here
-    return wall, cpu, seen
+    wall = time.perf_counter() - t0
+    del it, loader  # the workers end and are joined here: their CPU time counts from now on
+    return wall, _cpu_seconds() - cpu0, seen
 
 
 def format_bench(dataset_images: int = 20_000, images: int = 1_000, formats=("folder", "litdata"),

@@ -31,7 +31,10 @@ beta 1): ``box_convs=0 box_fcs=2 box_norm=none box_loss=smooth_l1 box_loss_weigh
 those heads and loss, but regression stays class-specific (torchvision's predictor). RoIAlign is
 Mask R-CNN's: torchvision's default (``aligned=False``, sampling ratio 2) unless ``roi_aligned`` /
 ``roi_sampling_ratio`` ask for mmcv's (aligned, adaptive sampling 0: experiment=pvtv2_cascade_maskrcnn_3x
-does). Differences from mmdet in any setting: the predictor also regresses the background class
+does). The RPN and mask targets follow mmdet's cascade config (conf/head/cascade_maskrcnn.yaml):
+low-quality RPN matches from IoU 0.3 (``rpn_min_pos_iou``), border-crossing anchors out of RPN
+training (``rpn_allowed_border=0``), binary aligned mask targets (``mask_target=mmdet``).
+Differences from mmdet in any setting: the predictor also regresses the background class
 (4 x 1024 weights more per stage). Initialisation as mmdet: box convs Kaiming normal (fan-out, as
 mmcv's ConvModule and torchvision's FastRCNNConvFCHead), the FC Xavier.
 
@@ -48,7 +51,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference, maskrcnn_loss
 from torchvision.ops import clip_boxes_to_image, generalized_box_iou_loss
 
-from vitlab.heads.detection import MaskRCNNDetector, init_box_predictor
+from vitlab.heads.detection import MaskRCNNDetector, init_box_predictor, mask_targets_of
 from vitlab.heads.detector_utils import fixed_rois
 
 NORMS = {"batch": nn.BatchNorm2d, "none": None}
@@ -58,11 +61,13 @@ BOX_LOSSES = ("giou", "smooth_l1")
 class CascadeRoIHeads(nn.Module):
     """Box stages (torchvision ``RoIHeads``, each with its mask head) chained as in Cascade R-CNN."""
 
-    def __init__(self, stages: list[RoIHeads], stage_loss_weights: list[float], box_loss: str, box_loss_weight: float):
+    def __init__(self, stages: list[RoIHeads], stage_loss_weights: list[float], box_loss: str, box_loss_weight: float,
+                 mask_target: str = "torchvision"):
         super().__init__()
         self.stages = nn.ModuleList(stages)
         self.stage_loss_weights = list(stage_loss_weights)
         self.box_loss, self.box_loss_weight = box_loss, box_loss_weight
+        self.mask_target = mask_target  # torchvision | mmdet (vitlab.heads.detection.mask_targets_of)
 
     # ---- one stage --------------------------------------------------------------------
     @staticmethod
@@ -105,13 +110,13 @@ class CascadeRoIHeads(nn.Module):
             box = F.smooth_l1_loss(pred, stage.box_coder.encode_single(gt, props), beta=1.0, reduction="sum")
         return {"loss_cls": loss_cls, "loss_bbox": self.box_loss_weight * box / max(len(labels_all), 1)}
 
-    @staticmethod
-    def mask_loss(stage, features, proposals, matched, labels, targets, image_sizes) -> torch.Tensor:
+    def mask_loss(self, stage, features, proposals, matched, labels, targets, image_sizes) -> torch.Tensor:
         pos = [torch.where(l > 0)[0] for l in labels]
         pos_proposals = [p[k] for p, k in zip(proposals, pos)]
         logits = stage.mask_predictor(stage.mask_head(stage.mask_roi_pool(features, pos_proposals, image_sizes)))
-        return maskrcnn_loss(logits, pos_proposals, [t["masks"] for t in targets], [t["labels"] for t in targets],
-                             [m[k] for m, k in zip(matched, pos)])
+        with mask_targets_of(self.mask_target):
+            return maskrcnn_loss(logits, pos_proposals, [t["masks"] for t in targets],
+                                 [t["labels"] for t in targets], [m[k] for m, k in zip(matched, pos)])
 
     # ---- the cascade ------------------------------------------------------------------
     def forward(self, features, proposals, image_sizes, targets=None):
@@ -208,7 +213,7 @@ class CascadeMaskRCNNDetector(MaskRCNNDetector):
                 single.detections_per_img, single.mask_roi_pool, MaskRCNNHeads(channels, [mask_channels] * 4, 1),
                 MaskRCNNPredictor(mask_channels, mask_channels, num_classes + 1),
             ))
-        self.model.roi_heads = CascadeRoIHeads(stages, stage_loss_weights, box_loss, box_loss_weight)
+        self.model.roi_heads = CascadeRoIHeads(stages, stage_loss_weights, box_loss, box_loss_weight, single.mask_target)
         self.loss_names = (*(f"s{k}_{n}" for k in range(len(stages)) for n in ("loss_cls", "loss_bbox", "loss_mask")),
                            "loss_objectness", "loss_rpn_box_reg")
 

@@ -20,7 +20,13 @@ Decisions:
 * RetinaNet's P6 is computed from C5 (mmdetection's ``add_extra_convs='on_input'``,
   used by the PVT/ScalableViT/GPViT configs); torchvision picks P5 whenever C5 has
   256 channels (e.g. PVTv2-B0), so the choice is set explicitly (``p6_from``).
-  torchvision applies a ReLU between P6 and P7 (as the RetinaNet paper); mmdet does not.
+  P7 is a conv of P6 itself, as mmdet's FPN (``relu_before_extra_convs=False``); torchvision's
+  block puts a ReLU between them (as the RetinaNet paper).
+* Anchors as mmdet's: base anchors not rounded (RetinaNet's octave scales 32, 40.3, 50.8 ... at
+  stride 8; torchvision rounds every corner), placed at the levels' fixed strides (torchvision
+  infers P6 / P7's from rounded-up grid sizes), and training ignores the anchors in the batch padding
+  beyond each image's own padded shape (mmdet ``valid_flags``: RetinaNet and RPN). Low-quality
+  matches (RetinaNet, RPN) follow mmdet's ``MaxIoUAssigner`` (``MaxIoUMatcher``).
 * Initialisation as the papers (PVT Section 5.2): Xavier-uniform for FPN convs (torchvision uses
   Kaiming); torchvision's RetinaNet and RPN heads already use normal(std 0.01)
   (+ the focal-loss prior bias); the box predictor gets mmdet's normal 0.01 / 0.001.
@@ -35,8 +41,12 @@ Decisions:
   ``roi_aligned`` / ``roi_sampling_ratio`` (mmcv's RoIAlign: aligned, adaptive sampling 0),
   ``rpn_box_loss`` / ``box_loss`` (``l1``: mmdet's L1Loss; torchvision: smooth L1, beta 1/9),
   ``box_head`` (``4conv1fc``: Shared4Conv1FCBBoxHead), ``fpn_norm`` / ``box_head_norm``
-  (BN | SyncBN | GN | none).
-* FLOPs are counted through ``flops_forward`` (``vitlab.flops``): the network as mmdetection's
+  (BN | SyncBN | GN | none), ``rpn_min_pos_iou`` (mmdet: a ground truth's best anchors are RPN
+  positives from IoU 0.3; torchvision: at any IoU), ``rpn_allowed_border`` (mmdet's cascade: 0,
+  anchors crossing the image border out of RPN training; -1: all in), ``mask_target`` (``mmdet``:
+  an aligned crop-and-resize of the ground-truth mask binarised at 0.5; torchvision: the soft
+  values of an unaligned RoIAlign).
+* FLOPs are counted through ``flops_forward`` (``vitlab.runtime.flops``): the network as mmdetection's
   ``get_flops`` runs it, without data-dependent steps, so it runs on the meta device
   (``MaskRCNNDetector.flops_forward`` says what is counted).
 """
@@ -50,12 +60,13 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.models.detection import roi_heads as tv_roi_heads
+from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign, roi_align
+from torchvision.ops import MultiScaleRoIAlign, box_iou, roi_align
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
@@ -64,6 +75,7 @@ from vitlab.heads.norm import norm_layer
 
 BOX_LOSSES = ("smooth_l1", "l1")
 BOX_HEADS = ("2fc", "4conv1fc")
+MASK_TARGETS = ("torchvision", "mmdet")
 
 
 
@@ -143,14 +155,104 @@ def float_outputs(module: nn.Module) -> nn.Module:
     return module
 
 
+def valid_flags(grid_sizes, strides, anchors_per_location: list[int], image_sizes, size_divisible: int,
+                device) -> torch.Tensor:
+    """N x A: whether each anchor lies inside its image's own padded shape (mmdet's ``valid_flags``).
+
+    mmdet pads each image to a multiple of ``size_divisible`` (its ``pad_shape``); at a level of stride s
+    the locations beyond ceil(pad / s) lie in the batch's extra padding and take no part in training.
+    Anchors are ordered location-major (torchvision's and mmdet's order)."""
+    d = max(int(size_divisible), 1)
+    sizes = torch.as_tensor([list(s) for s in image_sizes], device=device)
+    padded = (sizes + d - 1) // d * d  # N x 2 (h, w)
+    flags = []
+    for (gh, gw), (sh, sw), k in zip(grid_sizes, strides, anchors_per_location):
+        vh = ((padded[:, 0] + int(sh) - 1) // int(sh)).clamp(max=int(gh))
+        vw = ((padded[:, 1] + int(sw) - 1) // int(sw)).clamp(max=int(gw))
+        ys, xs = torch.arange(int(gh), device=device), torch.arange(int(gw), device=device)
+        ok = (ys[None, :, None] < vh[:, None, None]) & (xs[None, None, :] < vw[:, None, None])  # N x H x W
+        flags.append(ok.flatten(1).repeat_interleave(k, dim=1))
+    return torch.cat(flags, 1)
+
+
 class FloatAnchorGenerator(AnchorGenerator):
-    """torchvision's anchors, always in float32: its generator takes the dtype of the feature maps
-    (bf16 under autocast, and it then keeps its cell anchors in that dtype for good)."""
+    """torchvision's anchors, always in float32 (its generator takes the dtype of the feature maps: bf16
+    under autocast, and it then keeps its cell anchors in that dtype for good), with mmdet's base anchors
+    (torchvision rounds their corners to integers: 40.3 x 40.3 becomes 40 x 40, mmdet keeps them).
+
+    ``strides``: the levels' strides (mmdet's, fixed); torchvision infers them as padded size // grid
+    size, which puts the anchors of P6 / P7 off their grid when a level's size was rounded up (13 P6
+    cells on an 800-pixel side: stride 61, not 64). Each call also keeps, for the training targets,
+    ``valid`` (N x A, ``valid_flags`` for padding to ``size_divisible``) and ``image_sizes``."""
+
+    size_divisible = 32
+    strides: list[int] | None = None
+
+    def generate_anchors(self, scales, aspect_ratios, dtype=torch.float32, device=torch.device("cpu")):
+        scales = torch.as_tensor(scales, dtype=dtype, device=device)
+        h_ratios = torch.as_tensor(aspect_ratios, dtype=dtype, device=device).sqrt()
+        ws, hs = ((1 / h_ratios)[:, None] * scales).flatten(), (h_ratios[:, None] * scales).flatten()
+        return torch.stack([-ws, -hs, ws, hs], dim=1) / 2  # ratio-major, as torchvision and mmdet; not rounded
 
     def forward(self, image_list, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
         # only the maps' shapes, dtype and device are read: zero-stride float32 stand-ins cost no memory
-        stand_ins = [torch.zeros((), device=f.device).expand(f.shape) for f in feature_maps]
-        return super().forward(image_list, stand_ins)
+        grids = [f.shape[-2:] for f in feature_maps]
+        if self.strides is None:
+            stand_ins = [torch.zeros((), device=f.device).expand(f.shape) for f in feature_maps]
+            anchors = super().forward(image_list, stand_ins)
+            size = image_list.tensors.shape[-2:]
+            strides = [(size[0] // g[0], size[1] // g[1]) for g in grids]  # as torchvision places the anchors
+        else:
+            device = feature_maps[0].device
+            strides = [(s, s) for s in self.strides]
+            self.set_cell_anchors(torch.float32, device)
+            per_level = self.grid_anchors([list(g) for g in grids],
+                                          [[torch.tensor(s, device=device)] * 2 for s in self.strides])
+            anchors = [torch.cat(per_level)] * len(image_list.image_sizes)
+        self.image_sizes = list(image_list.image_sizes)
+        self.valid = valid_flags(grids, strides, self.num_anchors_per_location(), self.image_sizes,
+                                 self.size_divisible, anchors[0].device)
+        return anchors
+
+
+class MaxIoUMatcher(Matcher):
+    """torchvision's ``Matcher`` with mmdet's ``MaxIoUAssigner`` rule for low-quality matches: a ground
+    truth's best anchors (ties included) become its positives only if that IoU is at least
+    ``min_pos_iou`` (torchvision: at any IoU), and an anchor that is the best of several ground truths
+    goes to the last of them (mmdet's loop; torchvision: to the one it overlaps most)."""
+
+    def __init__(self, high: float, low: float, min_pos_iou: float = 0.0):
+        super().__init__(high, low, allow_low_quality_matches=True)
+        self.min_pos_iou = min_pos_iou
+
+    def set_low_quality_matches_(self, matches, all_matches, match_quality_matrix) -> None:
+        best = match_quality_matrix.amax(1, keepdim=True)  # G x 1
+        is_best = (match_quality_matrix == best) & (best >= self.min_pos_iou)  # G x A
+        gt = torch.arange(len(best), device=matches.device)[:, None].expand_as(is_best)
+        last = torch.where(is_best, gt, -1).amax(0)
+        matches[last >= 0] = last[last >= 0]
+
+
+def inside_flags(anchors: torch.Tensor, valid: torch.Tensor, image_size, allowed_border: int) -> torch.Tensor:
+    """mmdet's ``anchor_inside_flags``: valid anchors, and with ``allowed_border`` >= 0 only those within
+    that many pixels of the (unpadded) image; -1: every valid anchor."""
+    if allowed_border < 0:
+        return valid
+    h, w = image_size
+    return (valid & (anchors[:, 0] >= -allowed_border) & (anchors[:, 1] >= -allowed_border)
+            & (anchors[:, 2] < w + allowed_border) & (anchors[:, 3] < h + allowed_border))
+
+
+class LastLevelP6P7NoReLU(LastLevelP6P7):
+    """P6 and P7 by stride-2 convs, P7 from P6 itself: mmdet's FPN (``relu_before_extra_convs=False``, the
+    RetinaNet / ATSS / GFL configs); torchvision's block puts a ReLU between them (the RetinaNet paper)."""
+
+    def forward(self, p, c, names):
+        x = p[-1] if self.use_P5 else c[-1]
+        p6 = self.p6(x)
+        p.extend([p6, self.p7(p6)])
+        names.extend(["p6", "p7"])
+        return p, names
 
 
 class LevelRoIAlign(MultiScaleRoIAlign):
@@ -189,10 +291,33 @@ def box_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tenso
 
 
 class RPN(RegionProposalNetwork):
-    """torchvision's RPN with a choice of box loss (``box_loss_kind``); the same sampling and
-    normalisation (by the sampled anchors) as torchvision's ``compute_loss``."""
+    """torchvision's RPN with a choice of box loss (``box_loss_kind``; the same sampling and
+    normalisation, by the sampled anchors, as torchvision's ``compute_loss``) and mmdet's anchor
+    targets: anchors in the batch padding beyond an image's own padded shape are ignored (mmdet
+    ``valid_flags``), and with ``allowed_border`` >= 0 those crossing the image border by more
+    (mmdet ``allowed_border``: 0 in the cascade configs, -1 in Mask R-CNN's)."""
 
     box_loss_kind = "smooth_l1"
+    allowed_border = -1
+
+    def assign_targets_to_anchors(self, anchors, targets):
+        generator = self.anchor_generator
+        labels, matched_gt_boxes = [], []
+        for anchors_per_image, target, valid, size in zip(anchors, targets, generator.valid, generator.image_sizes):
+            inside = inside_flags(anchors_per_image, valid, size, self.allowed_border)
+            gt_boxes = target["boxes"]
+            if gt_boxes.numel() == 0:  # every anchor a negative
+                matched = torch.full((len(anchors_per_image),), Matcher.BELOW_LOW_THRESHOLD, device=inside.device)
+                gt_boxes = anchors_per_image.new_zeros((1, 4))
+            else:  # outside anchors neither match nor win a ground truth's low-quality match
+                quality = box_iou(gt_boxes, anchors_per_image).masked_fill(~inside, -1.0)
+                matched = self.proposal_matcher(quality)
+            label = (matched >= 0).float()
+            label[matched == Matcher.BETWEEN_THRESHOLDS] = -1.0
+            label[~inside] = -1.0
+            labels.append(label)
+            matched_gt_boxes.append(gt_boxes[matched.clamp(min=0)])
+        return labels, matched_gt_boxes
 
     def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
         pos, neg = self.fg_bg_sampler(labels)
@@ -214,17 +339,40 @@ def fastrcnn_l1_loss(class_logits, box_regression, labels, regression_targets):
     return loss_classifier, loss_box
 
 
+def binary_mask_targets(gt_masks: torch.Tensor, boxes: torch.Tensor, matched_idxs: torch.Tensor,
+                        size: int) -> torch.Tensor:
+    """mmdet's mask targets (``BitmapMasks.crop_and_resize``): each RoI's ground-truth mask cropped and
+    resized by an aligned RoIAlign (adaptive sampling), binarised at 0.5. torchvision's
+    ``project_masks_on_boxes`` (whose place this takes) keeps the soft values of an unaligned RoIAlign."""
+    rois = torch.cat([matched_idxs[:, None].to(boxes), boxes], dim=1)
+    soft = roi_align(gt_masks[:, None].to(rois), rois, (size, size), 1.0, sampling_ratio=0, aligned=True)[:, 0]
+    return (soft >= 0.5).to(soft.dtype)
+
+
+@contextmanager
+def mask_targets_of(kind: str):
+    """Inside: torchvision's ``maskrcnn_loss`` makes ``kind`` mask targets (torchvision | mmdet)."""
+    if kind == "torchvision":
+        yield
+    else:
+        with _swapped(tv_roi_heads, "project_masks_on_boxes", binary_mask_targets):
+            yield
+
+
 class BoxLossRoIHeads(RoIHeads):
-    """torchvision's RoIHeads; ``box_loss_kind="l1"`` swaps the module-level ``fastrcnn_loss`` that its
-    ``forward`` calls (smooth L1, beta 1/9, hard-coded) for mmdet's L1, for the duration of the call."""
+    """torchvision's RoIHeads; for the duration of the call ``box_loss_kind="l1"`` swaps the module-level
+    ``fastrcnn_loss`` that its ``forward`` calls (smooth L1, beta 1/9, hard-coded) for mmdet's L1, and
+    ``mask_target="mmdet"`` its mask targets for mmdet's (``binary_mask_targets``)."""
 
     box_loss_kind = "smooth_l1"
+    mask_target = "torchvision"
 
     def forward(self, *args, **kwargs):
-        if self.box_loss_kind == "smooth_l1":
-            return super().forward(*args, **kwargs)
-        with _swapped(tv_roi_heads, "fastrcnn_loss", fastrcnn_l1_loss):
-            return super().forward(*args, **kwargs)
+        with mask_targets_of(self.mask_target):
+            if self.box_loss_kind == "smooth_l1":
+                return super().forward(*args, **kwargs)
+            with _swapped(tv_roi_heads, "fastrcnn_loss", fastrcnn_l1_loss):
+                return super().forward(*args, **kwargs)
 
 
 @contextmanager
@@ -306,6 +454,21 @@ def init_box_predictor(predictor: nn.Module) -> None:
     nn.init.zeros_(predictor.bbox_pred.bias)
 
 
+class _RetinaNet(RetinaNet):
+    """torchvision's RetinaNet whose training ignores the anchors in the batch padding beyond each image's
+    own padded shape (mmdet ``valid_flags``; its RetinaNet config has ``allowed_border=-1``)."""
+
+    def compute_loss(self, targets, head_outputs, anchors):
+        matched_idxs = []
+        for anchors_per_image, target, valid in zip(anchors, targets, self.anchor_generator.valid):
+            if target["boxes"].numel() == 0:
+                matched = torch.full((len(anchors_per_image),), -1, dtype=torch.int64, device=valid.device)
+            else:  # invalid anchors neither match nor win a ground truth's low-quality match
+                matched = self.proposal_matcher(box_iou(target["boxes"], anchors_per_image).masked_fill(~valid, -1.0))
+            matched_idxs.append(matched.masked_fill(~valid, Matcher.BETWEEN_THRESHOLDS))  # out of both losses
+        return self.head.compute_loss(targets, head_outputs, anchors, matched_idxs)
+
+
 def _transform(size_divisible: int, image_mean, image_std) -> PreResizedTransform:
     return PreResizedTransform(1, 1, list(image_mean), list(image_std), size_divisible=size_divisible)
 
@@ -341,16 +504,19 @@ class RetinaNetDetector(_Detector):
             raise ValueError(f"module.head.p6_from={p6_from!r}: 'input' (C5, mmdet on_input) or 'output' "
                              f"(P5, mmdet on_output)")
         c5 = backbone.out_channels[select_levels(backbone, in_strides)[-1]]
-        extra = LastLevelP6P7(c5 if p6_from == "input" else fpn_channels, fpn_channels)
+        extra = LastLevelP6P7NoReLU(c5 if p6_from == "input" else fpn_channels, fpn_channels)
         extra.use_P5 = p6_from == "output"  # torchvision infers it from channel counts; we say it
         body = BackboneWithFPN(backbone, in_strides, fpn_channels, extra, norm=fpn_norm)
-        sizes = tuple(tuple(int(s * 2 ** (k / scales_per_octave)) for k in range(scales_per_octave)) for s in anchor_sizes)
+        # mmdet's octave scales, not truncated: 32, 40.3, 50.8 at stride 8
+        sizes = tuple(tuple(s * 2 ** (k / scales_per_octave) for k in range(scales_per_octave)) for s in anchor_sizes)
         anchors = FloatAnchorGenerator(sizes, (tuple(aspect_ratios),) * len(sizes))
-        self.model = RetinaNet(
+        anchors.size_divisible, anchors.strides = size_divisible, [*in_strides, in_strides[-1] * 2, in_strides[-1] * 4]
+        self.model = _RetinaNet(
             body, num_classes, anchor_generator=anchors, fg_iou_thresh=fg_iou_thresh, bg_iou_thresh=bg_iou_thresh,
             score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img,
             topk_candidates=topk_candidates,
         )
+        self.model.proposal_matcher = MaxIoUMatcher(fg_iou_thresh, bg_iou_thresh, min_pos_iou=0.0)  # mmdet's config
         self.model.transform = _transform(size_divisible, image_mean, image_std)
         float_outputs(self.model.head)  # class logits and box regression in float32 (mixed precision)
 
@@ -396,13 +562,18 @@ class MaskRCNNDetector(_Detector):
         roi_sampling_ratio: int = 2,
         rpn_box_loss: str = "smooth_l1",
         box_loss: str = "smooth_l1",
+        rpn_min_pos_iou: float = 0.0,
+        rpn_allowed_border: int = -1,
+        mask_target: str = "torchvision",
         image_mean: list[float] = IMAGENET_MEAN,
         image_std: list[float] = IMAGENET_STD,
     ):
         super().__init__()
         _check_choice(box_head, BOX_HEADS, "module.head.box_head")
+        _check_choice(mask_target, MASK_TARGETS, "module.head.mask_target")
         body = BackboneWithFPN(backbone, in_strides, fpn_channels, LastLevelMaxPool(), norm=fpn_norm)
         anchors = FloatAnchorGenerator(tuple((s,) for s in anchor_sizes), (tuple(aspect_ratios),) * len(anchor_sizes))
+        anchors.size_divisible, anchors.strides = size_divisible, [*in_strides, in_strides[-1] * 2]  # P6: max-pool
         levels = [str(k) for k in range(len(in_strides))]
         heads = {}
         if box_head == "4conv1fc":  # mmdet's Shared4Conv1FCBBoxHead: 4 x (3x3 conv 256 + norm + ReLU), FC 1024
@@ -427,6 +598,11 @@ class MaskRCNNDetector(_Detector):
         self.model.rpn.__class__, self.model.roi_heads.__class__ = RPN, BoxLossRoIHeads
         self.model.rpn.box_loss_kind = _check_choice(rpn_box_loss, BOX_LOSSES, "module.head.rpn_box_loss")
         self.model.roi_heads.box_loss_kind = _check_choice(box_loss, BOX_LOSSES, "module.head.box_loss")
+        self.model.roi_heads.mask_target = mask_target
+        rpn = self.model.rpn  # torchvision's thresholds (0.7 / 0.3) with mmdet's low-quality rule
+        rpn.proposal_matcher = MaxIoUMatcher(rpn.proposal_matcher.high_threshold, rpn.proposal_matcher.low_threshold,
+                                             rpn_min_pos_iou)
+        rpn.allowed_border = int(rpn_allowed_border)
         for head in (self.model.rpn.head, self.model.roi_heads.box_predictor, self.model.roi_heads.mask_predictor):
             float_outputs(head)  # deltas, logits and mask logits in float32 (mixed precision)
         init_box_predictor(self.model.roi_heads.box_predictor)
@@ -442,7 +618,7 @@ class MaskRCNNDetector(_Detector):
 
         What mmdet's numbers count differently: mmcv's module hooks add bias adds, norms,
         activations, pooling and upsampling (0.3% of the ResNet-50 models), miss functional matmuls
-        (attention: see ``vitlab.flops``), and ``get_flops --shape 1280 800`` feeds a 1280-high,
+        (attention: see ``vitlab.runtime.flops``), and ``get_flops --shape 1280 800`` feeds a 1280-high,
         800-wide image where the papers' rows say 800x1280 (the same count for convolutions).
         """
         features = self.model.backbone(images)

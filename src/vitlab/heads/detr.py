@@ -24,7 +24,8 @@ paper's code). As there:
 * Losses are named ``loss_ce`` / ``loss_bbox`` / ``loss_giou`` (last layer) and ``d<k>_...``
   (auxiliary, decoder layer k).
 
-Differences: none in the model. The official recipe's backbone lr x 0.1 is an optimiser setting:
+Initialisation of the transformer as mmdet's ``Transformer.init_weights``: Xavier-uniform weights,
+zero biases (``xavier_init``). Differences: none in the model. The official recipe's backbone lr x 0.1 is an optimiser setting:
 experiment=pvt_detr_50e (conf/paramwise/detr.yaml).
 
 ``flops_forward`` runs every layer on an unpadded image (all positions valid).
@@ -105,6 +106,9 @@ class _DETR(nn.Module):
             for p in layer.parameters():
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
+            for m in layer.modules():  # mmdet's xavier_init also zeroes the biases (FFN; attention's already are)
+                if isinstance(m, nn.Linear):
+                    nn.init.zeros_(m.bias)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)  # the last class is "no object"
         self.bbox_embed = MLP(hidden_dim, [hidden_dim, hidden_dim, 4])

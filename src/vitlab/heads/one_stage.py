@@ -6,13 +6,17 @@ Both follow mmdetection's ``ATSSHead`` / ``GFLHead`` with the settings of the co
 used (whai362/PVT ``detection/configs/{atss,gfl}_pvt_v2_b2_fpn_3x_mstrain_fp16.py``):
 
 * Neck: torchvision's FPN (256 channels) on strides 8-32, P6 and P7 by stride-2 3x3 convs from P5
-  (mmdet ``add_extra_convs='on_output'``; torchvision puts a ReLU between P6 and P7, mmdet does not).
+  (mmdet ``add_extra_convs='on_output'``), P7 straight from P6 as mmdet's FPN
+  (``relu_before_extra_convs=False``; torchvision's block has a ReLU there).
 * Towers: 4 x (3x3 conv, GroupNorm 32, ReLU) for classification and 4 for regression, normal(0.01)
   init, the focal-loss prior (0.01) on the classifier's bias, a learnable scale per level on the
   regression output (mmdet ``Scale``). torchvision's ``FCOSHead`` has the same towers but fixes the
   regression output to 4 + 1 channels (no distribution bins, no scales), so the towers are ours.
 * One square anchor per location, 8 x stride (torchvision's ``AnchorGenerator``, given the
   levels' strides: it would infer them from the padded image, wrong for P6/P7 on odd grids).
+  Training uses only the anchors inside each image's own padded shape (mmdet ``valid_flags``,
+  ``allowed_border=-1``): the ATSS candidates are drawn from them and the others are out of the
+  classification loss.
 * ATSS assignment (``topk`` 9): per level, the ``topk`` anchors whose centres are nearest a ground
   truth's centre are its candidates; positives are candidates whose IoU is at least the mean + std
   of the candidates' IoUs and whose centre lies inside the box; an anchor claimed by several boxes
@@ -20,15 +24,18 @@ used (whai362/PVT ``detection/configs/{atss,gfl}_pvt_v2_b2_fpn_3x_mstrain_fp16.p
 * ATSS losses: sigmoid focal loss (alpha 0.25, gamma 2; torchvision) over all anchors / positives;
   GIoU loss (weight 2; torchvision) of the boxes decoded from (dx, dy, dw, dh) with stds
   (0.1, 0.1, 0.2, 0.2) (torchvision ``BoxCoder``), weighted by the centerness target and divided by
-  its sum; centerness BCE / positives. Test score = class probability x centerness.
+  its sum (at least 1); centerness BCE / positives.
 * GFL losses: quality focal loss (beta 2) whose target at the true class is the IoU of the
   predicted box; the box as a distribution over ``reg_max + 1`` = 17 bins of each side's distance
   to the anchor centre (in strides), read out by its expectation; distribution focal loss
-  (weight 0.25) and GIoU (weight 2), both weighted by the anchor's best class score and divided
-  by the sum of those weights. Test score = class probability (it already carries the quality).
+  (weight 0.25; targets clamped to ``reg_max`` - 0.1, mmdet's ``bbox2distance``) and GIoU (weight 2),
+  both weighted by the anchor's best class score and divided by the sum of those weights.
 * Normalisers averaged over the processes (mmdet ``reduce_mean``).
-* Test: per level the 1000 best (anchor, class) pairs above 0.05 (mmdet's
-  ``filter_scores_and_topk``), class-wise NMS at 0.6, 100 detections per image.
+* Test (mmdet 2.13's ``get_bboxes`` + ``multiclass_nms``): per level the 1000 anchors whose best
+  class probability (ATSS: times centerness) is highest; of those, every (anchor, class) pair whose
+  class probability alone is above 0.05; its score the class probability (GFL: it already carries
+  the quality) or, for ATSS, the class probability x centerness; class-wise NMS at 0.6, 100
+  detections per image.
 
 ``flops_forward`` runs backbone, neck and heads (mmdet's ``forward_dummy``): what the papers count.
 """
@@ -44,10 +51,9 @@ from torchvision.models.detection._utils import BoxCoder, BoxLinearCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import Conv2dNormActivation, batched_nms, box_iou, clip_boxes_to_image
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from vitlab.data.base import IMAGENET_MEAN, IMAGENET_STD
-from vitlab.heads.detection import BackboneWithFPN, _transform
+from vitlab.heads.detection import BackboneWithFPN, LastLevelP6P7NoReLU, _transform, valid_flags
 from vitlab.heads.detector_utils import FlopsDetector, mean_over_processes
 
 
@@ -113,7 +119,7 @@ class _OneStage(nn.Module):
                  topk, score_thresh, nms_thresh, detections_per_img, pre_nms_top_n, size_divisible, image_mean,
                  image_std):
         super().__init__()
-        extra = LastLevelP6P7(fpn_channels, fpn_channels)
+        extra = LastLevelP6P7NoReLU(fpn_channels, fpn_channels)
         extra.use_P5 = True  # mmdet add_extra_convs='on_output' (torchvision infers it from channel counts)
         self.backbone = BackboneWithFPN(backbone, list(in_strides), fpn_channels, extra)
         self.strides = [*in_strides, in_strides[-1] * 2, in_strides[-1] * 4]
@@ -122,6 +128,7 @@ class _OneStage(nn.Module):
         self.num_classes, self.topk = num_classes, topk
         self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
         self.detections_per_img, self.pre_nms_top_n = detections_per_img, pre_nms_top_n
+        self.size_divisible = size_divisible
         self.cls_tower, self.reg_tower = tower(fpn_channels, stacked_convs), tower(fpn_channels, stacked_convs)
         self.cls_logits = nn.Conv2d(fpn_channels, num_classes, 3, padding=1)
         self.bbox_reg = nn.Conv2d(fpn_channels, reg_channels, 3, padding=1)
@@ -164,9 +171,18 @@ class _OneStage(nn.Module):
         stride_of_anchor = torch.cat([a.new_full((len(a),), s) for a, s in zip(per_level, self.strides)])
         flat = {k: torch.cat([v.flatten(2) for v in vs], 2).transpose(1, 2) for k, vs in outputs.items()}  # N x A x C
         if self.training:
-            assigned = [atss_assign(anchors, num_per_level, t["boxes"], self.topk) for t in targets]
-            return self.losses(flat, anchors, stride_of_anchor, assigned, targets)
+            valid = valid_flags(grids, [(s, s) for s in self.strides], [1] * len(grids), image_list.image_sizes,
+                                self.size_divisible, x.device)
+            assigned = [self.assign(anchors, num_per_level, v, t["boxes"]) for v, t in zip(valid, targets)]
+            return self.losses(flat, anchors, stride_of_anchor, valid, assigned, targets)
         return self.detect(flat, anchors, stride_of_anchor, num_per_level, image_list.image_sizes)
+
+    def assign(self, anchors, num_per_level, valid, gt_boxes) -> torch.Tensor:
+        """ATSS over the image's valid anchors (mmdet's ``inside_flags``); the others stay unassigned."""
+        per_level = torch.stack([v.sum() for v in valid.split(num_per_level)]).tolist()  # one sync
+        assigned = anchors.new_full((len(anchors),), -1, dtype=torch.int64)
+        assigned[valid] = atss_assign(anchors[valid], per_level, gt_boxes, self.topk)
+        return assigned
 
     # ---- training ---------------------------------------------------------------------
     def targets_of(self, assigned, targets):
@@ -177,22 +193,25 @@ class _OneStage(nn.Module):
         return positive, boxes, labels
 
     # ---- inference --------------------------------------------------------------------
-    def scores(self, flat: dict) -> torch.Tensor:
-        return flat["cls"].float().sigmoid()
+    def score_factor(self, flat: dict) -> torch.Tensor | None:
+        """N x A factors of the class probabilities in the test score (mmdet's ``score_factors``), or None."""
+        return None
 
     def detect(self, flat, anchors, stride_of_anchor, num_per_level, image_sizes) -> list[dict]:
-        scores, boxes = self.scores(flat), self.decode(flat, anchors, stride_of_anchor)
+        probs, boxes = flat["cls"].float().sigmoid(), self.decode(flat, anchors, stride_of_anchor)
+        factor = self.score_factor(flat)
+        factor = torch.ones_like(probs[..., 0]) if factor is None else factor
+        rank = (probs * factor[..., None]).amax(-1)  # N x A: what mmdet's per-level nms_pre ranks anchors by
         results = []
-        for score, box, size in zip(scores, boxes, image_sizes):
+        for prob, fac, rnk, box, size in zip(probs, factor, rank, boxes, image_sizes):
             keep_boxes, keep_scores, keep_labels = [], [], []
-            for s, b in zip(score.split(num_per_level), box.split(num_per_level)):  # per level
-                s = s.flatten()
-                candidates = torch.where(s > self.score_thresh)[0]
-                s, order = s[candidates].topk(min(self.pre_nms_top_n, len(candidates)))
-                candidates = candidates[order]
-                keep_boxes.append(b[candidates // self.num_classes])
-                keep_scores.append(s)
-                keep_labels.append(candidates % self.num_classes)
+            for p, f, r, b in zip(*(t.split(num_per_level) for t in (prob, fac, rnk, box))):  # per level
+                top = r.topk(min(self.pre_nms_top_n, len(r))).indices
+                anchor, label = torch.where(p[top] > self.score_thresh)  # the class probability alone
+                anchor = top[anchor]
+                keep_boxes.append(b[anchor])
+                keep_scores.append(p[anchor, label] * f[anchor])  # the factor after the threshold
+                keep_labels.append(label)
             b, s, l = (torch.cat(v) for v in (keep_boxes, keep_scores, keep_labels))
             b = clip_boxes_to_image(b, tuple(size))
             keep = batched_nms(b, s, l, self.nms_thresh)[: self.detections_per_img]
@@ -217,19 +236,20 @@ class _ATSS(_OneStage):
         n = flat["reg"].shape[0]
         return self.box_coder.decode_single(flat["reg"].reshape(-1, 4).float(), anchors.repeat(n, 1)).view(n, -1, 4)
 
-    def scores(self, flat):
-        return flat["cls"].float().sigmoid() * flat["ctr"].float().sigmoid()
+    def score_factor(self, flat):
+        return flat["ctr"][..., 0].float().sigmoid()
 
-    def losses(self, flat, anchors, stride_of_anchor, assigned, targets):
+    def losses(self, flat, anchors, stride_of_anchor, valid, assigned, targets):
         positive, gt_boxes, gt_labels = self.targets_of(assigned, targets)
         num_pos = mean_over_processes(positive.sum().float()).clamp(min=1)
         cls_target = torch.zeros_like(flat["cls"])
         cls_target[positive] = F.one_hot(gt_labels, self.num_classes).to(cls_target.dtype)
-        loss_cls = sigmoid_focal_loss(flat["cls"], cls_target, self.focal_alpha, self.focal_gamma, "sum") / num_pos
+        loss_cls = sigmoid_focal_loss(flat["cls"][valid], cls_target[valid], self.focal_alpha, self.focal_gamma,
+                                      "sum") / num_pos
         pos_anchors = anchors.expand(len(positive), -1, -1)[positive]
         pred = self.box_coder.decode_single(flat["reg"][positive].float(), pos_anchors)
         ctr_target = centerness((pos_anchors[:, :2] + pos_anchors[:, 2:]) / 2, gt_boxes)
-        ctr_sum = mean_over_processes(ctr_target.sum()).clamp(min=1e-6)
+        ctr_sum = mean_over_processes(ctr_target.sum()).clamp(min=1)  # mmdet's bbox_avg_factor
         loss_bbox = (generalized_box_iou_loss(pred, gt_boxes, reduction="none") * ctr_target).sum() / ctr_sum
         loss_ctr = F.binary_cross_entropy_with_logits(flat["ctr"][positive][:, 0], ctr_target, reduction="sum") / num_pos
         return {"loss_cls": loss_cls, "loss_bbox": self.giou_weight * loss_bbox, "loss_centerness": loss_ctr}
@@ -250,7 +270,7 @@ class _GFL(_OneStage):
     def decode(self, flat, anchors, stride_of_anchor):
         return self.box_coder.decode(self.distances(flat["reg"]) * stride_of_anchor[:, None], anchors)
 
-    def losses(self, flat, anchors, stride_of_anchor, assigned, targets):
+    def losses(self, flat, anchors, stride_of_anchor, valid, assigned, targets):
         positive, gt_boxes, gt_labels = self.targets_of(assigned, targets)
         num_pos = mean_over_processes(positive.sum().float()).clamp(min=1)
         n = len(positive)
@@ -260,11 +280,11 @@ class _GFL(_OneStage):
         pred = self.box_coder.decode(self.distances(reg) * pos_strides, pos_anchors)
         quality = torch.zeros_like(flat["cls"], dtype=torch.float32)
         quality[positive] = F.one_hot(gt_labels, self.num_classes).float() * box_iou(pred, gt_boxes).diagonal().detach()[:, None]
-        loss_cls = quality_focal_loss(flat["cls"].float(), quality, self.qfl_beta) / num_pos
+        loss_cls = quality_focal_loss(flat["cls"][valid].float(), quality[valid], self.qfl_beta) / num_pos
         weight = flat["cls"][positive].detach().float().sigmoid().amax(1)  # each positive's best class score
         weight_sum = mean_over_processes(weight.sum()).clamp(min=1)
         loss_bbox = (generalized_box_iou_loss(pred, gt_boxes, reduction="none") * weight).sum() / weight_sum
-        target = (self.box_coder.encode(pos_anchors, gt_boxes) / pos_strides).clamp(0, self.reg_max - 0.01)
+        target = (self.box_coder.encode(pos_anchors, gt_boxes) / pos_strides).clamp(0, self.reg_max - 0.1)  # mmdet eps
         dfl = distribution_focal_loss(reg.float().reshape(-1, self.reg_max + 1), target.flatten())
         loss_dfl = (dfl * weight.repeat_interleave(4)).sum() / 4 / weight_sum
         return {"loss_cls": loss_cls, "loss_bbox": self.giou_weight * loss_bbox, "loss_dfl": self.dfl_weight * loss_dfl}

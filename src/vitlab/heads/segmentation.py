@@ -16,6 +16,11 @@ Blocks are torchvision's ``Conv2dNormActivation``; nothing in torchvision or tim
 provides these decoders themselves, so they are written here. ``norm``: BN (default) | SyncBN
 (the official mmseg configs: batch statistics over all DDP processes) | GN | none.
 Under mixed precision the logits are upsampled (and the task's loss computed) in float32.
+
+Initialisation as mmseg 0.13: every conv-norm-ReLU block as mmcv's ``ConvModule`` initialises
+itself (Kaiming normal, fan-out), the Semantic FPN's neck Xavier (mmseg's FPN), and only the
+classifier (``conv_seg``) re-initialised by the decode head: normal(0.01), zero bias. The heads
+initialise only their own modules: a ``backbone.pretrained`` load is untouched.
 """
 from __future__ import annotations
 
@@ -42,12 +47,23 @@ def check_index(in_index: list[int], strides: list[int], head: str) -> list[int]
     return in_index
 
 
-def conv_bn_relu(cin: int, cout: int, k: int, norm: str = "BN") -> nn.Module:
-    return Conv2dNormActivation(cin, cout, k, norm_layer=norm_layer(norm, "module.head.norm"), activation_layer=nn.ReLU)
+def conv_bn_relu(cin: int, cout: int, k: int, norm: str = "BN", mmcv_init: bool = True) -> nn.Module:
+    """conv-norm-ReLU initialised as mmcv's ``ConvModule``: Kaiming normal (fan-out, ReLU gain) weights,
+    zero bias, norm weight 1 / bias 0 (PyTorch's default conv init, ``mmcv_init=False``: Kaiming uniform,
+    a = sqrt(5))."""
+    block = Conv2dNormActivation(cin, cout, k, norm_layer=norm_layer(norm, "module.head.norm"),
+                                 activation_layer=nn.ReLU)
+    if not mmcv_init:
+        return block
+    conv = block[0]
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+    return block
 
 
-def up(x: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+def up(x: torch.Tensor, size, align_corners: bool = False) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
 
 
 class _Head(nn.Module):
@@ -193,7 +209,8 @@ class SegFormerHead(_Head):
 
 
 class Segmentor(nn.Module):
-    """Backbone + decode head (+ auxiliary head): logits at the input size, in float32.
+    """Backbone + decode head (+ auxiliary head): logits at the input size, in float32 (bilinear,
+    with the decode head's ``align_corners`` if it has one: mmseg's heads False, Trans2Seg True).
 
     Training returns ``(logits, aux_logits or None)``; evaluation returns logits. The heads' logits
     are cast to float32 before the upsampling (under autocast they come out in bf16/fp16, and
@@ -209,7 +226,7 @@ class Segmentor(nn.Module):
     def forward(self, images: torch.Tensor):
         feats = self.backbone(images)
         size = images.shape[-2:]
-        logits = up(self.decode_head(feats).float(), size)
+        logits = up(self.decode_head(feats).float(), size, getattr(self.decode_head, "align_corners", False))
         if not self.training:
             return logits
         aux = up(self.auxiliary_head(feats).float(), size) if self.auxiliary_head is not None else None

@@ -27,8 +27,8 @@ heads per class. The official model only runs at the training size (its
 attention MLP is tied to the token count); here other sizes resize the attention logits to the
 training grid around that MLP and the position embedding to the input's grid (bilinear), so
 whole-image inference also works; the task config still evaluates on 512 x 512 windows
-(``test_mode: slide``), the size the model was trained at. Logits are upsampled with
-``align_corners=False`` (official: True). The auxiliary FCN head of the official code is off by
+(``test_mode: slide``), the size the model was trained at. The decoder's map and the logits are
+upsampled with ``align_corners=True``, as the official code does. The auxiliary FCN head of the official code is off by
 default there and not included.
 """
 from __future__ import annotations
@@ -95,6 +95,8 @@ class Trans2SegHead(nn.Module):
     the first map read.
     """
 
+    align_corners = True  # the official upsamplings (the decoder map, and the logits in ``Segmentor``)
+
     def __init__(self, in_channels: list[int], strides: list[int], num_classes: int, in_index: list[int] = (0, 3),
                  embed_dim: int = 256, depth: int = 4, num_heads: int = 8, mlp_ratio: float = 3.0,
                  hidden_channels: int = 64, img_size: list[int] = (512, 512)):
@@ -116,7 +118,7 @@ class Trans2SegHead(nn.Module):
                 trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        self.conv_low = conv_bn_relu(in_channels[self.low], hidden_channels, 1)
+        self.conv_low = conv_bn_relu(in_channels[self.low], hidden_channels, 1, mmcv_init=False)  # SegmenTron's
         self.lay1 = separable_conv(embed_dim + num_heads, hidden_channels)
         self.lay2 = separable_conv(hidden_channels, hidden_channels)
         self.lay3 = separable_conv(hidden_channels, hidden_channels)
@@ -143,6 +145,6 @@ class Trans2SegHead(nn.Module):
         k = self.class_queries.shape[1]
         x = torch.cat([encoded[:, None].expand(-1, k, -1, -1, -1), attn.reshape(b, k, -1, h, w)], 2).flatten(0, 1)
         x = self.lay2(self.lay1(x))
-        x = F.interpolate(x, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        x = F.interpolate(x, size=low.shape[-2:], mode="bilinear", align_corners=self.align_corners)
         x = x + self.conv_low(low)[:, None].expand(-1, k, -1, -1, -1).flatten(0, 1)
         return self.pred(self.lay3(x)).view(b, k, *low.shape[-2:])

@@ -5,7 +5,7 @@ A task is built from plain configs and the dataset's description::
     Task(backbone=<backbone config>, schedule=<schedule config>, info=DatasetInfo, **module fields)
 
 Subclasses implement the classmethod ``build_model(backbone, module, info)`` (the whole
-network, also used by ``vitlab.zoo`` to count parameters and FLOPs without data) and own
+network, also used by ``vitlab.tools.zoo`` to count parameters and FLOPs without data) and own
 their losses and metrics. The optimiser and schedule come from the ``schedule`` config group
 (see ``conf/schedule/``), so the papers' recipes are data, not code.
 """
@@ -20,10 +20,10 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
-from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.optim import create_optimizer_v2, get_optimizer_info, param_groups_weight_decay
+from timm.utils import ModelEmaV3
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRScheduler
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -118,16 +118,22 @@ def paramwise_groups(model: nn.Module, weight_decay: float, lr: float | None, pa
     return sorted(out, key=lambda g: g["lr_mult"] != 1.0)  # group 0 (the logged train/lr) runs at the base lr
 
 
-def check_legacy_num_classes(num_classes: int | None, info: DatasetInfo) -> None:
-    """Configs stored by vitlab < 0.2 carry ``module.num_classes``; it must agree with the dataset."""
-    if num_classes is not None and num_classes != info.num_classes:
-        raise ValueError(
-            f"module.num_classes={num_classes} but the dataset has {info.num_classes} classes; the class "
-            f"count now comes from the dataset: drop module.num_classes"
-        )
+def kernel_options(opt_name: str, kernels: str) -> dict:
+    """``fused=True`` when ``kernels`` is "fused" and torch's class behind timm's ``opt_name`` has a fused
+    implementation (AdamW, Adam, SGD, ...), else {} (timm's default: the multi-tensor ``foreach`` kernels)."""
+    if kernels not in ("fused", "foreach"):
+        raise ValueError(f"optimizer kernels {kernels!r}: expected fused or foreach")
+    opt_class = get_optimizer_info(opt_name.lower().split("_")[-1]).opt_class
+    takes_fused = isinstance(opt_class, type) and "fused" in inspect.signature(opt_class.__init__).parameters
+    return {"fused": True} if kernels == "fused" and takes_fused else {}
 
 
 class VitlabTask(L.LightningModule):
+    #: training inputs all of one size (cuDNN's autotuner pays off: ``callbacks.fast_paths.cudnn_benchmark=auto``)
+    fixed_input_size = False
+    #: "fused" (set by ``vitlab.runtime.callbacks.FastPaths`` on CUDA) or "foreach"
+    optimizer_kernels = "foreach"
+
     def __init__(self, backbone: dict, schedule: dict, info: DatasetInfo | dict, compile: bool | str = False):
         super().__init__()
         self.backbone_cfg = _plain(backbone)
@@ -143,7 +149,7 @@ class VitlabTask(L.LightningModule):
         for key in list(self.hparams):
             self.hparams[key] = _plain(self.hparams[key])
         # What Lightning logs to the loggers: the module's own fields. The backbone and schedule reach
-        # them as top-level keys and the whole run config (vitlab.run), so "backbone" stays its name.
+        # them as top-level keys and the whole run config (vitlab.runtime.run), so "backbone" stays its name.
         self._hparams_initial = copy.deepcopy(
             type(self._hparams)({k: v for k, v in self._hparams.items() if k not in ("backbone", "schedule", "info")}))
 
@@ -162,6 +168,33 @@ class VitlabTask(L.LightningModule):
             if isinstance(module, (ImageClassifier, Backbone)) and not inside:
                 module.compile(backend=self.compile_backend)
                 compiled.append(name)
+
+    # ---- EMA (module.ema_decay) --------------------------------------------------------
+    def init_ema(self, decay: float | None) -> None:
+        """``module.ema_decay``: timm's ``ModelEmaV3`` copy of ``self.model`` (checkpoint keys
+        ``ema.module.*``, which ``backbone.pretrained_ema`` reads), updated once per optimiser step
+        (``optimizer_step``) and used for validation, testing and prediction (``eval_model``).
+        Not Lightning's ``WeightAveraging`` callback: it keeps the average in the callback's state and
+        swaps it into ``model`` to validate, so checkpoints would change layout."""
+        self.ema = None
+        if decay:
+            if not 0 < decay < 1:
+                raise ValueError(f"module.ema_decay={decay}: expected a number in (0, 1), e.g. 0.99996, or null")
+            self.ema = ModelEmaV3(self.model, decay=decay)
+            self.ema.requires_grad_(False)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The network validation, testing and prediction run: the EMA copy when there is one."""
+        return self.ema.module if getattr(self, "ema", None) is not None else self.model
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Lightning calls this once per optimiser step, not for the micro-batches that
+        ``trainer.accumulate_grad_batches`` accumulates: the EMA moves once per step, as in timm's
+        train loop (per micro-batch, decay d would act as d^k)."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if getattr(self, "ema", None) is not None:
+            self.ema.update(self.model)
 
     @classmethod
     def build_model(cls, backbone: dict, module: dict, info: DatasetInfo) -> nn.Module:
@@ -200,9 +233,10 @@ class VitlabTask(L.LightningModule):
         opt = self.schedule["optimizer"]
         extra = {k: tuple(v) if isinstance(v, list) else v for k, v in opt.items()  # null: the optimiser's default
                  if k not in ("name", "lr", "weight_decay", "paramwise") and v is not None}
-        weight_decay, lr = opt.get("weight_decay", 0.0), self.scaled_lr()
+        weight_decay, lr, name = opt.get("weight_decay", 0.0), self.scaled_lr(), opt.get("name", "adamw")
+        extra = {**kernel_options(name, self.optimizer_kernels), **extra}  # the schedule's own fused/foreach wins
         optimizer = create_optimizer_v2(
-            self.param_groups(weight_decay, lr), opt=opt.get("name", "adamw"), lr=lr, weight_decay=weight_decay, **extra,
+            self.param_groups(weight_decay, lr), opt=name, lr=lr, weight_decay=weight_decay, **extra,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._scheduler(optimizer), "interval": "step"}}
 
@@ -242,29 +276,45 @@ class VitlabTask(L.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val=clip or gradient_clip_val, gradient_clip_algorithm="norm")
 
     # ---- shared by the tasks ----------------------------------------------------------
+    def log_lr(self, batch_size: int | None = None) -> None:
+        """``train/lr``: the first group's learning rate, as a device tensor filled in place. Logged as a
+        Python number, Lightning would copy it to the GPU with a blocking copy, which waits for the GPU."""
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.log("train/lr", torch.full((), lr, device=self.device), batch_size=batch_size)
+
+    def log_skipped(self, skipped: torch.Tensor) -> None:
+        """``data/skipped_corrupt``: the files the loaders skipped (``data.skip_corrupt``) this epoch, over
+        all processes. Logged every step as the tensor it is: testing its value (``.item()``) would make
+        each training step wait for the GPU."""
+        self.log("data/skipped_corrupt", skipped.float(), on_step=False, on_epoch=True, reduce_fx="sum",
+                 sync_dist=True, batch_size=1)
+
     def log_images(self, tag: str, images: list[np.ndarray]) -> None:
-        """H x W x 3 uint8 figures (``vitlab.visualize``) -> W&B (WandbLogger) or PNGs under
-        ``<run dir>/predictions/epoch_XXX/``."""
+        """H x W x 3 uint8 figures (``vitlab.tasks.visualize``) -> W&B, MLflow, TensorBoard
+        (``vitlab.runtime.loggers.log_images``) or, with none of them, PNGs under ``<run dir>/predictions/epoch_XXX/``."""
+        from vitlab.runtime.loggers import log_images
+
         trainer = self.trainer
         if not images or not trainer.is_global_zero or trainer.sanity_checking:
             return
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key=tag, images=list(images), step=self.global_step)
-                return
+        logged = [log_images(logger, tag, images, self.global_step) for logger in self.loggers]
+        if any(logged):
+            return
         out = Path(trainer.default_root_dir) / "predictions" / f"epoch_{self.current_epoch:03d}"
         out.mkdir(parents=True, exist_ok=True)
         for i, im in enumerate(images):
             Image.fromarray(im).save(out / f"{tag.replace('/', '_')}_{i}.png")
 
     def log_table(self, tag: str, columns: list[str], rows: list[list]) -> None:
-        """A table (e.g. per-class results) for W&B; other loggers get it through summary.json."""
+        """A table (e.g. per-class results) for W&B, MLflow and TensorBoard (``vitlab.runtime.loggers.log_table``);
+        the CSV logger's runs have it in summary.json."""
+        from vitlab.runtime.loggers import log_table
+
         trainer = self.trainer
         if not rows or not trainer.is_global_zero or trainer.sanity_checking:
             return
         for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_table(key=tag, columns=columns, data=rows, step=self.global_step)
+            log_table(logger, tag, columns, rows, self.global_step)
 
     def extra_summary(self) -> dict:
         """Per-class results of the last validation for summary.json's ``extra`` (by class name)."""
@@ -272,7 +322,7 @@ class VitlabTask(L.LightningModule):
 
     def predict_step(self, batch: PredictBatch, batch_idx: int) -> list[dict]:
         """``predict.py``: one JSON-ready record per image, plus ``figure`` (H x W x 3 uint8, drawn by
-        ``vitlab.visualize``) and optionally ``label_map`` (H x W class ids), which are written as PNGs."""
+        ``vitlab.tasks.visualize``) and optionally ``label_map`` (H x W class ids), which are written as PNGs."""
         raise NotImplementedError(f"{type(self).__name__} has no prediction for image files")
 
     def test_step(self, batch, batch_idx):  # testing = validating on the test loader
@@ -295,15 +345,7 @@ class VitlabTask(L.LightningModule):
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
 
-    def without_pruned_keys(self, state_dict: dict) -> dict:
-        """A checkpoint's state dict less the backbone parts dense models no longer hold
-        (``Backbone.prune_for_dense``; dense checkpoints of vitlab < 0.3 still have them)."""
-        pruned = {f"{name}.{key}" for name, module in self.named_modules()
-                  if isinstance(module, Backbone) for key in module.pruned_keys}
-        return {k: v for k, v in state_dict.items() if k not in pruned}
-
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = self.without_pruned_keys(checkpoint["state_dict"])
         # Restore RNG as early as Lightning allows: it builds the training iterator (whose
         # first batches draw augmentations) before on_train_start, so a resumed run then draws
         # the same augmentations, mixup and drop-path masks as an uninterrupted one.

@@ -4,18 +4,18 @@ from __future__ import annotations
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from vitlab.build import build_classifier
 from vitlab.data.base import DatasetInfo, ImageBatch, PredictBatch
-from vitlab.tasks.base import VitlabTask, check_legacy_num_classes
-from vitlab.visualize import Panel, confusion_figure, render, to_rgb_array, top_confusions
+from vitlab.runtime.build import build_classifier
+from vitlab.tasks.base import VitlabTask
+from vitlab.tasks.visualize import Panel, confusion_figure, render, to_rgb_array, top_confusions
 
 
 class ClassificationTask(VitlabTask):
+    fixed_input_size = True  # training crops and evaluation images share one size
     def __init__(
         self,
         backbone: dict,
@@ -28,11 +28,9 @@ class ClassificationTask(VitlabTask):
         label_smoothing: float = 0.1,
         ema_decay: float | None = None,
         compile: bool | str = False,
-        num_classes: int | None = None,  # stored configs of vitlab < 0.2; the dataset decides now
     ):
         super().__init__(backbone, schedule, info, compile)
-        check_legacy_num_classes(num_classes, self.info)
-        self.save_plain_hyperparameters(ignore=["num_classes"])
+        self.save_plain_hyperparameters()
         num_classes = self.info.num_classes
         self.model = self.build_model(self.backbone_cfg, {}, self.info)
         self.mixup = None
@@ -46,9 +44,7 @@ class ClassificationTask(VitlabTask):
             self.train_loss = LabelSmoothingCrossEntropy(smoothing=label_smoothing)
         else:
             self.train_loss = nn.CrossEntropyLoss()
-        self.ema = ModelEmaV3(self.model, decay=ema_decay) if ema_decay else None
-        if self.ema is not None:
-            self.ema.requires_grad_(False)
+        self.init_ema(ema_decay)
         top5 = min(5, num_classes)
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
@@ -72,19 +68,13 @@ class ClassificationTask(VitlabTask):
                 images, targets = images[:-1], targets[:-1]
             images, targets = self.mixup(images, targets)
         loss = self.train_loss(self.model(images), targets)
-        self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=images.shape[0])
-        if batch.skipped.item():
-            self.log("data/skipped_corrupt", batch.skipped.float(), reduce_fx="sum", batch_size=images.shape[0])
+        self.log("train/loss", loss, batch_size=images.shape[0])
+        self.log_lr(batch_size=images.shape[0])
+        self.log_skipped(batch.skipped)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.ema is not None:
-            self.ema.update(self.model, step=self.global_step)
-
     def validation_step(self, batch: ImageBatch, batch_idx):
-        model = self.ema.module if self.ema is not None else self.model
-        logits = model(batch.images)
+        logits = self.eval_model(batch.images)
         self.val_loss.update(nn.functional.cross_entropy(logits, batch.targets), weight=len(batch.targets))
         self.val_top1.update(logits, batch.targets)
         self.val_top5.update(logits, batch.targets)
@@ -121,8 +111,7 @@ class ClassificationTask(VitlabTask):
 
     def predict_step(self, batch: PredictBatch, batch_idx: int) -> list[dict]:
         """Top-k classes with their probabilities; the figure shows the image and the top-k as bars."""
-        model = self.ema.module if self.ema is not None else self.model
-        probs = model(torch.stack(batch.images)).softmax(1)
+        probs = self.eval_model(torch.stack(batch.images)).softmax(1)
         scores, labels = probs.topk(min(self.predict_topk, self.info.num_classes), dim=1)
         records = []
         for original, score, label in zip(batch.originals, scores.tolist(), labels.tolist()):

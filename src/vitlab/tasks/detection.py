@@ -27,10 +27,10 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchvision.models.detection.transform import resize_boxes
 
-from vitlab.build import build_backbone, instantiate
 from vitlab.data.base import DatasetInfo, DetectionBatch, PredictBatch
-from vitlab.tasks.base import VitlabTask, check_legacy_num_classes
-from vitlab.visualize import Panel, render, to_rgb_array
+from vitlab.runtime.build import build_backbone, instantiate
+from vitlab.tasks.base import VitlabTask
+from vitlab.tasks.visualize import Panel, render, to_rgb_array
 
 # torchmetrics' result keys -> ours (``val/<prefix><name>``)
 MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100",
@@ -166,18 +166,18 @@ class DetectionTask(VitlabTask):
         vis_score_thresh: float = 0.3,
         tta: dict | None = None,
         val_loss: bool = True,
+        ema_decay: float | None = None,
         compile: bool | str = False,
-        num_classes: int | None = None,  # stored configs of vitlab < 0.2; the dataset decides now
     ):
         super().__init__(backbone, schedule, info, compile)
-        check_legacy_num_classes(num_classes, self.info)
-        self.save_plain_hyperparameters(ignore=["num_classes"])
+        self.save_plain_hyperparameters()
         if tta and (list(tta.get("scales", [1.0])) != [1.0] or tta.get("flip")):
             raise ValueError(f"test-time augmentation {tta} is implemented for segmentation only; use tta=none")
         self.num_classes = self.info.num_classes
         self.num_vis_images = num_vis_images
         self.vis_score_thresh = vis_score_thresh
         self.model = self.build_model(self.backbone_cfg, {"head": head}, self.info)
+        self.init_ema(ema_decay)
         self.with_masks = bool(getattr(self.model, "with_masks", False))
         if self.with_masks != self.info.with_masks:
             raise ValueError(f"data.with_masks={self.info.with_masks} does not match module.head "
@@ -205,16 +205,15 @@ class DetectionTask(VitlabTask):
     # ---- training -------------------------------------------------------------------
     def training_step(self, batch: DetectionBatch, batch_idx):
         images, targets, skipped = batch
-        if skipped.item():
-            self.log("data/skipped_corrupt", skipped.float(), reduce_fx="sum")
+        self.log_skipped(skipped)
         if not images:
             return None  # every image of the batch was unreadable and skipped
         losses = self.model(images, targets)
         loss = sum(losses.values())
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
+        self.log("train/loss", loss, batch_size=len(images))
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=len(images))
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log_lr()
         return loss
 
     # ---- evaluation -----------------------------------------------------------------
@@ -253,12 +252,12 @@ class DetectionTask(VitlabTask):
         if not images:
             return
         if self.compute_val_loss:
-            detections, losses = self.model.detect_and_losses(
+            detections, losses = self.eval_model.detect_and_losses(
                 images, [self.loss_target(t, im.shape[-2:]) for im, t in zip(images, targets)])
             for name, value in losses.items():
                 self.val_losses[name].update(value, weight=len(images))
         else:
-            detections = self.model(images)
+            detections = self.eval_model(images)
         for image, det, tgt in zip(images, detections, targets):
             orig = tuple(int(v) for v in tgt["orig_size"])
             pred = self.to_original_size(det, image.shape[-2:], orig)
@@ -331,7 +330,7 @@ class DetectionTask(VitlabTask):
         """Detections scoring at least ``vis_score_thresh`` on the original image, as COCO results
         entries (xywh boxes, RLE masks) with their class names; the figure draws them."""
         records = []
-        for image, det, original in zip(batch.images, self.model(batch.images), batch.originals):
+        for image, det, original in zip(batch.images, self.eval_model(batch.images), batch.originals):
             pred = self.to_original_size(det, image.shape[-2:], original.shape[-2:])
             keep = pred["scores"] >= self.vis_score_thresh
             pred = {k: v[keep] for k, v in pred.items()}

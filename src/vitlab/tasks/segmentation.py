@@ -1,6 +1,7 @@
 """ADE20K semantic segmentation: backbone + decode head (+ auxiliary head), mmseg's recipe.
 
-Loss: cross-entropy (ignore 255) on logits upsampled to the crop, plus
+Loss: cross-entropy (ignore 255) on logits upsampled to the crop, reduced as mmseg 0.x does (summed
+over the labelled pixels, divided by all pixels of the batch, ignored ones included), plus
 ``aux_weight`` x the auxiliary head's (UperNet: FCN on stage 3, 0.4).
 Evaluation: whole-image or sliding-window inference on the validation image
 (shorter side 512), optional multi-scale + flip TTA (softmax averaged), logits
@@ -8,8 +9,8 @@ resized to the label map's original size; one confusion matrix
 (``ConfusionMatrix``, on the device) accumulated over the whole validation set gives mIoU, per-class
 IoU and pixel accuracy exactly as mmseg computes them (classes absent from both
 prediction and ground truth are left out of the mean). ``val/loss``: the decode head's
-cross-entropy of the evaluated class probabilities per labelled pixel (no auxiliary head; compare it
-with ``train/loss_decode``).
+cross-entropy of the evaluated class probabilities per labelled pixel (no auxiliary head); compare it
+with ``train/loss_decode`` divided by the labelled fraction of the training crops.
 """
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric, Metric
 
-from vitlab.build import build_backbone, instantiate
 from vitlab.data.base import DatasetInfo, PredictBatch, SegmentationBatch
 from vitlab.heads.segmentation import Segmentor
-from vitlab.tasks.base import VitlabTask, check_legacy_num_classes
-from vitlab.visualize import Panel, render, to_rgb_array
+from vitlab.runtime.build import build_backbone, instantiate
+from vitlab.tasks.base import VitlabTask
+from vitlab.tasks.visualize import Panel, render, to_rgb_array
 
 
 def iou_from_confmat(confmat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,19 +77,13 @@ class SegmentationTask(VitlabTask):
         size_divisor: int = 32,
         tta: dict | None = None,
         num_vis_images: int = 4,
+        ema_decay: float | None = None,
         compile: bool | str = False,
-        decode_head: dict | None = None,  # the name of `head` in configs stored by vitlab < 0.2
-        num_classes: int | None = None,  # likewise: the dataset decides now
-        mean: list[float] | None = None,  # likewise: the dataset's statistics are in `info`
-        std: list[float] | None = None,
     ):
         super().__init__(backbone, schedule, info, compile)
-        check_legacy_num_classes(num_classes, self.info)
-        head = head or decode_head
         if head is None:
             raise ValueError("module.head is missing: the segmentation task needs a decode head (conf/head/)")
-        self.save_plain_hyperparameters(ignore=["decode_head", "num_classes", "mean", "std", "head"])
-        self.hparams["head"] = head
+        self.save_plain_hyperparameters()
         if test_mode not in ("whole", "slide"):
             raise ValueError(f"module.test_mode={test_mode!r}: expected 'whole' or 'slide'")
         self.num_classes = self.info.num_classes
@@ -104,6 +99,7 @@ class SegmentationTask(VitlabTask):
         self.register_buffer("mean", torch.tensor(self.info.mean).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(self.info.std).view(3, 1, 1), persistent=False)
         self.model = self.build_model(self.backbone_cfg, {"head": head, "auxiliary_head": auxiliary_head}, self.info)
+        self.init_ema(ema_decay)
         self.confmat = ConfusionMatrix(self.num_classes, ignore_index=self.info.ignore_index)
         self.val_loss = MeanMetric()  # cross-entropy per labelled pixel over the validation set
         self.class_names = list(self.info.class_names)
@@ -130,18 +126,22 @@ class SegmentationTask(VitlabTask):
     # ---- training -------------------------------------------------------------------
     def training_step(self, batch: SegmentationBatch, batch_idx):
         images, labels, skipped = batch.images, batch.labels, batch.skipped
-        if skipped.item():
-            self.log("data/skipped_corrupt", skipped.float(), reduce_fx="sum")
+        self.log_skipped(skipped)
         logits, aux = self.model(images)
-        loss = F.cross_entropy(logits, labels, ignore_index=self.ignore_index)
+        loss = self.pixel_loss(logits, labels)
         self.log("train/loss_decode", loss, batch_size=len(images))
         if aux is not None:
-            aux_loss = F.cross_entropy(aux, labels, ignore_index=self.ignore_index)
+            aux_loss = self.pixel_loss(aux, labels)
             self.log("train/loss_aux", aux_loss, batch_size=len(images))
             loss = loss + self.aux_weight * aux_loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log("train/loss", loss, batch_size=len(images))
+        self.log_lr()
         return loss
+
+    def pixel_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy as mmsegmentation 0.x's ``CrossEntropyLoss`` reduces it: summed over the labelled
+        pixels, divided by all pixels, ignored ones included (``avg_non_ignore=False``, its default)."""
+        return F.cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction="sum") / labels.numel()
 
     # ---- inference ------------------------------------------------------------------
     def predict_whole(self, image: torch.Tensor) -> torch.Tensor:
@@ -149,7 +149,7 @@ class SegmentationTask(VitlabTask):
         h, w = image.shape[-2:]
         d = self.size_divisor
         padded = F.pad(image, (0, (-w) % d, 0, (-h) % d))
-        return self.model(padded)[..., :h, :w]
+        return self.eval_model(padded)[..., :h, :w]
 
     def predict_slide(self, image: torch.Tensor) -> torch.Tensor:
         """mmseg's sliding-window inference: overlapping crops, logits averaged where they overlap.

@@ -1,7 +1,7 @@
 """What evaluation at full size costs: seconds and peak memory of the COCO and ADE20K metrics.
 
-    python -m vitlab.bench --eval coco --images 5000 [--masks]
-    python -m vitlab.bench --eval ade20k --images 2000
+    python -m vitlab.tools.bench --eval coco --images 5000 [--masks]
+    python -m vitlab.tools.bench --eval ade20k --images 2000
 
 Generated predictions and ground truth at the real sizes (COCO: 640 x 480 images, ~7 objects
 and 100 detections each over 80 classes, optionally with masks; ADE20K: 512 x 512 label maps of

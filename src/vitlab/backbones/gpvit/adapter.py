@@ -16,7 +16,7 @@ from torch import nn
 
 from vitlab.backbones.arguments import check_ints, check_positive, fail, per_stage
 from vitlab.backbones.base import Backbone
-from vitlab.backbones.gpvit.convert import convert_official_adapter
+from vitlab.backbones.gpvit.convert import convert_official_adapter, to_official_adapter
 from vitlab.backbones.gpvit.trunk import GPViT, _dw_conv_tokens
 from vitlab.backbones.layers import init_vit_weights, run_block
 
@@ -194,6 +194,8 @@ class GPViTAdapter(Backbone):
     """
 
     convert_official = staticmethod(convert_official_adapter)
+    to_official = staticmethod(to_official_adapter)
+    official_container = "state_dict"  # mmdet checkpoints
 
     def __init__(
         self,

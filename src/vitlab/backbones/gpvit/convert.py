@@ -102,12 +102,67 @@ _MIXER_RENAMES = (
 def _convert_layer_key(tail: str) -> str:
     if tail.startswith("mixer.layers."):  # mixer.layers.{d}.X -> propagate.{d}.X
         d, _, rest = tail[len("mixer.layers."):].partition(".")
-        for old, new in _MIXER_RENAMES:
-            if rest.startswith(old):
-                rest = new + rest[len(old):]
-                break
-        return f"propagate.{d}.{rest}"
+        return f"propagate.{d}.{_first_prefix_renamed(rest, _MIXER_RENAMES)}"
     for old, new in _LAYER_RENAMES:
         if tail.startswith(old) and not (old == "group_token" and tail != "group_token"):
             return new + tail[len(old):]
     return tail  # norm1, norm2, dw
+
+
+# ---- the way out: our layout -> the official mmcls / mmdet one (vitlab.tools.export --format official)
+def to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our ``backbone.*`` + ``head.*`` -> the official mmcls GPViT layout (``backbone.`` / ``neck.`` /
+    ``head.``): the inverse of ``convert_official``. A ViT-Adapter's extra keys (``interactions``,
+    ``ad_norms``, ...) map back as ``convert_official`` maps them in (see ``to_official_adapter``)."""
+    first_ad_norm = 1 if "backbone.up.weight" in state_dict else 2  # as convert_official: ad_norm1 with stride 4 only
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        m = re.match(r"backbone\.ad_norms\.(\d+)\.(.*)", key)
+        out[f"backbone.ad_norm{int(m[1]) + first_ad_norm}.{m[2]}" if m else _official_key(key)] = value
+    return out
+
+
+def to_official_adapter(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our ``GPViTAdapter`` layout -> the official mmdet one: the trunk back at the top, then ``to_official``."""
+    return to_official({key.replace("backbone.trunk.", "backbone.", 1): v for key, v in state_dict.items()})
+
+
+def _official_key(key: str) -> str:
+    if key.startswith("head.neck."):
+        return "neck." + re.sub(r"(^|\.)k_proj\.", r"\1attn.k_proj.", key[len("head.neck."):])
+    if not key.startswith("backbone."):
+        return key  # head.fc.* is the official head's name already
+    parts = key.split(".")[1:]
+    if parts[:2] == ["patch_embed", "stem"] and int(parts[2]) >= 3:  # the conv stack after the 3 stem modules
+        return "backbone.patch_embed.convs." + ".".join([str(int(parts[2]) - 3), *parts[3:]])
+    if parts[:2] == ["patch_embed", "proj"]:
+        return "backbone.patch_embed.projection." + ".".join(parts[2:])
+    if parts[0] == "norm":
+        return "backbone.ln1." + ".".join(parts[1:])
+    if parts[0] == "out_norms":
+        return f"backbone.norm{parts[1]}." + ".".join(parts[2:])
+    if parts[0] == "interactions":
+        return key.replace(".ffn.dwconv.", ".ffn.dwconv.dwconv.")
+    if parts[0] == "layers":
+        return f"backbone.layers.{parts[1]}." + _official_layer_key(".".join(parts[2:]))
+    return key
+
+
+def _official_layer_key(tail: str) -> str:
+    if tail.startswith("propagate."):
+        d, _, rest = tail[len("propagate."):].partition(".")
+        return f"mixer.layers.{d}.{_first_prefix_renamed(rest, [(new, old) for old, new in _MIXER_RENAMES])}"
+    if re.match(r"dw\.\d", tail):  # the GP block's conv + BN (official dwconv.N); the local block's dw conv keeps its name
+        return "dwconv." + tail[len("dw."):]
+    for old, new in _LAYER_RENAMES:
+        if old != "dwconv." and tail.startswith(new) and not (new == "group.group_token" and tail != new):
+            return old + tail[len(new):]
+    return tail
+
+
+def _first_prefix_renamed(text: str, renames) -> str:
+    """``text`` with the first (old prefix, new prefix) pair that starts it applied; unchanged if none does."""
+    for old, new in renames:
+        if text.startswith(old):
+            return new + text[len(old):]
+    return text

@@ -91,9 +91,9 @@ from timm.layers import DropPath, LayerNorm2d, Mlp, resample_abs_pos_embed, trun
 from torch import nn
 
 from vitlab.backbones.arguments import (check_choice, check_divisible, check_ints, check_positive, check_rates, fail,
-                                        per_stage, renamed_arguments, show)
+                                        per_stage, show)
 from vitlab.backbones.base import Backbone
-from vitlab.backbones.gpvit.convert import convert_official
+from vitlab.backbones.gpvit.convert import convert_official, to_official
 from vitlab.backbones.layers import (add_relative_position_bias, adapt_shapes, attention, init_vit_weights,
                                      relative_position_bias, resize_relative_position_bias, resize_token_grid,
                                      run_block)
@@ -577,8 +577,9 @@ class GPViT(Backbone):
     """
 
     convert_official = staticmethod(convert_official)
+    to_official = staticmethod(to_official)
+    official_container = "state_dict"  # mmcls checkpoints
 
-    @renamed_arguments(names={"num_layers": "depths", "ffn_ratio": "mlp_ratios", "window_size": "window_sizes"})
     def __init__(
         self,
         img_size: int | list[int],

@@ -1,0 +1,233 @@
+"""``backbone.pretrained``: a file, a vitlab run directory, or ``imagenet`` (the variant's official release).
+
+    backbone.pretrained=imagenet              # the official ImageNet-1K weights of this architecture
+    backbone.pretrained=outputs/imagenet_cls/pale_t/pale_in1k   # our own ImageNet run (best, else last)
+    backbone.pretrained=path/to/file.pth      # any checkpoint vitlab.runtime.checkpoints reads
+    backbone.pretrained=null                  # from scratch
+
+``imagenet`` looks the backbone up in ``weights.yaml`` (next to this file): the entry whose
+variant has the same parameter names and shapes as the backbone being built (size-dependent
+tensors aside), so an architecture ablation never loads another architecture's weights. The file
+lives in the weights folder (``paths.weights_dir``: env ``VITLAB_WEIGHTS``, else
+``<project>/weights``); when it is missing it is downloaded with a progress bar and checked
+against the published sha256 (torch.hub's downloader). Offline (no network, or ``VITLAB_OFFLINE=1``)
+the error names the URL and the path to put the file at. Families without a release (Pale) name
+what to give instead.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from urllib.error import URLError
+
+import torch
+import yaml
+from torch import nn
+
+from vitlab.errors import VitlabUserError
+
+
+log = logging.getLogger("vitlab")
+
+REGISTRY_FILE = Path(__file__).with_name("weights.yaml")
+# tensors whose shape follows the input size, not the architecture (resized on load)
+SIZE_DEPENDENT = ("pos_embed", "relative_position")
+# torchvision / torch.hub file names carry the first hex digits of the file's sha256
+HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.[a-z]+$")
+DOWNLOAD_TIMEOUT_S = 60
+# Keys of a backbone config that say which weights to load, not constructor arguments.
+WEIGHT_KEYS = ("pretrained", "pretrained_ema")
+
+
+class WeightsUnavailable(VitlabUserError, RuntimeError):
+    """``backbone.pretrained`` cannot be resolved to a file: the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Release:
+    name: str                       # the backbone config it belongs to
+    file: str | None = None
+    url: str | None = None
+    sha256: str | None = None
+    manual: bool = False
+    source: str | None = None
+    note: str | None = None         # families without a release: what to give instead
+
+
+def weights_dir() -> Path:
+    """``paths.weights_dir``: a run exports it as ``VITLAB_WEIGHTS`` (``vitlab.runtime.run.train``); outside a
+    run the same rule as its default: ``VITLAB_WEIGHTS``, else ``<PROJECT_ROOT or the working dir>/weights``."""
+    env = os.environ.get("VITLAB_WEIGHTS")
+    return Path(env) if env else Path(os.environ.get("PROJECT_ROOT", os.getcwd())) / "weights"
+
+
+def registry() -> dict[str, Release]:
+    raw = yaml.safe_load(REGISTRY_FILE.read_text())
+    out = {}
+    for name, entry in raw.items():
+        entry = dict(entry)
+        if "same" in entry:
+            entry = dict(raw[entry["same"]])
+        if "timm" in entry:
+            entry = _from_timm(entry["timm"])
+        out[name] = Release(name=name, **entry)
+    return out
+
+
+def _from_timm(tag: str) -> dict:
+    """File, URL and hash of a timm pretrained tag from timm's table (no network): the original
+    ``.pth`` where timm lists one (torchvision's carry their hash prefix), else timm's Hugging Face copy."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(tag)
+    if cfg is None:
+        raise ValueError(f"{REGISTRY_FILE}: timm has no pretrained tag {tag!r}")
+    url = cfg.url if cfg.url and cfg.url.endswith(".pth") else (
+        f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/model.safetensors")
+    prefix = HASH_IN_NAME.search(url)
+    suffix = ".pth" if url.endswith(".pth") else ".safetensors"
+    return {"file": f"{tag}{suffix}", "url": url, "sha256": prefix.group(1) if prefix else None,
+            "source": f"timm pretrained tag {tag}"}
+
+
+# ---- which release fits a backbone -----------------------------------------------------
+def shape_signature(backbone: nn.Module) -> tuple:
+    """Parameter names and shapes, without the input-size-dependent ones."""
+    return tuple(sorted((k, tuple(v.shape)) for k, v in backbone.state_dict().items()
+                        if not any(s in k for s in SIZE_DEPENDENT)))
+
+
+@cache
+def _registered_configs() -> dict[str, dict]:
+    """The backbone config of every registry entry, composed in one Hydra call (``+backbone@<key>=<name>``)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from vitlab.runtime.resources import conf_dir
+
+    overrides = [f"+backbone@registered.{name}={name}" for name in registry()]
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app: its search path has conf/
+        cfg = compose(overrides=overrides)
+    else:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose(overrides=overrides)
+    return OmegaConf.to_container(cfg.registered, resolve=True)
+
+
+@cache
+def _variant_signature(name: str) -> tuple:
+    """A registered variant's signature (built on the meta device: no memory, no initialisation)."""
+    from vitlab.runtime.targets import instantiate
+
+    cfg = {k: v for k, v in _registered_configs()[name].items() if k not in WEIGHT_KEYS}
+    with torch.device("meta"):
+        return shape_signature(instantiate(cfg, f"backbone {name}"))
+
+
+def release_for(backbone: nn.Module, cfg: dict) -> Release:
+    """The registry entry whose variant has ``backbone``'s parameter shapes (``cfg``: its config);
+    a clear error otherwise. Candidates of the same class are tried closest config first, so the
+    usual case (a registered variant with other training settings) builds one variant."""
+    family = {n: c for n, c in _registered_configs().items() if c.get("_target_") == cfg["_target_"]}
+    closest = sorted(family, key=lambda n: sum(family[n].get(k) != v for k, v in cfg.items()))
+    signature = shape_signature(backbone)
+    pruned = getattr(backbone, "pruned_keys", frozenset())  # a dense model's backbone lacks its classifier parts
+    name = next((n for n in closest if tuple(e for e in _variant_signature(n) if e[0] not in pruned) == signature), None)
+    if name is None:
+        raise WeightsUnavailable(
+            f"backbone.pretrained=imagenet: no official ImageNet release has this architecture ({cfg['_target_']} "
+            f"with these parameter shapes; releases of the family: {', '.join(sorted(family)) or 'none'}). "
+            f"Pre-train it first and pass backbone.pretrained=<its run directory or checkpoint> "
+            f"(backbone.pretrained_ema=true for its EMA weights), or backbone.pretrained=null to train from scratch")
+    return registry()[name]
+
+
+# ---- the file ---------------------------------------------------------------------------
+def _offline_message(release: Release, path: Path, why: str) -> str:
+    how = "open it in a browser, download the file" if release.manual else "download it"
+    return (f"backbone.pretrained=imagenet needs {release.name}'s ImageNet weights ({release.source}) and {why}: "
+            f"{how} from {release.url} and place it at {path} (or point VITLAB_WEIGHTS / paths.weights_dir at the "
+            f"folder that holds {release.file}); backbone.pretrained=null trains from scratch")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch(release: Release, folder: Path | None = None) -> Path:
+    """``release``'s file in ``folder`` (the weights folder): used when present (and its published hash
+    matches), else downloaded (progress bar, sha256 checked, written atomically)."""
+    if release.url is None:
+        raise WeightsUnavailable(
+            f"backbone.pretrained=imagenet: {release.name} has no official ImageNet weights ({release.note}); "
+            f"pass backbone.pretrained=<that run's directory or checkpoint> (backbone.pretrained_ema=true for its "
+            f"EMA weights), or backbone.pretrained=null to train from scratch")
+    path = (folder or weights_dir()) / release.file
+    if path.is_file():
+        if release.sha256 and not _sha256(path).startswith(release.sha256):
+            raise WeightsUnavailable(f"{path}: its sha256 is not the published {release.sha256} ({release.url}); "
+                                     f"delete it and run again to download it anew")
+        return path
+    if release.manual:
+        raise WeightsUnavailable(_offline_message(release, path, "it is a web-page link vitlab cannot fetch"))
+    if os.environ.get("VITLAB_OFFLINE", "0") not in ("", "0"):
+        raise WeightsUnavailable(_offline_message(release, path, "VITLAB_OFFLINE is set"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock  # a torch dependency: DDP ranks wait for the first one's download
+
+    with FileLock(str(path) + ".lock"):
+        if path.is_file():
+            return path
+        log.info("downloading %s's ImageNet weights: %s -> %s", release.name, release.url, path)
+        old_timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+        try:
+            torch.hub.download_url_to_file(release.url, str(path), hash_prefix=release.sha256, progress=True)
+        except (URLError, OSError) as err:
+            raise WeightsUnavailable(_offline_message(release, path, f"the download failed ({err})")) from None
+        except RuntimeError as err:  # torch.hub: "invalid hash value (expected ..., got ...)"; nothing is kept
+            raise WeightsUnavailable(f"downloaded {release.url} but {err}: not saved to {path}; the registry "
+                                     f"(src/vitlab/runtime/weights.yaml) or the file at the URL changed") from None
+        finally:
+            socket.setdefaulttimeout(old_timeout)
+    return path
+
+
+def from_run_dir(path: Path) -> Path:
+    """A vitlab run directory -> its best checkpoint, else its last."""
+    for name in ("best.ckpt", "last.ckpt"):
+        if (path / "checkpoints" / name).is_file():
+            return path / "checkpoints" / name
+    raise WeightsUnavailable(f"backbone.pretrained={path}: a directory without checkpoints/best.ckpt or "
+                             f"checkpoints/last.ckpt (expected a vitlab run directory or a checkpoint file)")
+
+
+def resolve(pretrained: str | None, backbone: nn.Module | None = None, cfg: dict | None = None) -> Path | None:
+    """``backbone.pretrained`` -> the file to load (None: from scratch). ``imagenet`` needs the
+    built ``backbone`` and its config to find the release."""
+    if pretrained in (None, "", "null", "none"):
+        return None
+    if str(pretrained) == "imagenet":
+        release = release_for(backbone, cfg)
+        path = fetch(release)
+        log.info("backbone.pretrained=imagenet: %s (%s)", path, release.name)
+        return path
+    path = Path(pretrained)
+    return from_run_dir(path) if path.is_dir() else path
+
+
+def loaded_file(model: nn.Module) -> str | None:
+    """The file ``model``'s backbone was initialised from (``vitlab.runtime.build`` records it); None: random."""
+    return next((m.pretrained_file for m in model.modules() if getattr(m, "pretrained_file", None)), None)
