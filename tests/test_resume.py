@@ -36,10 +36,10 @@ def run_dir(output: Path) -> Path:
     return dirs[0]
 
 
-def start(output: Path, data_dir: Path, env: dict | None = None) -> subprocess.Popen:
+def start(output: Path, data_dir: Path, env: dict | None = None, extra: tuple = ()) -> subprocess.Popen:
     full_env = {**os.environ, "VITLAB_OUTPUT": str(output), "VITLAB_DATA": str(data_dir), "WANDB_MODE": "offline",
                 "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.Popen([sys.executable, str(REPO / "src" / "train.py"), *COMMAND], cwd=output.parent,
+    return subprocess.Popen([sys.executable, str(REPO / "src" / "train.py"), *COMMAND, *extra], cwd=output.parent,
                             env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -74,8 +74,8 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[key], wb[key]), key
 
 
-def rerun(output: Path, data_dir: Path) -> dict:
-    proc = start(output, data_dir)
+def rerun(output: Path, data_dir: Path, extra: tuple = ()) -> dict:
+    proc = start(output, data_dir, extra=extra)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     return json.loads((run_dir(output) / "summary.json").read_text())
@@ -92,6 +92,26 @@ def test_sigkill_mid_epoch_then_same_command_is_bit_equal(tmp_path, data_dir, st
     assert summary["resumed_from"].endswith("last.ckpt") and summary["global_step"] == STEPS
     assert_same_weights(straight, run_dir(output))
     assert "resuming from" in (run_dir(output) / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_on_the_packed_format_is_bit_equal(tmp_path, data_dir):
+    """data.format=litdata (the generated set packed): killed mid-epoch and re-run, it ends bit-equal
+    to an uninterrupted run on the packed format."""
+    extra = ("data.format=litdata",)
+    (tmp_path / "straight").mkdir()
+    uninterrupted = tmp_path / "straight" / "outputs"
+    proc = start(uninterrupted, data_dir, extra=extra)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    output = tmp_path / "outputs"
+    proc = start(output, data_dir, extra=extra)
+    wait_for_mid_epoch_checkpoint(proc, output)
+    proc.kill()
+    proc.wait()
+    summary = rerun(output, data_dir, extra)
+    assert summary["resumed_from"].endswith("last.ckpt") and summary["global_step"] == STEPS
+    assert_same_weights(run_dir(uninterrupted), run_dir(output))
 
 
 def test_preemption_signal_saves_requeues_and_resumes(tmp_path, data_dir, straight):

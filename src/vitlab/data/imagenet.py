@@ -376,7 +376,11 @@ class ImageNetDataModule(VitlabDataModule):
 
         packed = folder.parent / f"{folder.name}_litdata"
         if not (packed / ".complete").exists():
+            # LitData's writer draws on (or seeds) the global RNGs: a run that packs would otherwise
+            # train differently from its re-run, which finds the pack made
+            states = random.getstate(), np.random.get_state(), torch.get_rng_state()
             pack_imagenet(folder, packed, shard_size="256KB", workers=1)
+            random.setstate(states[0]), np.random.set_state(states[1]), torch.set_rng_state(states[2])
             (packed / ".complete").touch()
         return packed
 
