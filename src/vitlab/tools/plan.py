@@ -147,18 +147,13 @@ def describe_job(cfg: DictConfig, overrides: list[str], train_images: int | None
 
 def expand(overrides: list[str], train_images: int | None = None) -> list[Job]:
     """Compose every job of ``python src/train.py -m <overrides>`` as Hydra would."""
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.types import RunMode
     from hydra.utils import get_class
 
-    from vitlab.runtime.resources import conf_dir
-    from vitlab.runtime.rundir import register_resolvers
+    from vitlab.runtime.config import hydra_app
 
-    register_resolvers()  # hydra.sweep.dir, as src/train.py resolves it
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="train"):
-        hydra = GlobalHydra.instance().hydra
+    with hydra_app(job_name="train") as hydra:  # hydra.sweep.dir resolves as src/train.py resolves it
         master = hydra.compose_config("train", overrides, run_mode=RunMode.MULTIRUN)
         arguments = list(master.hydra.overrides.task)
         parser = OverridesParser.create()

@@ -169,13 +169,10 @@ def _task_config(task: str, module_overrides: tuple[str, ...] = ()) -> tuple[dic
     composed once per task (the backbone does not change them). The backbone is composed on its
     own: a row states the architecture in ``set``, and backbone fields a task sets
     (``pretrained``) are not applied."""
-    from hydra import compose, initialize_config_dir
-
-    from vitlab.runtime.resources import conf_dir
+    from vitlab.runtime.config import compose
     from vitlab.runtime.trust import check_targets
 
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=[f"task={task}", *module_overrides])
+    cfg = compose("train", [f"task={task}", *module_overrides])
     module_cfg = OmegaConf.to_container(cfg.module, resolve=True)  # not `paths`: no Hydra run here
     check_targets(module_cfg, "module")
     return module_cfg, bool(cfg.data.get("with_masks", False))
