@@ -89,3 +89,29 @@ def test_two_sweeps_in_one_process_get_two_directories(tmp_path, monkeypatch):
     # a SLURM/submitit job of the second sweep (its own process: the environment inherited, its own values)
     monkeypatch.setenv(SWEEP_DIR_ENV, str(handed))
     assert sweep_dir(str(tmp_path), None, ["seed=4"], "auto", 1) == str(handed)
+
+
+def test_dataset_facts_live_on_the_datamodules_and_match_torchvision():
+    """One home per dataset fact: the DataModule's ``FACTS``, against torchvision's category lists; the
+    tools (zoo, plan, loader throughput) read them from there."""
+    import inspect
+
+    from torchvision.models import ResNet50_Weights
+    from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
+
+    from vitlab.data import throughput
+    from vitlab.data.ade20k import ADE20KDataModule
+    from vitlab.data.coco import CocoDataModule
+    from vitlab.data.imagenet import ImageNetDataModule
+    from vitlab.tools import plan, zoo
+
+    assert ImageNetDataModule.FACTS.num_classes == len(ResNet50_Weights.DEFAULT.meta["categories"]) == 1000
+    coco = [c for c in RetinaNet_ResNet50_FPN_Weights.DEFAULT.meta["categories"] if c not in ("__background__", "N/A")]
+    assert CocoDataModule.FACTS.num_classes == len(coco) == 80
+    assert ADE20KDataModule.FACTS.num_classes == 150 and ADE20KDataModule.FACTS.flops_input == (512, 512)
+    assert throughput.SIZES["coco"] == CocoDataModule.FACTS.image_size
+    assert zoo._task_config("coco_retinanet")[2] is CocoDataModule.FACTS
+    assert zoo._task_config("ade20k_fpn")[2] is ADE20KDataModule.FACTS
+    for module in (zoo, plan):  # no dataset table left in the tools, nothing keyed by a task name's prefix
+        source = inspect.getsource(module)
+        assert 'split("_")[0]' not in source and "117_266" not in source and "150}" not in source, module.__name__

@@ -16,7 +16,7 @@ way the launcher does. Nothing is launched. Per job:
   3 (forward + backward) x 2 (FLOPs per multiply-add) x GMACs. The achieved TFLOP/s comes
   from ``GPU_TFLOPS`` (``--gpu``, default A100) or ``--tflops``, or with ``--measure`` from
   ``vitlab.tools.bench`` timing the job's backbone (as a classifier) on this machine;
-* optimizer steps from the schedule and the dataset (``TRAIN_IMAGES``, or the generated
+* optimizer steps from the schedule and the dataset (its DataModule's ``FACTS.train_images``, or the generated
   dataset's size; ``--train-images`` overrides): epochs x ceil(images / (batch x GPUs)) /
   accumulation, capped by ``max_steps``/``limit_train_batches``; iteration schedules
   (40k/80k/160k) are their ``max_steps``;
@@ -37,10 +37,9 @@ from dataclasses import asdict, dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
+from vitlab.runtime.build import locate
 from vitlab.runtime.weights import WEIGHT_KEYS
 
-# Training images per dataset (the papers' splits).
-TRAIN_IMAGES = {"imagenet": 1_281_167, "coco": 117_266, "ade20k": 20_210}
 # Achieved (not peak) mixed-precision training TFLOP/s per GPU for hierarchical ViTs: a rough
 # figure to calibrate (--measure on the target GPU, or --tflops). Anchor: DeiT-S (4.6 GMACs)
 # trains 300 epochs in about 3 days on 4 V100s (DeiT paper, section 6), ~370 img/s x 27.6 GFLOP
@@ -95,10 +94,10 @@ def backbone_overrides(name: str, backbone_cfg: dict) -> list[str]:
             if k not in WEIGHT_KEYS and named.get(k) != v]
 
 
-def _train_images(cfg: DictConfig, dataset: str) -> int:
+def _train_images(cfg: DictConfig) -> int:
     data = cfg.data
     if not data.get("synthetic"):
-        return TRAIN_IMAGES[dataset]
+        return locate(data._target_).FACTS.train_images  # the DataModule's (vitlab.data.base.DatasetFacts)
     if data.get("synthetic_num_train"):
         return int(data.synthetic_num_train)
     from vitlab.data.synthetic import make_imagenet  # generated ImageNet: num_train images per class
@@ -137,7 +136,7 @@ def describe_job(cfg: DictConfig, overrides: list[str], train_images: int | None
         batch_size=int(cfg.data.batch_size),
         gpus=_devices(trainer),
         accumulate=int(trainer.get("accumulate_grad_batches") or 1),
-        train_images=train_images or _train_images(cfg, choices.data),
+        train_images=train_images or _train_images(cfg),
         max_epochs=int(trainer.max_epochs if trainer.max_epochs is not None else -1),
         max_steps=int(trainer.max_steps if trainer.max_steps is not None else -1),
         limit_train_batches=trainer.get("limit_train_batches"),
