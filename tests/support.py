@@ -61,10 +61,9 @@ def process_state_restored():
     """Whatever an in-process run changes in this process is put back afterwards, so runs do not leak
     into later tests: environment variables (``PL_GLOBAL_SEED``, ``VITLAB_SWEEP_DIR``), RNG states, torch threads and flags, the logging handlers Hydra's job
     logging installs (its ``<run dir>/<job>.log`` file is closed), the signal handlers of
-    ``vitlab.runtime.callbacks.LastCheckpoint``, the working directory, warning filters, HydraConfig and
-    OmegaConf resolvers registered during the run."""
+    ``vitlab.runtime.callbacks.LastCheckpoint``, the working directory, warning filters and the HydraConfig
+    Hydra's run sets."""
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf.basecontainer import BaseContainer
 
     environ, cwd = dict(os.environ), os.getcwd()
     rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
@@ -75,7 +74,6 @@ def process_state_restored():
                for name, lg in [("", logging.root), *logging.root.manager.loggerDict.items()]
                if isinstance(lg, logging.Logger)}
     hydra_cfg = HydraConfig.instance().cfg
-    resolvers = dict(BaseContainer._resolvers)
     try:
         with warnings.catch_warnings():
             yield
@@ -103,8 +101,6 @@ def process_state_restored():
             lg.setLevel(level)
             lg.propagate, lg.disabled = propagate, disabled
         HydraConfig.instance().cfg = hydra_cfg
-        BaseContainer._resolvers.clear()
-        BaseContainer._resolvers.update(resolvers)
 
 
 def hydra_command(script: str, args: list[str], data_dir: Path, env: dict | None = None):

@@ -54,8 +54,8 @@ class Release:
 
 
 def weights_dir() -> Path:
-    """``paths.weights_dir``: a run exports it as ``VITLAB_WEIGHTS`` (``vitlab.runtime.run.train``); outside a
-    run the same rule as its default: ``VITLAB_WEIGHTS``, else ``<PROJECT_ROOT or the working dir>/weights``."""
+    """The weights folder outside a run (a run passes its ``paths.weights_dir``): the same rule as that
+    setting's default: ``VITLAB_WEIGHTS``, else ``<PROJECT_ROOT or the working dir>/weights``."""
     env = os.environ.get("VITLAB_WEIGHTS")
     return Path(env) if env else Path(os.environ.get("PROJECT_ROOT", os.getcwd())) / "weights"
 
