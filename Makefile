@@ -9,7 +9,7 @@ TORCH := "torch>=2.6,<=2.14.1" "torchvision>=0.21,<=0.29.1"
 EXTRAS := dev,slurm,search,wandb,export,tensorboard,mlflow
 PYTEST_ARGS ?=
 
-.PHONY: install train test zoo bench clean
+.PHONY: install train test zoo bench gpu-check clean
 
 install: $(STAMP)
 
@@ -35,6 +35,10 @@ zoo: install
 
 bench: install
 	$(PY) -m vitlab.tools.bench pvt_v2_b0 pvt_v2_b2 --compare-timm
+
+# The prepared first GPU run (README "Performance"): < 8 min on one H200; on a CPU its tiny version.
+gpu-check: install
+	$(PY) -m vitlab.tools.bench --suite gpu --json gpu-check.json
 
 clean:
 	rm -rf outputs multirun .pytest_cache

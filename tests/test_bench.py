@@ -2,6 +2,7 @@
 says. Timings themselves are not asserted (a benchmark is a command that prints a table)."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -11,6 +12,8 @@ from timm.models import _registry
 
 from vitlab.data.throughput import format_loader_table, loader_bench
 from vitlab.tools import bench
+from vitlab.tools.bench import models as bench_models
+from vitlab.tools.bench import suite as bench_suite
 
 TINY = ["depths=[1,1,1,1]", "embed_dims=[16,32,48,64]", "num_heads=[1,1,2,2]"]
 FAST = dict(steps=1, warmup=0, rounds=2)
@@ -57,7 +60,7 @@ def test_dense_task_training_steps_with_and_without_checkpointing(task, monkeypa
     # a detector's FLOPs need a real evaluation forward (100 random detections through the mask
     # head: slow here); the dense-task counts are the zoo's, tested there
     counted = []
-    monkeypatch.setattr(bench, "count_gmacs", lambda model, size: counted.append(size) or 1.0)
+    monkeypatch.setattr(bench_models, "count_gmacs", lambda model, size: counted.append(size) or 1.0)
     (ours, ckpt), = bench.bench(["pvt_v2_b0"], batch=2, input_size=(64, 64), task=task, grad_checkpointing=True,
                                 phases=("train",), overrides=TINY, steps=1, warmup=0, rounds=1)
     assert ckpt.kind == "checkpointed" and ckpt.params_m == ours.params_m
@@ -112,3 +115,87 @@ def test_timm_is_untouched_after_a_reference_run(tmp_path):
     ref.write_text(REFERENCE)
     bench.load_reference(f"{ref}:pvt_v2_b0")
     assert type(timm.create_model("pvt_v2_b0", num_classes=3)).__module__.startswith("timm.")
+
+
+# --------------------------------------------------------------------------- the GPU suite
+AUTHORS_PVT_V2_B2 = "import torch\n\ndef pvt_v2_b2(**kwargs):\n    return torch.nn.Linear(2, 2)\n"
+
+
+def test_gpu_suite_runs_every_item_tiny_on_the_cpu_and_says_so(tmp_path, capsys, monkeypatch):
+    """``--suite gpu`` without a GPU: every item of the GPU run, tiny, with its table and JSON, and the
+    words that these are not GPU figures. (FLOP counts are tested above and in the zoo's tests.)"""
+    monkeypatch.setattr(bench_models, "count_gmacs", lambda model, size: 1.0)
+    (tmp_path / "official").mkdir()
+    (tmp_path / "official" / "pvt_v2.py").write_text(AUTHORS_PVT_V2_B2)
+    out = tmp_path / "suite.json"
+    bench.main(["--suite", "gpu", "--json", str(out), "--data-dir", str(tmp_path / "data"),
+                "--reference-dir", str(tmp_path / "official")])
+    text = capsys.readouterr().out
+    assert text.startswith("NOT A GPU FIGURE") and "NOT A GPU FIGURE: the figures above" in text
+    report = json.loads(out.read_text())
+    assert report["gpu_figure"] is False and report["device"] == "cpu" and report["peak_tflops"] is None
+    rows = report["rows"]
+    items = [name for name, *_ in bench_suite.items(bench_suite.CPU, torch.device("cpu"), tmp_path, None, None)]
+    assert sorted({r["item"].split(" ")[0] + " " + r["item"].split(" ")[1] for r in rows}) == sorted(items)
+    ours = {r["model"]: r for r in rows if r["kind"] == "ours" and r["item"].startswith("train")}
+    assert set(ours) == set(bench_suite.MODELS)
+    for r in ours.values():
+        assert r["status"] == "ok" and r["images_s"] > 0 and r["tflops"] > 0 and r["mfu_pct"] is None  # no data sheet
+        assert r["matmul_pct"] == pytest.approx(100 * r["tflops"] / report["matmul_tflops"])
+    by_kind = {(r["kind"], r["model"]): r for r in rows}
+    assert by_kind[("timm", "timm:pvt_v2_b2")]["ratio"].startswith("ours/timm ")
+    assert by_kind[("authors", "authors:pvt_v2_b2")]["status"] == "found; timed on a GPU only"
+    assert by_kind[("authors", "authors:pvt_small")]["status"].startswith("not importable")
+    compiled = by_kind[("compiled", "pvt_v2_b2 compiled")]
+    assert compiled["ratio"].startswith("compiled/eager ") and compiled["warmup_s"] > 0
+    dense = [r for r in rows if r["kind"] == "dense"]
+    assert [r["item"].split()[0] for r in dense] == ["maskrcnn", "upernet"]
+    assert all(r["status"] == "ok" and r["steps_s"] == pytest.approx(r["images_s"] / 2) for r in dense)
+    loader = {r["model"]: r for r in rows if r["kind"] == "loader"}
+    assert loader["default"]["images_s"] > 0 and loader["fast_decode"]["images_s"] > 0
+    assert loader["gpu_decode"]["status"].startswith("no data.gpu_decode")
+
+
+def test_gpu_suite_keeps_going_past_failures_and_writes_json_after_each_item(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "suite.json"
+    seen_in_json = []
+
+    def oom():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    def compile_error():
+        raise RuntimeError("BackendCompilerFailed: inductor raised\nmore lines")
+
+    def works():
+        seen_in_json.append(len(json.loads(out.read_text())["rows"]))  # the two failures already written
+        return [bench_suite.Row("good", "m", images_s=1.0)]
+
+    monkeypatch.setattr(bench_suite, "items", lambda *a: [("a", "m1", "ours", oom), ("b", "m2", "compiled", compile_error),
+                                                          ("c", "m3", "ours", works)])
+    report = bench_suite.run_suite("cpu", str(out))
+    assert [r.status for r in report.rows] == [
+        "out of memory: CUDA out of memory. Tried to allocate 20.00 GiB",
+        "failed: RuntimeError: BackendCompilerFailed: inductor raised", "ok"]
+    assert seen_in_json == [2] and len(json.loads(out.read_text())["rows"]) == 3
+    assert "out of memory" in capsys.readouterr().out
+    skipped = bench_suite.run_suite("cpu", None, budget_s=-1)
+    assert [r.status for r in skipped.rows] == ["skipped: past the -1 s budget"] * 3
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H200", 989.0), ("NVIDIA H100 80GB HBM3", 989.0),
+                                        ("NVIDIA H100 PCIe", 756.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+                                        ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0), ("Tesla V100-SXM2-16GB", None)])
+def test_bf16_peak_by_device_name(name, peak):
+    assert bench_suite.device_peak(name) == peak
+
+
+def test_suite_rows_give_mfu_against_the_data_sheet_and_the_measured_matmul():
+    ours = bench.Result("pvt_v2_b2", 25.4, gflops_per_image=8.0, train_ips=1000.0)
+    ours.rounds["train"] = [1000.0, 1000.0]
+    twin = bench.Result("timm:pvt_v2_b2", 25.4, kind="timm", gflops_per_image=8.0, train_ips=800.0)
+    twin.rounds["train"] = [800.0, 800.0]
+    report = bench_suite.Report("NVIDIA H200", True, peak_tflops=989.0, matmul_tflops=600.0)
+    row, timm_row = bench_suite._rows_from("train pvt_v2_b2", [ours, twin], report, torch.device("cuda"))
+    assert row.tflops == pytest.approx(24.0)  # 1000 images/s x 8 GFLOP x 3 (forward + backward)
+    assert row.mfu_pct == pytest.approx(100 * 24.0 / 989.0) and row.matmul_pct == pytest.approx(4.0)
+    assert timm_row.ratio == "ours/timm 1.25"

@@ -212,6 +212,8 @@ FLOORS = [
     ("timm", "1.0.8", "prune_intermediate_layers, forward_intermediates", r"prune_intermediate_layers\(",
      lambda: hasattr(importlib.import_module("timm.models.swin_transformer").SwinTransformer,
                      "prune_intermediate_layers")),
+    ("timm", "1.0.12", "timm.optim.get_optimizer_info (fused optimiser kernels)", r"get_optimizer_info\(",
+     lambda: hasattr(importlib.import_module("timm.optim"), "get_optimizer_info")),
     ("pyyaml", "5.1", "yaml.safe_dump(sort_keys=False)", r"safe_dump\([^)]*sort_keys",
      lambda: "sort_keys" in inspect.signature(importlib.import_module("yaml").dump_all).parameters),
     ("pydantic", "2", "TypeAdapter (vitlab.tools.dashboard --dry-run)", r"\.TypeAdapter",

@@ -2,10 +2,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 
-from support import FAST, TINY_PVT, run_script
+from support import FAST, REPO, TINY_PVT, run_script
 
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
@@ -33,3 +41,58 @@ def test_killed_mid_epoch_rerun_continues_and_finishes_same_step_count(tmp_path,
     straight = train_run(tmp_path / "straight", *command[:-1])
     assert resumed["global_step"] == straight["global_step"] == 2 * (4 * 80 // 16)
     assert "resuming from" in (run_dir / "train.log").read_text()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.slow
+def test_slurm_signals_through_the_submitit_launcher_are_vitlabs(tmp_path, data_dir):
+    """A job launched as on SLURM (submitit's local launcher: a controller that forwards SIGTERM to
+    its task, and submitit's own signal handlers in the task): SIGTERM saves, runs the (stand-in)
+    ``scontrol requeue`` once and exits, handled by vitlab's callback alone (neither submitit's nor
+    Lightning's handler runs); the requeued job resumes, and at ``max_requeues`` SIGUSR1 saves
+    without asking for another requeue."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (bin_dir / "scontrol").chmod(stat.S_IRWXU)
+    output = tmp_path / "multirun"
+    command = [sys.executable, str(REPO / "src" / "train.py"), "-m", "hydra/launcher=submitit_local",
+               "hydra.launcher.timeout_min=20", *FAST, "schedule.epochs=2", "data.synthetic_classes=2",
+               "schedule.checkpoint_every_n_steps=2"]
+    env = {**os.environ, "VITLAB_OUTPUT": str(output), "VITLAB_DATA": str(data_dir), "WANDB_MODE": "offline",
+           "PYTHONWARNINGS": "ignore", "SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+    def attempt(signum: int, restarts: int) -> tuple[str, int]:
+        """Launch the sweep; once its job has saved a newer step checkpoint, signal it."""
+        last = list(output.glob("sweep-*/0/checkpoints/last.ckpt"))
+        before = torch.load(last[0], weights_only=True)["global_step"] if last else 0
+        old = {p.name for p in output.glob("sweep-*/.submitit/*")}
+        parent = subprocess.Popen(command, cwd=tmp_path, env={**env, "SLURM_RESTART_COUNT": str(restarts)},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 600
+        while True:
+            assert parent.poll() is None and time.time() < deadline, "the job ended or never saved"
+            last = list(output.glob("sweep-*/0/checkpoints/last.ckpt"))
+            controllers = [int(p.name) for p in output.glob("sweep-*/.submitit/*") if p.name.isdigit() and p.name not in old]
+            if last and controllers and torch.load(last[0], weights_only=True)["global_step"] > before:
+                break
+            time.sleep(0.2)
+        (controller,) = controllers
+        # SIGTERM: to the controller, which forwards it as SLURM does; SIGUSR1 straight to the task
+        os.kill(controller if signum == signal.SIGTERM else _children(controller)[0], signum)
+        parent.wait(timeout=600)  # submitit reports a job that exited without a result: not our business
+        job_log = "".join(p.read_text() for p in output.glob(f"sweep-*/.submitit/{controller}/*_0_log.*"))
+        return job_log, torch.load(last[0], weights_only=True)["global_step"]
+
+    log, saved = attempt(signal.SIGTERM, restarts=0)
+    assert "received SIGTERM" in log and 0 < saved < 20, log[-3000:]
+    assert "Bypassing signal" not in log and "Received SIGTERM" not in log  # submitit's / Lightning's handlers
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    log, saved_again = attempt(signal.SIGUSR1, restarts=20)  # the requeued job, at the limit
+    assert "resuming from" in log and "received SIGUSR1" in log and saved < saved_again < 20, log[-3000:]
+    assert "not requeueing job 4242: SLURM has restarted it 20 times (max_requeues=20)" in log
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]  # no second requeue
+    assert not list(output.glob("sweep-*/0/summary.json"))

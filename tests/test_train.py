@@ -36,6 +36,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, train_run, d
     assert killed.returncode == 75 and not (resumed / "summary.json").exists()
     train_run(straight, *common)
     second = train_run(resumed, *common)  # resume=auto is the default: continues
+    assert second["resumed_from"], "the re-run started again instead of resuming"
     assert second["global_step"] == json.loads((straight / "summary.json").read_text())["global_step"]
     a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]

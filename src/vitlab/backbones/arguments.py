@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from vitlab.errors import VitlabUserError
+
 
 def per_stage(value: Any, stages: int) -> list:
     """A scalar for every stage, or the list itself (its length is checked by ``check_stages``)."""
@@ -14,7 +16,7 @@ def per_stage(value: Any, stages: int) -> list:
 
 
 # --------------------------------------------------------------------------- validation
-class BackboneConfigError(ValueError):
+class BackboneConfigError(VitlabUserError, ValueError):
     """A backbone argument no model can be built from: the message names the config key
     (``backbone.<name>``), the value, and what is allowed. Raised before anything is built."""
 

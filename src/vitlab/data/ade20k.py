@@ -28,6 +28,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from vitlab.errors import VitlabUserError
 from vitlab.data.base import (
     DatasetFacts,
     IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DatasetInfo, DatasetLayoutError, SegmentationBatch,
@@ -61,7 +62,7 @@ ADE20K_CLASSES = (
 assert len(ADE20K_CLASSES) == 150
 
 
-class LabelMapError(ValueError):
+class LabelMapError(VitlabUserError, ValueError):
     """A label map that does not fit its image or holds unknown class ids; names the file."""
 
 

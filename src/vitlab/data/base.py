@@ -20,6 +20,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 # torchdata 0.11 calls a torch API that torch 2.14 deprecated, once per loader; nothing to act on.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
+from vitlab.errors import VitlabUserError
 from vitlab.data.report import DataReport
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -119,11 +120,11 @@ class EvalDistributedSampler(DistributedSampler):
         return iter(range(self.rank, len(self.dataset), self.num_replicas))
 
 
-class DatasetLayoutError(FileNotFoundError):
+class DatasetLayoutError(VitlabUserError, FileNotFoundError):
     pass
 
 
-class CorruptImageError(RuntimeError):
+class CorruptImageError(VitlabUserError, RuntimeError):
     pass
 
 

@@ -44,6 +44,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from vitlab.errors import VitlabUserError
 from vitlab.data.base import (
     DatasetFacts,
     IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DatasetInfo, DatasetLayoutError, DetectionBatch, EpochSampler,
@@ -76,7 +77,7 @@ class RandomSizeCrop(v2.Transform):
         return self._call_kernel(TF.crop, inpt, **params)
 
 
-class AnnotationError(ValueError):
+class AnnotationError(VitlabUserError, ValueError):
     """A malformed annotation file or annotation; the message names the file and the item."""
 
 

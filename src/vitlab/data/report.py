@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Callable, Iterable
 
+from vitlab.errors import VitlabUserError
+
+
 # Problems: a run stops on them (unless data.skip_corrupt=true leaves the items out).
 MISSING = "missing file"
 UNDECODABLE = "undecodable file"
@@ -44,7 +47,7 @@ HINTS = {
 }
 
 
-class DataCheckError(ValueError):
+class DataCheckError(VitlabUserError, ValueError):
     """A dataset with problems; the message lists every kind with its count and examples."""
 
 

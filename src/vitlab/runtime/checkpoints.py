@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -22,12 +23,17 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
+from vitlab.errors import VitlabUserError
 from vitlab.backbones.base import Backbone, ImageClassifier
 
 log = logging.getLogger(__name__)  # a child of "vitlab": same handlers
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(VitlabUserError, RuntimeError):
+    """A file that is not a (readable, trusted) checkpoint, or one that does not fit the model."""
+
+
+class CheckpointNotFoundError(VitlabUserError, FileNotFoundError):
     pass
 
 
@@ -36,7 +42,7 @@ def read_checkpoint(path: str | Path, key: str = "checkpoint") -> dict:
     ``.safetensors`` file; ``key`` names the option the path came from in error messages."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{key}={path}: no such file")
+        raise CheckpointNotFoundError(f"{key}={path}: no such file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -186,13 +192,50 @@ def load_pretrained(model: nn.Module, path: str | Path, ema: bool = False) -> nn
     return model
 
 
+class CheckpointWriteError(VitlabUserError, OSError):
+    """A checkpoint could not be written (a full disk, a quota): the previous file is intact."""
+
+
+def write_atomically(path: Path, write) -> None:
+    """``write(tmp)`` then rename ``tmp`` over ``path`` (``os.replace`` is atomic on POSIX): a kill at
+    any instant leaves the old file or the new one, never half of one. A failed write (``ENOSPC``,
+    quota) removes ``tmp``, leaves ``path`` as it was and raises ``CheckpointWriteError``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(
+            f"could not write {path}: {err.strerror or err} (errno {err.errno}); the previous {path.name} is "
+            f"intact. Free space in {path.parent} (or point VITLAB_OUTPUT elsewhere) and run the same command "
+            f"again to resume") from err
+    os.replace(tmp, path)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoint writes that a kill cannot break: write ``<file>.tmp``, then rename it over the
-    file (``os.replace`` is atomic on POSIX), so ``last.ckpt`` is always the old or the new one."""
+    """Checkpoint writes that a kill cannot break (``write_atomically``). For the files named in
+    ``keep_previous`` (``last.ckpt``), the file being replaced is kept as ``<stem>.prev.ckpt``
+    (a hard link made before the new file goes in), so a ``last.ckpt`` damaged after it was written
+    (a disk fault, a copy that was cut short) still leaves one good checkpoint to resume from."""
+
+    def __init__(self, keep_previous: tuple[str, ...] = ("last.ckpt",)):
+        super().__init__()
+        self.keep_previous = tuple(keep_previous)
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
+        if path.name in self.keep_previous and path.is_file():
+            prev, link = previous_of(path), path.with_name(path.name + ".link")
+            link.unlink(missing_ok=True)
+            try:
+                os.link(path, link)  # then renamed over prev: prev is always a whole file
+            except OSError:  # a filesystem without hard links
+                shutil.copyfile(path, link)
+            os.replace(link, prev)
+        write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def previous_of(path: Path) -> Path:
+    """``last.ckpt`` -> ``last.prev.ckpt``: the checkpoint ``path`` replaced (``AtomicCheckpointIO``)."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")

@@ -6,6 +6,10 @@ The configs are found through ``vitlab.runtime.resources.conf_dir()``: the repos
 source checkout, the package data of an installed wheel, so the commands work from any directory.
 Hydra's global state (``HydraConfig``) is read here only, once per job (``run_context``); the run
 gets what it needs as a ``RunContext``.
+
+A ``VitlabUserError`` (bad data, config values, weights, checkpoints, a run directory another
+process owns) is printed as one block and the command exits with code 2; any other exception is
+a bug and keeps its traceback. ``HYDRA_FULL_ERROR=1`` shows user errors' tracebacks too.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from vitlab.errors import user_errors_as_messages
 from vitlab.runtime.config import register_resolvers
 from vitlab.runtime.resources import conf_dir
 from vitlab.runtime.run import RunContext, evaluate, train
@@ -46,10 +51,12 @@ def eval_job(cfg: DictConfig) -> None:
 def train_main() -> float | None:
     """Train any backbone on any task: ``vitlab-train backbone=pvt_v2_b2 task=imagenet_cls``."""
     register_resolvers()  # the run directory's (conf/hydra/default.yaml), before Hydra resolves it
-    return hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")(train_job)()
+    app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
+    return app(user_errors_as_messages(train_job))()
 
 
 def eval_main() -> None:
     """Evaluate a checkpoint: ``vitlab-eval ckpt_path=.../best.ckpt``."""
     register_resolvers()
-    hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="eval")(eval_job)()
+    app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="eval")
+    app(user_errors_as_messages(eval_job))()

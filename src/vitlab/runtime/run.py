@@ -26,12 +26,15 @@ from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from vitlab.data.base import DatasetInfo
+from vitlab.errors import VitlabUserError
 from vitlab.runtime.extras import require
 from vitlab.runtime.build import instantiate, locate
-from vitlab.runtime.callbacks import RunConfigInCheckpoint
-from vitlab.runtime.checkpoints import AtomicCheckpointIO, CheckpointMismatchError, read_checkpoint
+from vitlab.runtime.callbacks import LastCheckpoint, RunConfigInCheckpoint
+from vitlab.runtime.checkpoints import (AtomicCheckpointIO, CheckpointMismatchError, previous_of, read_checkpoint,
+                                        write_atomically)
 from vitlab.runtime.flops import count_gmacs, count_params
 from vitlab.runtime.loggers import ResumableCSVLogger, log_summary, mlflow_names
+from vitlab.runtime.rundir import LOCK_FILE, RunDirLockedError, owned
 from vitlab.runtime.trust import check_targets
 from vitlab.runtime.validate import check_run_config
 from vitlab.runtime.weights import loaded_file, resolve
@@ -54,9 +57,33 @@ class RunContext:
 
 
 # ---- resume -----------------------------------------------------------------------------
+class NoGoodCheckpointError(VitlabUserError):
+    """Neither ``last.ckpt`` nor the one it replaced can be read."""
+
+
+def _readable_step(path: Path) -> int | None:
+    """The checkpoint's global step, or None (logged, naming the file) when it cannot be read."""
+    try:
+        return int(read_checkpoint(path, "checkpoint").get("global_step", 0))
+    except CheckpointMismatchError as err:
+        log.warning("%s is damaged and is not resumed from: %s", path, err)
+        return None
+
+
+def _finished_summary(summary: Path) -> dict | None:
+    try:
+        done = json.loads(summary.read_text())
+    except (OSError, ValueError) as err:  # summary.json is written atomically: only a hand-edited one gets here
+        log.warning("%s cannot be read (%s); the run is treated as unfinished", summary, err)
+        return None
+    return done if isinstance(done, dict) and done.get("status") == "finished" else None
+
+
 def plan_resume(cfg: DictConfig, run_dir: Path) -> tuple[str | None, dict | None]:
     """(checkpoint to resume from or None, the summary of an already finished run or None); logs
-    which of the cases applies."""
+    which of the cases applies. A damaged ``last.ckpt`` is named in the log and the run resumes from
+    the one it replaced (``last.prev.ckpt``); if neither can be read the command stops, never
+    silently starting the run again from scratch."""
     resume, ckpt_path = cfg.get("resume", "auto"), cfg.get("ckpt_path")
     if ckpt_path not in (None, "", "null", "none"):
         read_checkpoint(ckpt_path, "ckpt_path")  # a clear error for a missing or non-checkpoint file
@@ -65,21 +92,34 @@ def plan_resume(cfg: DictConfig, run_dir: Path) -> tuple[str | None, dict | None
     last = run_dir / "checkpoints" / "last.ckpt"
     summary = run_dir / "summary.json"
     if resume == "auto" and summary.is_file():
-        done = json.loads(summary.read_text())
-        if done.get("status") == "finished":
+        done = _finished_summary(summary)
+        if done is not None:
             log.info("run %s already finished (summary.json); nothing to do. resume=never starts a new run "
                      "beside it", run_dir)
             return None, done
-    if resume == "auto" and last.is_file():
-        log.info("resuming from %s (resume=auto; resume=never starts a new run)", last)
-        return str(last), None
+    candidates = [p for p in (last, previous_of(last)) if p.is_file()]
+    if resume == "auto" and candidates:
+        for path in candidates:
+            if _readable_step(path) is not None:
+                if path != last:  # the damaged file is set aside, and never becomes the next "previous"
+                    why = f"{last.name} is missing"
+                    if last.is_file():
+                        os.replace(last, last.with_name("last.damaged.ckpt"))
+                        why = "the damaged file is now last.damaged.ckpt"
+                    log.warning("resuming from %s, the checkpoint before %s (%s)", path, last.name, why)
+                log.info("resuming from %s (resume=auto; resume=never starts a new run)", path)
+                return str(path), None
+        raise NoGoodCheckpointError(
+            f"{run_dir}: no readable checkpoint to resume from ({', '.join(str(p) for p in candidates)} are "
+            f"damaged, see above). Move them away to start this run again from scratch, or use resume=never "
+            f"for a new run beside it")
     log.info("starting a new run in %s", run_dir)
     return None, None
 
 
 def _holds_only_hydra_files(run_dir: Path) -> bool:
     """A run directory Hydra has just made: its .hydra/ folder and log file, nothing of ours."""
-    return run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir())
+    return run_dir.is_dir() and all(p.name in (".hydra", LOCK_FILE) or p.suffix == ".log" for p in run_dir.iterdir())
 
 
 # ---- building -----------------------------------------------------------------------------
@@ -160,12 +200,20 @@ def build_loggers(cfg: DictConfig, context: RunContext, resume_step: int | None)
             saved = run_dir / "mlflow_run_id"
             extra = {"run_id": saved.read_text().strip()} if saved.is_file() else {}
         elif cls is not None and issubclass(cls, ResumableCSVLogger):
-            extra = {"resume_step": resume_step}
+            extra = {"resume_step": resume_step or 0}  # a new run drops the rows of an attempt that saved nothing
         loggers.append(instantiate(logger_cfg, f"logger.{name}", trusted=True, **extra))
         if isinstance(loggers[-1], MLFlowLogger) and L.fabric.utilities.rank_zero.rank_zero_only.rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "mlflow_run_id").write_text(loggers[-1].run_id)
     return loggers
+
+
+def trainer_plugins() -> list:
+    """Atomic checkpoint writes; under SLURM, Lightning's SLURM environment without its requeue
+    handler: vitlab's ``LastCheckpoint`` owns the pre-emption signals (save, requeue, exit)."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    return [AtomicCheckpointIO(), *([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])]
 
 
 # Lightning's WandbLogger plots every series against this key (its define_metric).
@@ -184,8 +232,8 @@ def wandb_record(run) -> dict:
 
 
 def write_summary(out_dir: Path, summary: dict) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    text = json.dumps(summary, indent=2, default=str)
+    write_atomically(out_dir / "summary.json", lambda tmp: tmp.write_text(text))  # a kill leaves no half file
     from rich.console import Console
     from rich.table import Table
 
@@ -209,6 +257,8 @@ def _cleaned_up_on_failure(body):
         fresh = not run_dir.exists() or _holds_only_hydra_files(run_dir)
         try:
             return body(cfg, context)
+        except RunDirLockedError:
+            raise  # another process's directory: not ours to clean up
         except BaseException:
             if fresh and not (run_dir / "checkpoints").exists() and not (run_dir / "summary.json").exists():
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -221,12 +271,25 @@ def _cleaned_up_on_failure(body):
     return run
 
 
+def _owned(body):
+    """The config checked, then the run directory's lock (``vitlab.runtime.rundir.owned``) held around the
+    body; a second copy stops before it touches anything."""
+
+    def run(cfg: DictConfig, context: RunContext) -> dict:
+        check_run_config(cfg)
+        with owned(context.run_dir, requeue_wait_s=float(cfg.get("requeue_lock_wait_s", 300))):
+            return body(cfg, context)
+
+    run.__doc__ = body.__doc__
+    return run
+
+
 @_cleaned_up_on_failure
+@_owned
 def train(cfg: DictConfig, context: RunContext) -> dict:
     """Fit (or resume) the run the config describes and return its summary (``context``: the command
     line's names and the run directory; default: ``paths.output_dir``, so a plainly composed config runs)."""
     run_dir = context.run_dir
-    check_run_config(cfg)
     resume_from, finished = plan_resume(cfg, run_dir)
     if finished is not None:
         return finished
@@ -239,9 +302,12 @@ def train(cfg: DictConfig, context: RunContext) -> dict:
     # the user's own run-level objects (a checkpoint never rebuilds these): any class may be named
     callbacks = [instantiate(c, f"callbacks.{k}", trusted=True) for k, c in (run_cfg.get("callbacks") or {}).items() if c]
     callbacks.append(RunConfigInCheckpoint(run_cfg))
+    # last.ckpt after best.ckpt at an epoch's end (both are Checkpoint callbacks, which Lightning runs
+    # last, in this order): a last.ckpt written before would miss that epoch's best score
+    callbacks.sort(key=lambda c: isinstance(c, LastCheckpoint))
     loggers = build_loggers(cfg, context, resume_step)
     trainer: L.Trainer = instantiate(run_cfg["trainer"], "trainer", trusted=True, callbacks=callbacks,
-                                     logger=loggers or False, plugins=[AtomicCheckpointIO()])
+                                     logger=loggers or False, plugins=trainer_plugins())
 
     meta = run_metadata(cfg, context)
     params = count_params(module.model)

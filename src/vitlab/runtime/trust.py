@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig
 
+from vitlab.errors import VitlabUserError
 from vitlab.runtime.aliases import current
 from vitlab.runtime.resources import conf_dir
 
@@ -24,7 +25,7 @@ _TARGET_LINE = re.compile(r"^\s*_target_:\s*([\w.]+)\s*(#.*)?$")
 _NOT_FROM_STORED_CONFIGS = ("hydra_plugins.",)
 
 
-class UntrustedTargetError(ValueError):
+class UntrustedTargetError(VitlabUserError, ValueError):
     pass
 
 

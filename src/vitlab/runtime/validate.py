@@ -14,11 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 
 # the allowed values are their owners' (the code that acts on them)
 from vitlab.data.base import VERIFY_MODES
+from vitlab.errors import VitlabUserError
 from vitlab.tasks.base import LR_POLICIES
 from vitlab.tasks.segmentation import TEST_MODES
 
 
-class ConfigValueError(ValueError):
+class ConfigValueError(VitlabUserError, ValueError):
     """A config value of the wrong type or out of range; the message names the key."""
 
 
@@ -100,6 +101,8 @@ def _auto_augment(value):
 RULES: dict[str, Any] = {
     "seed": _int(0),
     "resume": _choice("auto", "never"),
+    "requeue_lock_wait_s": _number(0),
+    "callbacks.last_checkpoint.max_requeues": _int(0, optional=True),
     "data.batch_size": _int(1),
     "data.val_batch_size": _int(1),
     "data.num_workers": _int(0),

@@ -27,6 +27,9 @@ from urllib.error import URLError
 import torch
 import yaml
 
+from vitlab.errors import VitlabUserError
+
+
 log = logging.getLogger("vitlab")
 
 REGISTRY_FILE = Path(__file__).with_name("weights.yaml")
@@ -38,7 +41,7 @@ DOWNLOAD_TIMEOUT_S = 60
 WEIGHT_KEYS = ("pretrained", "pretrained_ema", "variant")
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(VitlabUserError, RuntimeError):
     """``backbone.pretrained`` cannot be resolved to a file: the message says what to do."""
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
-from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.optim import create_optimizer_v2, get_optimizer_info, param_groups_weight_decay
 from timm.utils import ModelEmaV3
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRScheduler
 from torch import nn
@@ -107,7 +107,22 @@ def paramwise_groups(model: nn.Module, weight_decay: float, lr: float | None, pa
     return sorted(out, key=lambda g: g["lr_mult"] != 1.0)  # group 0 (the logged train/lr) runs at the base lr
 
 
+def kernel_options(opt_name: str, kernels: str) -> dict:
+    """``fused=True`` when ``kernels`` is "fused" and torch's class behind timm's ``opt_name`` has a fused
+    implementation (AdamW, Adam, SGD, ...), else {} (timm's default: the multi-tensor ``foreach`` kernels)."""
+    if kernels not in ("fused", "foreach"):
+        raise ValueError(f"optimizer kernels {kernels!r}: expected fused or foreach")
+    opt_class = get_optimizer_info(opt_name.lower().split("_")[-1]).opt_class
+    takes_fused = isinstance(opt_class, type) and "fused" in inspect.signature(opt_class.__init__).parameters
+    return {"fused": True} if kernels == "fused" and takes_fused else {}
+
+
 class VitlabTask(L.LightningModule):
+    #: training inputs all of one size (cuDNN's autotuner pays off: ``callbacks.fast_paths.cudnn_benchmark=auto``)
+    fixed_input_size = False
+    #: "fused" (set by ``vitlab.runtime.callbacks.FastPaths`` on CUDA) or "foreach"
+    optimizer_kernels = "foreach"
+
     def __init__(self, backbone: dict, schedule: dict, info: DatasetInfo | dict, compile: bool | str = False):
         super().__init__()
         self.backbone_cfg = plain(backbone)
@@ -207,9 +222,10 @@ class VitlabTask(L.LightningModule):
         opt = self.schedule["optimizer"]
         extra = {k: tuple(v) if isinstance(v, list) else v for k, v in opt.items()  # null: the optimiser's default
                  if k not in ("name", "lr", "weight_decay", "paramwise") and v is not None}
-        weight_decay, lr = opt.get("weight_decay", 0.0), self.scaled_lr()
+        weight_decay, lr, name = opt.get("weight_decay", 0.0), self.scaled_lr(), opt.get("name", "adamw")
+        extra = {**kernel_options(name, self.optimizer_kernels), **extra}  # the schedule's own fused/foreach wins
         optimizer = create_optimizer_v2(
-            self.param_groups(weight_decay, lr), opt=opt.get("name", "adamw"), lr=lr, weight_decay=weight_decay, **extra,
+            self.param_groups(weight_decay, lr), opt=name, lr=lr, weight_decay=weight_decay, **extra,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._scheduler(optimizer), "interval": "step"}}
 
@@ -249,6 +265,19 @@ class VitlabTask(L.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val=clip or gradient_clip_val, gradient_clip_algorithm="norm")
 
     # ---- shared by the tasks ----------------------------------------------------------
+    def log_lr(self, batch_size: int | None = None) -> None:
+        """``train/lr``: the first group's learning rate, as a device tensor filled in place. Logged as a
+        Python number, Lightning would copy it to the GPU with a blocking copy, which waits for the GPU."""
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.log("train/lr", torch.full((), lr, device=self.device), batch_size=batch_size)
+
+    def log_skipped(self, skipped: torch.Tensor) -> None:
+        """``data/skipped_corrupt``: the files the loaders skipped (``data.skip_corrupt``) this epoch, over
+        all processes. Logged every step as the tensor it is: testing its value (``.item()``) would make
+        each training step wait for the GPU."""
+        self.log("data/skipped_corrupt", skipped.float(), on_step=False, on_epoch=True, reduce_fx="sum",
+                 sync_dist=True, batch_size=1)
+
     def log_images(self, tag: str, images: list[np.ndarray]) -> None:
         """H x W x 3 uint8 figures (``vitlab.tasks.visualize``) -> W&B, MLflow, TensorBoard
         (``vitlab.runtime.loggers.log_images``) or, with none of them, PNGs under ``<run dir>/predictions/epoch_XXX/``."""

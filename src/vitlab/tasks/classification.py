@@ -15,6 +15,7 @@ from vitlab.tasks.visualize import Panel, confusion_figure, render, to_rgb_array
 
 
 class ClassificationTask(VitlabTask):
+    fixed_input_size = True  # training crops and evaluation images share one size
     def __init__(
         self,
         backbone: dict,
@@ -67,10 +68,9 @@ class ClassificationTask(VitlabTask):
                 images, targets = images[:-1], targets[:-1]
             images, targets = self.mixup(images, targets)
         loss = self.train_loss(self.model(images), targets)
-        self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=images.shape[0])
-        if batch.skipped.item():
-            self.log("data/skipped_corrupt", batch.skipped.float(), reduce_fx="sum", batch_size=images.shape[0])
+        self.log("train/loss", loss, batch_size=images.shape[0])
+        self.log_lr(batch_size=images.shape[0])
+        self.log_skipped(batch.skipped)
         return loss
 
     def validation_step(self, batch: ImageBatch, batch_idx):

@@ -130,16 +130,15 @@ class DetectionTask(VitlabTask):
     # ---- training -------------------------------------------------------------------
     def training_step(self, batch: DetectionBatch, batch_idx):
         images, targets, skipped = batch
-        if skipped.item():
-            self.log("data/skipped_corrupt", skipped.float(), reduce_fx="sum")
+        self.log_skipped(skipped)
         if not images:
             return None  # every image of the batch was unreadable and skipped
         losses = self.model(images, targets)
         loss = sum(losses.values())
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
+        self.log("train/loss", loss, batch_size=len(images))
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=len(images))
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log_lr()
         return loss
 
     # ---- evaluation -----------------------------------------------------------------

@@ -105,8 +105,7 @@ class SegmentationTask(VitlabTask):
     # ---- training -------------------------------------------------------------------
     def training_step(self, batch: SegmentationBatch, batch_idx):
         images, labels, skipped = batch.images, batch.labels, batch.skipped
-        if skipped.item():
-            self.log("data/skipped_corrupt", skipped.float(), reduce_fx="sum")
+        self.log_skipped(skipped)
         logits, aux = self.model(images)
         loss = self.pixel_loss(logits, labels)
         self.log("train/loss_decode", loss, batch_size=len(images))
@@ -114,8 +113,8 @@ class SegmentationTask(VitlabTask):
             aux_loss = self.pixel_loss(aux, labels)
             self.log("train/loss_aux", aux_loss, batch_size=len(images))
             loss = loss + self.aux_weight * aux_loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log("train/loss", loss, batch_size=len(images))
+        self.log_lr()
         return loss
 
     def pixel_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

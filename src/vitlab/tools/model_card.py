@@ -40,9 +40,11 @@ def run_summary(ckpt_path: str | Path) -> dict:
 
 
 def write_model_card(out_dir: Path, module, config: dict, ckpt_path: str, result: dict) -> Path:
-    from huggingface_hub import EvalResult, ModelCardData
-
+    from vitlab.runtime.extras import require
     from vitlab.runtime.flops import count_params
+
+    hub = require("huggingface_hub", "export", "the model card of vitlab.tools.export")
+    EvalResult, ModelCardData = hub.EvalResult, hub.ModelCardData
 
     summary = run_summary(ckpt_path)
     kind, fmt = result["task"], result["format"]
@@ -97,9 +99,12 @@ def write_model_card(out_dir: Path, module, config: dict, ckpt_path: str, result
 def push(folder: str | Path, repo_id: str) -> str:
     """Upload ``folder`` to the model repository ``repo_id`` (created if missing); the commit's URL.
     No token, offline mode or no network: a RuntimeError that says which."""
-    import httpx
-    from huggingface_hub import HfApi, constants, get_token
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    from vitlab.runtime.extras import require
+
+    hub = require("huggingface_hub", "export", "vitlab.tools.export --push")
+    httpx = require("httpx", "export", "vitlab.tools.export --push")  # huggingface_hub 1.x's HTTP client
+    HfApi, constants, get_token = hub.HfApi, hub.constants, hub.get_token
+    HfHubHTTPError, OfflineModeIsEnabled = hub.errors.HfHubHTTPError, hub.errors.OfflineModeIsEnabled
 
     if constants.HF_HUB_OFFLINE:
         raise RuntimeError(f"HF_HUB_OFFLINE is set, so nothing was uploaded; the files stay in {folder}")

@@ -33,11 +33,16 @@ from torchvision.transforms.v2 import functional as TF
 
 from vitlab.data.base import PredictBatch
 from vitlab.data.imagenet import IMG_EXTENSIONS, load_rgb
+from vitlab.errors import VitlabUserError, user_errors_as_messages
 from vitlab.runtime.build import instantiate
 from vitlab.runtime.resources import conf_dir
 from vitlab.runtime.run import module_from_checkpoint
 
 log = logging.getLogger("vitlab")
+
+
+class InputsNotFoundError(VitlabUserError, FileNotFoundError):
+    """``inputs=`` names no image file."""
 
 
 def find_images(inputs: str | list[str]) -> list[Path]:
@@ -54,10 +59,10 @@ def find_images(inputs: str | list[str]) -> list[Path]:
         elif glob.has_magic(item):
             found += sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
         else:
-            raise FileNotFoundError(f"inputs={item}: no such file or directory (give image files, directories or "
+            raise InputsNotFoundError(f"inputs={item}: no such file or directory (give image files, directories or "
                                     f"glob patterns)")
     if not found:
-        raise FileNotFoundError(f"inputs={inputs}: no image files ({', '.join(IMG_EXTENSIONS)}) found")
+        raise InputsNotFoundError(f"inputs={inputs}: no image files ({', '.join(IMG_EXTENSIONS)}) found")
     return found
 
 
@@ -146,4 +151,5 @@ def main() -> None:
     from vitlab.runtime.config import register_resolvers
 
     register_resolvers()  # the run directory's (conf/hydra/default.yaml), before Hydra resolves it
-    hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="predict")(predict)()
+    app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="predict")
+    app(user_errors_as_messages(predict))()

@@ -1,0 +1,3 @@
+from vitlab.tools.bench.cli import main
+
+main()

@@ -1,0 +1,149 @@
+"""Throughput, achieved FLOP rate and peak memory of what users run, against the references.
+
+    python -m vitlab.tools.bench pvt_v2_b0 pvt_v2_b2 --batch 8 --input 224 224 --compare-timm
+    python -m vitlab.tools.bench pvt_v2_b2 --precision bf16-mixed --reference ../PVT/classification/pvt_v2.py:pvt_v2_b2
+    python -m vitlab.tools.bench pvt_v2_b2 --device cuda --batch 64 --precision bf16-mixed --compile
+    python -m vitlab.tools.bench pvt_v2_b2 --task maskrcnn --batch 1 --steps 1 --grad-checkpointing
+    python -m vitlab.tools.bench --loader imagenet --fast-decode
+
+Models. Each name is ``vitlab.create_model(name)`` (1000 classes), or with ``--task`` the full
+dense model of ``task=coco_retinanet|coco_maskrcnn|ade20k_fpn|ade20k_upernet`` on that
+backbone (the task class's own ``build_model``; random boxes, masks and label maps at the
+papers' input sizes 800x1333 / 512x512 unless ``--input``). Measured in the same run,
+interleaved with ours round by round so that all see the same machine load:
+
+* ``--compare-timm``: timm's model of the same name, where timm has one (e.g. ``pvt_v2_*``);
+* ``--reference FILE.py:FUNCTION``: any model factory, e.g. the authors' code (given once per
+  name, in order). The file is executed as a module; its timm ``@register_model`` decorators are
+  made inert so that it cannot replace timm's own models of the same name. FUNCTION is called
+  with ``drop_path_rate`` = ours where its signature takes it (the same regularisation cost,
+  as for timm's twin);
+* ``--compile``: ours under ``torch.compile`` (``--compile-backend``; compilation happens in the
+  warm-up steps);
+* ``--grad-checkpointing``: ours with ``backbone.grad_checkpointing`` (activation checkpointing).
+
+Every extra row gets a ratio line: ``ours / timm`` and ``ours / ref`` (>1: ours is faster),
+``compiled / ours`` and ``checkpointed / ours`` (the gain, and the memory it saves).
+
+* train: forward + loss under ``--precision`` autocast, backward (no optimizer step);
+* infer: forward under ``torch.inference_mode()`` (and autocast), ``model.eval()``;
+* images/s: batch x steps / time after ``--warmup`` steps (``--clock wall``, or ``cpu``: this
+  process's CPU time, steadier on a shared machine); the median over ``--rounds`` rounds; a ratio
+  is the median of the per-round ratios (paired: a load change on a shared machine hits both),
+  followed by their quartiles (how far the pairs moved);
+* GFLOP/s: images/s x the model's forward FLOPs per image (2 x the multiply-adds that
+  ``vitlab.runtime.flops.count_gmacs`` counts), x 3 for a training step (backward ~ 2 x forward; dense
+  heads counted at their evaluation-mode cost, so an approximation there); ``%peak``: that rate
+  over the machine's matmul rate in the same dtype (a large square matmul, the best of runs before
+  and after the models'): how close to the machine's limit the model runs;
+* peak memory: CUDA -- ``torch.cuda.max_memory_allocated`` during the phase minus what was
+  allocated before it (activations, gradients, workspace; weights excluded); CPU -- the peak
+  resident set size (RSS, /proc/self/statm sampled every 2 ms by a thread) during the phase
+  minus the RSS before it: a coarse figure that includes the allocator's caching.
+
+``--precision 16-mixed`` needs a CUDA device: torch has no fast fp16 matmul on the CPU
+(well under 1 GFLOP/s), so the CPU refuses it. No GradScaler runs (its cost is negligible).
+
+``--loader imagenet|coco|ade20k`` times the training data pipeline instead (see
+``vitlab.data.throughput``): decode + augmentation, images/s of one worker process.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from vitlab.tools.bench.measure import CLOCKS, PHASES, PRECISIONS, matmul_peak
+from vitlab.tools.bench.workloads import TASKS, TRAIN_INPUT
+from vitlab.tools.bench.run import bench
+from vitlab.tools.bench.tables import format_table
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m vitlab.tools.bench", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
+    p.add_argument("names", nargs="*", default=["pvt_v2_b0"], help="backbone config names (conf/backbone)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="images per step (default: 8; with --task 2, the papers' images per GPU)")
+    p.add_argument("--input", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="input size (default: 224 224; with --task the paper's: 800 1333 / 512 512)")
+    p.add_argument("--precision", default="32", choices=list(PRECISIONS), help="autocast on the device (as Lightning's)")
+    p.add_argument("--compare-timm", action="store_true", help="also time timm's model of the same name")
+    p.add_argument("--reference", action="append", default=None, metavar="FILE.py:FUNCTION",
+                   help="also time this model factory (once per name, in order), e.g. the authors' code")
+    p.add_argument("--task", choices=list(TASKS), default=None, help="time the full dense model of this task")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override for ours, relative to the backbone config (e.g. depths=[1,1,1,1]), or with "
+                        "--task of the task's module (module.head.norm=GN); the references are built as they are")
+    p.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default: inductor)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="also time ours with activation checkpointing")
+    p.add_argument("--phase", choices=[*PHASES, "both"], default="both", help="time training, inference or both")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before each round")
+    p.add_argument("--rounds", type=int, default=5, help="rounds per model and phase; the median is reported")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                   help="wall time, or (CPU device) this process's CPU time: steadier on a shared machine, "
+                        "images per CPU-second with --threads 1")
+    p.add_argument("--loader", choices=["imagenet", "coco", "ade20k"], default=None,
+                   help="time this dataset's training pipeline instead (vitlab.data.throughput)")
+    p.add_argument("--images", type=int, default=64, help="--loader: images per round")
+    p.add_argument("--fast-decode", action="store_true", help="--loader imagenet: also time data.fast_decode=true")
+    p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("W", "H"),
+                   help="--loader: the generated images' size (default: ImageNet 500 375, COCO 640 480, ADE20K 683 512)")
+    p.add_argument("--data-dir", default=None, help="--loader: where the generated data is kept (default: "
+                   "$VITLAB_DATA or ./data, under bench/)")
+    p.add_argument("--suite", choices=["gpu"], default=None,
+                   help="run the prepared GPU suite (vitlab.tools.bench.suite; on a CPU its tiny version)")
+    p.add_argument("--json", default=None, metavar="FILE", help="--suite: write the results here (after every item)")
+    p.add_argument("--reference-dir", default="official", metavar="DIR",
+                   help="--suite: where the authors' files are (pvt_v2.py, pvt.py, scalablevit.py, gpvit.py)")
+    p.add_argument("--budget", type=float, default=420.0, help="--suite: seconds after which items are skipped")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.suite:
+        from vitlab.tools.bench.suite import run_suite
+
+        run_suite(args.device, args.json, args.reference_dir, args.data_dir, args.budget)
+        return
+    if args.loader:
+        from vitlab.data.throughput import format_loader_table, loader_bench
+
+        from vitlab.data.throughput import SIZES
+
+        rows = loader_bench(args.loader, args.images, args.rounds, args.fast_decode, args.data_dir, args.image_size)
+        width, height = args.image_size or SIZES[args.loader]
+        print(f"loader={args.loader} images={width}x{height} per round={args.images} rounds={args.rounds} "
+              f"threads={torch.get_num_threads()} (one worker process; images per CPU second)")
+        print(format_loader_table(rows))
+        return
+    if args.reference and len(args.reference) != len(args.names):
+        p.error(f"--reference given {len(args.reference)} times for {len(args.names)} names: give one per name, in order")
+    if args.precision == "16-mixed" and args.device == "cpu":
+        p.error("--precision 16-mixed on the CPU: torch has no fast fp16 matmul there (well under 1 GFLOP/s); "
+                "use --precision bf16-mixed, or --device cuda")
+    if args.clock == "cpu" and args.device != "cpu":
+        p.error("--clock cpu times CPU work; a CUDA step's time is the device's: use --clock wall")
+    if args.task and args.compare_timm:
+        p.error("--compare-timm times classifiers; it does not apply with --task")
+    batch = args.batch or (2 if args.task else 8)
+    if args.task == "upernet" and batch < 2 and not any(o.startswith("module.head.norm=") for o in args.override):
+        p.error("--task upernet with --batch 1: the pyramid pooling's 1x1 map has one value per channel, which "
+                "BatchNorm cannot normalise in training; use --batch >= 2, or --override module.head.norm=GN")
+    dtype = PRECISIONS[args.precision] or torch.float32
+    device, clock = torch.device(args.device), CLOCKS[args.clock]
+    peak = matmul_peak(device, dtype, clock=clock)  # before and after the run: the best (a shared machine's load varies)
+    phases = PHASES if args.phase == "both" else (args.phase,)
+    table = bench(args.names, batch, args.input, args.compare_timm, args.device, args.steps, args.warmup, args.rounds,
+                  args.precision, args.reference, args.task, args.compile_backend if args.compile else None,
+                  args.grad_checkpointing, phases, args.override, args.clock)
+    peak = max(peak, matmul_peak(device, dtype, clock=clock))
+    size = args.input or (TRAIN_INPUT[TASKS[args.task].split("_")[0]] if args.task else (224, 224))
+    print(f"device={args.device} task={args.task or 'classification'} batch={batch} input={size[0]}x{size[1]} "
+          f"precision={args.precision} steps={args.steps} rounds={args.rounds} threads={torch.get_num_threads()} "
+          f"clock={args.clock} "
+          f"torch={torch.__version__} matmul peak={peak:.0f} GFLOP/s ({str(dtype).split('.')[-1]})")
+    print(format_table(table, args.device, peak))
