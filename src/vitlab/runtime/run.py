@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import shutil
 import uuid
 from dataclasses import dataclass, field

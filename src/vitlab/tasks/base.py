@@ -15,12 +15,10 @@ import copy
 import inspect
 import random
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from timm.optim import create_optimizer_v2, get_optimizer_info, param_groups_weight_decay
 from timm.utils import ModelEmaV3
