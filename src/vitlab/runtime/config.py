@@ -56,3 +56,17 @@ def compose(config_name: str | None = "train", overrides: Iterable[str] = (),
 
     with hydra_app():
         return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+@contextlib.contextmanager
+def hydra_interpolations(cfg: DictConfig) -> Iterator[DictConfig]:
+    """``${hydra:...}`` in ``cfg`` (composed with ``return_hydra_config=True``) resolves against its own
+    ``hydra`` node inside the block, as in a run; a running application's HydraConfig is restored after."""
+    from hydra.core.hydra_config import HydraConfig
+
+    saved = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(cfg)
+    try:
+        yield cfg
+    finally:
+        HydraConfig.instance().cfg = saved

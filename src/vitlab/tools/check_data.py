@@ -18,14 +18,13 @@ import sys
 
 def compose_data_config(overrides: list[str]) -> dict:
     """The resolved ``data:`` node of ``conf/train.yaml`` with the command-line overrides."""
-    from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from vitlab.runtime.config import compose
+    from vitlab.runtime.config import compose, hydra_interpolations
 
     cfg = compose("train", overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)  # paths resolve against the working directory, as in a run
-    return OmegaConf.to_container(cfg.data, resolve=True)
+    with hydra_interpolations(cfg):  # paths resolve against the working directory, as in a run
+        return OmegaConf.to_container(cfg.data, resolve=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -121,9 +121,13 @@ def _devices(trainer: DictConfig) -> int:
 
 
 def describe_job(cfg: DictConfig, overrides: list[str], train_images: int | None) -> Job:
-    from hydra.core.hydra_config import HydraConfig
+    from vitlab.runtime.config import hydra_interpolations
 
-    HydraConfig.instance().set_config(cfg)  # for ${hydra:...} interpolations
+    with hydra_interpolations(cfg):
+        return _describe_job(cfg, overrides, train_images)
+
+
+def _describe_job(cfg: DictConfig, overrides: list[str], train_images: int | None) -> Job:
     choices = cfg.hydra.runtime.choices
     backbone, task = choices.backbone, choices.task
     trainer = cfg.trainer
