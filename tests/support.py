@@ -59,13 +59,11 @@ def run_script(script: str, args: list[str], data_dir: Path, env: dict | None = 
 @contextlib.contextmanager
 def process_state_restored():
     """Whatever an in-process run changes in this process is put back afterwards, so runs do not leak
-    into later tests: environment variables (``PL_GLOBAL_SEED``, ``VITLAB_SWEEP_DIR``,
-    ``VITLAB_WEIGHTS``), RNG states, torch threads and flags, the logging handlers Hydra's job
+    into later tests: environment variables (``PL_GLOBAL_SEED``, ``VITLAB_SWEEP_DIR``), RNG states, torch threads and flags, the logging handlers Hydra's job
     logging installs (its ``<run dir>/<job>.log`` file is closed), the signal handlers of
-    ``vitlab.runtime.callbacks.LastCheckpoint``, the working directory, warning filters, HydraConfig and
-    OmegaConf resolvers registered during the run."""
+    ``vitlab.runtime.callbacks.LastCheckpoint``, the working directory, warning filters and the HydraConfig
+    Hydra's run sets."""
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf.basecontainer import BaseContainer
 
     environ, cwd = dict(os.environ), os.getcwd()
     rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
@@ -76,7 +74,6 @@ def process_state_restored():
                for name, lg in [("", logging.root), *logging.root.manager.loggerDict.items()]
                if isinstance(lg, logging.Logger)}
     hydra_cfg = HydraConfig.instance().cfg
-    resolvers = dict(BaseContainer._resolvers)
     try:
         with warnings.catch_warnings():
             yield
@@ -104,13 +101,11 @@ def process_state_restored():
             lg.setLevel(level)
             lg.propagate, lg.disabled = propagate, disabled
         HydraConfig.instance().cfg = hydra_cfg
-        BaseContainer._resolvers.clear()
-        BaseContainer._resolvers.update(resolvers)
 
 
 def hydra_command(script: str, args: list[str], data_dir: Path, env: dict | None = None):
     """``python src/<script> args...`` in this process: Hydra's own run (``-m`` in ``args``: multirun)
-    of the entry point's body, ``vitlab.runtime.run.train`` / ``evaluate`` / ``vitlab.tools.predict.predict``. This is the code
+    of the entry point's body, ``vitlab.runtime.cli.train_job`` / ``eval_job`` / ``vitlab.tools.predict.predict``. This is the code
     ``@hydra.main`` runs (vitlab.runtime.cli): the config is composed from the command line, HydraConfig set,
     ``hydra.runtime.output_dir`` set to what the command's ``hydra.run.dir`` (``hydra.sweep.dir``)
     resolves to, ``.hydra/`` and the job's log file written. What the run changes in this process
@@ -119,12 +114,13 @@ def hydra_command(script: str, args: list[str], data_dir: Path, env: dict | None
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    import vitlab.runtime.run
+    from vitlab.runtime.cli import eval_job, train_job
+    from vitlab.runtime.config import register_resolvers
     from vitlab.runtime.resources import conf_dir
-
     from vitlab.tools.predict import predict
 
-    body = {"train.py": vitlab.runtime.run.train, "eval.py": vitlab.runtime.run.evaluate, "predict.py": predict}[script]
+    register_resolvers()
+    body = {"train.py": train_job, "eval.py": eval_job, "predict.py": predict}[script]
     multirun = "-m" in args or "--multirun" in args
     overrides = [a for a in args if a not in ("-m", "--multirun")]
     if multirun:

@@ -56,6 +56,7 @@ def test_composed_config_holds_every_constructor_argument(name):
 def test_variant_states_only_what_differs_from_its_family(name):
     raw = yaml.safe_load((CONF / f"{name}.yaml").read_text())
     (base,) = [d.removesuffix("@_here_") for d in raw.pop("defaults") if d != "_self_"]
+    assert raw.pop("variant") == name  # its release's key (backbone.pretrained=imagenet)
     with initialize_config_dir(config_dir=str(CONF.parent), version_base="1.3"):
         family = compose(overrides=[f"+backbone={base}"]).backbone  # a family base composes (??? fields unset)
     same = [k for k, v in raw.items() if k in family and not OmegaConf.is_missing(family, k) and family[k] == v]

@@ -99,15 +99,15 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path, monkeypatch):
     run directory brings it back to the same MLflow run (read back from the store)."""
     from omegaconf import OmegaConf
 
-    from vitlab.runtime.run import build_loggers
+    from vitlab.runtime.run import RunContext, build_loggers
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the quick store for a test; the default is SQLite
     cfg = OmegaConf.create({"logger": {"mlflow": {
         "_target_": "lightning.pytorch.loggers.MLFlowLogger", "experiment_name": "resume",
         "tracking_uri": f"file:{tmp_path / 'mlruns'}", "run_name": None}}})
-    first = build_loggers(cfg, tmp_path / "run", None)[0]
+    first = build_loggers(cfg, RunContext(tmp_path / "run"), None)[0]
     first.log_metrics({"train/loss": 2.0}, step=0)
-    again = build_loggers(cfg, tmp_path / "run", None)[0]
+    again = build_loggers(cfg, RunContext(tmp_path / "run"), None)[0]
     again.log_metrics({"train/loss": 1.0}, step=1)
     assert again.run_id == first.run_id == (tmp_path / "run" / "mlflow_run_id").read_text()
     history = mlflow.MlflowClient(f"file:{tmp_path / 'mlruns'}").get_metric_history(first.run_id, "train/loss")

@@ -115,40 +115,70 @@ def test_registry_covers_the_backbone_configs():
     assert reg["resnet50"].sha256 == "0676ba61"
 
 
-def test_imagenet_matches_by_architecture_not_by_name(monkeypatch):
+@pytest.fixture
+def constructions(monkeypatch):
+    """How many backbones of each class get built (their ``__init__`` calls)."""
+    from vitlab.backbones.pvt import PyramidVisionTransformer
+
+    calls = []
+    init = PyramidVisionTransformer.__init__
+
+    def counted(self, *args, **kwargs):
+        calls.append(type(self).__name__)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(PyramidVisionTransformer, "__init__", counted)
+    return calls
+
+
+def test_imagenet_is_the_variants_release_and_builds_no_other_variant(monkeypatch, constructions):
+    """Keyed by the config's variant (timm's way): the backbone being built is the only one built."""
     monkeypatch.setenv("VITLAB_OFFLINE", "1")
-    cfg = backbone_config("pvt_v2_b2", ["linear_sra=true", "drop_path_rate=0.3"])  # = PVTv2-B2-Li's shapes
-    with pytest.raises(WeightsUnavailable, match=r"pvt_v2_b2_li's ImageNet weights.*pvt_v2_b2_li.pth"):
-        build_backbone({**cfg, "pretrained": "imagenet"})
-    for name in ("pvt_small", "vit_small_p32"):  # dense backbones, without their classifier-only parts
-        with pytest.raises(WeightsUnavailable, match=rf"{name}'s ImageNet weights"):
+    for name in ("pvt_v2_b2", "pvt_v2_b2_li", "pvt_small"):
+        with pytest.raises(WeightsUnavailable, match=rf"{name}'s ImageNet weights.*{name}.pth"):
             build_backbone({**backbone_config(name), "pretrained": "imagenet"}, dense=True)
-    ablation = backbone_config("pvt_v2_b0", ["mlp_ratios=[4,4,4,4]"])
-    with pytest.raises(WeightsUnavailable, match=r"no official ImageNet release has this architecture.*"
-                                                 r"backbone.pretrained=null"):
+    assert constructions == ["PyramidVisionTransformer"] * 3
+    ablation = backbone_config("pvt_v2_b2", ["linear_sra=true"])  # still pvt_v2_b2: the strict load decides
+    with pytest.raises(WeightsUnavailable, match=r"pvt_v2_b2's ImageNet weights.*pvt_v2_b2.pth"):
         build_backbone({**ablation, "pretrained": "imagenet"})
+    for cfg, message in ((backbone_config("pvt_small_wide"), r"backbone.variant=pvt_small_wide has no official"),
+                         ({**backbone_config("pvt_tiny"), "variant": None}, r"names no variant")):
+        with pytest.raises(WeightsUnavailable, match=message + r".*backbone.pretrained=null"):
+            build_backbone({**cfg, "pretrained": "imagenet"})
 
 
-def test_imagenet_downloads_and_loads(server, tmp_path, monkeypatch):
-    """End to end: registry -> download from the server -> strict load into the backbone."""
+def _serve_b0(server, tmp_path, monkeypatch):
+    """pvt_v2_b0's release: a random PVTv2-B0's weights, served by the test server."""
     root, url, _ = server
     torch.manual_seed(0)
-    cfg = {**backbone_config("pvt_v2_b0"), "pretrained": None}
-    source = build_backbone(cfg)
+    source = build_backbone({**backbone_config("pvt_v2_b0"), "pretrained": None})
     torch.save({f"backbone.{k}": v for k, v in source.state_dict().items()}, root / "b0.pth")
     registry_file = tmp_path / "weights.yaml"
     registry_file.write_text(yaml.safe_dump({"pvt_v2_b0": {"file": "pvt_v2_b0.pth", "url": f"{url}/b0.pth",
                                                             "sha256": None, "source": "test"}}))
     monkeypatch.setattr(weights, "REGISTRY_FILE", registry_file)
     monkeypatch.setenv("VITLAB_WEIGHTS", str(tmp_path / "weights"))
-    weights._registered_configs.cache_clear()
-    try:
-        loaded = build_backbone({**cfg, "pretrained": "imagenet"})
-    finally:
-        weights._registered_configs.cache_clear()
+    return source
+
+
+def test_imagenet_downloads_and_loads(server, tmp_path, monkeypatch, constructions):
+    """End to end: registry -> download from the server -> strict load into the backbone."""
+    source = _serve_b0(server, tmp_path, monkeypatch)
+    constructions.clear()
+    loaded = build_backbone({**backbone_config("pvt_v2_b0"), "pretrained": "imagenet"})
+    assert constructions == ["PyramidVisionTransformer"]  # no other variant built to find the release
     assert loaded.pretrained_file == str(tmp_path / "weights" / "pvt_v2_b0.pth")
     for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_an_architecture_ablation_is_refused_by_the_strict_load(server, tmp_path, monkeypatch):
+    from vitlab.runtime.checkpoints import CheckpointMismatchError
+
+    _serve_b0(server, tmp_path, monkeypatch)
+    ablation = backbone_config("pvt_v2_b0", ["mlp_ratios=[4,4,4,4]"])
+    with pytest.raises(CheckpointMismatchError, match=r"pvt_v2_b0.pth does not match.*shape mismatches \[.*mlp"):
+        build_backbone({**ablation, "pretrained": "imagenet"})
 
 
 def test_run_directory_means_its_best_then_last_checkpoint(tmp_path):

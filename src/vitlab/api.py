@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 from torch import nn
 
 from vitlab.backbones.base import Backbone
 from vitlab.runtime.build import build_backbone, build_classifier
+from vitlab.runtime.config import compose
 from vitlab.runtime.resources import conf_dir
 
 
@@ -40,12 +39,7 @@ def backbone_config(name: str, overrides: Iterable[str] | None = None) -> DictCo
     if name not in names:
         raise ValueError(f"unknown backbone {name!r}; available: {', '.join(names)}")
     hydra_overrides = [f"+backbone={name}", *(_relative_to_backbone(o) for o in overrides or [])]
-    if GlobalHydra.instance().is_initialized():  # inside a Hydra app: its search path has conf/
-        cfg = compose(overrides=hydra_overrides)
-    else:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = compose(overrides=hydra_overrides)
-    return cfg.backbone
+    return compose(None, hydra_overrides).backbone
 
 
 def create_backbone(name: str, pretrained: str | None = None, overrides: Iterable[str] | None = None) -> Backbone:

@@ -30,6 +30,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from vitlab.errors import VitlabUserError
 from vitlab.data.base import (
+    DatasetFacts,
     IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DatasetInfo, DatasetLayoutError, SegmentationBatch,
     VitlabDataModule,
 )
@@ -246,6 +247,8 @@ def collate_val(batch) -> SegmentationBatch:
 
 
 class ADE20KDataModule(VitlabDataModule):
+    # ADEChallengeData2016: 150 classes, 20,210 training images (median 683x512); FLOPs at the 512x512 crop
+    FACTS = DatasetFacts(num_classes=150, train_images=20_210, image_size=(683, 512), flops_input=(512, 512))
     layout_help = (
         "  <root>/images/training/*.jpg       <root>/annotations/training/*.png\n"
         "  <root>/images/validation/*.jpg     <root>/annotations/validation/*.png\n"

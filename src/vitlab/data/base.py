@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import lightning as L
 import torch
@@ -135,9 +135,22 @@ class MissingFileError(CorruptImageError):
 VERIFY_MODES = ("cheap", "full", "none")
 
 
+@dataclass(frozen=True)
+class DatasetFacts:
+    """The full dataset as published, known without reading it: what the tools that count, plan and
+    benchmark need (the zoo's class counts and FLOP inputs, the planner's steps, loader throughput)."""
+
+    num_classes: int
+    train_images: int
+    image_size: tuple[int, int]  # (width, height) of a typical image: the loader benchmark's generated size
+    flops_input: tuple[int, int]  # (H, W) the papers count FLOPs at (COCO: 1280x800, as mmdet's get_flops)
+
+
 class VitlabDataModule(L.LightningDataModule):
     #: shown in the "dataset not found" message
     layout_help: str = ""
+    #: the published dataset's facts (each subclass)
+    FACTS: ClassVar[DatasetFacts]
 
     def __init__(
         self,

@@ -46,6 +46,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from vitlab.errors import VitlabUserError
 from vitlab.data.base import (
+    DatasetFacts,
     IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DatasetInfo, DatasetLayoutError, DetectionBatch, EpochSampler,
     VitlabDataModule,
 )
@@ -325,6 +326,8 @@ def collate_detection(batch) -> DetectionBatch:
 
 
 class CocoDataModule(VitlabDataModule):
+    # COCO 2017: 80 categories, 117,266 train2017 images with annotations, mostly 640x480
+    FACTS = DatasetFacts(num_classes=80, train_images=117_266, image_size=(640, 480), flops_input=(800, 1280))
     layout_help = (
         "  <root>/train2017/*.jpg\n"
         "  <root>/val2017/*.jpg\n"

@@ -28,9 +28,14 @@ from pathlib import Path
 
 import torch
 
+from vitlab.data.ade20k import ADE20KDataModule
 from vitlab.data.base import ImageBatch
+from vitlab.data.coco import CocoDataModule
+from vitlab.data.imagenet import ImageNetDataModule
 
-SIZES = {"imagenet": (500, 375), "coco": (640, 480), "ade20k": (683, 512)}  # width, height
+# a typical image's width, height per dataset: its DataModule's (DatasetFacts.image_size)
+SIZES = {kind: module.FACTS.image_size for kind, module in
+         (("imagenet", ImageNetDataModule), ("coco", CocoDataModule), ("ade20k", ADE20KDataModule))}
 
 
 @dataclass
@@ -71,8 +76,6 @@ def generate(kind: str, root: Path, images: int, size: tuple[int, int] | None = 
 def datasets(kind: str, folder: Path, fast_decode: bool):
     """{row name: training dataset} with the DataModules' default training transforms."""
     if kind == "imagenet":
-        from vitlab.data.imagenet import ImageNetDataModule
-
         out = {}
         for fast in (False, True) if fast_decode else (False,):
             dm = ImageNetDataModule(str(folder), num_workers=0, fast_decode=fast)
@@ -80,12 +83,8 @@ def datasets(kind: str, folder: Path, fast_decode: bool):
             out["fast_decode" if fast else "default"] = dm
         return {name: dm.train_set for name, dm in out.items()}, out.get("fast_decode")
     if kind == "coco":
-        from vitlab.data.coco import CocoDataModule
-
         dm = CocoDataModule(str(folder), num_workers=0, with_masks=True)
     else:
-        from vitlab.data.ade20k import ADE20KDataModule
-
         dm = ADE20KDataModule(str(folder), num_workers=0)
     dm.setup("fit")
     return {"default": dm.train_set}, None

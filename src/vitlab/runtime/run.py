@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,27 +35,26 @@ from vitlab.runtime.checkpoints import (AtomicCheckpointIO, CheckpointMismatchEr
                                         write_atomically)
 from vitlab.runtime.flops import count_gmacs, count_params
 from vitlab.runtime.loggers import ResumableCSVLogger, log_summary, mlflow_names
-from vitlab.runtime.rundir import LOCK_FILE, RunDirLockedError, owned, register_resolvers
+from vitlab.runtime.rundir import LOCK_FILE, RunDirLockedError, owned
 from vitlab.runtime.trust import check_targets
 from vitlab.runtime.validate import check_run_config
-from vitlab.runtime.weights import loaded_file
+from vitlab.runtime.weights import loaded_file, resolve
 
-register_resolvers()
 log = logging.getLogger("vitlab")
 
 
-def _choices() -> dict[str, str]:
-    from hydra.core.hydra_config import HydraConfig
+@dataclass(frozen=True)
+class RunContext:
+    """What a run knows from its command line, beyond the config: ``vitlab.runtime.cli`` reads it from
+    Hydra once; a plainly composed config runs with the default (its ``paths.output_dir``, no names)."""
+    run_dir: Path
+    overrides: tuple[str, ...] = ()                   # the command line's overrides (summary, run names)
+    choices: dict[str, str] = field(default_factory=dict)  # config-group choices: backbone, schedule, ...
+    sweep: str | None = None                          # the -m sweep's directory name (the W&B group)
 
-    if not HydraConfig.initialized():
-        return {}
-    return {k: v for k, v in HydraConfig.get().runtime.choices.items() if isinstance(v, str)}
-
-
-def _overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    @classmethod
+    def of(cls, cfg: DictConfig) -> RunContext:
+        return cls(run_dir=Path(cfg.paths.output_dir))
 
 
 # ---- resume -----------------------------------------------------------------------------
@@ -126,11 +126,16 @@ def _holds_only_hydra_files(run_dir: Path) -> bool:
 # ---- building -----------------------------------------------------------------------------
 def build_data_and_module(run_cfg: dict) -> tuple[L.LightningDataModule, L.LightningModule]:
     """The DataModule (its data checked first: ``data.verify``), then the task module with the
-    dataset's description (``info``)."""
+    dataset's description (``info``). ``backbone.pretrained=imagenet`` is found (or downloaded) in
+    ``paths.weights_dir`` here and handed to the task as the file."""
     datamodule = instantiate(run_cfg["data"], "data")
     if not datamodule.synthetic:  # generated data is made by us in the right format (and may not exist yet)
         datamodule.preflight()
-    module = instantiate(run_cfg["module"], "module", backbone=run_cfg["backbone"], schedule=run_cfg["schedule"],
+    backbone = run_cfg["backbone"]
+    weights_dir = (run_cfg.get("paths") or {}).get("weights_dir")
+    if str(backbone.get("pretrained")) == "imagenet" and weights_dir:
+        backbone = {**backbone, "pretrained": str(resolve("imagenet", backbone, Path(weights_dir)))}
+    module = instantiate(run_cfg["module"], "module", backbone=backbone, schedule=run_cfg["schedule"],
                          info=datamodule.info)
     return datamodule, module
 
@@ -146,15 +151,15 @@ def model_gflops(module: L.LightningModule) -> float | None:
         return None
 
 
-def run_metadata(cfg: DictConfig) -> dict[str, Any]:
+def run_metadata(cfg: DictConfig, context: RunContext | None = None) -> dict[str, Any]:
     """Top-level keys that dashboards group and filter on: names plus every backbone field."""
-    choices = _choices()
+    choices = dict(context.choices) if context else {}
     meta = {
-        "backbone": choices.get("backbone"),
+        "backbone": choices.get("backbone") or cfg.backbone.get("variant"),
         "task": cfg.get("task_name"),
         "schedule": choices.get("schedule"),
         "experiment": choices.get("experiment"),
-        "overrides": _overrides(),
+        "overrides": list(context.overrides) if context else [],
         "seed": cfg.get("seed"),
     }
     for key, value in OmegaConf.to_container(cfg.backbone, resolve=True).items():
@@ -163,16 +168,6 @@ def run_metadata(cfg: DictConfig) -> dict[str, Any]:
     # every other config-group choice too (e.g. `ablation` of +ablation=... sweeps): dashboards group by it
     meta.update({k: v for k, v in choices.items() if not k.startswith("hydra") and k not in meta})
     return meta
-
-
-def _sweep_group() -> str | None:
-    """Runs of one ``-m`` sweep share a W&B group: the sweep directory's name."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
-    return Path(HydraConfig.get().sweep.dir).name
 
 
 def wandb_run_id(run_dir: Path) -> str:
@@ -188,17 +183,17 @@ def wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> list:
-    loggers = []
+def build_loggers(cfg: DictConfig, context: RunContext, resume_step: int | None) -> list:
+    run_dir, loggers = context.run_dir, []
     for name, logger_cfg in (cfg.get("logger") or {}).items():
         logger_cfg = OmegaConf.to_container(logger_cfg, resolve=True)
         cls = locate(logger_cfg["_target_"]) if isinstance(logger_cfg, dict) and "_target_" in logger_cfg else None
         extra = {}
-        run_name = ",".join(o for o in _overrides() if not o.startswith("hydra")) or "default"
+        run_name = ",".join(o for o in context.overrides if not o.startswith("hydra")) or "default"
         if cls is not None and issubclass(cls, WandbLogger):
             require("wandb", "wandb", f"logger.{name} (W&B)")
             logger_cfg["name"] = logger_cfg.get("name") or run_name
-            logger_cfg["group"] = _sweep_group() or logger_cfg.get("group")
+            logger_cfg["group"] = context.sweep or logger_cfg.get("group")  # runs of one -m sweep: one group
             extra = {"id": wandb_run_id(run_dir), "resume": "allow"}
         elif cls is not None and issubclass(cls, MLFlowLogger):
             logger_cfg["run_name"] = logger_cfg.get("run_name") or run_name[:250]  # MLflow's limit on names
@@ -257,11 +252,12 @@ def write_summary(out_dir: Path, summary: dict) -> None:
 def _cleaned_up_on_failure(body):
     """A command that fails before it has written a checkpoint or a summary leaves no directory."""
 
-    def run(cfg: DictConfig) -> dict:
-        run_dir = Path(cfg.paths.output_dir)
+    def run(cfg: DictConfig, context: RunContext | None = None) -> dict:
+        context = context or RunContext.of(cfg)
+        run_dir = context.run_dir
         fresh = not run_dir.exists() or _holds_only_hydra_files(run_dir)
         try:
-            return body(cfg, run_dir)
+            return body(cfg, context)
         except RunDirLockedError:
             raise  # another process's directory: not ours to clean up
         except BaseException:
@@ -280,10 +276,10 @@ def _owned(body):
     """The config checked, then the run directory's lock (``vitlab.runtime.rundir.owned``) held around the
     body; a second copy stops before it touches anything."""
 
-    def run(cfg: DictConfig, run_dir: Path) -> dict:
+    def run(cfg: DictConfig, context: RunContext) -> dict:
         check_run_config(cfg)
-        with owned(run_dir, requeue_wait_s=float(cfg.get("requeue_lock_wait_s", 300))):
-            return body(cfg, run_dir)
+        with owned(context.run_dir, requeue_wait_s=float(cfg.get("requeue_lock_wait_s", 300))):
+            return body(cfg, context)
 
     run.__doc__ = body.__doc__
     return run
@@ -291,8 +287,10 @@ def _owned(body):
 
 @_cleaned_up_on_failure
 @_owned
-def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """Fit (or resume) the run the config describes and return its summary."""
+def train(cfg: DictConfig, context: RunContext) -> dict:
+    """Fit (or resume) the run the config describes and return its summary (``context``: the command
+    line's names and the run directory; default: ``paths.output_dir``, so a plainly composed config runs)."""
+    run_dir = context.run_dir
     resume_from, finished = plan_resume(cfg, run_dir)
     if finished is not None:
         return finished
@@ -301,8 +299,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         resume_step = int(read_checkpoint(resume_from, "checkpoint").get("global_step", 0))
     L.seed_everything(cfg.seed, workers=True)
     run_cfg = OmegaConf.to_container(cfg, resolve=True)
-    if run_cfg.get("paths", {}).get("weights_dir"):  # where backbone.pretrained=imagenet looks (vitlab.runtime.weights)
-        os.environ["VITLAB_WEIGHTS"] = run_cfg["paths"]["weights_dir"]
     datamodule, module = build_data_and_module(run_cfg)
     # the user's own run-level objects (a checkpoint never rebuilds these): any class may be named
     callbacks = [instantiate(c, f"callbacks.{k}", trusted=True) for k, c in (run_cfg.get("callbacks") or {}).items() if c]
@@ -310,11 +306,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     # last.ckpt after best.ckpt at an epoch's end (both are Checkpoint callbacks, which Lightning runs
     # last, in this order): a last.ckpt written before would miss that epoch's best score
     callbacks.sort(key=lambda c: isinstance(c, LastCheckpoint))
-    loggers = build_loggers(cfg, run_dir, resume_step)
+    loggers = build_loggers(cfg, context, resume_step)
     trainer: L.Trainer = instantiate(run_cfg["trainer"], "trainer", trusted=True, callbacks=callbacks,
                                      logger=loggers or False, plugins=trainer_plugins())
 
-    meta = run_metadata(cfg)
+    meta = run_metadata(cfg, context)
     params = count_params(module.model)
     gflops = model_gflops(module)
     for logger in loggers:
@@ -419,8 +415,9 @@ def module_from_checkpoint(ckpt_path: str, overrides: dict | None = None, module
 
 
 @_cleaned_up_on_failure
-def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
+def evaluate(cfg: DictConfig, context: RunContext) -> dict:
     """Rebuild data and model from the checkpoint alone and validate."""
+    run_dir = context.run_dir
     L.seed_everything(cfg.seed, workers=True)
     overrides = OmegaConf.to_container(cfg.overrides, resolve=True) if cfg.get("overrides") else {}
     module_overrides = OmegaConf.to_container(cfg.module, resolve=True) if cfg.get("module") else None

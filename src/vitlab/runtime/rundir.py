@@ -6,7 +6,7 @@
 ``resume``, ``ckpt_path`` and the overrides already spelled out in the path do not count;
 ``resume=never`` never reuses a directory that holds something: it takes ``<name>-2``, ``-3``, ...
 Registered as OmegaConf resolvers (``vitlab.run_dir``, ``vitlab.sweep_dir``) used by
-``conf/hydra/default.yaml``; importing ``vitlab.runtime.run`` registers them.
+``conf/hydra/default.yaml`` by ``vitlab.runtime.config.register_resolvers`` (the entry points call it).
 
 A run directory has one owner (``owned``): the process that trains in it holds an OS lock on
 ``<run dir>/.lock`` while it runs, so a second copy of the same command cannot write the same
@@ -22,9 +22,8 @@ import logging
 import os
 import socket
 import time
+import weakref
 from pathlib import Path
-
-from omegaconf import OmegaConf
 
 from vitlab.errors import VitlabUserError
 
@@ -63,24 +62,30 @@ def run_dir(root: str, task: str, backbone: str, experiment, overrides, resume: 
     return str(_fresh(Path(root) / str(task) / str(backbone) / name, str(resume)))
 
 
-def sweep_dir(root: str, sweep, overrides, resume: str = "auto") -> str:
-    """Hydra resolves the sweep directory in the launching process (with the sweep's overrides,
-    ``lr=1e-3,1e-4``) and again in every job (with that job's values). The launching process's
-    answer is the sweep's: it is kept in the environment, which jobs inherit (in-process jobs, and
-    submitit/SLURM jobs, requeued ones included)."""
-    if os.environ.get(SWEEP_DIR_ENV):
+def sweep_dir(root: str, sweep, overrides, resume: str = "auto", job=None, *, _root_=None) -> str:
+    """Hydra resolves the sweep directory in the launching process (``job`` null, with the sweep's
+    overrides, ``lr=1e-3,1e-4``) and again in every job (``job``: its number, with that job's values).
+    The launching process decides once per sweep (per master config: a second sweep in the same
+    process decides anew) and hands its answer to the jobs in the environment, which jobs inherit
+    (in-process jobs, and submitit/SLURM jobs, requeued ones included)."""
+    if job is not None and os.environ.get(SWEEP_DIR_ENV):
         return os.environ[SWEEP_DIR_ENV]
+    known = _decided.get(id(_root_))
+    if known is not None and known[0]() is _root_:  # this sweep asked before (e.g. per launched batch)
+        return known[1]
     kept = [o for o in overrides or [] if _key(str(o)) not in ("resume", "ckpt_path")]
     digest = hashlib.sha1("\n".join(sorted(map(str, kept))).encode()).hexdigest()[:8]
     path = str(_fresh(Path(root) / f"{sweep or 'sweep'}-{digest}", str(resume)))
-    os.environ[SWEEP_DIR_ENV] = path
+    if job is None and _root_ is not None:
+        for key in [k for k, (ref, _) in _decided.items() if ref() is None]:
+            del _decided[key]
+        _decided[id(_root_)] = (weakref.ref(_root_), path)
+        os.environ[SWEEP_DIR_ENV] = path
     return path
 
 
-def register_resolvers() -> None:
-    for name, fn in (("vitlab.run_dir", run_dir), ("vitlab.sweep_dir", sweep_dir)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
+# The launching process's decision per master config (id -> (weak reference, directory)).
+_decided: dict[int, tuple[weakref.ref, str]] = {}
 
 
 # ---- ownership ------------------------------------------------------------------------------

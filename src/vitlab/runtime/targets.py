@@ -13,18 +13,22 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vitlab.data.base import DatasetInfo
 from vitlab.runtime.aliases import current
 from vitlab.runtime.trust import check_targets
 
 
 def plain(cfg: Any) -> Any:
-    """OmegaConf containers (also inside dicts and lists) -> dicts and lists, resolved."""
+    """OmegaConf containers and ``DatasetInfo`` (also inside dicts, lists and tuples) -> dicts and lists,
+    resolved: what a checkpoint read with ``weights_only=True`` (and a hparams.yaml) can hold."""
     if isinstance(cfg, DictConfig) or OmegaConf.is_list(cfg):
         return OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(cfg, DatasetInfo):
+        return cfg.to_dict()
     if isinstance(cfg, dict):
         return {k: plain(v) for k, v in cfg.items()}
     if isinstance(cfg, (list, tuple)):
-        return type(cfg)(plain(v) for v in cfg)
+        return [plain(v) for v in cfg]
     return cfg
 
 

@@ -12,8 +12,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+# the allowed values are their owners' (the code that acts on them)
+from vitlab.data.base import VERIFY_MODES
 from vitlab.errors import VitlabUserError
-
+from vitlab.tasks.base import LR_POLICIES
+from vitlab.tasks.segmentation import TEST_MODES
 
 
 class ConfigValueError(VitlabUserError, ValueError):
@@ -106,7 +109,7 @@ RULES: dict[str, Any] = {
     "data.synthetic": _bool,
     "data.smoke": _bool,
     "data.skip_corrupt": _bool,
-    "data.verify": _choice("cheap", "full", "none"),
+    "data.verify": _choice(*VERIFY_MODES),
     "data.auto_augment": _auto_augment,
     "data.img_size": _int(1),
     "data.max_size": _int(1),
@@ -125,7 +128,7 @@ RULES: dict[str, Any] = {
     "schedule.optimizer.lr": _number(0, strict=True),
     "schedule.optimizer.weight_decay": _number(0),
     "schedule.optimizer.eps": _number(0, strict=True, optional=True),
-    "schedule.lr_policy.name": _choice("cosine", "poly", "multistep"),
+    "schedule.lr_policy.name": _choice(*LR_POLICIES),
     "schedule.lr_policy.warmup_epochs": _number(0, optional=True),
     "schedule.lr_policy.warmup_iters": _int(0, optional=True),
     "schedule.lr_policy.warmup_lr": _number(0, optional=True),
@@ -136,7 +139,7 @@ RULES: dict[str, Any] = {
     "module.cutmix": _number(0, optional=True),
     "module.label_smoothing": _fraction,
     "module.aux_weight": _number(0),
-    "module.test_mode": _choice("whole", "slide"),
+    "module.test_mode": _choice(*TEST_MODES),
     "module.compile": _compile,
     "trainer.num_nodes": _int(1),
     "trainer.accumulate_grad_batches": _int(1),

@@ -5,9 +5,9 @@
     backbone.pretrained=path/to/file.pth      # any checkpoint vitlab.runtime.checkpoints reads
     backbone.pretrained=null                  # from scratch
 
-``imagenet`` looks the backbone up in ``weights.yaml`` (next to this file): the entry whose
-variant has the same parameter names and shapes as the backbone being built (size-dependent
-tensors aside), so an architecture ablation never loads another architecture's weights. The file
+``imagenet`` looks the backbone config's ``variant`` (the ``conf/backbone/<name>`` it is) up in
+``weights.yaml`` (next to this file), timm's way; the strict load checks the file against the
+built backbone, so an architecture ablation never loads another architecture's weights. The file
 lives in the weights folder (``paths.weights_dir``: env ``VITLAB_WEIGHTS``, else
 ``<project>/weights``); when it is missing it is downloaded with a progress bar and checked
 against the published sha256 (torch.hub's downloader). Offline (no network, or ``VITLAB_OFFLINE=1``)
@@ -21,13 +21,11 @@ import os
 import re
 import socket
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from urllib.error import URLError
 
 import torch
 import yaml
-from torch import nn
 
 from vitlab.errors import VitlabUserError
 
@@ -35,13 +33,12 @@ from vitlab.errors import VitlabUserError
 log = logging.getLogger("vitlab")
 
 REGISTRY_FILE = Path(__file__).with_name("weights.yaml")
-# tensors whose shape follows the input size, not the architecture (resized on load)
-SIZE_DEPENDENT = ("pos_embed", "relative_position")
 # torchvision / torch.hub file names carry the first hex digits of the file's sha256
 HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.[a-z]+$")
 DOWNLOAD_TIMEOUT_S = 60
-# Keys of a backbone config that say which weights to load, not constructor arguments.
-WEIGHT_KEYS = ("pretrained", "pretrained_ema")
+# Keys of a backbone config that say which weights to load, not constructor arguments
+# (``variant``: the conf/backbone/<name> it was composed from, the key of its release).
+WEIGHT_KEYS = ("pretrained", "pretrained_ema", "variant")
 
 
 class WeightsUnavailable(VitlabUserError, RuntimeError):
@@ -60,8 +57,8 @@ class Release:
 
 
 def weights_dir() -> Path:
-    """``paths.weights_dir``: a run exports it as ``VITLAB_WEIGHTS`` (``vitlab.runtime.run.train``); outside a
-    run the same rule as its default: ``VITLAB_WEIGHTS``, else ``<PROJECT_ROOT or the working dir>/weights``."""
+    """The weights folder outside a run (a run passes its ``paths.weights_dir``): the same rule as that
+    setting's default: ``VITLAB_WEIGHTS``, else ``<PROJECT_ROOT or the working dir>/weights``."""
     env = os.environ.get("VITLAB_WEIGHTS")
     return Path(env) if env else Path(os.environ.get("PROJECT_ROOT", os.getcwd())) / "weights"
 
@@ -95,57 +92,23 @@ def _from_timm(tag: str) -> dict:
             "source": f"timm pretrained tag {tag}"}
 
 
-# ---- which release fits a backbone -----------------------------------------------------
-def shape_signature(backbone: nn.Module) -> tuple:
-    """Parameter names and shapes, without the input-size-dependent ones."""
-    return tuple(sorted((k, tuple(v.shape)) for k, v in backbone.state_dict().items()
-                        if not any(s in k for s in SIZE_DEPENDENT)))
-
-
-@cache
-def _registered_configs() -> dict[str, dict]:
-    """The backbone config of every registry entry, composed in one Hydra call (``+backbone@<key>=<name>``)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    from vitlab.runtime.resources import conf_dir
-
-    overrides = [f"+backbone@registered.{name}={name}" for name in registry()]
-    if GlobalHydra.instance().is_initialized():  # inside a Hydra app: its search path has conf/
-        cfg = compose(overrides=overrides)
-    else:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = compose(overrides=overrides)
-    return OmegaConf.to_container(cfg.registered, resolve=True)
-
-
-@cache
-def _variant_signature(name: str) -> tuple:
-    """A registered variant's signature (built on the meta device: no memory, no initialisation)."""
-    from vitlab.runtime.targets import instantiate
-
-    cfg = {k: v for k, v in _registered_configs()[name].items() if k not in WEIGHT_KEYS}
-    with torch.device("meta"):
-        return shape_signature(instantiate(cfg, f"backbone {name}"))
-
-
-def release_for(backbone: nn.Module, cfg: dict) -> Release:
-    """The registry entry whose variant has ``backbone``'s parameter shapes (``cfg``: its config);
-    a clear error otherwise. Candidates of the same class are tried closest config first, so the
-    usual case (a registered variant with other training settings) builds one variant."""
-    family = {n: c for n, c in _registered_configs().items() if c.get("_target_") == cfg["_target_"]}
-    closest = sorted(family, key=lambda n: sum(family[n].get(k) != v for k, v in cfg.items()))
-    signature = shape_signature(backbone)
-    pruned = getattr(backbone, "pruned_keys", frozenset())  # a dense model's backbone lacks its classifier parts
-    name = next((n for n in closest if tuple(e for e in _variant_signature(n) if e[0] not in pruned) == signature), None)
-    if name is None:
+# ---- which release a backbone config names -----------------------------------------------
+def release_for(cfg: dict) -> Release:
+    """The registry entry of the config's ``variant`` (the ``conf/backbone/<name>`` it was composed
+    from), as timm keys its pretrained tags by model name. Nothing is built here: an architecture
+    ablation of a variant (``backbone.depths=...``) gets that variant's file and the strict load
+    (``vitlab.runtime.checkpoints.load_pretrained``) refuses it, naming the keys and shapes."""
+    variant = cfg.get("variant")
+    releases = registry()
+    if variant not in releases:
+        what = (f"backbone.variant={variant} has no official ImageNet release" if variant else
+                "the backbone config names no variant (backbone.variant: the conf/backbone/<name> it is)")
         raise WeightsUnavailable(
-            f"backbone.pretrained=imagenet: no official ImageNet release has this architecture ({cfg['_target_']} "
-            f"with these parameter shapes; releases of the family: {', '.join(sorted(family)) or 'none'}). "
-            f"Pre-train it first and pass backbone.pretrained=<its run directory or checkpoint> "
-            f"(backbone.pretrained_ema=true for its EMA weights), or backbone.pretrained=null to train from scratch")
-    return registry()[name]
+            f"backbone.pretrained=imagenet: {what}; releases: {', '.join(sorted(releases))} "
+            f"(src/vitlab/runtime/weights.yaml). Pre-train it first and pass backbone.pretrained=<its run directory "
+            f"or checkpoint> (backbone.pretrained_ema=true for its EMA weights), or backbone.pretrained=null to "
+            f"train from scratch")
+    return releases[variant]
 
 
 # ---- the file ---------------------------------------------------------------------------
@@ -214,20 +177,20 @@ def from_run_dir(path: Path) -> Path:
                              f"checkpoints/last.ckpt (expected a vitlab run directory or a checkpoint file)")
 
 
-def resolve(pretrained: str | None, backbone: nn.Module | None = None, cfg: dict | None = None) -> Path | None:
-    """``backbone.pretrained`` -> the file to load (None: from scratch). ``imagenet`` needs the
-    built ``backbone`` and its config to find the release."""
+def resolve(pretrained: str | None, cfg: dict | None = None, folder: Path | None = None) -> Path | None:
+    """``backbone.pretrained`` -> the file to load (None: from scratch). ``imagenet``: the release of
+    the backbone config ``cfg``'s variant, in ``folder`` (``paths.weights_dir``; default ``weights_dir()``)."""
     if pretrained in (None, "", "null", "none"):
         return None
     if str(pretrained) == "imagenet":
-        release = release_for(backbone, cfg)
-        path = fetch(release)
+        release = release_for(cfg or {})
+        path = fetch(release, folder)
         log.info("backbone.pretrained=imagenet: %s (%s)", path, release.name)
         return path
     path = Path(pretrained)
     return from_run_dir(path) if path.is_dir() else path
 
 
-def loaded_file(model: nn.Module) -> str | None:
+def loaded_file(model: torch.nn.Module) -> str | None:
     """The file ``model``'s backbone was initialised from (``vitlab.runtime.build`` records it); None: random."""
     return next((m.pretrained_file for m in model.modules() if getattr(m, "pretrained_file", None)), None)

@@ -15,12 +15,10 @@ import copy
 import inspect
 import random
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from timm.optim import create_optimizer_v2, get_optimizer_info, param_groups_weight_decay
 from timm.utils import ModelEmaV3
@@ -31,22 +29,11 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from vitlab.backbones.base import Backbone, ImageClassifier
 from vitlab.data.base import DatasetInfo, PredictBatch
+from vitlab.runtime.targets import plain
 
 
-def _plain(cfg: Any) -> Any:
-    """Checkpoints are read with ``weights_only=True``: hyper-parameters must be plain containers
-    (dicts, lists, numbers, strings) all the way down, whoever constructed the task."""
-    if isinstance(cfg, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(cfg, resolve=True)
-    if isinstance(cfg, DatasetInfo):
-        return cfg.to_dict()
-    if isinstance(cfg, dict):
-        return {k: _plain(v) for k, v in cfg.items()}
-    if isinstance(cfg, (list, tuple)):
-        return [_plain(v) for v in cfg]
-    return cfg
-
-
+# The per-step LR policies ``configure_optimizers`` builds (timm's schedulers).
+LR_POLICIES = ("cosine", "poly", "multistep")
 # What mmengine counts as a normalisation layer (its ``norm_decay_mult`` applies to their parameters).
 NORM_LAYERS = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 
@@ -136,8 +123,8 @@ class VitlabTask(L.LightningModule):
 
     def __init__(self, backbone: dict, schedule: dict, info: DatasetInfo | dict, compile: bool | str = False):
         super().__init__()
-        self.backbone_cfg = _plain(backbone)
-        self.schedule = _plain(schedule)
+        self.backbone_cfg = plain(backbone)
+        self.schedule = plain(schedule)
         self.info = DatasetInfo.from_dict(info)
         # module.compile: true (inductor) or a torch.compile backend name; see configure_model
         self.compile_backend = None if compile is False else "inductor" if compile is True else compile
@@ -147,7 +134,7 @@ class VitlabTask(L.LightningModule):
         (the dataset description as a dict) so that checkpoints load with ``weights_only=True``."""
         self.save_hyperparameters(ignore=list(ignore), frame=inspect.currentframe().f_back)
         for key in list(self.hparams):
-            self.hparams[key] = _plain(self.hparams[key])
+            self.hparams[key] = plain(self.hparams[key])
         # What Lightning logs to the loggers: the module's own fields. The backbone and schedule reach
         # them as top-level keys and the whole run config (vitlab.runtime.run), so "backbone" stays its name.
         self._hparams_initial = copy.deepcopy(
@@ -266,7 +253,7 @@ class VitlabTask(L.LightningModule):
         if name == "multistep":
             milestones = [int(m * steps_per_epoch) for m in policy["milestones"]]
             return MultiStepLRScheduler(optimizer, decay_t=milestones, decay_rate=policy.get("gamma", 0.1), **common)
-        raise ValueError(f"schedule.lr_policy.name={name!r}: expected one of cosine, poly, multistep")
+        raise ValueError(f"schedule.lr_policy.name={name!r}: expected one of {', '.join(LR_POLICIES)}")
 
     def lr_scheduler_step(self, scheduler, metric=None) -> None:
         scheduler.step_update(num_updates=self.global_step)  # timm schedulers are step-indexed
@@ -336,7 +323,7 @@ class VitlabTask(L.LightningModule):
 
     # ---- checkpoints: plain hyper-parameters + RNG, so runs resume exactly -------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["hyper_parameters"] = _plain(dict(checkpoint.get("hyper_parameters", {})))
+        checkpoint["hyper_parameters"] = plain(dict(checkpoint.get("hyper_parameters", {})))
         checkpoint["vitlab_rng"] = {
             "python": list(random.getstate()[1]),
             "numpy": [int(v) for v in np.random.get_state()[1]],

@@ -26,6 +26,8 @@ from vitlab.runtime.build import build_backbone, instantiate
 from vitlab.tasks.base import VitlabTask
 from vitlab.tasks.visualize import Panel, render, to_rgb_array
 
+# module.test_mode: one forward on the whole image, or mmseg's sliding window (crop_size / stride)
+TEST_MODES = ("whole", "slide")
 
 def iou_from_confmat(confmat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class IoU (NaN where a class is in neither prediction nor label) and pixel accuracy."""
@@ -84,8 +86,8 @@ class SegmentationTask(VitlabTask):
         if head is None:
             raise ValueError("module.head is missing: the segmentation task needs a decode head (conf/head/)")
         self.save_plain_hyperparameters()
-        if test_mode not in ("whole", "slide"):
-            raise ValueError(f"module.test_mode={test_mode!r}: expected 'whole' or 'slide'")
+        if test_mode not in TEST_MODES:
+            raise ValueError(f"module.test_mode={test_mode!r}: expected one of {', '.join(TEST_MODES)}")
         self.num_classes = self.info.num_classes
         self.ignore_index = self.info.ignore_index if self.info.ignore_index is not None else -100
         self.aux_weight = aux_weight

@@ -18,16 +18,13 @@ import sys
 
 def compose_data_config(overrides: list[str]) -> dict:
     """The resolved ``data:`` node of ``conf/train.yaml`` with the command-line overrides."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from vitlab.runtime.resources import conf_dir
+    from vitlab.runtime.config import compose, hydra_interpolations
 
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)  # paths resolve against the working directory, as in a run
-    return OmegaConf.to_container(cfg.data, resolve=True)
+    cfg = compose("train", overrides, return_hydra_config=True)
+    with hydra_interpolations(cfg):  # paths resolve against the working directory, as in a run
+        return OmegaConf.to_container(cfg.data, resolve=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ way the launcher does. Nothing is launched. Per job:
   3 (forward + backward) x 2 (FLOPs per multiply-add) x GMACs. The achieved TFLOP/s comes
   from ``GPU_TFLOPS`` (``--gpu``, default A100) or ``--tflops``, or with ``--measure`` from
   ``vitlab.tools.bench`` timing the job's backbone (as a classifier) on this machine;
-* optimizer steps from the schedule and the dataset (``TRAIN_IMAGES``, or the generated
+* optimizer steps from the schedule and the dataset (its DataModule's ``FACTS.train_images``, or the generated
   dataset's size; ``--train-images`` overrides): epochs x ceil(images / (batch x GPUs)) /
   accumulation, capped by ``max_steps``/``limit_train_batches``; iteration schedules
   (40k/80k/160k) are their ``max_steps``;
@@ -37,10 +37,9 @@ from dataclasses import asdict, dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
+from vitlab.runtime.build import locate
 from vitlab.runtime.weights import WEIGHT_KEYS
 
-# Training images per dataset (the papers' splits).
-TRAIN_IMAGES = {"imagenet": 1_281_167, "coco": 117_266, "ade20k": 20_210}
 # Achieved (not peak) mixed-precision training TFLOP/s per GPU for hierarchical ViTs: a rough
 # figure to calibrate (--measure on the target GPU, or --tflops). Anchor: DeiT-S (4.6 GMACs)
 # trains 300 epochs in about 3 days on 4 V100s (DeiT paper, section 6), ~370 img/s x 27.6 GFLOP
@@ -95,10 +94,10 @@ def backbone_overrides(name: str, backbone_cfg: dict) -> list[str]:
             if k not in WEIGHT_KEYS and named.get(k) != v]
 
 
-def _train_images(cfg: DictConfig, dataset: str) -> int:
+def _train_images(cfg: DictConfig) -> int:
     data = cfg.data
     if not data.get("synthetic"):
-        return TRAIN_IMAGES[dataset]
+        return locate(data._target_).FACTS.train_images  # the DataModule's (vitlab.data.base.DatasetFacts)
     if data.get("synthetic_num_train"):
         return int(data.synthetic_num_train)
     from vitlab.data.synthetic import make_imagenet  # generated ImageNet: num_train images per class
@@ -122,9 +121,13 @@ def _devices(trainer: DictConfig) -> int:
 
 
 def describe_job(cfg: DictConfig, overrides: list[str], train_images: int | None) -> Job:
-    from hydra.core.hydra_config import HydraConfig
+    from vitlab.runtime.config import hydra_interpolations
 
-    HydraConfig.instance().set_config(cfg)  # for ${hydra:...} interpolations
+    with hydra_interpolations(cfg):
+        return _describe_job(cfg, overrides, train_images)
+
+
+def _describe_job(cfg: DictConfig, overrides: list[str], train_images: int | None) -> Job:
     choices = cfg.hydra.runtime.choices
     backbone, task = choices.backbone, choices.task
     trainer = cfg.trainer
@@ -137,7 +140,7 @@ def describe_job(cfg: DictConfig, overrides: list[str], train_images: int | None
         batch_size=int(cfg.data.batch_size),
         gpus=_devices(trainer),
         accumulate=int(trainer.get("accumulate_grad_batches") or 1),
-        train_images=train_images or _train_images(cfg, choices.data),
+        train_images=train_images or _train_images(cfg),
         max_epochs=int(trainer.max_epochs if trainer.max_epochs is not None else -1),
         max_steps=int(trainer.max_steps if trainer.max_steps is not None else -1),
         limit_train_batches=trainer.get("limit_train_batches"),
@@ -147,18 +150,13 @@ def describe_job(cfg: DictConfig, overrides: list[str], train_images: int | None
 
 def expand(overrides: list[str], train_images: int | None = None) -> list[Job]:
     """Compose every job of ``python src/train.py -m <overrides>`` as Hydra would."""
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.types import RunMode
     from hydra.utils import get_class
 
-    from vitlab.runtime.resources import conf_dir
-    from vitlab.runtime.rundir import register_resolvers
+    from vitlab.runtime.config import hydra_app
 
-    register_resolvers()  # hydra.sweep.dir, as src/train.py resolves it
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="train"):
-        hydra = GlobalHydra.instance().hydra
+    with hydra_app(job_name="train") as hydra:  # hydra.sweep.dir resolves as src/train.py resolves it
         master = hydra.compose_config("train", overrides, run_mode=RunMode.MULTIRUN)
         arguments = list(master.hydra.overrides.task)
         parser = OverridesParser.create()

@@ -146,8 +146,10 @@ def predict(cfg: DictConfig) -> dict:
     return json.loads((out / "predictions.json").read_text())
 
 
-@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="predict")
-@user_errors_as_messages
-def main(cfg: DictConfig) -> None:
+def main() -> None:
     """Run a checkpoint on image files: ``vitlab-predict ckpt_path=.../best.ckpt inputs=photos/``."""
-    predict(cfg)
+    from vitlab.runtime.config import register_resolvers
+
+    register_resolvers()  # the run directory's (conf/hydra/default.yaml), before Hydra resolves it
+    app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="predict")
+    app(user_errors_as_messages(predict))()

@@ -41,17 +41,15 @@ from omegaconf import OmegaConf
 from torch.overrides import TorchFunctionMode
 
 from vitlab.api import available_backbones, backbone_config
+from vitlab.data.base import DatasetFacts
+from vitlab.data.imagenet import ImageNetDataModule
 from vitlab.runtime.build import build_backbone, build_classifier
 from vitlab.runtime.flops import count_params, gmacs_by_op, is_attention_op
 
 TABLES_DIR = Path(__file__).parent / "paper_tables"
 # Not a paper table: measured values of the rows that have no paper value (written by --record).
 MEASURED_FILE = TABLES_DIR / "measured.yaml"
-DEFAULT_INPUT = (224, 224)
-# Classes of the datasets the dense tasks are counted with (the papers' models).
-TASK_CLASSES = {"coco": 80, "ade20k": 150}
-# The papers' input sizes for dense-task FLOPs (COCO: 1280x800 as mmdet counts; ADE20K: 512x512 crops).
-TASK_INPUT = {"coco": (800, 1280), "ade20k": (512, 512)}
+DEFAULT_INPUT = ImageNetDataModule.FACTS.flops_input  # the classifiers' (the tables: input 224)
 CLASSIFIER_TASK = "imagenet_cls"  # the tables write ``task: null`` for the ImageNet classifier
 # ``set`` / ``--set`` entries under this prefix override the task's module (head options such as
 # ``module.head.box_head=4conv1fc``); the others override the backbone config.
@@ -164,21 +162,19 @@ def split_overrides(overrides) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 @lru_cache(maxsize=None)
-def _task_config(task: str, module_overrides: tuple[str, ...] = ()) -> tuple[dict, bool]:
-    """The task's ``module:`` config (with ``module_overrides``) and whether its data has masks,
-    composed once per task (the backbone does not change them). The backbone is composed on its
+def _task_config(task: str, module_overrides: tuple[str, ...] = ()) -> tuple[dict, bool, DatasetFacts]:
+    """The task's ``module:`` config (with ``module_overrides``), whether its data has masks and its
+    DataModule's facts (class count, FLOP input), composed once per task (the backbone does not change them). The backbone is composed on its
     own: a row states the architecture in ``set``, and backbone fields a task sets
     (``pretrained``) are not applied."""
-    from hydra import compose, initialize_config_dir
-
-    from vitlab.runtime.resources import conf_dir
+    from vitlab.runtime.build import locate
+    from vitlab.runtime.config import compose
     from vitlab.runtime.trust import check_targets
 
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=[f"task={task}", *module_overrides])
+    cfg = compose("train", [f"task={task}", *module_overrides])
     module_cfg = OmegaConf.to_container(cfg.module, resolve=True)  # not `paths`: no Hydra run here
     check_targets(module_cfg, "module")
-    return module_cfg, bool(cfg.data.get("with_masks", False))
+    return module_cfg, bool(cfg.data.get("with_masks", False)), locate(cfg.data._target_).FACTS
 
 
 @lru_cache(maxsize=None)
@@ -199,9 +195,8 @@ def build_task_model(name: str, overrides: list[str], task: str) -> torch.nn.Mod
     from vitlab.runtime.build import locate
 
     backbone_overrides, module_overrides = split_overrides(overrides)
-    module_cfg, with_masks = _task_config(task, module_overrides)
-    dataset = task.split("_")[0]
-    info = DatasetInfo(class_names=tuple(str(i) for i in range(TASK_CLASSES[dataset])), input_size=TASK_INPUT[dataset],
+    module_cfg, with_masks, facts = _task_config(task, module_overrides)
+    info = DatasetInfo(class_names=tuple(str(i) for i in range(facts.num_classes)), input_size=facts.flops_input,
                        with_masks=with_masks)
     return locate(module_cfg["_target_"]).build_model(_backbone_config(name, backbone_overrides), module_cfg, info)
 
@@ -255,7 +250,7 @@ def measure(
     overrides = list(overrides or [])
     row = row if row is not None else (find_paper_row(name, overrides, task) or {})
     scope = scope or row.get("params_scope", "classifier")
-    size = tuple(input_size or row.get("input") or TASK_INPUT.get((task or "").split("_")[0], DEFAULT_INPUT))
+    size = tuple(input_size or row.get("input") or (_task_config(task)[2].flops_input if task else DEFAULT_INPUT))
     params, gflops, attention = _count(name, tuple(overrides), task, size, scope, flops)
     return ZooRow(
         name=name,

@@ -92,16 +92,9 @@ def load() -> dict[str, dict]:
 @cache
 def compose_recipe(experiment: str, backbone: str):
     """The config ``python src/train.py experiment=<experiment> backbone=<backbone>`` runs."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from vitlab.runtime.config import compose
 
-    from vitlab.runtime.resources import conf_dir
-
-    overrides = [f"experiment={experiment}", f"backbone={backbone}"]
-    if GlobalHydra.instance().is_initialized():
-        return compose("train", overrides=overrides)
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose("train", overrides=overrides)
+    return compose("train", [f"experiment={experiment}", f"backbone={backbone}"])
 
 
 def ours(cfg, key: str) -> Any:

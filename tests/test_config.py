@@ -1,0 +1,117 @@
+"""One compose (``vitlab.runtime.config``) and no process-global side channels: vitlab inside a user's own
+Hydra application, ``run.train`` on a plainly composed config, and two sweeps in one process."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from support import FAST, process_state_restored
+from vitlab.runtime.config import compose, hydra_app
+
+
+def test_create_model_and_imagenet_weights_inside_a_users_hydra_app(tmp_path, monkeypatch):
+    """A user's ``@hydra.main`` app with its own, unrelated config dir: vitlab composes its own conf/,
+    and the app's Hydra (its configs, its HydraConfig) is as it was afterwards."""
+    import vitlab
+    from hydra import compose as user_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "app.yaml").write_text("lr: 0.5\nmodel: mine\n")
+    torch.manual_seed(0)
+    release = vitlab.create_backbone("pvt_v2_b0")
+    (tmp_path / "weights").mkdir()
+    torch.save({f"backbone.{k}": v for k, v in release.state_dict().items()}, tmp_path / "weights" / "pvt_v2_b0.pth")
+    monkeypatch.setenv("VITLAB_WEIGHTS", str(tmp_path / "weights"))
+    monkeypatch.setenv("VITLAB_OFFLINE", "1")
+
+    def user_task(cfg):
+        assert cfg.lr == 0.5
+        model = vitlab.create_model("pvt_v2_b0", num_classes=3)
+        backbone = vitlab.create_backbone("pvt_v2_b0", pretrained="imagenet")
+        assert GlobalHydra.instance().is_initialized()
+        assert user_compose("app").model == "mine"  # the app's own search path, still in place
+        assert HydraConfig.get().job.name == "user_app"
+        return model.head.out_features, backbone
+
+    with process_state_restored(), initialize_config_dir(config_dir=str(tmp_path / "app"), job_name="user_app",
+                                                         version_base="1.3"):
+        ret = GlobalHydra.instance().hydra.run("app", user_task, [f"hydra.run.dir={tmp_path / 'run'}"])
+    classes, backbone = ret.return_value
+    assert classes == 3
+    assert backbone.pretrained_file == str(tmp_path / "weights" / "pvt_v2_b0.pth")
+    for (name, a), b in zip(release.state_dict().items(), backbone.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_train_runs_a_plainly_composed_config(tmp_path, data_dir):
+    """No Hydra run: the config composed as lightning-hydra-template's tests compose it, the run
+    directory from ``paths.output_dir``."""
+    from vitlab.runtime.run import train
+
+    cfg = compose("train", [*FAST, "debug=smoke", f"paths.output_dir={tmp_path / 'run'}",
+                            f"paths.root_dir={tmp_path}", f"paths.data_dir={data_dir}"])
+    with process_state_restored():
+        summary = train(cfg)
+    assert summary["status"] == "finished" and summary["run_dir"] == str(tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["val/top1"] == summary["val/top1"]
+    assert summary["backbone"] == "pvt_v2_b0" and summary["task"] == "imagenet_cls"  # the config's variant
+    assert summary["overrides"] == []
+
+
+def _sweep_job_dirs(root: Path, sweep: str) -> list[Path]:
+    """The output directory of each job of ``train.py -m <sweep>``, in this process (jobs do nothing)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    with hydra_app(job_name="train") as hydra:
+        batches = hydra.multirun("train", lambda cfg: Path(HydraConfig.get().runtime.output_dir),
+                                 [sweep, "hydra.mode=MULTIRUN"])
+    return [job.return_value for batch in batches for job in batch]
+
+
+def test_two_sweeps_in_one_process_get_two_directories(tmp_path, monkeypatch):
+    from vitlab.runtime.rundir import SWEEP_DIR_ENV, sweep_dir
+
+    monkeypatch.setenv("VITLAB_OUTPUT", str(tmp_path))
+    monkeypatch.delenv(SWEEP_DIR_ENV, raising=False)
+    with process_state_restored():
+        first = _sweep_job_dirs(tmp_path, "seed=1,2")
+        second = _sweep_job_dirs(tmp_path, "seed=3,4")
+        handed = Path(__import__("os").environ[SWEEP_DIR_ENV])
+    assert [p.name for p in first] == [p.name for p in second] == ["0", "1"]
+    assert first[0].parent == first[1].parent != second[0].parent == second[1].parent  # one directory per sweep
+    assert {first[0].parent.parent, second[0].parent.parent} == {tmp_path}
+    assert handed == second[0].parent
+    # a SLURM/submitit job of the second sweep (its own process: the environment inherited, its own values)
+    monkeypatch.setenv(SWEEP_DIR_ENV, str(handed))
+    assert sweep_dir(str(tmp_path), None, ["seed=4"], "auto", 1) == str(handed)
+
+
+def test_dataset_facts_live_on_the_datamodules_and_match_torchvision():
+    """One home per dataset fact: the DataModule's ``FACTS``, against torchvision's category lists; the
+    tools (zoo, plan, loader throughput) read them from there."""
+    import inspect
+
+    from torchvision.models import ResNet50_Weights
+    from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
+
+    from vitlab.data import throughput
+    from vitlab.data.ade20k import ADE20KDataModule
+    from vitlab.data.coco import CocoDataModule
+    from vitlab.data.imagenet import ImageNetDataModule
+    from vitlab.tools import plan, zoo
+
+    assert ImageNetDataModule.FACTS.num_classes == len(ResNet50_Weights.DEFAULT.meta["categories"]) == 1000
+    coco = [c for c in RetinaNet_ResNet50_FPN_Weights.DEFAULT.meta["categories"] if c not in ("__background__", "N/A")]
+    assert CocoDataModule.FACTS.num_classes == len(coco) == 80
+    assert ADE20KDataModule.FACTS.num_classes == 150 and ADE20KDataModule.FACTS.flops_input == (512, 512)
+    assert throughput.SIZES["coco"] == CocoDataModule.FACTS.image_size
+    assert zoo._task_config("coco_retinanet")[2] is CocoDataModule.FACTS
+    assert zoo._task_config("ade20k_fpn")[2] is ADE20KDataModule.FACTS
+    for module in (zoo, plan):  # no dataset table left in the tools, nothing keyed by a task name's prefix
+        source = inspect.getsource(module)
+        assert 'split("_")[0]' not in source and "117_266" not in source and "150}" not in source, module.__name__
