@@ -16,7 +16,7 @@ from vitlab.tasks.classification import ClassificationTask
 BACKBONE = {"_target_": "vitlab.backbones.pvt.PyramidVisionTransformer", "img_size": 32, "patch_sizes": [4, 2, 2, 2],
             "embed_dims": [16, 32, 48, 64], "width_mult": 1.0, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2],
             "mlp_ratios": [2, 2, 2, 2], "sr_ratios": [8, 4, 2, 1], "overlap_patch_embed": False, "conv_ffn": False,
-            "linear_sra": False, "sra_pool_size": 7, "pos_embed": True, "cls_token": True, "stage_norm": False,
+            "linear_sra": False, "sra_pool_size": 7, "pos_embed": "ape", "cls_token": True, "stage_norm": False,
             "qkv_bias": True, "drop_rate": 0.0, "attn_drop_rate": 0.0, "drop_path_rate": 0.0, "norm_eps": 1e-6,
             "embed_norm_eps": 1e-5, "in_chans": 3, "pretrained": None}
 
