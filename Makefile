@@ -18,7 +18,9 @@ $(STAMP): pyproject.toml constraints.txt setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	@$(PY) -m pip install --quiet $(TORCH)
-	@$(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	@# PYTHONWARNINGS: setuptools' editable-install notice (a 10-line BuildBackendWarning about folders named
+	@# like the package) says nothing about this project; pip's own errors and warnings still print
+	@PYTHONWARNINGS=ignore $(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 	@echo "vitlab installed in $(VENV) (editable; configs from conf/)"
 

@@ -104,6 +104,8 @@ def test_dataset_facts_live_on_the_datamodules_and_match_torchvision():
     from vitlab.data.coco import CocoDataModule
     from vitlab.data.imagenet import ImageNetDataModule
     from vitlab.tools import plan, zoo
+    from vitlab.tools.bench import cli as bench_cli
+    from vitlab.tools.bench import workloads
 
     assert ImageNetDataModule.FACTS.num_classes == len(ResNet50_Weights.DEFAULT.meta["categories"]) == 1000
     coco = [c for c in RetinaNet_ResNet50_FPN_Weights.DEFAULT.meta["categories"] if c not in ("__background__", "N/A")]
@@ -112,6 +114,9 @@ def test_dataset_facts_live_on_the_datamodules_and_match_torchvision():
     assert throughput.SIZES["coco"] == CocoDataModule.FACTS.image_size
     assert zoo._task_config("coco_retinanet")[2] is CocoDataModule.FACTS
     assert zoo._task_config("ade20k_fpn")[2] is ADE20KDataModule.FACTS
-    for module in (zoo, plan):  # no dataset table left in the tools, nothing keyed by a task name's prefix
+    # the benchmark's dense steps at the papers' training sizes, from the task's DataModule
+    assert workloads.task_data("coco_maskrcnn") is CocoDataModule and CocoDataModule.FACTS.train_input == (800, 1333)
+    assert workloads.make_workload("upernet", 1, None, torch.device("cpu")).input_size == (512, 512)
+    for module in (zoo, plan, workloads, bench_cli):  # no dataset table left in the tools, nothing keyed by a task name's prefix
         source = inspect.getsource(module)
         assert 'split("_")[0]' not in source and "117_266" not in source and "150}" not in source, module.__name__

@@ -248,7 +248,8 @@ def collate_val(batch) -> SegmentationBatch:
 
 class ADE20KDataModule(VitlabDataModule):
     # ADEChallengeData2016: 150 classes, 20,210 training images (median 683x512); FLOPs at the 512x512 crop
-    FACTS = DatasetFacts(num_classes=150, train_images=20_210, image_size=(683, 512), flops_input=(512, 512))
+    FACTS = DatasetFacts(num_classes=150, train_images=20_210, image_size=(683, 512), flops_input=(512, 512),
+                          train_input=(512, 512))
     layout_help = (
         "  <root>/images/training/*.jpg       <root>/annotations/training/*.png\n"
         "  <root>/images/validation/*.jpg     <root>/annotations/validation/*.png\n"

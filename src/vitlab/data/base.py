@@ -144,6 +144,7 @@ class DatasetFacts:
     train_images: int
     image_size: tuple[int, int]  # (width, height) of a typical image: the loader benchmark's generated size
     flops_input: tuple[int, int]  # (H, W) the papers count FLOPs at (COCO: 1280x800, as mmdet's get_flops)
+    train_input: tuple[int, int]  # (H, W) of a training step in the papers (COCO: the 1333x800 scale)
 
 
 class VitlabDataModule(L.LightningDataModule):

@@ -327,7 +327,8 @@ def collate_detection(batch) -> DetectionBatch:
 
 class CocoDataModule(VitlabDataModule):
     # COCO 2017: 80 categories, 117,266 train2017 images with annotations, mostly 640x480
-    FACTS = DatasetFacts(num_classes=80, train_images=117_266, image_size=(640, 480), flops_input=(800, 1280))
+    FACTS = DatasetFacts(num_classes=80, train_images=117_266, image_size=(640, 480), flops_input=(800, 1280),
+                          train_input=(800, 1333))
     layout_help = (
         "  <root>/train2017/*.jpg\n"
         "  <root>/val2017/*.jpg\n"

@@ -176,7 +176,8 @@ class DistributedRepeatAugSampler(RepeatAugSampler, DistributedSampler):
 
 class ImageNetDataModule(VitlabDataModule):
     # ImageNet-1K (ILSVRC 2012): 1000 classes, 1,281,167 training images (typically 500x375); FLOPs at 224
-    FACTS = DatasetFacts(num_classes=1000, train_images=1_281_167, image_size=(500, 375), flops_input=(224, 224))
+    FACTS = DatasetFacts(num_classes=1000, train_images=1_281_167, image_size=(500, 375), flops_input=(224, 224),
+                          train_input=(224, 224))
     layout_help = (
         "  <root>/train/<wnid>/*.JPEG   (one folder per class, e.g. n01440764)\n"
         "  <root>/val/<wnid>/*.JPEG     (the same class folders)"

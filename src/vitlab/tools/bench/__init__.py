@@ -12,7 +12,7 @@ against the references (the command's help is ``cli``'s docstring). One module p
 from __future__ import annotations
 
 from vitlab.tools.bench.measure import Result, matmul_peak, PRECISIONS, PHASES, CLOCKS
-from vitlab.tools.bench.workloads import TASKS, TRAIN_INPUT, Workload, make_workload
+from vitlab.tools.bench.workloads import TASKS, Workload, make_workload
 from vitlab.tools.bench.models import load_reference, build_reference, forward_gflops, candidates
 from vitlab.tools.bench.run import bench, round_ratios, paired_ratio
 from vitlab.tools.bench.tables import format_table, ratio_lines

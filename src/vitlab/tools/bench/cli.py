@@ -58,7 +58,7 @@ import os
 import torch
 
 from vitlab.tools.bench.measure import CLOCKS, PHASES, PRECISIONS, matmul_peak
-from vitlab.tools.bench.workloads import TASKS, TRAIN_INPUT
+from vitlab.tools.bench.workloads import TASKS, task_data
 from vitlab.tools.bench.run import bench
 from vitlab.tools.bench.tables import format_table
 
@@ -170,7 +170,7 @@ def main(argv=None) -> None:
                   args.precision, args.reference, args.task, args.compile_backend if args.compile else None,
                   args.grad_checkpointing, phases, args.override, args.clock)
     peak = max(peak, matmul_peak(device, dtype, clock=clock))
-    size = args.input or (TRAIN_INPUT[TASKS[args.task].split("_")[0]] if args.task else (224, 224))
+    size = args.input or (task_data(TASKS[args.task]).FACTS.train_input if args.task else (224, 224))
     print(f"device={args.device} task={args.task or 'classification'} batch={batch} input={size[0]}x{size[1]} "
           f"precision={args.precision} steps={args.steps} rounds={args.rounds} threads={torch.get_num_threads()} "
           f"clock={args.clock} "

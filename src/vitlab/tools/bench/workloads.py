@@ -4,17 +4,27 @@ at the papers' sizes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitlab.data.coco import CocoDataModule
+
 
 TASKS = {"retinanet": "coco_retinanet", "maskrcnn": "coco_maskrcnn", "fpn": "ade20k_fpn", "upernet": "ade20k_upernet"}
 
 
-TRAIN_INPUT = {"coco": (800, 1333), "ade20k": (512, 512)}  # the papers' training sizes (COCO: the 1333x800 scale)
+@lru_cache(maxsize=None)
+def task_data(task: str) -> type:
+    """The DataModule class a task reads (``conf/task/<task>.yaml`` picks it): its ``FACTS`` hold the
+    papers' training size."""
+    from vitlab.runtime.build import locate
+    from vitlab.runtime.config import compose
+
+    return locate(compose("train", [f"task={task}"]).data._target_)
 
 
 @dataclass
@@ -77,8 +87,8 @@ def make_workload(task: str | None, batch: int, size: tuple[int, int] | None, de
     if task is None:
         return classification_workload(batch, size or (224, 224), device)
     full = TASKS[task]
-    dataset = full.split("_")[0]
-    size = size or TRAIN_INPUT[dataset]
-    if dataset == "coco":
+    data = task_data(full)
+    size = size or data.FACTS.train_input
+    if issubclass(data, CocoDataModule):
         return detection_workload(batch, size, device, masks=task == "maskrcnn", task=full)
     return segmentation_workload(batch, size, device, task=full)
