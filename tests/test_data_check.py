@@ -15,7 +15,7 @@ from PIL import Image
 
 from vitlab.data import report as kinds
 from vitlab.data.ade20k import ADE20KDataModule, ADE20KDataset
-from vitlab.data.base import CorruptImageError, MissingFileError
+from vitlab.data.base import MissingFileError
 from vitlab.data.coco import CocoDataModule, CocoDetectionDataset
 from vitlab.data.imagenet import ImageNetDataModule
 from vitlab.data.report import DataCheckError

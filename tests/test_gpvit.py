@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 import vitlab
 from vitlab.backbones.base import ImageClassifier
-from vitlab.backbones.gpvit import GPViT, GPViTAdapter, LocalAttention, group_attention_maps, ms_deform_attn
+from vitlab.backbones.gpvit import GPViT, LocalAttention, group_attention_maps, ms_deform_attn
 from vitlab.backbones.gpvit.trunk import GroupSelfAttention, LocalBlock
 from vitlab.backbones.layers import relative_position_index
 from vitlab.runtime.flops import count_params

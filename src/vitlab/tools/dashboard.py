@@ -27,7 +27,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from vitlab.runtime.extras import require
 from vitlab.tools import compare, paper

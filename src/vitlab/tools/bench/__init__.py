@@ -17,3 +17,8 @@ from vitlab.tools.bench.models import load_reference, build_reference, forward_g
 from vitlab.tools.bench.run import bench, round_ratios, paired_ratio
 from vitlab.tools.bench.tables import format_table, ratio_lines
 from vitlab.tools.bench.cli import main
+
+# the package's API (vitlab.tools.plan and the tests call ``bench.bench`` / ``bench.main`` ...)
+__all__ = ["Result", "matmul_peak", "PRECISIONS", "PHASES", "CLOCKS", "TASKS", "Workload", "make_workload",
+           "load_reference", "build_reference", "forward_gflops", "candidates", "bench", "round_ratios",
+           "paired_ratio", "format_table", "ratio_lines", "main"]
