@@ -17,7 +17,6 @@ import bisect
 import io
 import itertools
 import json
-import mmap
 import os
 import struct
 from pathlib import Path
@@ -80,12 +79,11 @@ PACKED_FORMAT = (["int", "int", "bytes"], ["index", "label", "jpeg"])
 
 
 class ChunkFiles:
-    """Items of a local packed split read straight from its chunk files (mmap + the offsets each
-    chunk's header records), for the training loader's hot path.
+    """Items of a local packed split read straight from its chunk files (the item offsets each
+    chunk's header records, then one read per item), for the training loader's hot path.
 
     Hand-written because LitData's per-item path costs ~25 us of Python per item (index lookup,
-    cache and item-loader layers, a copy of the bytes) where this costs a bisect and a slice, and a
-    batch's items go from the page cache into the batch's shared-memory tensor in one copy. It
+    cache and item-loader layers) where this costs a bisect and one read. It
     reads only the layout pack writes (LitData chunk: uint32 item count, uint32 offsets, then per
     item uint32 leaf sizes and the leaves int64 index, int64 label, JPEG bytes); tested item for item
     against LitData's own reader. Other layouts and remote data read through LitData.
@@ -94,7 +92,7 @@ class ChunkFiles:
     def __init__(self, split_dir: str | Path, chunks: list[dict]):
         self.paths = [str(Path(split_dir) / c["filename"]) for c in chunks]
         self.starts = list(itertools.accumulate((c["chunk_size"] for c in chunks), initial=0))
-        self._open: dict[int, tuple] = {}  # chunk -> (mmap, offsets), per process
+        self._open: dict[int, tuple] = {}  # chunk -> (file descriptor, item offsets), per process
         self._pid = None
 
     @staticmethod
@@ -106,25 +104,26 @@ class ChunkFiles:
                 and (config.get("data_format"), json.loads(spec.get("context") or "null")) == PACKED_FORMAT)
 
     def chunk(self, k: int) -> tuple:
-        if self._pid != os.getpid():  # a forked worker maps the files itself
+        if self._pid != os.getpid():  # a forked worker opens the files itself
             self._open, self._pid = {}, os.getpid()
         if k not in self._open:
-            with open(self.paths[k], "rb") as f:  # ACCESS_COPY: a writable view (torch.frombuffer), pages shared
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            n = struct.unpack_from("<I", mm, 0)[0]
-            self._open[k] = mm, struct.unpack_from(f"<{n + 1}I", mm, 4)
+            fd = os.open(self.paths[k], os.O_RDONLY)
+            n = struct.unpack("<I", os.pread(fd, 4, 0))[0]
+            self._open[k] = fd, struct.unpack(f"<{n + 1}I", os.pread(fd, 4 * (n + 1), 4))
         return self._open[k]
 
     def item(self, index: int) -> tuple[memoryview, int]:
-        """(the JPEG bytes as a view of the chunk, the label) of item ``index``."""
+        """(the JPEG bytes, the label) of item ``index``: one read of the item's bytes (a read, not an
+        mmap: on a cold page cache a fault reads around each page, a read reads what is asked)."""
         k = bisect.bisect_right(self.starts, index) - 1
-        mm, offsets = self.chunk(k)
-        at = offsets[index - self.starts[k]]
-        index_size, label_size, jpeg_size = struct.unpack_from("<3I", mm, at)
-        at += 12 + index_size
-        label = struct.unpack_from("<q", mm, at)[0]
-        at += label_size
-        return memoryview(mm)[at:at + jpeg_size], label
+        fd, offsets = self.chunk(k)
+        j = index - self.starts[k]
+        buf = bytearray(offsets[j + 1] - offsets[j])  # writable: torch.frombuffer shares it without a copy
+        if os.preadv(fd, [buf], offsets[j]) != len(buf):
+            raise ValueError(f"{self.paths[k]}: item {j} is cut short (truncated chunk)")
+        index_size, label_size, jpeg_size = struct.unpack_from("<3I", buf, 0)
+        at = 12 + index_size + label_size
+        return memoryview(buf)[at:at + jpeg_size], struct.unpack_from("<q", buf, 12 + index_size)[0]
 
 
 class PackedImages(Dataset):
@@ -171,7 +170,7 @@ class PackedImages(Dataset):
         name = f"{self.split_dir} item {index}"
         try:
             jpeg, label = self.read(index)
-            if self.raw:  # a view of the chunk (no copy here: collate_bytes copies it into the batch)
+            if self.raw:  # the bytes as a tensor (no copy: collate_bytes copies them into the batch)
                 return torch.frombuffer(jpeg, dtype=torch.uint8), label
             img = Image.open(io.BytesIO(jpeg))
             img.filename = name  # errors in the lazy crop name the item

@@ -190,6 +190,8 @@ def time_loader(root: Path, fmt: str, workers: int, images: int, batch: int, gpu
                             seed=seed, **extra)
     dm.setup("fit")
     loader = dm.train_dataloader()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a loader worker (with workers=0 this process does their work)
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
     seen = 0
     it = iter(loader)
@@ -200,7 +202,9 @@ def time_loader(root: Path, fmt: str, workers: int, images: int, batch: int, gpu
             break
     wall = time.perf_counter() - t0
     del it, loader  # the workers end and are joined here: their CPU time counts from now on
-    return wall, _cpu_seconds() - cpu0, seen
+    cpu = _cpu_seconds() - cpu0
+    torch.set_num_threads(threads)
+    return wall, cpu, seen
 
 
 def format_bench(dataset_images: int = 20_000, images: int = 1_000, formats=("folder", "litdata"),
