@@ -176,7 +176,7 @@ class PackedImages(Dataset):
             img.filename = name  # errors in the lazy crop name the item
             if not self.lazy:
                 img = img.convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error) as err:
             return skip_or_raise(CorruptImageError(f"{name}: cannot be decoded as an image ({err})"),
                                  self.skip_corrupt)
         return (self.transform(img) if self.transform else img), label
