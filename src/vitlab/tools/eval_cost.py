@@ -5,10 +5,12 @@
 
 Generated predictions and ground truth at the real sizes (COCO: 640 x 480 images, ~7 objects
 and 100 detections each over 80 classes, optionally with masks; ADE20K: 512 x 512 label maps of
-150 classes) go through the same metric objects the tasks use (``DetectionTask``'s ``CocoEvaluator`` with
-per-class AP, ``SegmentationTask``'s confusion matrix), timed in two phases: ``update`` (what each
-validation step adds: COCO entries and RLE masks, the confusion-matrix bincount) and ``compute`` (the
-evaluation at the epoch's end). Peak RSS is the whole process's high-water mark (``ru_maxrss``).
+150 classes) go through the same code the tasks run (``DetectionTask``'s ``detections_to_original`` and
+``CocoEvaluator`` with per-class AP, ``SegmentationTask``'s confusion matrix), timed in two phases:
+``update`` (what each validation step adds after the network: detections in the detector's own form,
+boxes on the 800 x 1067 network input and Mask R-CNN's 28 x 28 RoI masks, taken to the original image
+as COCO entries and RLE masks; the confusion-matrix bincount) and ``compute`` (the evaluation at the
+epoch's end). Peak RSS is the whole process's high-water mark (``ru_maxrss``).
 """
 from __future__ import annotations
 
@@ -17,8 +19,11 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 COCO_SIZE = (480, 640)  # height, width: COCO's typical image
+COCO_INPUT = (800, 1067)  # the network's input for it: shorter side 800 (COCO's test scale)
+ROI_MASK = 28  # Mask R-CNN's RoI mask resolution
 ADE_SIZE = (512, 512)
 
 
@@ -42,16 +47,26 @@ def peak_rss_mb() -> float:
 
 def coco_batch(g: torch.Generator, images: int, masks: bool, num_classes: int = 80, dets: int = 100,
                objects: int = 7) -> tuple[list[dict], list[dict]]:
-    """``images`` (predictions, targets) pairs: ground-truth boxes, detections that are jittered copies
-    of them (some with the wrong class) plus random boxes, random scores; masks are the boxes filled."""
+    """``images`` (detections, targets) pairs. Targets on the original image (``COCO_SIZE``): ground-truth
+    boxes, their masks the boxes filled. Detections as the detector returns them (``_Detector.roi_masks``)
+    on the network input (``COCO_INPUT``): jittered copies of the ground truth (some with the wrong class)
+    plus random boxes, random scores, RoI masks: smooth 28 x 28 probabilities (an ellipse in the box
+    plus low-frequency noise, about as many runs per column as a real object's)."""
     h, w = COCO_SIZE
+    scale = torch.tensor([COCO_INPUT[1] / w, COCO_INPUT[0] / h] * 2)
     preds, targets = [], []
     ys, xs = torch.arange(h)[:, None], torch.arange(w)[None]
+    grid = (torch.arange(ROI_MASK) + 0.5) / ROI_MASK * 2 - 1  # -1..1 across the box
 
     def fill(boxes):  # boxes -> N x H x W bool masks (rectangles), one broadcast
         b = boxes.round().long()
         return ((ys >= b[:, 1, None, None]) & (ys < b[:, 3, None, None]) &
                 (xs >= b[:, 0, None, None]) & (xs < b[:, 2, None, None]))
+
+    def roi_masks(n):  # n x 1 x 28 x 28 probabilities
+        ellipse = 1 - grid[:, None] ** 2 - grid[None] ** 2
+        noise = F.interpolate(torch.randn(n, 1, 4, 4, generator=g), size=(ROI_MASK, ROI_MASK), mode="bilinear")
+        return torch.sigmoid(6 * ellipse + 2 * noise)
 
     for _ in range(images):
         xy = torch.rand(objects, 2, generator=g) * torch.tensor([w * 0.8, h * 0.8])
@@ -66,12 +81,12 @@ def coco_batch(g: torch.Generator, images: int, masks: bool, num_classes: int = 
         labels = gt_labels.repeat(dets // objects + 1)[:dets].clone()
         wrong = torch.rand(dets, generator=g) < 0.3
         labels[wrong] = torch.randint(num_classes, (int(wrong.sum()),), generator=g)
-        pred = {"boxes": boxes, "labels": labels, "scores": torch.rand(dets, generator=g)}
+        pred = {"boxes": boxes * scale, "labels": labels, "scores": torch.rand(dets, generator=g)}
         area = (gt_boxes[:, 2:] - gt_boxes[:, :2]).prod(1)
         target = {"boxes": gt_boxes, "labels": gt_labels, "iscrowd": torch.zeros(objects, dtype=torch.long),
                   "area": area, "orig_size": torch.tensor([h, w])}
         if masks:
-            pred["masks"] = fill(boxes)
+            pred["masks"] = roi_masks(dets)
             target["masks"] = fill(gt_boxes)
         preds.append(pred)
         targets.append(target)
@@ -79,9 +94,10 @@ def coco_batch(g: torch.Generator, images: int, masks: bool, num_classes: int = 
 
 
 def coco_cost(images: int, masks: bool = False, seed: int = 0, chunk: int = 8) -> EvalCost:
-    """The detection task's evaluator over ``images`` generated images (made ``chunk`` at a time;
-    generation is not timed)."""
-    from vitlab.tasks.detection import CocoEvaluator
+    """The detection task's evaluation path over ``images`` generated images (made ``chunk`` at a time;
+    generation is not timed): each validation step's ``detections_to_original`` + ``CocoEvaluator.update``,
+    then ``compute``."""
+    from vitlab.tasks.detection import CocoEvaluator, detections_to_original
 
     evaluator = CocoEvaluator(masks, list(range(1, 81)))
     g = torch.Generator().manual_seed(seed)
@@ -89,8 +105,8 @@ def coco_cost(images: int, masks: bool = False, seed: int = 0, chunk: int = 8) -
     for start in range(0, images, chunk):
         preds, targets = coco_batch(g, min(chunk, images - start), masks)
         t0 = time.perf_counter()
-        for k, (pred, target) in enumerate(zip(preds, targets)):
-            evaluator.update(pred, target, start + k + 1)
+        for k, (det, target) in enumerate(zip(preds, targets)):
+            evaluator.update(detections_to_original(det, COCO_INPUT, COCO_SIZE, rle=True), target, start + k + 1)
         update_s += time.perf_counter() - t0
     t0 = time.perf_counter()
     result = evaluator.compute()
