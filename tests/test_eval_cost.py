@@ -159,6 +159,18 @@ def test_coco_evaluator_without_detections_or_images():
     assert result["bbox_map"] == 0 and result["bbox_ap_per_class"] == [-1, -1, 0, -1, -1]
 
 
+def test_mask_evaluation_error_reaches_the_caller():
+    """The mask evaluation runs in a forked process (two cores): its error is raised by ``compute``."""
+    g = torch.Generator().manual_seed(0)
+    dets, targets = coco_batch(g, 2, masks=True, num_classes=len(CATS), dets=5, objects=2)
+    evaluator = CocoEvaluator(True, CATS)
+    for image_id, (det, tgt) in enumerate(zip(dets, targets), 1):
+        evaluator.update(detections_to_original(det, COCO_INPUT, COCO_SIZE, rle=True), tgt, image_id)
+    del evaluator.results[3]["segmentation"]
+    with pytest.raises(KeyError, match="segmentation"):
+        evaluator.compute()
+
+
 def test_confusion_matrix_equals_naive_count():
     g = torch.Generator().manual_seed(0)
     metric = ConfusionMatrix(7, ignore_index=255)

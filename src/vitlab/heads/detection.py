@@ -6,7 +6,8 @@ Both detectors take a list of float images in [0, 1] (any sizes) and, in trainin
 targets with ``boxes`` (XYXY), ``labels`` in ``0..num_classes-1`` (and ``masks``).
 Evaluation returns torchvision's detections (``boxes``, ``scores``, ``labels`` in the
 same ``0..num_classes-1`` range, Mask R-CNN also ``masks`` N x 1 x H x W probabilities),
-in the coordinates of the image that was passed in.
+in the coordinates of the image that was passed in; inside ``roi_masks()`` the masks stay
+Mask R-CNN's N x 1 x 28 x 28 RoI masks over their boxes (the COCO evaluation pastes them itself).
 
 Decisions:
 

@@ -101,7 +101,8 @@ class CocoEvaluator:
         -1: no ground truth of that class). With masks and a second core, the mask evaluation runs in
         a forked process while this one evaluates the boxes: the two share nothing, each takes tens of
         seconds on COCO val, and a fork reads the entries without copying or pickling them."""
-        if len(self.iou_types) == 1 or not self.images or len(os.sched_getaffinity(0)) < 2:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1  # elsewhere than Linux: one process
+        if len(self.iou_types) == 1 or not self.images or cores < 2:
             return {k: v for iou_type in self.iou_types for k, v in self.evaluate(iou_type).items()}
         context = multiprocessing.get_context("fork")
         receive, send = context.Pipe(duplex=False)
@@ -199,17 +200,30 @@ def paste_masks_rle(masks: torch.Tensor, boxes: torch.Tensor, size: tuple[int, i
     (``crops_to_rle``). torchvision pastes each mask on a zeroed full image and pycocotools encodes whole
     images: 100 full-size masks per image made that the dominant cost of validating Mask R-CNN."""
     height, width = size
-    masks, scale = expand_masks(masks.detach().float().cpu(), padding=1)
-    boxes = expand_boxes(boxes.detach().float().cpu(), scale).to(torch.int64).tolist()
     crops, corners = [], []
-    for mask, (x0, y0, x1, y1) in zip(masks, boxes):
-        local = F.interpolate(mask[None], size=(max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1)),
-                              mode="bilinear", align_corners=False)[0, 0].numpy()
-        top, left = max(y0, 0), max(x0, 0)
-        bottom, right = max(min(y1 + 1, height), top), max(min(x1 + 1, width), left)
-        crops.append(local[top - y0:bottom - y0, left - x0:right - x0])
-        corners.append((top, left))
+    with one_thread():
+        masks, scale = expand_masks(masks.detach().float().cpu(), padding=1)
+        boxes = expand_boxes(boxes.detach().float().cpu(), scale).to(torch.int64).tolist()
+        for mask, (x0, y0, x1, y1) in zip(masks, boxes):
+            local = F.interpolate(mask[None], size=(max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1)),
+                                  mode="bilinear", align_corners=False)[0, 0].numpy()
+            top, left = max(y0, 0), max(x0, 0)
+            bottom, right = max(min(y1 + 1, height), top), max(min(x1 + 1, width), left)
+            crops.append(local[top - y0:bottom - y0, left - x0:right - x0])
+            corners.append((top, left))
     return crops_to_rle(crops, corners, size, threshold)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch's intra-op threads off for a while: each box's resize is too small to share, yet torch
+    starts its thread team for it, which made the pasting 10x slower on two busy cores (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def encode_masks(masks: torch.Tensor) -> list[dict]:

@@ -10,10 +10,13 @@ and 100 detections each over 80 classes, optionally with masks; ADE20K: 512 x 51
 ``update`` (what each validation step adds after the network: detections in the detector's own form,
 boxes on the 800 x 1067 network input and Mask R-CNN's 28 x 28 RoI masks, taken to the original image
 as COCO entries and RLE masks; the confusion-matrix bincount) and ``compute`` (the evaluation at the
-epoch's end). Peak RSS is the whole process's high-water mark (``ru_maxrss``).
+epoch's end), each in wall seconds and CPU seconds (this process's and its forked mask evaluation's:
+on a shared machine the CPU seconds say what a dedicated one would take). Peak RSS is the process's
+high-water mark (``ru_maxrss``), plus the forked mask evaluation's.
 """
 from __future__ import annotations
 
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -35,14 +38,25 @@ class EvalCost:
     compute_s: float
     peak_rss_mb: float
     result: dict
+    update_cpu_s: float = 0.0
+    compute_cpu_s: float = 0.0
 
     @property
     def total_s(self) -> float:
         return self.update_s + self.compute_s
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def peak_rss_mb(forked: bool = False) -> float:
+    """This process's high-water mark, plus its children's when it forked an evaluation (both live at
+    once; pages they share are counted twice, so it is an upper bound)."""
+    usage = [resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)[:1 + forked]]
+    return sum(usage) / 1024  # Linux: KiB
+
+
+def cpu_s() -> float:
+    """CPU seconds of this process and its finished children so far."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def coco_batch(g: torch.Generator, images: int, masks: bool, num_classes: int = 80, dets: int = 100,
@@ -101,17 +115,18 @@ def coco_cost(images: int, masks: bool = False, seed: int = 0, chunk: int = 8) -
 
     evaluator = CocoEvaluator(masks, list(range(1, 81)))
     g = torch.Generator().manual_seed(seed)
-    update_s = 0.0
+    update_s = update_cpu = 0.0
     for start in range(0, images, chunk):
         preds, targets = coco_batch(g, min(chunk, images - start), masks)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_s()
         for k, (det, target) in enumerate(zip(preds, targets)):
             evaluator.update(detections_to_original(det, COCO_INPUT, COCO_SIZE, rle=True), target, start + k + 1)
-        update_s += time.perf_counter() - t0
-    t0 = time.perf_counter()
+        update_s, update_cpu = update_s + time.perf_counter() - t0, update_cpu + cpu_s() - c0
+    t0, c0 = time.perf_counter(), cpu_s()
     result = evaluator.compute()
-    compute_s = time.perf_counter() - t0
-    return EvalCost(f"coco {'box+mask' if masks else 'box'}", images, update_s, compute_s, peak_rss_mb(), result)
+    compute_s, compute_cpu = time.perf_counter() - t0, cpu_s() - c0
+    return EvalCost(f"coco {'box+mask' if masks else 'box'}", images, update_s, compute_s, peak_rss_mb(masks), result,
+                    update_cpu, compute_cpu)
 
 
 def ade20k_cost(images: int, num_classes: int = 150, seed: int = 0, device: str = "cpu") -> EvalCost:
@@ -129,26 +144,28 @@ def ade20k_cost(images: int, num_classes: int = 150, seed: int = 0, device: str 
         pred = torch.where(torch.rand(ADE_SIZE, generator=g) < 0.7, label.clamp(max=num_classes - 1),
                            torch.randint(num_classes, ADE_SIZE, generator=g))
         pairs.append((pred.to(device), label.to(device)))
-    update_s = 0.0
+    update_s = update_cpu = 0.0
     for k in range(images):
         pred, label = pairs[k % len(pairs)]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_s()
         confmat.update(pred, label)
-        update_s += time.perf_counter() - t0
-    t0 = time.perf_counter()
+        update_s, update_cpu = update_s + time.perf_counter() - t0, update_cpu + cpu_s() - c0
+    t0, c0 = time.perf_counter(), cpu_s()
     iou, acc = iou_from_confmat(confmat.compute())
     result = {"miou": float(iou.nanmean()), "acc": float(acc)}
-    compute_s = time.perf_counter() - t0
-    return EvalCost(f"ade20k mIoU ({device})", images, update_s, compute_s, peak_rss_mb(), result)
+    compute_s, compute_cpu = time.perf_counter() - t0, cpu_s() - c0
+    return EvalCost(f"ade20k mIoU ({device})", images, update_s, compute_s, peak_rss_mb(), result,
+                    update_cpu, compute_cpu)
 
 
 def format_costs(costs: list[EvalCost]) -> str:
-    head = f"{'evaluation':<36} {'images':>7} {'update s':>9} {'compute s':>10} {'total s':>8} {'peak RSS MB':>12}"
+    head = (f"{'evaluation':<26} {'images':>7} {'update s':>9} {'compute s':>10} {'total s':>8} {'update CPU s':>13} "
+            f"{'compute CPU s':>14} {'peak RSS MB':>12}")
     lines = [head, "-" * len(head)]
     for c in costs:
-        lines.append(f"{c.name:<36} {c.images:>7} {c.update_s:>9.2f} {c.compute_s:>10.2f} {c.total_s:>8.2f} "
-                     f"{c.peak_rss_mb:>12.0f}")
-    return "\n".join(lines)
+        lines.append(f"{c.name:<26} {c.images:>7} {c.update_s:>9.2f} {c.compute_s:>10.2f} {c.total_s:>8.2f} "
+                     f"{c.update_cpu_s:>13.2f} {c.compute_cpu_s:>14.2f} {c.peak_rss_mb:>12.0f}")
+    return "\n".join(lines) + f"\n(load average while measured: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
 
 
 def run(kind: str, images: int, masks: bool = False) -> str:
