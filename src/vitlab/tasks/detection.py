@@ -4,8 +4,10 @@ The detector is ``module.head`` (a ``_target_`` in ``vitlab.heads``: RetinaNet, 
 R-CNN, ATSS, GFL, Sparse R-CNN, DETR; those with ``with_masks`` also report mask AP), built
 with the backbone, the dataset's class count and its normalisation statistics). Metrics are
 ``CocoEvaluator`` (faster-coco-eval's COCOeval, equal to pycocotools'),
-on the original image sizes, crowd regions marked ``iscrowd``, with per-class AP. ``write_results``
-writes the last validation's detections as a COCO results JSON.
+on the original image sizes, crowd regions marked ``iscrowd``, with per-class AP. Masks come from
+the detector's RoI masks, pasted at the original size and encoded box by box
+(``detections_to_original``): no full-size mask is made. ``write_results`` writes the last
+validation's detections as a COCO results JSON.
 
 Validation loss (``val_loss: true``): torchvision's detectors compute their losses in training mode
 only, so validation runs the detector's training-mode part a second time on the same images and
@@ -65,9 +67,9 @@ class CocoEvaluator:
         self.results: list[dict] = []
 
     def update(self, pred: dict, target: dict, image_id: int) -> list[dict]:
-        """One image: ``pred`` (boxes xyxy, labels, scores, masks N x H x W) and ``target`` (boxes,
-        labels, iscrowd, area, masks) on the original image of ``target["orig_size"]`` (H, W).
-        Returns the image's results entries."""
+        """One image: ``pred`` (boxes xyxy, labels, scores, and RLEs ``segmentation`` from
+        ``detections_to_original`` or masks N x H x W) and ``target`` (boxes, labels, iscrowd, area,
+        masks) on the original image of ``target["orig_size"]`` (H, W). Returns the image's results entries."""
         height, width = (int(v) for v in target["orig_size"])
         self.images.append({"id": image_id, "height": height, "width": width})
         entries = coco_results(pred, self.category_ids, image_id=image_id)
