@@ -110,7 +110,7 @@ def test_masks_encode_as_pycocotools():
         masks = torch.zeros(9, h, w, dtype=torch.bool)  # 0: empty
         masks[1] = True
         masks[2, 0, 0] = masks[3, -1, -1] = True
-        masks[4, :, 0] = True  # the first column: a run across columns? no, one column
+        masks[4, :, 0] = True  # the whole first column
         masks[5, :, w // 2:] = True  # full-height columns: one run
         masks[6, h // 3:, w // 3:] = True
         masks[7] = torch.rand(h, w, generator=g) > 0.5
