@@ -210,13 +210,15 @@ def run_script(script: str, args: list[str], data_dir: Path | None, env: dict | 
 
 
 def call_in_child(fn, *args):
-    """``fn(*args)`` in a child of the fork server (``fn``: a module-level function of a test module);
-    its return value is sent back, its exception re-raised here with the child's traceback."""
+    """``fn(*args)`` in a child of the fork server, in this process's environment and working directory
+    (``fn``: a module-level function of a test module); its return value is sent back, its exception
+    raised here with the child's traceback."""
     import pickle
 
     tmp = Path(tempfile.mkdtemp(prefix="call-"))
     try:
-        process = _fork_server().Process(target=_call_child, args=(fn, args, str(tmp / "result")))
+        process = _fork_server().Process(target=_call_child, args=(fn, args, str(tmp / "result"), dict(os.environ),
+                                                                   os.getcwd()))
         process.start()
         process.join()
         ok, value = pickle.loads((tmp / "result").read_bytes()) if (tmp / "result").exists() else (False, None)
@@ -227,11 +229,14 @@ def call_in_child(fn, *args):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _call_child(fn, args, result: str) -> None:
+def _call_child(fn, args, result: str, env: dict, cwd: str) -> None:
     import pickle
     import traceback
 
     _leave_the_server_behind()
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)  # the caller's environment, as a forked child of the caller would have it
     try:
         payload = (True, fn(*args))
     except BaseException:
