@@ -8,8 +8,12 @@ bytes are decoded here exactly as the folder reader decodes files, so the augmen
 ``DatasetInfo`` are the same for both formats.
 
 ``check_packed`` runs before training: the manifest, each split's ``index.json`` and every chunk
-(present, of the size the index records; ``full``: its SHA-256 as written) - an error names the
-shard.
+(present, of the size the index records; ``full``: its SHA-256 as written), and the files kept
+beside the chunks (COCO's ``images.json`` tables and val JSON) likewise - an error names the shard
+or the file.
+
+``PackedSplit`` reads any packed split's items (dicts) by index: the COCO and ADE20K readers
+(``vitlab.data.coco.PackedCocoDataset``, ``vitlab.data.ade20k.PackedADE20KDataset``) build on it.
 """
 from __future__ import annotations
 
@@ -67,7 +71,46 @@ def check_packed(root: str | Path, kind: str, full: bool = False) -> dict:
                                  f"{chunk['chunk_bytes']} (truncated or replaced)")
             if full and sha256(shard) != written["chunks"][chunk["filename"]]:
                 raise ShardError(f"{shard}: shard's SHA-256 differs from the one written (corrupt or replaced)")
+    for name, kept in manifest.get("files", {}).items():
+        path = Path(root) / name
+        if not path.exists():
+            raise ShardError(f"{path} is missing (packed beside the shards); re-run python -m vitlab.data.pack")
+        if path.stat().st_size != kept["bytes"] or (full and sha256(path) != kept["sha256"]):
+            raise ShardError(f"{path}: differs from the file packed into {root} (size or SHA-256; corrupt or replaced)")
     return manifest
+
+
+def decode_rgb(data: bytes, name: str) -> Image.Image:
+    """Image bytes decoded as ``load_rgb`` decodes the file they came from; errors name ``name``."""
+    from vitlab.data.imagenet import reading
+
+    with reading(name):
+        return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+class PackedSplit:
+    """The items (dicts of the fields ``python -m vitlab.data.pack`` wrote) of one packed split, by
+    index; an item that cannot be read is a ``CorruptImageError`` naming it."""
+
+    def __init__(self, split_dir: str | Path):
+        self.split_dir, self._stream = str(split_dir), None
+        self._len = sum(c["chunk_size"] for c in json.loads((Path(split_dir) / "index.json").read_text())["chunks"])
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getstate__(self):
+        return {**self.__dict__, "_stream": None}
+
+    def __getitem__(self, index: int) -> dict:
+        if self._stream is None:  # opened in the process that reads (each loader worker its own)
+            from litdata import StreamingDataset
+
+            self._stream = StreamingDataset(self.split_dir)
+        try:
+            return self._stream[index]
+        except (OSError, ValueError, KeyError, EOFError) as err:
+            raise CorruptImageError(f"{self.split_dir} item {index}: cannot be read ({err})") from err
 
 
 class PackedImages(Dataset):
