@@ -33,10 +33,10 @@ from vitlab.errors import VitlabUserError
 from vitlab.data.base import (
     DatasetFacts,
     IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DatasetInfo, DatasetLayoutError, SegmentationBatch,
-    VitlabDataModule,
 )
 from vitlab.data.imagenet import load_rgb, read_header, read_problem, reading
-from vitlab.data.streaming import PackedSplit, decode_rgb
+from vitlab.data.packing import file_bytes, open_manifest, pack_split
+from vitlab.data.streaming import PackableDataModule, PackedSplit, decode_rgb
 from vitlab.data.report import (
     EMPTY, LABEL_FORMAT, LABEL_IDS, LABEL_SIZE, MISSING, DataReport, check_all, skip_or_raise,
 )
@@ -272,7 +272,7 @@ def collate_val(batch) -> SegmentationBatch:
                              torch.tensor(len(batch) - len(kept)))
 
 
-class ADE20KDataModule(VitlabDataModule):
+class ADE20KDataModule(PackableDataModule):
     # ADEChallengeData2016: 150 classes, 20,210 training images (median 683x512); FLOPs at the 512x512 crop
     FACTS = DatasetFacts(num_classes=150, train_images=20_210, image_size=(683, 512), flops_input=(512, 512),
                           train_input=(512, 512))
@@ -282,6 +282,9 @@ class ADE20KDataModule(VitlabDataModule):
         "  (root = .../ADEChallengeData2016; label PNGs: 0 = other/ignored, 1..150 classes)"
     )
     pack_kind = "ade20k"
+
+    def pack(self, folder: Path, out: Path) -> None:
+        pack_ade20k(folder, out, shard_size="256KB", workers=1)
 
     def __init__(
         self,
@@ -441,3 +444,29 @@ class ADE20KDataModule(VitlabDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+
+ADE20K_SPLITS = ("training", "validation")
+
+
+def _ade20k_item(source: tuple[int, str, str]) -> dict:
+    index, image, label = source
+    return {"index": index, "name": Path(image).stem, "image": file_bytes(image), "label": file_bytes(label)}
+
+
+def pack_ade20k(root: str | Path, out: str | Path, shard_size: str = "256MB", workers: int = 1,
+                skip_corrupt: bool = False) -> dict:
+    """``python -m vitlab.data.pack ade20k``: each split's image / label-map pairs in file-name order, as ``ADE20KDataset`` lists them
+    (``--root``: ADEChallengeData2016 or the folder holding it)."""
+    root, out = Path(root), Path(out)
+    base = root / "ADEChallengeData2016" if (root / "ADEChallengeData2016").is_dir() else root
+    manifest = open_manifest(out, "ade20k")
+    for split in ADE20K_SPLITS:
+        if not (base / "images" / split).is_dir() or not (base / "annotations" / split).is_dir():
+            raise SystemExit(f"ADE20K not found: {base}/images/{split} and {base}/annotations/{split} are expected")
+        ds = ADE20KDataset(base, split, None, train=False, skip_corrupt=skip_corrupt)
+        sources = [(k, str(p), str(ds.label_dir / f"{p.stem}.png")) for k, p in enumerate(ds.images)]
+        pack_split(out, manifest, split, sources, _ade20k_item,
+                   lambda i, item, s=sources: None if item["name"] == Path(s[i][1]).stem else "another image",
+                   shard_size, workers)
+    return manifest

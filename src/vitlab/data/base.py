@@ -7,14 +7,12 @@ error naming the path and the layout, never a silent fallback.
 """
 from __future__ import annotations
 
-import random
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -155,8 +153,6 @@ class VitlabDataModule(L.LightningDataModule):
     layout_help: str = ""
     #: the published dataset's facts (each subclass)
     FACTS: ClassVar[DatasetFacts]
-    #: ``python -m vitlab.data.pack <kind>`` packs this dataset; ``data.format=litdata`` reads it
-    pack_kind: ClassVar[str]
 
     def __init__(
         self,
@@ -213,8 +209,6 @@ class VitlabDataModule(L.LightningDataModule):
 
     # ---- shared ------------------------------------------------------------------------
     def data_root(self) -> Path:
-        if self.format == "litdata":
-            return self.packed_root()
         if self.synthetic:
             root = Path(self.synthetic_root or Path(self.root) / "synthetic")
             marker = root / ".complete"
@@ -234,44 +228,6 @@ class VitlabDataModule(L.LightningDataModule):
                 f"generated dataset in the same format with data.synthetic=true."
             ) from None
         return root
-
-    def packed_root(self) -> Path:
-        """``data.format=litdata``: ``data.root`` is a packed dataset, checked (manifest, indexes,
-        shard sizes; errors name the shard and say how to pack, no folder-layout help). With
-        ``synthetic``: the generated dataset, packed beside it once."""
-        from vitlab.data.pack import PACKERS
-        from vitlab.data.streaming import check_packed
-
-        root = Path(self.root)
-        if self.synthetic:
-            self.format = "folder"  # generate and check the dataset's own layout, then pack it
-            try:
-                folder = self.data_root()
-            finally:
-                self.format = "litdata"
-            root = folder.parent / f"{folder.name}_litdata"
-            if not (root / ".complete").exists():
-                # LitData's writer draws on (or seeds) the global RNGs: a run that packs would otherwise
-                # train differently from its re-run, which finds the pack made
-                states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-                PACKERS[self.pack_kind](folder, root, shard_size="256KB", workers=1)
-                random.setstate(states[0]), np.random.set_state(states[1]), torch.set_rng_state(states[2])
-                (root / ".complete").touch()
-        check_packed(root, self.pack_kind)
-        return root
-
-    def packed_report(self, full: bool) -> DataReport:
-        """``check`` of a packed dataset: its manifest, indexes and shard sizes; ``full`` hashes every
-        shard (an error names the shard)."""
-        from vitlab.data.streaming import check_packed
-
-        root = self.data_root()
-        how = "full: every shard hashed" if full else "cheap: indexes and shard sizes; data.verify=full hashes shards"
-        report = DataReport(f"{self.pack_kind} packed at {root} ({how})")
-        manifest = check_packed(root, self.pack_kind, full=full)
-        for split, written in manifest["splits"].items():
-            report.checked.append(f"{split}/: {written['images']} images in {len(written['chunks'])} shards")
-        return report
 
     def preflight(self) -> DataReport | None:
         """The data check at the start of a run, as ``data.verify`` says: ``cheap`` (the default; no

@@ -49,10 +49,10 @@ from vitlab.errors import VitlabUserError
 from vitlab.data.base import (
     DatasetFacts,
     IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DatasetInfo, DatasetLayoutError, DetectionBatch, EpochSampler,
-    VitlabDataModule,
 )
 from vitlab.data.imagenet import load_rgb, read_header, read_problem
-from vitlab.data.streaming import PackedSplit, decode_rgb, read_manifest
+from vitlab.data.packing import file_bytes, keep_file, open_manifest, pack_split, save_manifest
+from vitlab.data.streaming import PackableDataModule, PackedSplit, decode_rgb, read_manifest
 from vitlab.data.report import (
     BAD_ANNOTATION_FILE, BAD_BOX, BAD_SEGMENTATION, BOX_OUTSIDE, CATEGORIES_DIFFER, CLIPPED_BOX, EMPTY, MISSING,
     SIZE_MISMATCH, UNKNOWN_CATEGORY, UNKNOWN_IMAGE, ZERO_AREA_BOX, DataReport, check_all, skip_or_raise,
@@ -372,7 +372,7 @@ def collate_detection(batch) -> DetectionBatch:
     return DetectionBatch([b[0] for b in kept], [b[1] for b in kept], torch.tensor(len(batch) - len(kept)))
 
 
-class CocoDataModule(VitlabDataModule):
+class CocoDataModule(PackableDataModule):
     # COCO 2017: 80 categories, 117,266 train2017 images with annotations, mostly 640x480
     FACTS = DatasetFacts(num_classes=80, train_images=117_266, image_size=(640, 480), flops_input=(800, 1280),
                           train_input=(800, 1333))
@@ -383,6 +383,9 @@ class CocoDataModule(VitlabDataModule):
         "  <root>/annotations/instances_val2017.json"
     )
     pack_kind = "coco"
+
+    def pack(self, folder: Path, out: Path) -> None:
+        pack_coco(folder, out, shard_size="256KB", workers=1)
 
     def __init__(
         self,
@@ -597,3 +600,59 @@ class CocoDataModule(VitlabDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+
+COCO_SPLITS = ("train2017", "val2017")
+
+
+def _coco_item(source: tuple[int, str, dict, list[dict]]) -> dict:
+    index, path, info, anns = source
+    return {"index": index, "image_id": info["id"], "file_name": info["file_name"], "width": info["width"],
+            "height": info["height"], "jpeg": file_bytes(path), "annotations": json.dumps(anns)}
+
+
+def pack_coco(root: str | Path, out: str | Path, shard_size: str = "256MB", workers: int = 1,
+              clip_boxes: bool = False, skip_corrupt: bool = False) -> dict:
+    """``python -m vitlab.data.pack coco``: each split's images in image-id order, with their annotations
+    as ``CocoDetectionDataset`` reads them (its checks, with these options); the val JSON kept as given."""
+    root, out = Path(root), Path(out)
+    sets = {}
+    for split in COCO_SPLITS:
+        ann_file, image_dir = root / "annotations" / f"instances_{split}.json", root / split
+        if not ann_file.is_file() or not image_dir.is_dir():
+            raise SystemExit(f"COCO not found: {ann_file} and {image_dir}/ are expected")
+        sets[split] = CocoDetectionDataset(image_dir, ann_file, None, train=False, with_masks=False,
+                                           clip_boxes=clip_boxes, skip_corrupt=skip_corrupt)
+    categories = [[c["id"], c.get("name", str(c["id"]))] for c in sorted(sets["val2017"].coco.dataset["categories"],
+                                                                          key=lambda c: c["id"])]
+    if sets["train2017"].category_ids != sets["val2017"].category_ids:
+        raise SystemExit(f"{root / 'annotations'}: the train and val JSON list different categories")
+    manifest = open_manifest(out, "coco", categories=categories)
+    manifest["options"] = {"clip_boxes": clip_boxes, "skip_corrupt": skip_corrupt}
+    for split, ds in sets.items():
+        sources, table, missing = [], [], 0
+        for k, image_id in enumerate(ds.ids):
+            info, anns = ds.coco.imgs[image_id], ds.coco.imgToAnns.get(image_id, [])
+            path = ds.image_dir / info["file_name"]
+            if not path.is_file():
+                raise SystemExit(f"{path}: listed in {ds.ann_file.name} (image id {image_id}) but not on disk")
+            sources.append((k, str(path), info, anns))
+            table.append([image_id, info["width"], info["height"], sum(learnable(a) for a in anns)])
+            missing += sum("segmentation" not in a for a in anns)
+
+        def check(i, item, sources=sources):
+            _, _, info, anns = sources[i]
+            same = int(item["image_id"]) == info["id"] and len(json.loads(item["annotations"])) == len(anns)
+            return None if same else "image id or annotation count differs from the JSON"
+
+        def beside(order, table=table):
+            rows = [table[i] for i in order]
+            return {"images.json": json.dumps({"columns": ["image_id", "width", "height", "learnable"],
+                                               "rows": rows}, separators=(",", ":")).encode()}
+
+        pack_split(out, manifest, split, sources, _coco_item, check, shard_size, workers, beside,
+                   annotations=sum(len(s[3]) for s in sources), without_segmentation=missing)
+    keep_file(out, manifest, "annotations/instances_val2017.json",
+              (root / "annotations" / "instances_val2017.json").read_bytes())
+    save_manifest(out, manifest)
+    return manifest

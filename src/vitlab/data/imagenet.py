@@ -31,10 +31,27 @@ from torchvision.datasets import ImageFolder
 from vitlab.data.base import (
     DatasetFacts,
     IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DatasetInfo, DatasetLayoutError, ImageBatch, MissingFileError,
-    VitlabDataModule,
 )
-from vitlab.data.folder_layout import IMG_EXTENSIONS, has_image_suffix, read_synset_names
+from vitlab.data.packing import file_bytes, open_manifest, pack_split
+from vitlab.data.streaming import PackableDataModule
 from vitlab.data.report import EMPTY, IGNORED_FILE, MISSING, UNDECODABLE, DataReport, check_all, skip_or_raise
+
+IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+
+
+def has_image_suffix(path: str) -> bool:
+    return path.lower().endswith(IMG_EXTENSIONS)
+
+
+def read_synset_names(root: Path, wnids: list[str]) -> list[str]:
+    """Readable class names from ImageNet's ``LOC_synset_mapping.txt`` ("n01440764 tench, Tinca tinca")
+    next to train/ (or one level up); the wnids themselves where there is none."""
+    for path in (root / "LOC_synset_mapping.txt", root.parent / "LOC_synset_mapping.txt"):
+        if path.is_file():
+            mapping = dict(line.split(" ", 1) for line in path.read_text().splitlines() if " " in line)
+            return [mapping.get(w, w).split(",")[0].strip() for w in wnids]
+    return list(wnids)
+
 
 _timm_posterize = auto_augment.posterize
 
@@ -172,7 +189,7 @@ class DistributedRepeatAugSampler(RepeatAugSampler, DistributedSampler):
         yield from super().__iter__()
 
 
-class ImageNetDataModule(VitlabDataModule):
+class ImageNetDataModule(PackableDataModule):
     # ImageNet-1K (ILSVRC 2012): 1000 classes, 1,281,167 training images (typically 500x375); FLOPs at 224
     FACTS = DatasetFacts(num_classes=1000, train_images=1_281_167, image_size=(500, 375), flops_input=(224, 224),
                           train_input=(224, 224))
@@ -181,6 +198,9 @@ class ImageNetDataModule(VitlabDataModule):
         "  <root>/val/<wnid>/*.JPEG     (the same class folders)"
     )
     pack_kind = "imagenet"
+
+    def pack(self, folder: Path, out: Path) -> None:
+        pack_imagenet(folder, out, shard_size="256KB", workers=1)
 
     def __init__(
         self,
@@ -404,3 +424,29 @@ class ImageNetDataModule(VitlabDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self.make_loader(self.val_set, train=False, collate_fn=collate_skipping)
+
+
+def _imagenet_item(sample: tuple[str, int, int]) -> dict:
+    path, label, index = sample
+    return {"index": index, "label": label, "jpeg": file_bytes(path)}
+
+
+def pack_imagenet(root: str | Path, out: str | Path, shard_size: str = "256MB", workers: int = 1) -> dict:
+    """``python -m vitlab.data.pack imagenet``: each split's images in ImageFolder's order (JPEG bytes,
+    label, index), the class folders and names in the manifest."""
+    root, out = Path(root), Path(out)
+    wnids = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    manifest = open_manifest(out, "imagenet", classes=wnids)
+    manifest["class_names"] = read_synset_names(root, wnids)
+    for split in ("train", "val"):
+        folder = ImageFolder(str(root / split), is_valid_file=has_image_suffix)
+        if folder.classes != wnids:
+            raise SystemExit(f"{root / split}: class folders differ from train/'s")
+        samples = folder.samples
+        counts = [0] * len(wnids)
+        for _, label in samples:
+            counts[label] += 1
+        pack_split(out, manifest, split, [(p, y, i) for i, (p, y) in enumerate(samples)], _imagenet_item,
+                   lambda i, item: None if int(item["label"]) == samples[i][1] else "wrong label",
+                   shard_size, workers, label_counts=counts)
+    return manifest

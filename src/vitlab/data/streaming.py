@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import io
 import json
+import random
 from pathlib import Path
+from typing import ClassVar
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from vitlab.data.base import CorruptImageError, DatasetLayoutError
-from vitlab.data.pack import MANIFEST, sha256
-from vitlab.data.report import skip_or_raise
+from vitlab.data.base import CorruptImageError, DatasetLayoutError, VitlabDataModule
+from vitlab.data.packing import MANIFEST, sha256
+from vitlab.data.report import DataReport, skip_or_raise
 
 
 class ShardError(DatasetLayoutError):
@@ -82,10 +85,10 @@ def check_packed(root: str | Path, kind: str, full: bool = False) -> dict:
 
 def decode_rgb(data: bytes, name: str) -> Image.Image:
     """Image bytes decoded as ``load_rgb`` decodes the file they came from; errors name ``name``."""
-    from vitlab.data.imagenet import reading
-
-    with reading(name):
+    try:
         return Image.open(io.BytesIO(data)).convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise CorruptImageError(f"{name}: cannot be decoded as an image ({err})") from err
 
 
 class PackedSplit:
@@ -111,6 +114,53 @@ class PackedSplit:
             return self._stream[index]
         except (OSError, ValueError, KeyError, EOFError) as err:
             raise CorruptImageError(f"{self.split_dir} item {index}: cannot be read ({err})") from err
+
+
+class PackableDataModule(VitlabDataModule):
+    """A DataModule whose dataset ``python -m vitlab.data.pack <pack_kind>`` packs: ``data.format=litdata``
+    reads the packed copy at ``data.root`` (checked before anything is read)."""
+
+    pack_kind: ClassVar[str]
+
+    def pack(self, folder: Path, out: Path) -> None:
+        """Pack the dataset at ``folder`` (its own layout) into ``out`` (generated data: small chunks)."""
+        raise NotImplementedError
+
+    def data_root(self) -> Path:
+        return self.packed_root() if self.format == "litdata" else super().data_root()
+
+    def packed_root(self) -> Path:
+        """``data.format=litdata``: ``data.root`` is a packed dataset, checked (manifest, indexes,
+        shard sizes; errors name the shard and say how to pack, no folder-layout help). With
+        ``synthetic``: the generated dataset, packed beside it once."""
+        root = Path(self.root)
+        if self.synthetic:
+            self.format = "folder"  # generate and check the dataset's own layout, then pack it
+            try:
+                folder = self.data_root()
+            finally:
+                self.format = "litdata"
+            root = folder.parent / f"{folder.name}_litdata"
+            if not (root / ".complete").exists():
+                # LitData's writer draws on (or seeds) the global RNGs: a run that packs would otherwise
+                # train differently from its re-run, which finds the pack made
+                states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+                self.pack(folder, root)
+                random.setstate(states[0]), np.random.set_state(states[1]), torch.set_rng_state(states[2])
+                (root / ".complete").touch()
+        check_packed(root, self.pack_kind)
+        return root
+
+    def packed_report(self, full: bool) -> DataReport:
+        """``check`` of a packed dataset: its manifest, indexes and shard sizes; ``full`` hashes every
+        shard (an error names the shard)."""
+        root = self.data_root()
+        how = "full: every shard hashed" if full else "cheap: indexes and shard sizes; data.verify=full hashes shards"
+        report = DataReport(f"{self.pack_kind} packed at {root} ({how})")
+        manifest = check_packed(root, self.pack_kind, full=full)
+        for split, written in manifest["splits"].items():
+            report.checked.append(f"{split}/: {written['images']} images in {len(written['chunks'])} shards")
+        return report
 
 
 class PackedImages(Dataset):
