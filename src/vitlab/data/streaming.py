@@ -98,6 +98,7 @@ class PackedSplit:
     def __init__(self, split_dir: str | Path):
         self.split_dir, self._stream = str(split_dir), None
         self._len = sum(c["chunk_size"] for c in json.loads((Path(split_dir) / "index.json").read_text())["chunks"])
+        import litdata  # noqa: F401  here, so that forked loader workers start with it
 
     def __len__(self) -> int:
         return self._len
@@ -109,7 +110,9 @@ class PackedSplit:
         if self._stream is None:  # opened in the process that reads (each loader worker its own)
             from litdata import StreamingDataset
 
-            self._stream = StreamingDataset(self.split_dir)
+            # batch_decode=0: deserialise the item asked for only (LitData's default decodes a window
+            # of small items around it, which the shuffled sampler then throws away)
+            self._stream = StreamingDataset(self.split_dir, batch_decode=0)
         try:
             return self._stream[index]
         except (OSError, ValueError, KeyError, EOFError) as err:
