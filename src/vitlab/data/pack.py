@@ -38,19 +38,16 @@ annotation count, file stem), and every chunk hashed.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 
-from vitlab.data.ade20k import pack_ade20k
-from vitlab.data.coco import pack_coco
-from vitlab.data.imagenet import pack_imagenet
-
-PACKERS = {"imagenet": pack_imagenet, "coco": pack_coco, "ade20k": pack_ade20k}
+KINDS = ("imagenet", "coco", "ade20k")  # each packed by pack_<kind> of vitlab.data.<kind>, imported when used
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m vitlab.data.pack", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
-    p.add_argument("kind", choices=list(PACKERS))
+    p.add_argument("kind", choices=KINDS)
     p.add_argument("--root", required=True, help="the dataset in its own layout (as data.root reads it)")
     p.add_argument("--out", required=True, help="where the packed dataset goes (a directory)")
     p.add_argument("--shard-size", default="256MB", help="bytes per chunk file (LitData's chunk_bytes)")
@@ -63,7 +60,8 @@ def main(argv=None) -> None:
                "ade20k": {"skip_corrupt": args.skip_corrupt}}.get(args.kind, {})
     if args.kind == "imagenet" and (args.clip_boxes or args.skip_corrupt):
         p.error("--clip-boxes and --skip-corrupt are for coco / ade20k")
-    PACKERS[args.kind](args.root, args.out, args.shard_size, args.workers, **options)
+    packer = getattr(importlib.import_module(f"vitlab.data.{args.kind}"), f"pack_{args.kind}")
+    packer(args.root, args.out, args.shard_size, args.workers, **options)
 
 
 if __name__ == "__main__":
