@@ -132,6 +132,44 @@ def test_packing_resumes_and_skips_what_is_done(packed, tmp_path, capsys):
         main(["coco", "--root", str(packed["coco"][0]), "--out", str(copy), "--workers", "1"])
 
 
+KILLED_MID_PACK = """
+import os, signal, sys
+import vitlab.data.ade20k as ade
+from vitlab.data.pack import main
+
+read = ade._ade20k_item
+def dying(source):  # the job is killed (SIGKILL, the whole process group) at the 5th training image
+    if source[0].endswith("_00000005.jpg"):
+        os.killpg(0, signal.SIGKILL)
+    return read(source)
+ade._ade20k_item = dying
+main(["ade20k", "--root", sys.argv[1], "--out", sys.argv[2], "--shard-size", "4KB", "--workers", "1"])
+"""
+
+
+@pytest.mark.slow  # a subprocess that imports the data stack: ~10 s
+def test_packing_killed_midway_resumes_to_the_same_pack(packed, tmp_path, capsys):
+    """A pack killed mid-split (chunks and LitData's checkpoint on disk, no manifest) continues
+    from its checkpoint when re-run, and ends with the chunks of an uninterrupted pack."""
+    import subprocess
+    import sys
+
+    from vitlab.data.pack import main
+
+    folder = packed["ade20k"][0]
+    proc = subprocess.run([sys.executable, "-c", KILLED_MID_PACK, str(folder), str(tmp_path / "killed")],
+                          start_new_session=True, capture_output=True, timeout=300)
+    assert proc.returncode == -9 and (tmp_path / "killed" / "training" / "chunk-0-0.bin").exists()
+    assert not (tmp_path / "killed" / "vitlab_pack.json").exists()
+    args = ["--shard-size", "4KB", "--workers", "1"]
+    capsys.readouterr()
+    main(["ade20k", "--root", str(folder), "--out", str(tmp_path / "killed"), *args])
+    assert "Checkpoints loaded successfully" in capsys.readouterr().out  # continued, not started again
+    main(["ade20k", "--root", str(folder), "--out", str(tmp_path / "straight"), *args])
+    resumed, straight = (json.loads((tmp_path / d / "vitlab_pack.json").read_text()) for d in ("killed", "straight"))
+    assert resumed == straight and len(straight["splits"]["training"]["chunks"]) > 1
+
+
 def test_bad_packed_dense_data_is_named(packed, tmp_path):
     """A truncated shard, a missing or replaced file kept beside the chunks, another dataset's pack:
     errors naming the file; a corrupt image inside a chunk names its item, or is skipped."""

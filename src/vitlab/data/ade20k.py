@@ -449,9 +449,9 @@ class ADE20KDataModule(PackableDataModule):
 ADE20K_SPLITS = ("training", "validation")
 
 
-def _ade20k_item(source: tuple[int, str, str]) -> dict:
-    index, image, label = source
-    return {"index": index, "name": Path(image).stem, "image": file_bytes(image), "label": file_bytes(label)}
+def _ade20k_item(source: tuple[str, str]) -> dict:
+    image, label = source
+    return {"name": Path(image).stem, "image": file_bytes(image), "label": file_bytes(label)}
 
 
 def pack_ade20k(root: str | Path, out: str | Path, shard_size: str = "256MB", workers: int = 1,
@@ -465,8 +465,8 @@ def pack_ade20k(root: str | Path, out: str | Path, shard_size: str = "256MB", wo
         if not (base / "images" / split).is_dir() or not (base / "annotations" / split).is_dir():
             raise SystemExit(f"ADE20K not found: {base}/images/{split} and {base}/annotations/{split} are expected")
         ds = ADE20KDataset(base, split, None, train=False, skip_corrupt=skip_corrupt)
-        sources = [(k, str(p), str(ds.label_dir / f"{p.stem}.png")) for k, p in enumerate(ds.images)]
+        sources = [(str(p), str(ds.label_dir / f"{p.stem}.png")) for p in ds.images]
         pack_split(out, manifest, split, sources, _ade20k_item,
-                   lambda i, item, s=sources: None if item["name"] == Path(s[i][1]).stem else "another image",
+                   lambda i, item, s=sources: None if item["name"] == Path(s[i][0]).stem else "another image",
                    shard_size, workers)
     return manifest

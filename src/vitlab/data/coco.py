@@ -605,9 +605,9 @@ class CocoDataModule(PackableDataModule):
 COCO_SPLITS = ("train2017", "val2017")
 
 
-def _coco_item(source: tuple[int, str, dict, list[dict]]) -> dict:
-    index, path, info, anns = source
-    return {"index": index, "image_id": info["id"], "file_name": info["file_name"], "width": info["width"],
+def _coco_item(source: tuple[str, dict, list[dict]]) -> dict:
+    path, info, anns = source
+    return {"image_id": info["id"], "file_name": info["file_name"], "width": info["width"],
             "height": info["height"], "jpeg": file_bytes(path), "annotations": json.dumps(anns)}
 
 
@@ -631,17 +631,17 @@ def pack_coco(root: str | Path, out: str | Path, shard_size: str = "256MB", work
     manifest["options"] = {"clip_boxes": clip_boxes, "skip_corrupt": skip_corrupt}
     for split, ds in sets.items():
         sources, table, missing = [], [], 0
-        for k, image_id in enumerate(ds.ids):
+        for image_id in ds.ids:
             info, anns = ds.coco.imgs[image_id], ds.coco.imgToAnns.get(image_id, [])
             path = ds.image_dir / info["file_name"]
             if not path.is_file():
                 raise SystemExit(f"{path}: listed in {ds.ann_file.name} (image id {image_id}) but not on disk")
-            sources.append((k, str(path), info, anns))
+            sources.append((str(path), info, anns))
             table.append([image_id, info["width"], info["height"], sum(learnable(a) for a in anns)])
             missing += sum("segmentation" not in a for a in anns)
 
         def check(i, item, sources=sources):
-            _, _, info, anns = sources[i]
+            _, info, anns = sources[i]
             same = int(item["image_id"]) == info["id"] and len(json.loads(item["annotations"])) == len(anns)
             return None if same else "image id or annotation count differs from the JSON"
 
@@ -651,7 +651,7 @@ def pack_coco(root: str | Path, out: str | Path, shard_size: str = "256MB", work
                                                "rows": rows}, separators=(",", ":")).encode()}
 
         pack_split(out, manifest, split, sources, _coco_item, check, shard_size, workers, beside,
-                   annotations=sum(len(s[3]) for s in sources), without_segmentation=missing)
+                   annotations=sum(len(s[2]) for s in sources), without_segmentation=missing)
     keep_file(out, manifest, "annotations/instances_val2017.json",
               (root / "annotations" / "instances_val2017.json").read_bytes())
     save_manifest(out, manifest)

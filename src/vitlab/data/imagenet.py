@@ -426,9 +426,9 @@ class ImageNetDataModule(PackableDataModule):
         return self.make_loader(self.val_set, train=False, collate_fn=collate_skipping)
 
 
-def _imagenet_item(sample: tuple[str, int, int]) -> dict:
-    path, label, index = sample
-    return {"index": index, "label": label, "jpeg": file_bytes(path)}
+def _imagenet_item(sample: tuple[str, int]) -> dict:
+    path, label = sample
+    return {"label": label, "jpeg": file_bytes(path)}
 
 
 def pack_imagenet(root: str | Path, out: str | Path, shard_size: str = "256MB", workers: int = 1) -> dict:
@@ -446,7 +446,7 @@ def pack_imagenet(root: str | Path, out: str | Path, shard_size: str = "256MB", 
         counts = [0] * len(wnids)
         for _, label in samples:
             counts[label] += 1
-        pack_split(out, manifest, split, [(p, y, i) for i, (p, y) in enumerate(samples)], _imagenet_item,
+        pack_split(out, manifest, split, samples, _imagenet_item,
                    lambda i, item: None if int(item["label"]) == samples[i][1] else "wrong label",
                    shard_size, workers, label_counts=counts)
     return manifest

@@ -10,6 +10,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -74,28 +75,35 @@ def verify_split(split_dir: Path, count: int, check_item: Callable[[int, dict], 
     return {name: sha256(split_dir / name) for name in chunk_files(split_dir)}, order
 
 
-def pack_split(out: Path, manifest: dict, split: str, inputs: list, read_item: Callable, check_item: Callable,
+def _indexed_item(k: int, read_item: Callable, sources: list) -> dict:
+    return {"index": k, **read_item(sources[k])}
+
+
+def pack_split(out: Path, manifest: dict, split: str, sources: list, read_item: Callable, check_item: Callable,
                shard_size: str, workers: int, beside: Callable[[list[int]], dict[str, bytes]] | None = None,
                **summary) -> None:
-    """Write ``read_item(input)`` for every input into ``out/split`` (resumable), verify it, keep
-    ``beside(order)``'s files next to its chunks and record the split in the manifest."""
+    """Write ``{"index": k, **read_item(sources[k])}`` for every source into ``out/split`` (resumable),
+    verify it, keep ``beside(order)``'s files next to its chunks and record the split in the manifest."""
     from litdata import optimize
 
     split_dir = out / split
-    if manifest["splits"].get(split, {}).get("images") == len(inputs):
-        print(f"{split}: already packed ({len(inputs)} items), skipped")
+    if manifest["splits"].get(split, {}).get("images") == len(sources):
+        print(f"{split}: already packed ({len(sources)} items), skipped")
         return
     if split_dir.exists() and not (split_dir / ".checkpoints").exists():
         shutil.rmtree(split_dir)  # a finished split of another run: written anew
+    # LitData's inputs are the source positions: its checkpoint stores them as JSON and resumes only
+    # when they read back equal (tuples would not), and positions keep that file small.
     # fork (where there is one): the workers start without importing torch again
-    optimize(read_item, inputs, str(split_dir), chunk_bytes=shard_size, num_workers=workers, use_checkpoint=True,
-             reorder_files=False, start_method="fork" if "fork" in mp.get_all_start_methods() else None)
-    chunks, order = verify_split(split_dir, len(inputs), check_item)
+    optimize(partial(_indexed_item, read_item=read_item, sources=sources), list(range(len(sources))), str(split_dir),
+             chunk_bytes=shard_size, num_workers=workers, use_checkpoint=True, reorder_files=False,
+             start_method="fork" if "fork" in mp.get_all_start_methods() else None)
+    chunks, order = verify_split(split_dir, len(sources), check_item)
     for name, data in (beside(order) if beside else {}).items():
         keep_file(out, manifest, f"{split}/{name}", data)
-    manifest["splits"][split] = {"images": len(inputs), **summary, "chunks": chunks}
+    manifest["splits"][split] = {"images": len(sources), **summary, "chunks": chunks}
     save_manifest(out, manifest)
-    print(f"{split}: {len(inputs)} items in {len(chunks)} chunks, verified")
+    print(f"{split}: {len(sources)} items in {len(chunks)} chunks, verified")
 
 
 def file_bytes(path) -> bytes:
