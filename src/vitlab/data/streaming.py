@@ -83,6 +83,47 @@ def check_packed(root: str | Path, kind: str, full: bool = False) -> dict:
     return manifest
 
 
+class PackedImages(Dataset):
+    """(image, label) items of a packed split; ``loader(file-like, name)`` opens the JPEG bytes as
+    the folder reader opens files (``load_rgb``, or lazily for ``fast_decode``)."""
+
+    def __init__(self, split_dir: str | Path, transform=None, skip_corrupt: bool = False, lazy: bool = False,
+                 raw: bool = False):
+        self.split_dir, self.transform, self.skip_corrupt, self.lazy = str(split_dir), transform, skip_corrupt, lazy
+        self.raw = raw  # data.gpu_decode: the JPEG bytes as a uint8 tensor, decoded on the device
+        self._stream = None
+        self._len = sum(c["chunk_size"] for c in json.loads((Path(split_dir) / "index.json").read_text())["chunks"])
+
+    @property
+    def stream(self):
+        if self._stream is None:  # opened in the process that reads (each loader worker its own)
+            from litdata import StreamingDataset
+
+            self._stream = StreamingDataset(self.split_dir)
+        return self._stream
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getstate__(self):
+        return {**self.__dict__, "_stream": None}
+
+    def __getitem__(self, index: int):
+        name = f"{self.split_dir} item {index}"
+        try:
+            item = self.stream[index]
+            if self.raw:
+                return torch.frombuffer(bytearray(item["jpeg"]), dtype=torch.uint8), int(item["label"])
+            img = Image.open(io.BytesIO(item["jpeg"]))
+            img.filename = name  # errors in the lazy crop name the item
+            if not self.lazy:
+                img = img.convert("RGB")
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            return skip_or_raise(CorruptImageError(f"{name}: cannot be decoded as an image ({err})"),
+                                 self.skip_corrupt)
+        return (self.transform(img) if self.transform else img), int(item["label"])
+
+
 def decode_rgb(data: bytes, name: str) -> Image.Image:
     """Image bytes decoded as ``load_rgb`` decodes the file they came from; errors name ``name``."""
     try:
@@ -164,44 +205,3 @@ class PackableDataModule(VitlabDataModule):
         for split, written in manifest["splits"].items():
             report.checked.append(f"{split}/: {written['images']} images in {len(written['chunks'])} shards")
         return report
-
-
-class PackedImages(Dataset):
-    """(image, label) items of a packed split; ``loader(file-like, name)`` opens the JPEG bytes as
-    the folder reader opens files (``load_rgb``, or lazily for ``fast_decode``)."""
-
-    def __init__(self, split_dir: str | Path, transform=None, skip_corrupt: bool = False, lazy: bool = False,
-                 raw: bool = False):
-        self.split_dir, self.transform, self.skip_corrupt, self.lazy = str(split_dir), transform, skip_corrupt, lazy
-        self.raw = raw  # data.gpu_decode: the JPEG bytes as a uint8 tensor, decoded on the device
-        self._stream = None
-        self._len = sum(c["chunk_size"] for c in json.loads((Path(split_dir) / "index.json").read_text())["chunks"])
-
-    @property
-    def stream(self):
-        if self._stream is None:  # opened in the process that reads (each loader worker its own)
-            from litdata import StreamingDataset
-
-            self._stream = StreamingDataset(self.split_dir)
-        return self._stream
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __getstate__(self):
-        return {**self.__dict__, "_stream": None}
-
-    def __getitem__(self, index: int):
-        name = f"{self.split_dir} item {index}"
-        try:
-            item = self.stream[index]
-            if self.raw:
-                return torch.frombuffer(bytearray(item["jpeg"]), dtype=torch.uint8), int(item["label"])
-            img = Image.open(io.BytesIO(item["jpeg"]))
-            img.filename = name  # errors in the lazy crop name the item
-            if not self.lazy:
-                img = img.convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            return skip_or_raise(CorruptImageError(f"{name}: cannot be decoded as an image ({err})"),
-                                 self.skip_corrupt)
-        return (self.transform(img) if self.transform else img), int(item["label"])
