@@ -98,7 +98,8 @@ def test_coco_items_hold_the_files_and_the_json(packed):
             item = items[k]
             info = gt.imgs[int(item["image_id"])]
             assert bytes(item["jpeg"]) == (folder / split / info["file_name"]).read_bytes()
-            assert (item["file_name"], item["width"], item["height"]) == (info["file_name"], info["width"], info["height"])
+            fields = ("file_name", "width", "height")
+            assert [item[k] for k in fields] == [info[k] for k in fields]
             assert json.loads(item["annotations"]) == gt.imgToAnns.get(info["id"], [])
     kept = out / "annotations" / "instances_val2017.json"
     assert kept.read_bytes() == (folder / "annotations" / "instances_val2017.json").read_bytes()

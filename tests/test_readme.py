@@ -3,8 +3,9 @@
 Code-block commands run for real, in README order, in one directory (later commands read what
 earlier ones wrote, as a reader's would). Only what makes them fast or possible here is added:
 ``debug=smoke data.synthetic=true`` for training (``debug=smoke`` alone where a command trains on a
-packed directory: the tiny generated dataset an earlier pack command packed), CPU instead of GPUs, SLURM's launcher swapped for
-submitit's local executor (the same code path without a cluster), small inputs for the benchmark.
+packed directory: the tiny generated dataset an earlier pack command packed), CPU instead of GPUs,
+SLURM's launcher swapped for submitit's local executor (the same code path without a cluster), small
+inputs for the benchmark.
 The smoke overrides change a run's directory name (its hash), so a later command's path to an
 earlier run is pointed at the directory that run really made. The paper tables' commands are
 expanded and composed without training (``vitlab.tools.plan``, in this process, with the same overrides).

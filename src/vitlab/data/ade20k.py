@@ -456,8 +456,8 @@ def _ade20k_item(source: tuple[str, str]) -> dict:
 
 def pack_ade20k(root: str | Path, out: str | Path, shard_size: str = "256MB", workers: int = 1,
                 skip_corrupt: bool = False) -> dict:
-    """``python -m vitlab.data.pack ade20k``: each split's image / label-map pairs in file-name order, as ``ADE20KDataset`` lists them
-    (``--root``: ADEChallengeData2016 or the folder holding it)."""
+    """``python -m vitlab.data.pack ade20k``: each split's image / label-map pairs in file-name order, as
+    ``ADE20KDataset`` lists them (``--root``: ADEChallengeData2016 or the folder holding it)."""
     root, out = Path(root), Path(out)
     base = root / "ADEChallengeData2016" if (root / "ADEChallengeData2016").is_dir() else root
     manifest = open_manifest(out, "ade20k")

@@ -52,7 +52,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="where the packed dataset goes (a directory)")
     p.add_argument("--shard-size", default="256MB", help="bytes per chunk file (LitData's chunk_bytes)")
     p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 1) - 1)))
-    p.add_argument("--clip-boxes", action="store_true", help="coco: clip boxes that leave their image (data.clip_boxes)")
+    p.add_argument("--clip-boxes", action="store_true",
+                   help="coco: clip boxes that leave their image (data.clip_boxes)")
     p.add_argument("--skip-corrupt", action="store_true",
                    help="coco, ade20k: leave out bad annotations / images without a label map (data.skip_corrupt)")
     args = p.parse_args(argv)
