@@ -1,6 +1,6 @@
 """Shared fixtures: a generated dataset made once per session, runners for src/train.py and
-src/eval.py in this process, one smoke sweep shared by the compare, dashboard, export and predict
-tests, and one smoke checkpoint per dense task (detection, segmentation) shared by the predict,
+src/eval.py (``support.run_script``: each command in a process of its own), one smoke sweep
+shared by the compare, dashboard, export and predict tests, and one smoke checkpoint per dense task (detection, segmentation) shared by the predict,
 export and DDP tests. With pytest-xdist every worker makes its own copies: they are seconds each."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import DENSE_SMOKE, SWEEP_RATIOS, SWEEP_SEEDS, TINY_PVT, hydra_command
+from support import DENSE_SMOKE, SWEEP_RATIOS, SWEEP_SEEDS, TINY_PVT, run_script
 
 
 # torch's thread count when the session starts (make test: OMP_NUM_THREADS=1, one per xdist worker).
@@ -44,11 +44,11 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def train_run(data_dir):
-    """Run ``src/train.py`` with overrides into ``run_dir``, in this process; return the summary
-    (read back from summary.json, as a user would)."""
+    """Run ``src/train.py`` with overrides into ``run_dir``; return the summary (read back from
+    summary.json, as a user would)."""
 
     def _run(run_dir: Path, *overrides: str, env: dict | None = None) -> dict:
-        hydra_command("train.py", [*overrides, f"hydra.run.dir={run_dir}"], data_dir, env=env)
+        run_script("train.py", [*overrides, f"hydra.run.dir={run_dir}"], data_dir, env=env)
         return json.loads((Path(run_dir) / "summary.json").read_text())
 
     return _run
@@ -56,10 +56,10 @@ def train_run(data_dir):
 
 @pytest.fixture
 def eval_run(data_dir):
-    """Run ``src/eval.py ckpt_path=CKPT overrides...`` into ``run_dir``, in this process; return the summary."""
+    """Run ``src/eval.py ckpt_path=CKPT overrides...`` into ``run_dir``; return the summary."""
 
     def _run(run_dir: Path, ckpt: Path | str, *overrides: str) -> dict:
-        hydra_command("eval.py", [f"ckpt_path={ckpt}", *overrides, f"hydra.run.dir={run_dir}"], data_dir)
+        run_script("eval.py", [f"ckpt_path={ckpt}", *overrides, f"hydra.run.dir={run_dir}"], data_dir)
         return json.loads((Path(run_dir) / "summary.json").read_text())
 
     return _run
@@ -72,7 +72,7 @@ def smoke_sweep(tmp_path_factory, data_dir) -> Path:
     ``<sweep dir>/<job number>``. Tests read it; they write elsewhere (the predict test moves its
     generated data away and back)."""
     sweep = tmp_path_factory.mktemp("multirun") / "sweep-smoke"
-    hydra_command("train.py", ["-m", *TINY_PVT, "experiment=demo", "debug=smoke", "data.img_size=32", "logger=wandb",
+    run_script("train.py", ["-m", *TINY_PVT, "experiment=demo", "debug=smoke", "data.img_size=32", "logger=wandb",
                                f"backbone.mlp_ratios={','.join(SWEEP_RATIOS)}", f"seed={','.join(map(str, SWEEP_SEEDS))}",
                                f"data.synthetic_root={sweep.parent / 'data'}", f"hydra.sweep.dir={sweep}"], data_dir)
     return sweep
@@ -80,7 +80,7 @@ def smoke_sweep(tmp_path_factory, data_dir) -> Path:
 
 def _dense_smoke_run(tmp_path_factory, data_dir, task: str) -> Path:
     run = tmp_path_factory.mktemp(task) / "run"
-    hydra_command("train.py", [*TINY_PVT, f"task={task}", *DENSE_SMOKE[task], f"data.synthetic_root={run.parent / 'data'}",
+    run_script("train.py", [*TINY_PVT, f"task={task}", *DENSE_SMOKE[task], f"data.synthetic_root={run.parent / 'data'}",
                                f"hydra.run.dir={run}"], data_dir)
     return run
 

@@ -1,19 +1,18 @@
 """Helpers shared by the tests (not a test file): the repository, tiny model overrides, running
-the command-line entry points as a user does (a subprocess) or in this process (``hydra_command``)."""
+the command-line entry points as a user does (in a process of their own, ``run_script`` / ``start_script``)."""
 from __future__ import annotations
 
-import contextlib
 import logging
+import multiprocessing
 import os
-import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
-import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,99 +41,202 @@ DENSE_SMOKE = {
 }
 
 
-def run_script(script: str, args: list[str], data_dir: Path, env: dict | None = None, check: bool = True,
-               timeout: int = 600, cwd: Path | None = None):
-    """``python src/<script> args...`` in a subprocess, generated data under ``data_dir``."""
-    full_env = {**os.environ, "VITLAB_DATA": str(data_dir), "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1",
-                "PYTHONWARNINGS": "ignore", **(env or {})}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "src" / script), *args], cwd=cwd or REPO, env=full_env,
-        capture_output=True, text=True, timeout=timeout,
-    )
+# ----------------------------------------------------------------------------- commands as a user runs them
+# A command runs in a process of its own, as a user's does: a child forked from a fork server that
+# has already imported torch, Lightning, Hydra, timm and vitlab (multiprocessing's "forkserver").
+# A fresh interpreter spends ~5 CPU-seconds importing those before the command starts; the child
+# starts from that state instead of paying it once per command. Everything after the imports is
+# the user's: the script is run as ``__main__`` with its command line in ``sys.argv``, in its own
+# working directory and environment, its own signal handlers, exit code and output; whatever it
+# changes in its process ends with it (the tests' process is never touched). Only what a fresh
+# interpreter does at start is redone by hand: ``PYTHONPATH`` entries (and a ``sitecustomize.py`` in
+# one) and ``PYTHONWARNINGS=ignore``. The README's commands and the install tests still start real
+# interpreters (tests/test_readme.py, tests/test_install.py).
+PRELOAD = ["vitlab.runtime.cli", "vitlab.tools.predict", "vitlab.backbones", "vitlab.tasks", "vitlab.data",
+           "torchvision.models.detection", "lightning.pytorch.loggers"]
+_context = None
+
+
+def _fork_server():
+    global _context
+    if _context is None:
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(PRELOAD)
+    return _context
+
+
+def _leave_the_server_behind() -> None:
+    """What a fresh interpreter would not share with its siblings: the server's exit functions and
+    finalizers stay the server's (W&B's media folder, made at import, is deleted by one; run in every
+    child it would vanish under the others), and the random generators are seeded anew."""
+    import atexit
+    import random
+    import weakref
+
+    import numpy as np
+
+    atexit._clear()
+    for finalizer in list(weakref.finalize._registry):
+        finalizer.detach()
+    weakref.finalize._registered_with_atexit = False  # the child's own finalizers run at its exit
+    random.seed()
+    np.random.seed()
+
+
+def _command_child(argv: list[str], cwd: str, env: dict, stdout: str, stderr: str | None) -> None:
+    """The child's body: ``python argv...`` (``argv[0]``: a script, or ``-m`` and a module)."""
+    _leave_the_server_behind()
+    import atexit
+    import runpy
+
+    out = os.open(stdout, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    err = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_APPEND) if stderr else out
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    if env.get("PYTHONWARNINGS") == "ignore":
+        warnings.simplefilter("ignore")
+    for entry in reversed([e for e in env.get("PYTHONPATH", "").split(os.pathsep) if e]):
+        sys.path.insert(0, entry)
+        if (Path(entry) / "sitecustomize.py").is_file():
+            runpy.run_path(str(Path(entry) / "sitecustomize.py"), run_name="sitecustomize")
+    code = 0
+    try:
+        if argv[0] == "-m":
+            sys.argv = [argv[1], *argv[2:]]
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = list(argv)
+            runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        if not isinstance(exit_.code, (int, type(None))):
+            print(exit_.code, file=sys.stderr)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()  # what the interpreter runs at exit (the command's own: W&B's, finalizers)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class Command:
+    """A command started in a child of the fork server (see above), with the part of
+    ``subprocess.Popen``'s interface the tests use. Output goes to ``log`` (stdout and stderr
+    together) or to files read back by ``communicate``."""
+
+    def __init__(self, argv: list[str], cwd: Path, env: dict, log: Path | None = None):
+        self.args = argv
+        if log is None:
+            self._tmp = Path(tempfile.mkdtemp(prefix="command-"))
+            self._out, self._err = self._tmp / "stdout", self._tmp / "stderr"
+        else:
+            self._tmp, self._out, self._err = None, Path(log), None
+        self._out.touch()
+        self._process = _fork_server().Process(
+            target=_command_child, args=(argv, str(cwd), env, str(self._out), self._err and str(self._err)))
+        self._process.start()
+        self.pid = self._process.pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not self._process.is_alive():
+            self.returncode = self._process.exitcode
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self.poll() is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def output(self) -> str:
+        """Everything written so far (stdout, then stderr)."""
+        text = self._out.read_text(errors="replace")
+        return text + (self._err.read_text(errors="replace") if self._err and self._err.exists() else "")
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        try:
+            self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.wait()
+            raise
+        out = self._out.read_text(errors="replace")
+        err = self._err.read_text(errors="replace") if self._err else ""
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        return out, err
+
+
+def command_env(data_dir: Path | None, env: dict | None = None) -> dict:
+    base = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1", "PYTHONWARNINGS": "ignore"}
+    if data_dir is not None:
+        base["VITLAB_DATA"] = str(data_dir)
+    for key in ("PYTEST_CURRENT_TEST", "PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):
+        base.pop(key, None)
+    return {**base, **(env or {})}
+
+
+def start_script(script: str, args: list[str], data_dir: Path | None, env: dict | None = None,
+                 cwd: Path | None = None, log: Path | None = None) -> Command:
+    """``python src/<script> args...`` started (``script`` ``-m``: ``python -m args[0] args[1:]``)."""
+    argv = ["-m", *args] if script == "-m" else [str(REPO / "src" / script), *args]
+    return Command(argv, cwd or REPO, command_env(data_dir, env), log)
+
+
+def run_script(script: str, args: list[str], data_dir: Path | None, env: dict | None = None, check: bool = True,
+               timeout: int = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``python src/<script> args...`` to its end, generated data under ``data_dir``; a failure
+    (``check``) raises with the command's output."""
+    command = start_script(script, args, data_dir, env, cwd)
+    out, err = command.communicate(timeout=timeout)
+    proc = subprocess.CompletedProcess(command.args, command.returncode, out, err)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-6000:]}")
     return proc
 
 
-@contextlib.contextmanager
-def process_state_restored():
-    """Whatever an in-process run changes in this process is put back afterwards, so runs do not leak
-    into later tests: environment variables (``PL_GLOBAL_SEED``, ``VITLAB_SWEEP_DIR``), RNG states, torch threads and flags, the logging handlers Hydra's job
-    logging installs (its ``<run dir>/<job>.log`` file is closed), the signal handlers of
-    ``vitlab.runtime.callbacks.LastCheckpoint``, the working directory, warning filters and the HydraConfig
-    Hydra's run sets."""
-    from hydra.core.hydra_config import HydraConfig
+def call_in_child(fn, *args):
+    """``fn(*args)`` in a child of the fork server (``fn``: a module-level function of a test module);
+    its return value is sent back, its exception re-raised here with the child's traceback."""
+    import pickle
 
-    environ, cwd = dict(os.environ), os.getcwd()
-    rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
-    torch_flags = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
-                   torch.get_float32_matmul_precision(), torch.get_default_dtype())
-    signals = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)}
-    loggers = {name: (lg.level, list(lg.handlers), lg.propagate, lg.disabled)
-               for name, lg in [("", logging.root), *logging.root.manager.loggerDict.items()]
-               if isinstance(lg, logging.Logger)}
-    hydra_cfg = HydraConfig.instance().cfg
+    tmp = Path(tempfile.mkdtemp(prefix="call-"))
     try:
-        with warnings.catch_warnings():
-            yield
+        process = _fork_server().Process(target=_call_child, args=(fn, args, str(tmp / "result")))
+        process.start()
+        process.join()
+        ok, value = pickle.loads((tmp / "result").read_bytes()) if (tmp / "result").exists() else (False, None)
+        if not ok:
+            raise AssertionError(f"{fn.__name__} failed in the child (exit {process.exitcode}):\n{value}")
+        return value
     finally:
-        os.environ.clear()
-        os.environ.update(environ)
-        os.chdir(cwd)
-        torch.set_rng_state(rng[0])
-        np.random.set_state(rng[1])
-        random.setstate(rng[2])
-        torch.set_num_threads(torch_flags[0])
-        torch.use_deterministic_algorithms(torch_flags[1])
-        torch.set_float32_matmul_precision(torch_flags[2])
-        torch.set_default_dtype(torch_flags[3])
-        for sig, handler in signals.items():
-            signal.signal(sig, handler)
-        for name, lg in [("", logging.root), *logging.root.manager.loggerDict.items()]:
-            if not isinstance(lg, logging.Logger):
-                continue
-            level, handlers, propagate, disabled = loggers.get(name, (logging.NOTSET, [], True, False))
-            for handler in lg.handlers:
-                if handler not in handlers:
-                    handler.close()
-            lg.handlers[:] = handlers
-            lg.setLevel(level)
-            lg.propagate, lg.disabled = propagate, disabled
-        HydraConfig.instance().cfg = hydra_cfg
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def hydra_command(script: str, args: list[str], data_dir: Path, env: dict | None = None):
-    """``python src/<script> args...`` in this process: Hydra's own run (``-m`` in ``args``: multirun)
-    of the entry point's body, ``vitlab.runtime.cli.train_job`` / ``eval_job`` / ``vitlab.tools.predict.predict``. This is the code
-    ``@hydra.main`` runs (vitlab.runtime.cli): the config is composed from the command line, HydraConfig set,
-    ``hydra.runtime.output_dir`` set to what the command's ``hydra.run.dir`` (``hydra.sweep.dir``)
-    resolves to, ``.hydra/`` and the job's log file written. What the run changes in this process
-    is undone (``process_state_restored``). Returns the summary (multirun: the jobs' summaries);
-    a failing run raises its exception."""
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+def _call_child(fn, args, result: str) -> None:
+    import pickle
+    import traceback
 
-    from vitlab.runtime.cli import eval_job, train_job
-    from vitlab.runtime.config import register_resolvers
-    from vitlab.runtime.resources import conf_dir
-    from vitlab.tools.predict import predict
-
-    register_resolvers()
-    body = {"train.py": train_job, "eval.py": eval_job, "predict.py": predict}[script]
-    multirun = "-m" in args or "--multirun" in args
-    overrides = [a for a in args if a not in ("-m", "--multirun")]
-    if multirun:
-        overrides.append("hydra.mode=MULTIRUN")  # what Hydra's command line adds for -m (hydra/_internal/utils.py)
-    full_env = {"VITLAB_DATA": str(data_dir), "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1", **(env or {})}
-    with process_state_restored():
-        os.environ.update(full_env)
-        job_name = Path(script).stem
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name=job_name):
-            hydra = GlobalHydra.instance().hydra
-            if not multirun:
-                return hydra.run(job_name, body, overrides).return_value
-            batches = hydra.multirun(job_name, body, overrides) or []
-            return [job.return_value for batch in batches for job in batch]
+    _leave_the_server_behind()
+    try:
+        payload = (True, fn(*args))
+    except BaseException:
+        payload = (False, traceback.format_exc())
+    Path(result).write_bytes(pickle.dumps(payload))
 
 
 class StandIn(nn.Module):

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra.errors import ConfigCompositionException
 
 import vitlab
-from support import TINY_PVT, hydra_command
+from support import TINY_PVT, run_script
 from vitlab.data.base import CorruptImageError, DatasetLayoutError
 from vitlab.data.imagenet import ImageNetDataModule, collate_skipping
 from vitlab.data.synthetic import make_imagenet
@@ -15,9 +14,11 @@ from vitlab.runtime.checkpoints import CheckpointMismatchError
 
 
 def test_missing_imagenet_names_path_layout_and_ways_out(tmp_path, data_dir):
-    with pytest.raises(DatasetLayoutError) as err:
-        hydra_command("train.py", [*TINY_PVT, "debug=smoke", f"hydra.run.dir={tmp_path / 'run'}"], data_dir)
-    message = str(err.value)
+    proc = run_script("train.py", [*TINY_PVT, "debug=smoke", f"hydra.run.dir={tmp_path / 'run'}"], data_dir,
+                      check=False, env={"HYDRA_FULL_ERROR": "0"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    message = proc.stderr
+    assert "Error (DatasetLayoutError)" in message
     assert f"{data_dir}/imagenet/train is missing" in message
     assert "<root>/train/<wnid>/*.JPEG" in message
     assert "data.root=" in message and "data.synthetic=true" in message
@@ -59,9 +60,9 @@ def test_corrupt_image_skipped_and_counted(tmp_path):
 
 
 def test_unknown_config_option_lists_choices(tmp_path, data_dir):
-    with pytest.raises(ConfigCompositionException) as err:
-        hydra_command("train.py", ["backbone=no_such_net", f"hydra.run.dir={tmp_path}"], data_dir)
-    message = f"{err.value} {err.value.__cause__}"
+    proc = run_script("train.py", ["backbone=no_such_net", f"hydra.run.dir={tmp_path}"], data_dir, check=False)
+    assert proc.returncode == 1
+    message = proc.stderr
     assert "no_such_net" in message and "Available options" in message and "pvt_v2_b2" in message
 
 
@@ -81,8 +82,9 @@ def test_checkpoint_classes_must_match_the_evaluation_data(tmp_path, data_dir, s
     """The class count comes from the dataset; evaluating a checkpoint (10 generated classes) on
     data with other classes is an error naming both counts."""
     root = make_imagenet(tmp_path / "in", num_classes=3, num_train=2, num_val=2, size=32)
-    with pytest.raises(CheckpointMismatchError, match="trained on 10 classes but the data has 3"):
-        hydra_command("eval.py", [f"ckpt_path={smoke_sweep / '0' / 'checkpoints' / 'last.ckpt'}",
+    proc = run_script("eval.py", [f"ckpt_path={smoke_sweep / '0' / 'checkpoints' / 'last.ckpt'}",
                                   "+overrides.data.synthetic=false", f"+overrides.data.root={root}",
-                                  f"hydra.run.dir={tmp_path / 'eval'}"], data_dir)
+                                  f"hydra.run.dir={tmp_path / 'eval'}"], data_dir, check=False, env={"HYDRA_FULL_ERROR": "0"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Error (CheckpointMismatchError)" in proc.stderr and "trained on 10 classes but the data has 3" in proc.stderr
     assert not (tmp_path / "eval").exists()  # a failed command leaves no run directory

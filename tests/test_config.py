@@ -1,5 +1,7 @@
 """One compose (``vitlab.runtime.config``) and no process-global side channels: vitlab inside a user's own
-Hydra application, ``run.train`` on a plainly composed config, and two sweeps in one process."""
+Hydra application, ``run.train`` on a plainly composed config (leaving this process as it was), and
+two sweeps in one process. Hydra's own runs (the user's app, the sweeps) configure logging and
+Hydra's global state, as in a user's process: they run in a child (``support.call_in_child``)."""
 from __future__ import annotations
 
 import json
@@ -7,18 +9,37 @@ from pathlib import Path
 
 import torch
 
-from support import FAST, process_state_restored
+from support import FAST, call_in_child
 from vitlab.runtime.config import compose, hydra_app
+
+
+def _users_hydra_app(tmp_path: Path) -> tuple[int, dict, str]:
+    """A user's Hydra application (``initialize`` + its own run, as ``@hydra.main`` does) that calls
+    vitlab inside its task; returns what the task saw."""
+    import vitlab
+    from hydra import compose as user_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    def user_task(cfg):
+        assert cfg.lr == 0.5
+        model = vitlab.create_model("pvt_v2_b0", num_classes=3)
+        backbone = vitlab.create_backbone("pvt_v2_b0", pretrained="imagenet")
+        assert GlobalHydra.instance().is_initialized()
+        assert user_compose("app").model == "mine"  # the app's own search path, still in place
+        assert HydraConfig.get().job.name == "user_app"
+        return model.head.out_features, backbone.state_dict(), backbone.pretrained_file
+
+    with initialize_config_dir(config_dir=str(tmp_path / "app"), job_name="user_app", version_base="1.3"):
+        ret = GlobalHydra.instance().hydra.run("app", user_task, [f"hydra.run.dir={tmp_path / 'run'}"])
+    return ret.return_value
 
 
 def test_create_model_and_imagenet_weights_inside_a_users_hydra_app(tmp_path, monkeypatch):
     """A user's ``@hydra.main`` app with its own, unrelated config dir: vitlab composes its own conf/,
     and the app's Hydra (its configs, its HydraConfig) is as it was afterwards."""
     import vitlab
-    from hydra import compose as user_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
 
     (tmp_path / "app").mkdir()
     (tmp_path / "app" / "app.yaml").write_text("lr: 0.5\nmodel: mine\n")
@@ -28,23 +49,10 @@ def test_create_model_and_imagenet_weights_inside_a_users_hydra_app(tmp_path, mo
     torch.save({f"backbone.{k}": v for k, v in release.state_dict().items()}, tmp_path / "weights" / "pvt_v2_b0.pth")
     monkeypatch.setenv("VITLAB_WEIGHTS", str(tmp_path / "weights"))
     monkeypatch.setenv("VITLAB_OFFLINE", "1")
-
-    def user_task(cfg):
-        assert cfg.lr == 0.5
-        model = vitlab.create_model("pvt_v2_b0", num_classes=3)
-        backbone = vitlab.create_backbone("pvt_v2_b0", pretrained="imagenet")
-        assert GlobalHydra.instance().is_initialized()
-        assert user_compose("app").model == "mine"  # the app's own search path, still in place
-        assert HydraConfig.get().job.name == "user_app"
-        return model.head.out_features, backbone
-
-    with process_state_restored(), initialize_config_dir(config_dir=str(tmp_path / "app"), job_name="user_app",
-                                                         version_base="1.3"):
-        ret = GlobalHydra.instance().hydra.run("app", user_task, [f"hydra.run.dir={tmp_path / 'run'}"])
-    classes, backbone = ret.return_value
+    classes, state, pretrained_file = call_in_child(_users_hydra_app, tmp_path)
     assert classes == 3
-    assert backbone.pretrained_file == str(tmp_path / "weights" / "pvt_v2_b0.pth")
-    for (name, a), b in zip(release.state_dict().items(), backbone.state_dict().values()):
+    assert pretrained_file == str(tmp_path / "weights" / "pvt_v2_b0.pth")
+    for (name, a), b in zip(release.state_dict().items(), state.values()):
         assert torch.equal(a, b), name
 
 
@@ -55,8 +63,9 @@ def test_train_runs_a_plainly_composed_config(tmp_path, data_dir):
 
     cfg = compose("train", [*FAST, "debug=smoke", f"paths.output_dir={tmp_path / 'run'}",
                             f"paths.root_dir={tmp_path}", f"paths.data_dir={data_dir}"])
-    with process_state_restored():
-        summary = train(cfg)
+    before = process_state()
+    summary = train(cfg)
+    assert process_state() == before  # nothing to put back after a run called from Python
     assert summary["status"] == "finished" and summary["run_dir"] == str(tmp_path / "run")
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["val/top1"] == summary["val/top1"]
     assert summary["backbone"] == "pvt_v2_b0" and summary["task"] == "imagenet_cls"  # the config's variant
@@ -73,15 +82,45 @@ def _sweep_job_dirs(root: Path, sweep: str) -> list[Path]:
     return [job.return_value for batch in batches for job in batch]
 
 
+def _two_sweeps(root: Path) -> tuple[list[Path], list[Path], Path]:
+    """Two sweeps in one process (a notebook's): their jobs' directories, and the sweep directory the
+    process hands to its SLURM/submitit jobs."""
+    import os
+
+    from vitlab.runtime.rundir import SWEEP_DIR_ENV
+
+    first = _sweep_job_dirs(root, "seed=1,2")
+    second = _sweep_job_dirs(root, "seed=3,4")
+    return first, second, Path(os.environ[SWEEP_DIR_ENV])
+
+
+def process_state() -> dict:
+    """What a run could leave changed in its process: signal handlers, logging handlers, the working
+    directory, torch's global switches, Hydra's global instance and config."""
+    import logging
+    import os
+    import signal
+
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    return {
+        "signals": {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)},
+        "logging": {name: list(lg.handlers) for name, lg in [("", logging.root), *logging.root.manager.loggerDict.items()]
+                    if isinstance(lg, logging.Logger) and lg.handlers},
+        "cwd": os.getcwd(),
+        "torch": (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+                  torch.get_float32_matmul_precision(), torch.get_default_dtype()),
+        "hydra": (GlobalHydra.instance().is_initialized(), HydraConfig.instance().cfg),
+    }
+
+
 def test_two_sweeps_in_one_process_get_two_directories(tmp_path, monkeypatch):
     from vitlab.runtime.rundir import SWEEP_DIR_ENV, sweep_dir
 
     monkeypatch.setenv("VITLAB_OUTPUT", str(tmp_path))
     monkeypatch.delenv(SWEEP_DIR_ENV, raising=False)
-    with process_state_restored():
-        first = _sweep_job_dirs(tmp_path, "seed=1,2")
-        second = _sweep_job_dirs(tmp_path, "seed=3,4")
-        handed = Path(__import__("os").environ[SWEEP_DIR_ENV])
+    first, second, handed = call_in_child(_two_sweeps, tmp_path)
     assert [p.name for p in first] == [p.name for p in second] == ["0", "1"]
     assert first[0].parent == first[1].parent != second[0].parent == second[1].parent  # one directory per sweep
     assert {first[0].parent.parent, second[0].parent.parent} == {tmp_path}

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
+from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.ops import box_iou
 
 from support import REPO, TINY_PVT
@@ -99,12 +100,19 @@ def test_detector_learns_and_keeps_the_contract(cls):
     assert sum(history[-5:]) / 5 < 0.8 * max(history[:10]), history
     assert box_ap(detector, images, targets) > untrained + 0.1
     detector.eval()
+    image = torch.rand(3, 50, 70)
     with torch.no_grad():  # any size; outputs on the input image, labels 0..K-1
-        (det,) = detector([torch.rand(3, 50, 70)])
+        (det,) = detector([image])
     assert det["boxes"].shape[1] == 4 and (det["boxes"][:, 2] <= 70).all() and (det["boxes"][:, 3] <= 50).all()
     assert ((det["labels"] >= 0) & (det["labels"] < 3)).all() and len(det["scores"]) == len(det["labels"])
     if cls is CascadeMaskRCNNDetector:
-        assert det["masks"].shape[1:] == (1, 50, 70)
+        assert det["masks"].shape[1:] == (1, 50, 70) and len(det["masks"])
+        with torch.no_grad(), detector.roi_masks():  # the RoI masks, which torchvision's paste turns into those
+            (roi,) = detector([image])
+        assert roi["masks"].shape[1:] == (1, 28, 28) and torch.equal(roi["boxes"], det["boxes"])
+        assert torch.equal(paste_masks_in_image(roi["masks"], roi["boxes"], (50, 70)), det["masks"])
+        with torch.no_grad():  # pasted again once the context is left
+            assert detector([image])[0]["masks"].shape[1:] == (1, 50, 70)
 
 
 @pytest.mark.parametrize("cls", list(SMALL), ids=lambda c: c.__name__)

@@ -1,5 +1,6 @@
-"""Evaluation at full size: the COCO evaluator equals pycocotools' COCOeval (boxes and masks,
-per class), the ADE20K confusion matrix equals a naive count, and ``--eval`` runs (tiny)."""
+"""Evaluation at full size: masks pasted and encoded box by box equal pycocotools' encoding of
+torchvision's pasted masks, the COCO evaluator equals pycocotools' COCOeval (boxes and masks, per
+class), the ADE20K confusion matrix equals a naive count, and ``--eval`` runs (tiny)."""
 from __future__ import annotations
 
 import contextlib
@@ -12,9 +13,13 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from vitlab.tasks.detection import CocoEvaluator
+import torch.nn.functional as F
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks, paste_masks_in_image
+from torchvision.models.detection.transform import resize_boxes
+
+from vitlab.tasks.detection import CocoEvaluator, detections_to_original, encode_masks, paste_masks_rle
 from vitlab.tasks.segmentation import ConfusionMatrix
-from vitlab.tools.eval_cost import coco_batch
+from vitlab.tools.eval_cost import COCO_INPUT, COCO_SIZE, coco_batch
 
 CATS = [1, 3, 7, 8, 20]  # not contiguous: labels map to these ids
 
@@ -57,13 +62,74 @@ def cocoeval(gt, dt, iou_type, cat_ids=None):
     return ev.stats
 
 
+def encode(masks: torch.Tensor) -> list[dict]:
+    return mask_utils.encode(np.asfortranarray(masks.numpy().transpose(1, 2, 0).astype(np.uint8)))
+
+
+def naive_paste(roi_masks, boxes, size):
+    """Each RoI mask resized to its expanded box as torchvision does, put on a canvas far larger than the
+    image, the image cut out: defined for boxes anywhere (torchvision's loop fails on boxes well outside)."""
+    height, width = size
+    padded, scale = expand_masks(roi_masks, padding=1)
+    out = []
+    for mask, (x0, y0, x1, y1) in zip(padded, expand_boxes(boxes, scale).long().tolist()):
+        local = F.interpolate(mask[None], size=(max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1)), mode="bilinear",
+                              align_corners=False)[0, 0]
+        pad = 2 * max(height, width, local.shape[0], local.shape[1]) + abs(x0) + abs(y0)
+        canvas = torch.zeros(height + 2 * pad, width + 2 * pad)
+        canvas[pad + y0:pad + y0 + local.shape[0], pad + x0:pad + x0 + local.shape[1]] = local
+        out.append(canvas[pad:pad + height, pad:pad + width] > 0.5)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("size", [(48, 64), (13, 9)])
+def test_masks_pasted_box_by_box_encode_as_pycocotools(size):
+    """RoI masks (noise: many runs; smooth) in boxes inside, across the border, wider / taller than the
+    image, under a pixel and wholly outside: the same bytes as pycocotools' encoding of the pasted masks
+    (torchvision's own paste where it is defined)."""
+    h, w = size
+    g = torch.Generator().manual_seed(1)
+    xy = torch.rand(60, 2, generator=g) * torch.tensor([w * 1.4, h * 1.4]) - torch.tensor([w * 0.2, h * 0.2])
+    boxes = torch.cat([xy, xy + torch.rand(60, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])], 1)
+    boxes[:6] = torch.tensor([[0.0, 0, w - 1, h - 1], [-3, -2, w + 4, h + 3], [2, 0, 3, h - 1],  # a column, full height
+                              [1, 1, 1.4, 1.2], [w + 5, 1, w + 9, 4], [-20, -20, -9, -9]])  # tiny, right of, above-left
+    roi = torch.rand(60, 1, 28, 28, generator=g)
+    roi[30:] = F.interpolate(torch.rand(30, 1, 4, 4, generator=g), size=(28, 28), mode="bilinear")
+    roi[:3] = 1.0
+    expected = encode(naive_paste(roi, boxes, size))
+    assert mask_utils.area(expected[1]) == h * w  # all of it: runs that go on from column to column
+    assert paste_masks_rle(roi, boxes, size) == expected
+    inside = slice(0, 4)  # torchvision's paste equals the naive one where it works
+    assert torch.equal(paste_masks_in_image(roi[inside], boxes[inside], size)[:, 0] > 0.5, naive_paste(roi[inside], boxes[inside], size))
+    assert any(r["counts"] != expected[-1]["counts"] for r in expected) and paste_masks_rle(roi[:0], boxes[:0], size) == []
+
+
+def test_masks_encode_as_pycocotools():
+    g = torch.Generator().manual_seed(2)
+    for h, w in ((30, 40), (1, 1), (5, 3)):
+        masks = torch.zeros(9, h, w, dtype=torch.bool)  # 0: empty
+        masks[1] = True
+        masks[2, 0, 0] = masks[3, -1, -1] = True
+        masks[4, :, 0] = True  # the whole first column
+        masks[5, :, w // 2:] = True  # full-height columns: one run
+        masks[6, h // 3:, w // 3:] = True
+        masks[7] = torch.rand(h, w, generator=g) > 0.5
+        masks[8, 0] = True
+        assert encode_masks(masks) == encode(masks), (h, w)
+
+
 def test_coco_evaluator_equals_pycocotools_boxes_and_masks():
+    """The whole path from the detector's output (boxes on the network input, RoI masks) to the
+    numbers, against torchvision's rescaling and paste, pycocotools' encoding and its COCOeval."""
     g = torch.Generator().manual_seed(0)
-    preds, targets = coco_batch(g, 6, masks=True, num_classes=len(CATS), dets=40, objects=6)
+    dets, targets = coco_batch(g, 6, masks=True, num_classes=len(CATS), dets=40, objects=6)
     targets[0]["iscrowd"][0] = 1  # a crowd region: ignored, not a miss
     evaluator = CocoEvaluator(True, CATS)
-    for image_id, (pred, tgt) in enumerate(zip(preds, targets), 1):
-        evaluator.update(pred, tgt, image_id)
+    preds = []
+    for image_id, (det, tgt) in enumerate(zip(dets, targets), 1):
+        evaluator.update(detections_to_original(det, COCO_INPUT, COCO_SIZE, rle=True), tgt, image_id)
+        boxes = resize_boxes(det["boxes"], COCO_INPUT, COCO_SIZE)
+        preds.append({**det, "boxes": boxes, "masks": paste_masks_in_image(det["masks"], boxes, COCO_SIZE)[:, 0] > 0.5})
     result = evaluator.compute()
     for iou_type in ("bbox", "segm"):
         gt, dt = reference_coco(preds, targets, iou_type)
@@ -91,6 +157,18 @@ def test_coco_evaluator_without_detections_or_images():
     evaluator.update(empty, target, 1)
     result = evaluator.compute()
     assert result["bbox_map"] == 0 and result["bbox_ap_per_class"] == [-1, -1, 0, -1, -1]
+
+
+def test_mask_evaluation_error_reaches_the_caller():
+    """The mask evaluation runs in a forked process (two cores): its error is raised by ``compute``."""
+    g = torch.Generator().manual_seed(0)
+    dets, targets = coco_batch(g, 2, masks=True, num_classes=len(CATS), dets=5, objects=2)
+    evaluator = CocoEvaluator(True, CATS)
+    for image_id, (det, tgt) in enumerate(zip(dets, targets), 1):
+        evaluator.update(detections_to_original(det, COCO_INPUT, COCO_SIZE, rle=True), tgt, image_id)
+    del evaluator.results[3]["segmentation"]
+    with pytest.raises(KeyError, match="segmentation"):
+        evaluator.compute()
 
 
 def test_confusion_matrix_equals_naive_count():

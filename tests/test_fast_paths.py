@@ -13,7 +13,9 @@ import torch.nn.functional as F
 import torchvision
 from lightning import Callback, LightningModule
 
-from support import DENSE_SMOKE, FAST, TINY_PVT, hydra_command
+from support import DENSE_SMOKE, FAST, TINY_PVT
+from vitlab.runtime.config import compose
+from vitlab.runtime.run import train as train_run_in_process
 
 # What makes the host wait for the device when called on a CUDA tensor (the patched methods).
 SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
@@ -87,8 +89,8 @@ def test_no_host_sync_in_training_steps_except_logging_steps(task, overrides, tm
             f"trainer.log_every_n_steps={LOG_EVERY}", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=true",
             "callbacks.progress_bar={_target_:vitlab.runtime.callbacks.StepMetricsProgressBar}",
             "+callbacks.sync_probe._target_=test_fast_paths.SyncProbe", f"data.synthetic_root={tmp_path / 'data'}",
-            f"hydra.run.dir={tmp_path / 'run'}"]
-    hydra_command("train.py", args, data_dir)
+            f"paths.output_dir={tmp_path / 'run'}", f"paths.data_dir={data_dir}", f"paths.root_dir={tmp_path}"]
+    train_run_in_process(compose("train", args))  # in this process: the probe counts calls made here
     steps = {step for step, _, _ in SyncProbe.calls}
     assert SyncProbe.calls, "the probe saw no call at all: it is not measuring"  # logging steps do sync
     off_steps = [c for c in SyncProbe.calls if (c[0] + 1) % LOG_EVERY and c[0] != 0]

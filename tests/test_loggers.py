@@ -24,14 +24,14 @@ def flat_keys(d: dict, prefix: str = "") -> set[str]:
 
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory, data_dir):
-    from support import hydra_command
+    from support import run_script
 
     root = tmp_path_factory.mktemp("loggers")
     run, uri = root / "run", f"sqlite:///{root / 'mlflow.db'}"
-    hydra_command("train.py", [*TINY_PVT, "experiment=demo", "debug=smoke", "data.img_size=32",
-                               "logger=[csv,tensorboard,mlflow]", f"logger.mlflow.artifact_location={root / 'artifacts'}",
-                               f"data.synthetic_root={root / 'data'}",
-                               f"hydra.run.dir={run}"], data_dir, env={"MLFLOW_TRACKING_URI": uri})
+    run_script("train.py", [*TINY_PVT, "experiment=demo", "debug=smoke", "data.img_size=32",
+                            "logger=[csv,tensorboard,mlflow]", f"logger.mlflow.artifact_location={root / 'artifacts'}",
+                            f"data.synthetic_root={root / 'data'}",
+                            f"hydra.run.dir={run}"], data_dir, env={"MLFLOW_TRACKING_URI": uri})
     return run, uri
 
 

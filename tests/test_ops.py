@@ -5,15 +5,13 @@ import json
 import os
 import signal
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from support import FAST, REPO, TINY_PVT, run_script
+from support import FAST, TINY_PVT, run_script, start_script
 
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
@@ -59,19 +57,17 @@ def test_slurm_signals_through_the_submitit_launcher_are_vitlabs(tmp_path, data_
     (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
     (bin_dir / "scontrol").chmod(stat.S_IRWXU)
     output = tmp_path / "multirun"
-    command = [sys.executable, str(REPO / "src" / "train.py"), "-m", "hydra/launcher=submitit_local",
-               "hydra.launcher.timeout_min=20", *FAST, "schedule.epochs=2", "data.synthetic_classes=2",
-               "schedule.checkpoint_every_n_steps=2"]
-    env = {**os.environ, "VITLAB_OUTPUT": str(output), "VITLAB_DATA": str(data_dir), "WANDB_MODE": "offline",
-           "PYTHONWARNINGS": "ignore", "SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    command = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20", *FAST, "schedule.epochs=2",
+               "data.synthetic_classes=2", "schedule.checkpoint_every_n_steps=2"]
+    env = {"VITLAB_OUTPUT": str(output), "SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
 
     def attempt(signum: int, restarts: int) -> tuple[str, int]:
         """Launch the sweep; once its job has saved a newer step checkpoint, signal it."""
         last = list(output.glob("sweep-*/0/checkpoints/last.ckpt"))
         before = torch.load(last[0], weights_only=True)["global_step"] if last else 0
         old = {p.name for p in output.glob("sweep-*/.submitit/*")}
-        parent = subprocess.Popen(command, cwd=tmp_path, env={**env, "SLURM_RESTART_COUNT": str(restarts)},
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        parent = start_script("train.py", command, data_dir, env={**env, "SLURM_RESTART_COUNT": str(restarts)},
+                              cwd=tmp_path, log=tmp_path / f"launcher-{restarts}.log")
         deadline = time.time() + 600
         while True:
             assert parent.poll() is None and time.time() < deadline, "the job ended or never saved"

@@ -1,8 +1,8 @@
 """One run, one owner: a locked run directory, checkpoints that survive a kill at any instant or a
 full disk, and user errors printed as one message (exit code 2) instead of a traceback.
 
-Commands run as a user types them: ``python src/train.py ...`` / ``src/eval.py`` in a subprocess
-from a temporary working directory with ``VITLAB_OUTPUT`` set.
+Commands run as a user types them: ``python src/train.py ...`` / ``src/eval.py`` in a process of
+their own (``support.start_script``) from a temporary working directory with ``VITLAB_OUTPUT`` set.
 """
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,7 +23,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from support import FAST, REPO, TINY_PVT, hydra_command, process_state_restored, run_script
+from support import FAST, REPO, TINY_PVT, run_script, start_script
 from vitlab.errors import VitlabUserError, user_errors_as_messages
 from vitlab.runtime.checkpoints import AtomicCheckpointIO, CheckpointWriteError
 from vitlab.runtime.run import NoGoodCheckpointError, plan_resume
@@ -36,15 +34,11 @@ NO_TRACEBACK = {"HYDRA_FULL_ERROR": "0"}  # support.run_script shows tracebacks 
 
 
 def start(script: str, args: list[str], output: Path, data_dir: Path, env: dict | None = None,
-          log: Path | None = None) -> subprocess.Popen:
-    """``python src/<script> args`` from ``output``'s parent; its output piped, or written to ``log``."""
+          log: Path | None = None):
+    """``python src/<script> args`` from ``output``'s parent, its output written to ``log``."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, "VITLAB_OUTPUT": str(output), "VITLAB_DATA": str(data_dir), "WANDB_MODE": "offline",
-                "PYTHONWARNINGS": "ignore", **(env or {})}
-    out = dict(stdout=log.open("w"), stderr=subprocess.STDOUT) if log else dict(stdout=subprocess.PIPE,
-                                                                               stderr=subprocess.PIPE)
-    return subprocess.Popen([sys.executable, str(REPO / "src" / script), *args], cwd=output.parent, env=full_env,
-                            text=True, **out)
+    return start_script(script, args, data_dir, env={"VITLAB_OUTPUT": str(output), **NO_TRACEBACK, **(env or {})},
+                        cwd=output.parent, log=log)
 
 
 def only_run_dir(output: Path) -> Path:
@@ -125,25 +119,30 @@ def test_other_ddp_ranks_do_not_take_the_lock(tmp_path, monkeypatch):
 
 # ---- SLURM signals ------------------------------------------------------------------------------
 class SignalProbe(L.Callback):
-    """Records, during training, who handles the pre-emption signals and Lightning's cluster environment."""
+    """Writes to ``out`` (JSON), during training, who handles the pre-emption signals and Lightning's
+    cluster environment."""
 
-    seen: dict = {}
+    def __init__(self, out: str):
+        self.out = out
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         env = trainer._accelerator_connector.cluster_environment
-        SignalProbe.seen = {"environment": type(env).__name__, "auto_requeue": getattr(env, "auto_requeue", None),
-                            **{s.name: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}}
+        handlers = {s.name: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+        Path(self.out).write_text(json.dumps({
+            "environment": type(env).__name__, "auto_requeue": getattr(env, "auto_requeue", None),
+            **{name: type(getattr(h, "__self__", None)).__name__ for name, h in handlers.items()}}))
 
 
 def test_under_slurm_vitlab_alone_handles_the_preemption_signals(tmp_path, data_dir):
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0",
              "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
-    hydra_command("train.py", [*SMOKE, "+callbacks.probe._target_=test_ownership.SignalProbe",
-                               f"hydra.run.dir={tmp_path}"], data_dir, env=slurm)
-    seen = SignalProbe.seen
+    probe = tmp_path / "probe.json"
+    run_script("train.py", [*SMOKE, "+callbacks.probe._target_=test_ownership.SignalProbe", f"+callbacks.probe.out={probe}",
+                            f"hydra.run.dir={tmp_path / 'run'}"], data_dir, env=slurm)
+    seen = json.loads(probe.read_text())
     assert seen["environment"] == "SLURMEnvironment" and seen["auto_requeue"] is False
     for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):  # not Lightning's (it adds a SIGTERM handler after setup)
-        assert type(getattr(seen[name], "__self__", None)).__name__ == "LastCheckpoint", (name, seen[name])
+        assert seen[name] == "LastCheckpoint", (name, seen[name])
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
@@ -223,25 +222,12 @@ USER_ERRORS = {
 
 
 @pytest.mark.parametrize("case", USER_ERRORS)
-def test_user_error_through_the_entry_point(case, tmp_path, data_dir, monkeypatch, capfd):
-    """``vitlab.runtime.cli.train_main`` / ``eval_main`` (all that src/train.py and src/eval.py run) in this
-    process with the command line in sys.argv; the dataset-layout case below runs the script itself."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    import vitlab.runtime.cli
-
+def test_user_error_through_the_entry_point(case, tmp_path, data_dir):
     entry, args, text = USER_ERRORS[case]
-    monkeypatch.chdir(tmp_path)
-    with process_state_restored():
-        os.environ.update({"VITLAB_DATA": str(data_dir), "VITLAB_OUTPUT": str(tmp_path / "out"), "VITLAB_OFFLINE": "1",
-                           "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"})
-        monkeypatch.setattr(sys, "argv", [f"src/{entry}.py", *args(tmp_path)])
-        with pytest.raises(SystemExit) as exit_:
-            getattr(vitlab.runtime.cli, f"{entry}_main")()
-        GlobalHydra.instance().clear()
-    err = capfd.readouterr().err
-    assert exit_.value.code == 2, err[-3000:]
-    assert text in err and "Traceback" not in err
+    proc = run_script(f"{entry}.py", args(tmp_path), data_dir, check=False, cwd=tmp_path,
+                      env={**NO_TRACEBACK, "VITLAB_OUTPUT": str(tmp_path / "out"), "VITLAB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert text in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
     assert not list((tmp_path / "out").rglob("*.ckpt"))
 
 

@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from support import TINY_PVT, hydra_command, wandb_records
+from support import TINY_PVT, run_script, wandb_records
 
 from vitlab.runtime.run import module_from_checkpoint
 from vitlab.tasks.visualize import PANEL_WIDTH
@@ -80,8 +80,8 @@ def test_classification_top_k_on_files(classifier, tmp_path, data_dir):
 
     out = tmp_path / "out"
     with data_moved_away(classifier):
-        hydra_command("predict.py", [f"ckpt_path={classifier}", f"inputs={tmp_path / 'inputs'}", f"out={out}", "topk=3"],
-                      data_dir)
+        run_script("predict.py", [f"ckpt_path={classifier}", f"inputs={tmp_path / 'inputs'}", f"out={out}", "topk=3"],
+                   data_dir)
     result = json.loads((out / "predictions.json").read_text())
     assert result["task"] == "ClassificationTask" and result["class_names"] == list(module.info.class_names)
     assert [r["file"] for r in result["images"]] == [str(p) for p in sorted(inputs)]

@@ -1,6 +1,7 @@
 """Kill a training run the ways a user's run dies, re-run the same command, and compare.
 
-Every run here is ``python src/train.py <the same overrides>`` from a temporary working directory
+Every run here is ``python src/train.py <the same overrides>`` (in a process of its own,
+``support.start_script``) from a temporary working directory
 with ``VITLAB_OUTPUT`` set, exactly as a user re-runs a command: no ``hydra.run.dir``, no test-only
 callback in the command. The run directory is found from the command, the re-run resumes from
 ``last.ckpt`` and must end bit-equal to a run that was never interrupted.
@@ -12,15 +13,13 @@ import json
 import os
 import signal
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from support import FAST, REPO, run_script
+from support import FAST, run_script, start_script
 
 # 2 epochs of 20 steps; mixup (numpy RNG) and drop path (torch RNG) on, so the restored RNG matters;
 # last.ckpt every 3 steps, so a kill lands mid-epoch after a mid-epoch checkpoint.
@@ -36,14 +35,15 @@ def run_dir(output: Path) -> Path:
     return dirs[0]
 
 
-def start(output: Path, data_dir: Path, env: dict | None = None, extra: tuple = ()) -> subprocess.Popen:
-    full_env = {**os.environ, "VITLAB_OUTPUT": str(output), "VITLAB_DATA": str(data_dir), "WANDB_MODE": "offline",
-                "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.Popen([sys.executable, str(REPO / "src" / "train.py"), *COMMAND, *extra], cwd=output.parent,
-                            env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start(output: Path, data_dir: Path, env: dict | None = None, extra: tuple = ()):
+    """The command, from ``output``'s parent; its output (stdout and stderr) in ``output``'s parent."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    log = output.parent / f"train-{len(list(output.parent.glob('train-*.log')))}.log"
+    return start_script("train.py", [*COMMAND, *extra], data_dir, env={"VITLAB_OUTPUT": str(output), **(env or {})},
+                        cwd=output.parent, log=log)
 
 
-def wait_for_mid_epoch_checkpoint(proc: subprocess.Popen, output: Path, timeout: float = 300) -> None:
+def wait_for_mid_epoch_checkpoint(proc, output: Path, timeout: float = 300) -> None:
     """Until the run has written a step checkpoint (training is under way, handlers installed)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -51,7 +51,7 @@ def wait_for_mid_epoch_checkpoint(proc: subprocess.Popen, output: Path, timeout:
         if last:
             return
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended before it wrote a checkpoint:\n{proc.stdout.read()[-3000:]}")
+            raise AssertionError(f"the run ended before it wrote a checkpoint:\n{proc.output()[-3000:]}")
         time.sleep(0.05)
     raise AssertionError("no checkpoint within the time-out")
 
@@ -141,7 +141,7 @@ def test_preemption_signal_saves_requeues_and_resumes(tmp_path, data_dir, straig
     assert steps == sorted(set(steps)) and steps[0] < saved < steps[-1]
 
 
-def test_finished_run_is_reported_not_repeated_and_resume_never_starts_fresh(tmp_path, data_dir, straight):
+def test_finished_run_is_reported_not_repeated_and_resume_never_starts_fresh(tmp_path, data_dir):
     output = tmp_path / "outputs"
     command = [*FAST, "debug=smoke"]
     env = {"VITLAB_OUTPUT": str(output)}

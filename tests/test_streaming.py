@@ -62,6 +62,49 @@ def test_pack_verifies_and_reads_as_the_folder(packed):
     assert fd.val_set[4][0].equal(ld.val_set[4][0])
 
 
+def test_chunk_reader_equals_litdata(packed):
+    """The packed reader's own chunk reading (ChunkFiles): every item's JPEG bytes and label equal to
+    LitData's reader's; a layout other than pack's (here: compressed) is left to LitData."""
+    from litdata import StreamingDataset
+
+    from vitlab.data.streaming import ChunkFiles, PackedImages
+
+    _, out = packed
+    for split in ("train", "val"):
+        ours, theirs = PackedImages(out / split), StreamingDataset(str(out / split))
+        assert ours.chunks is not None and len(ours) == len(theirs)
+        for i in range(len(theirs)):
+            jpeg, label = ours.read(i)
+            assert bytes(jpeg) == theirs[i]["jpeg"] and label == theirs[i]["label"]
+    index = json.loads((out / "train" / "index.json").read_text())
+    assert ChunkFiles.readable(out / "train", index)
+    index["config"]["compression"] = "zstd"
+    assert not ChunkFiles.readable(out / "train", index)
+
+
+def test_gpu_decode_loader_with_a_worker_hands_over_the_files(packed, monkeypatch):
+    """data.gpu_decode on the packed format through a loader worker (batches built in shared memory):
+    an epoch's bytes are the folder's files, each once."""
+    from torchvision.datasets import ImageFolder
+
+    from vitlab.data import gpu_decode
+
+    parts = [torch.arange(5, dtype=torch.uint8), torch.arange(3, dtype=torch.uint8)]
+    assert not gpu_decode.collate_bytes([(p, 0) for p in parts]).images.data.is_shared()
+    monkeypatch.setattr(gpu_decode, "get_worker_info", lambda: object())  # as in a loader worker
+    in_worker = gpu_decode.collate_bytes([(p, 0) for p in parts]).images
+    assert in_worker.data.is_shared() and in_worker.data.tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+    monkeypatch.undo()
+    folder, out = packed
+    dm = ImageNetDataModule(str(out), num_workers=1, batch_size=3, img_size=32, format="litdata", gpu_decode=True,
+                            auto_augment=None, color_jitter=0)
+    dm.setup("fit")
+    got = []
+    for batch in dm.train_dataloader():
+        got += [bytes(t.numpy()) for t in batch.images.split()]
+    assert sorted(got) == sorted(Path(p).read_bytes() for p, _ in ImageFolder(str(folder / "train")).samples)
+
+
 def test_bad_shards_named(packed, tmp_path):
     from vitlab.data.streaming import ShardError, check_packed
 
@@ -162,12 +205,32 @@ def test_format_bench_tiny(tmp_path, capsys):
     workers) row with images per wall- and CPU-second, the packed copy made once beside the folder."""
     from vitlab.tools.bench.cli import main
 
-    main(["--loader", "imagenet", "--format", "folder", "litdata", "--workers", "0", "--images", "4",
-          "--dataset-images", "8", "--image-size", "48", "36", "--data-dir", str(tmp_path), "--gpu-decode"])
+    main(["--loader", "imagenet", "--format", "folder", "litdata", "--workers", "1", "--images", "4",
+          "--dataset-images", "8", "--image-size", "48", "36", "--data-dir", str(tmp_path), "--gpu-decode",
+          "--model", "pvt_v2_b0", "--input", "32", "32", "--batch", "1", "--steps", "1", "--warmup", "0",
+          "--rounds", "1"])
     out = capsys.readouterr().out
-    rows = [line.split() for line in out.splitlines() if line.startswith(("deit", "gpu_decode"))]
+    table, needed = out.split("\nmodel=pvt_v2_b0")
+    rows = [line.split() for line in table.splitlines() if line.startswith(("deit", "gpu_decode"))]
     assert len(rows) == 8  # 2 pipelines x 2 caches x 2 formats x 1 worker count
     assert {(r[0], r[1], r[2]) for r in rows} == {(p, c, f) for p in ("deit", "gpu_decode")
                                                  for c in ("cold", "warm") for f in ("folder", "litdata")}
     assert all(int(r[4]) == 4 and float(r[5]) > 0 and float(r[6]) > 0 for r in rows)
     assert (tmp_path / "bench" / "imagenet_48x36_8_litdata" / "vitlab_pack.json").exists()
+    # --model: the model's training images/s here, and per pipeline, format and cache the workers that feed it
+    model_ips = float(needed.split(": ")[1].split()[0])
+    assert model_ips > 0 and "NOT A GPU FIGURE" in needed
+    workers = [line.split() for line in needed.splitlines() if line.startswith(("deit", "gpu_decode"))]
+    per_cpu = {(r[0], r[1], r[2]): float(r[6]) for r in rows}
+    assert len(workers) == 8
+    for w in workers:  # ceil(model images/s / loader images per CPU-second), from the printed (rounded) figures
+        need = model_ips / per_cpu[w[0], w[1], w[2]]
+        assert need * 0.99 <= int(w[5]) < need * 1.01 + 1
+
+
+def test_workers_needed_takes_the_most_workers_timed():
+    from vitlab.data.throughput import FormatRow, workers_needed
+
+    rows = [FormatRow("litdata", "deit", "warm", n, 100, wall, cpu) for n, wall, cpu in
+            ((0, 1.0, 0.2), (1, 1.0, 0.5), (2, 1.0, 0.4))]  # 500, 200 and 250 images per CPU-second
+    assert workers_needed(rows, 1000.0) == [("deit", "litdata", "warm", 2, 250.0, 4)]

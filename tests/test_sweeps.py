@@ -9,7 +9,7 @@ import pytest
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from support import REPO, hydra_command
+from support import REPO, run_script
 from vitlab.runtime.flops import count_params
 from vitlab.tools import paper, plan
 from vitlab.tools.zoo import build_for_count
@@ -70,7 +70,7 @@ def test_sweep_preset_expands_to_its_table_rows(preset):
 def test_sweep_preset_runs_every_row(family, tmp_path, data_dir):
     args = RUN_END_TO_END[family]
     preset = args[0].removeprefix("+sweep=")
-    hydra_command("train.py", ["-m", *args, *SMOKE, f"hydra.sweep.dir={tmp_path}"], data_dir)
+    run_script("train.py", ["-m", *args, *SMOKE, f"hydra.sweep.dir={tmp_path}"], data_dir)
     summaries = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/summary.json"))]
     assert len(summaries) == expected_rows(preset)
     settings = {tuple(sorted(o for o in s["overrides"] if o not in SMOKE)) for s in summaries}

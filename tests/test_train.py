@@ -54,17 +54,24 @@ def test_learns_and_eval_rebuilds_from_checkpoint_alone(tmp_path, train_run, eva
     assert evaluated["val/top1"] == pytest.approx(summary["val/top1"], abs=1e-6)
 
 
-def test_compiled_run_matches_eager_and_saves_eager_keys(tmp_path, train_run):
+def test_compiled_run_matches_eager_and_saves_eager_keys(tmp_path, data_dir):
     """module.compile=<backend>: the backbone is compiled in place (dynamo traces graphs), training gives
     the eager run's results, and the checkpoint has the eager model's keys (no ``_orig_mod.``), so it
     serves eval.py and backbone.pretrained= like any other. aot_eager: dynamo + AOTAutograd without a
     C++ compiler, seconds on the CPU (inductor is what ``true`` selects)."""
     from torch._dynamo.utils import counters
 
-    common = [*FAST, "schedule.epochs=1", "data.synthetic_classes=4"]
-    eager = train_run(tmp_path / "eager", *common)
+    from vitlab.runtime.config import compose
+    from vitlab.runtime.run import train
+
+    def run(name: str, *overrides: str) -> dict:  # in this process: dynamo's counters are read here
+        return train(compose("train", [*FAST, "schedule.epochs=1", "data.synthetic_classes=4", *overrides,
+                                       f"paths.output_dir={tmp_path / name}", f"paths.root_dir={tmp_path}",
+                                       f"paths.data_dir={data_dir}"]))
+
+    eager = run("eager")
     counters.clear()
-    compiled = train_run(tmp_path / "compiled", *common, "module.compile=aot_eager")
+    compiled = run("compiled", "module.compile=aot_eager")
     assert counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
     assert compiled["val/top1"] == pytest.approx(eager["val/top1"], abs=1e-6)
     a = torch.load(tmp_path / "eager" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 import torchvision.transforms.v2.functional as TF2
 from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_interp_mode
-from torch.utils.data import default_collate
+from torch.utils.data import default_collate, get_worker_info
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 
 from vitlab.data.base import CorruptImageError, ImageBatch
@@ -51,8 +51,11 @@ def collate_bytes(batch) -> ImageBatch:
     kept = [b for b in batch if b is not None]
     data = [d for d, _ in kept]
     targets = default_collate([t for _, t in kept]) if kept else torch.zeros(0, dtype=torch.long)
-    images = JpegBytes(torch.cat(data) if data else torch.zeros(0, dtype=torch.uint8),
-                       torch.tensor([len(d) for d in data], dtype=torch.long))
+    lengths = torch.tensor([len(d) for d in data], dtype=torch.long)
+    out = torch.empty(0, dtype=torch.uint8)
+    if data and get_worker_info() is not None:  # as default_collate: in a worker, straight into shared memory
+        out = out.new(torch.UntypedStorage._new_shared(int(lengths.sum())))  # (one copy, not two)
+    images = JpegBytes(torch.cat(data, out=out) if data else out, lengths)
     return ImageBatch(images, targets, torch.tensor(len(batch) - len(kept)))
 
 

@@ -19,6 +19,7 @@ timed here on the CPU: on a GPU it costs far less) as its own row.
 """
 from __future__ import annotations
 
+import math
 import os
 import resource
 import statistics
@@ -190,6 +191,8 @@ def time_loader(root: Path, fmt: str, workers: int, images: int, batch: int, gpu
                             seed=seed, **extra)
     dm.setup("fit")
     loader = dm.train_dataloader()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a loader worker (with workers=0 this process does their work)
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
     seen = 0
     it = iter(loader)
@@ -200,7 +203,9 @@ def time_loader(root: Path, fmt: str, workers: int, images: int, batch: int, gpu
             break
     wall = time.perf_counter() - t0
     del it, loader  # the workers end and are joined here: their CPU time counts from now on
-    return wall, _cpu_seconds() - cpu0, seen
+    cpu = _cpu_seconds() - cpu0
+    torch.set_num_threads(threads)
+    return wall, cpu, seen
 
 
 def format_bench(dataset_images: int = 20_000, images: int = 1_000, formats=("folder", "litdata"),
@@ -241,4 +246,25 @@ def format_rows_table(rows: list[FormatRow]) -> str:
         ratio = "-" if ref is None or ref is r else f"{r.per_cpu_s / ref.per_cpu_s:.2f}x"
         lines.append(f"{r.pipeline:<11} {r.cache:<5} {r.format:<8} {r.workers:>7} {r.images:>7} "
                      f"{r.per_wall_s:>11.1f} {r.per_cpu_s:>10.1f} {ratio:>16}")
+    return "\n".join(lines)
+
+
+def workers_needed(rows: list[FormatRow], model_ips: float) -> list[tuple[str, str, str, int, float, int]]:
+    """(pipeline, format, cache, workers timed, loader images per CPU-second, loader workers needed) per
+    pipeline, format and cache: a training run that takes ``model_ips`` images/s needs
+    ``ceil(model_ips / images per CPU-second)`` loader workers, each one core busy (the figure of the
+    most workers timed, whose CPU includes the main process's share of the loading)."""
+    best = {}
+    for r in rows:
+        key = (r.pipeline, r.format, r.cache)
+        if r.workers >= 1 and (key not in best or r.workers > best[key].workers):
+            best[key] = r
+    return [(*key, r.workers, r.per_cpu_s, math.ceil(model_ips / r.per_cpu_s)) for key, r in best.items()]
+
+
+def format_workers_table(needed: list[tuple], model_ips: float) -> str:
+    head = f"{'pipeline':<11} {'cache':<5} {'format':<8} {'timed at':>8} {'img/CPU-s':>10} {'workers for ' + format(model_ips, '.1f') + ' img/s':>24}"
+    lines = [head, "-" * len(head)] + ([] if needed else ["(no run with loader workers timed: --workers 1 2)"])
+    for pipeline, fmt, cache, timed, per_cpu, n in needed:
+        lines.append(f"{pipeline:<11} {cache:<5} {fmt:<8} {timed:>8} {per_cpu:>10.1f} {n:>24}")
     return "\n".join(lines)

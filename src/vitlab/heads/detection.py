@@ -6,7 +6,8 @@ Both detectors take a list of float images in [0, 1] (any sizes) and, in trainin
 targets with ``boxes`` (XYXY), ``labels`` in ``0..num_classes-1`` (and ``masks``).
 Evaluation returns torchvision's detections (``boxes``, ``scores``, ``labels`` in the
 same ``0..num_classes-1`` range, Mask R-CNN also ``masks`` N x 1 x H x W probabilities),
-in the coordinates of the image that was passed in.
+in the coordinates of the image that was passed in; inside ``roi_masks()`` the masks stay
+Mask R-CNN's N x 1 x 28 x 28 RoI masks over their boxes (the COCO evaluation pastes them itself).
 
 Decisions:
 
@@ -392,10 +393,23 @@ def _check_choice(value: str, allowed: tuple[str, ...], key: str) -> str:
 
 
 class PreResizedTransform(GeneralizedRCNNTransform):
-    """Normalise and pad only: the DataModule has already resized images, boxes and masks."""
+    """Normalise and pad only: the DataModule has already resized images, boxes and masks.
+    ``paste_masks = False`` (``_Detector.roi_masks``) leaves Mask R-CNN's RoI masks unpasted."""
+
+    paste_masks = True
 
     def resize(self, image, target=None):
         return image, target
+
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        if self.paste_masks or self.training:
+            return super().postprocess(result, image_shapes, original_image_sizes)
+        masks = [pred.pop("masks", None) for pred in result]
+        result = super().postprocess(result, image_shapes, original_image_sizes)
+        for pred, m in zip(result, masks):
+            if m is not None:
+                pred["masks"] = m
+        return result
 
 
 class _Detector(nn.Module):
@@ -421,6 +435,20 @@ class _Detector(nn.Module):
         for det in out:
             det["labels"] = det["labels"] - self.label_offset
         return out
+
+    @contextmanager
+    def roi_masks(self):
+        """Detections carry Mask R-CNN's RoI masks (N x 1 x M x M probabilities, each over its box)
+        instead of masks pasted on the whole image: the caller pastes them at the size it needs (the
+        COCO evaluation straight at the original image size, box by box)."""
+        transforms = [m for m in self.modules() if isinstance(m, PreResizedTransform)]
+        for t in transforms:
+            t.paste_masks = False
+        try:
+            yield self
+        finally:
+            for t in transforms:
+                t.paste_masks = True
 
     def detect_and_losses(self, images: list[torch.Tensor], targets: list[dict]) -> tuple[list[dict], dict]:
         """Detections (evaluation mode) and the training losses of the same images, for validation.

@@ -88,6 +88,7 @@ class LastCheckpoint(Checkpoint):
         self.max_requeues = max_requeues
         self._signalled: str | None = None
         self._saved_step = -1
+        self._outer_handlers: dict | None = None  # the process's handlers before fit, put back after it
 
     @property
     def path(self) -> str:
@@ -98,8 +99,18 @@ class LastCheckpoint(Checkpoint):
 
     def _install(self) -> None:
         if threading.current_thread() is threading.main_thread():
+            if self._outer_handlers is None:
+                self._outer_handlers = {name: signal.getsignal(getattr(signal, name)) for name in self.signals}
             for name in self.signals:
                 signal.signal(getattr(signal, name), self._handle)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        # a run called from Python (``vitlab.runtime.run.train`` in a notebook, a test) leaves the
+        # caller's handlers as they were
+        if stage == "fit" and self._outer_handlers is not None:
+            for name, handler in self._outer_handlers.items():
+                signal.signal(getattr(signal, name), handler)
+            self._outer_handlers = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":

@@ -4,8 +4,10 @@ The detector is ``module.head`` (a ``_target_`` in ``vitlab.heads``: RetinaNet, 
 R-CNN, ATSS, GFL, Sparse R-CNN, DETR; those with ``with_masks`` also report mask AP), built
 with the backbone, the dataset's class count and its normalisation statistics). Metrics are
 ``CocoEvaluator`` (faster-coco-eval's COCOeval, equal to pycocotools'),
-on the original image sizes, crowd regions marked ``iscrowd``, with per-class AP. ``write_results``
-writes the last validation's detections as a COCO results JSON.
+on the original image sizes, crowd regions marked ``iscrowd``, with per-class AP. Masks come from
+the detector's RoI masks, pasted at the original size and encoded box by box
+(``detections_to_original``): no full-size mask is made. ``write_results`` writes the last
+validation's detections as a COCO results JSON.
 
 Validation loss (``val_loss: true``): torchvision's detectors compute their losses in training mode
 only, so validation runs the detector's training-mode part a second time on the same images and
@@ -16,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import multiprocessing
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from torch import nn
 from torchmetrics import MeanMetric
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks, paste_masks_in_image
 from torchvision.models.detection.transform import resize_boxes
 
 from vitlab.data.base import DatasetInfo, DetectionBatch, PredictBatch
@@ -62,9 +67,9 @@ class CocoEvaluator:
         self.results: list[dict] = []
 
     def update(self, pred: dict, target: dict, image_id: int) -> list[dict]:
-        """One image: ``pred`` (boxes xyxy, labels, scores, masks N x H x W) and ``target`` (boxes,
-        labels, iscrowd, area, masks) on the original image of ``target["orig_size"]`` (H, W).
-        Returns the image's results entries."""
+        """One image: ``pred`` (boxes xyxy, labels, scores, and RLEs ``segmentation`` from
+        ``detections_to_original`` or masks N x H x W) and ``target`` (boxes, labels, iscrowd, area,
+        masks) on the original image of ``target["orig_size"]`` (H, W). Returns the image's results entries."""
         height, width = (int(v) for v in target["orig_size"])
         self.images.append({"id": image_id, "height": height, "width": width})
         entries = coco_results(pred, self.category_ids, image_id=image_id)
@@ -95,35 +100,74 @@ class CocoEvaluator:
     def compute(self) -> dict[str, float | list[float]]:
         """``{iou_type}_{key}`` for the 12 COCO numbers (fractions; -1 where COCOeval has none) and
         ``{iou_type}_ap_per_class`` / ``{iou_type}_ar100_per_class`` (one per category id, in order;
-        -1: no ground truth of that class)."""
+        -1: no ground truth of that class). With masks and a second core, the mask evaluation runs in
+        a forked process while this one evaluates the boxes: the two share nothing, each takes tens of
+        seconds on COCO val, and a fork reads the entries without copying or pickling them."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1  # elsewhere than Linux: one process
+        if len(self.iou_types) == 1 or not self.images or cores < 2:
+            return {k: v for iou_type in self.iou_types for k, v in self.evaluate(iou_type).items()}
+        context = multiprocessing.get_context("fork")
+        receive, send = context.Pipe(duplex=False)
+        child = context.Process(target=self._evaluate_to, args=("segm", send), daemon=True)
+        child.start()
+        send.close()
+        out = self.evaluate("bbox")
+        try:
+            segm = receive.recv()
+        except EOFError:  # the process died without a word (killed: out of memory?)
+            segm = RuntimeError(f"the mask evaluation's process ended with exit code {child.exitcode}")
+        finally:
+            child.join()
+        if isinstance(segm, BaseException):
+            raise segm
+        return {**out, **segm}
+
+    def _evaluate_to(self, iou_type: str, send) -> None:
+        """In the forked process: ``evaluate(iou_type)`` (or its error) sent back."""
+        try:
+            send.send(self.evaluate(iou_type))
+        except BaseException as error:  # the parent raises it
+            send.send(error)
+
+    def evaluate(self, iou_type: str) -> dict[str, float | list[float]]:
+        """One IoU type's ``compute`` entries (faster-coco-eval's COCOeval over every image)."""
         from faster_coco_eval import COCO, COCOeval_faster
+        from faster_coco_eval.core import mask as coco_mask
 
         out: dict = {}
         cats = [{"id": c, "name": str(c)} for c in self.category_ids]
-        for iou_type in self.iou_types:
-            if not self.images:
-                out.update({f"{iou_type}_{k}": -1.0 for k in MAP_KEYS})
-                out[f"{iou_type}_ap_per_class"] = out[f"{iou_type}_ar100_per_class"] = [-1.0] * len(cats)
-                continue
-            # each type's own geometry only (as mmdet's CocoMetric): with both, loadRes would take a
-            # segm detection's area from its box; copies, as loadRes writes into the entries
-            drop = "segmentation" if iou_type == "bbox" else "bbox"
-            gt = COCO({"images": self.images, "categories": cats,
-                       "annotations": [{k: v for k, v in a.items() if k != drop} for a in self.ground_truth]})
-            dets = [{k: v for k, v in r.items() if k != drop} for r in self.results]
-            with contextlib.redirect_stdout(io.StringIO()):  # COCOeval prints its summary table
-                # no detections at all (an early, untrained detector): AP 0 where there is ground truth
-                dt = gt.loadRes(dets) if dets else COCO({"images": self.images, "annotations": [], "categories": cats})
-                ev = COCOeval_faster(gt, dt, iou_type)
-                ev.params.catIds = self.category_ids  # every category, in our label order
-                ev.evaluate()
-                ev.accumulate()
-                ev.summarize()
-            out.update({f"{iou_type}_{k}": float(v) for k, v in zip(MAP_KEYS, ev.stats)})
-            precision = np.asarray(ev.eval["precision"])[:, :, :, 0, -1]  # T x R x K, all areas, 100 dets
-            recall = np.asarray(ev.eval["recall"])[:, :, 0, -1]  # T x K
-            out[f"{iou_type}_ap_per_class"] = [_mean_valid(precision[:, :, k]) for k in range(len(cats))]
-            out[f"{iou_type}_ar100_per_class"] = [_mean_valid(recall[:, k]) for k in range(len(cats))]
+        if not self.images:
+            out.update({f"{iou_type}_{k}": -1.0 for k in MAP_KEYS})
+            out[f"{iou_type}_ap_per_class"] = out[f"{iou_type}_ar100_per_class"] = [-1.0] * len(cats)
+            return out
+        # each type's own geometry only (as mmdet's CocoMetric): with both, loadRes would take a
+        # segm detection's area from its box; copies, as loadRes writes into the entries
+        drop = "segmentation" if iou_type == "bbox" else "bbox"
+        gt = COCO({"images": self.images, "categories": cats,
+                   "annotations": [{k: v for k, v in a.items() if k != drop} for a in self.ground_truth]})
+        dets = [{k: v for k, v in r.items() if k != drop} for r in self.results]
+        if not dets:  # none at all (an early, untrained detector): AP 0 where there is ground truth
+            dt = COCO({"images": self.images, "annotations": [], "categories": cats})
+        elif iou_type == "segm":
+            # loadRes' own work for masks (each mask's area and box, as it computes them), for all masks
+            # in one call each rather than two calls per detection: a third of the mask evaluation
+            rles = [d["segmentation"] for d in dets]
+            for k, (d, area, box) in enumerate(zip(dets, coco_mask.area(rles), coco_mask.toBbox(rles)), 1):
+                d.update(area=area, bbox=box, id=k, iscrowd=0)
+            dt = COCO({"images": self.images, "annotations": dets, "categories": cats})
+        with contextlib.redirect_stdout(io.StringIO()):  # COCOeval prints its summary table
+            if iou_type == "bbox" and dets:
+                dt = gt.loadRes(dets)
+            ev = COCOeval_faster(gt, dt, iou_type)
+            ev.params.catIds = self.category_ids  # every category, in our label order
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        out.update({f"{iou_type}_{k}": float(v) for k, v in zip(MAP_KEYS, ev.stats)})
+        precision = np.asarray(ev.eval["precision"])[:, :, :, 0, -1]  # T x R x K, all areas, 100 dets
+        recall = np.asarray(ev.eval["recall"])[:, :, 0, -1]  # T x K
+        out[f"{iou_type}_ap_per_class"] = [_mean_valid(precision[:, :, k]) for k in range(len(cats))]
+        out[f"{iou_type}_ar100_per_class"] = [_mean_valid(recall[:, k]) for k in range(len(cats))]
         return out
 
 
@@ -133,22 +177,132 @@ def _mean_valid(values: np.ndarray) -> float:
     return float(valid.mean()) if valid.size else -1.0
 
 
+def detections_to_original(det: dict, image_size, orig_size, rle: bool = False) -> dict:
+    """A detector's output on the (resized) network input -> the original image, where COCO's ground
+    truth lives: boxes rescaled; RoI masks (``_Detector.roi_masks``) pasted straight at the original
+    size as torchvision's ``paste_masks_in_image`` does, as RLEs (``rle``: ``segmentation``, the
+    evaluation's form, never making full-size masks) or N x H x W bool ``masks``."""
+    orig_size = tuple(int(v) for v in orig_size)
+    boxes = resize_boxes(det["boxes"], tuple(image_size), orig_size)
+    out = {"boxes": boxes, "scores": det["scores"], "labels": det["labels"]}
+    if "masks" in det:
+        if rle:
+            out["segmentation"] = paste_masks_rle(det["masks"], boxes, orig_size)
+        else:
+            out["masks"] = paste_masks_in_image(det["masks"], boxes, orig_size)[:, 0] > 0.5
+    return out
+
+
+def paste_masks_rle(masks: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], threshold: float = 0.5) -> list[dict]:
+    """Mask R-CNN's RoI masks (N x 1 x M x M probabilities) pasted into their boxes (N x 4 xyxy) on an
+    image of ``size`` (H, W) and thresholded, as COCO RLEs: byte-equal to ``pycocotools.mask.encode`` of
+    torchvision's ``paste_masks_in_image(masks, boxes, size)[:, 0] > threshold`` (tested), without
+    making the full-size masks: each mask is resized to its box as torchvision does (its padding, box
+    expansion and the same ``F.interpolate``) and encoded from the part inside the image
+    (``crops_to_rle``). torchvision pastes each mask on a zeroed full image and pycocotools encodes whole
+    images: 100 full-size masks per image made that the dominant cost of validating Mask R-CNN."""
+    height, width = size
+    crops, corners = [], []
+    with one_thread():
+        masks, scale = expand_masks(masks.detach().float().cpu(), padding=1)
+        boxes = expand_boxes(boxes.detach().float().cpu(), scale).to(torch.int64).tolist()
+        for mask, (x0, y0, x1, y1) in zip(masks, boxes):
+            local = F.interpolate(mask[None], size=(max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1)),
+                                  mode="bilinear", align_corners=False)[0, 0].numpy()
+            top, left = max(y0, 0), max(x0, 0)
+            bottom, right = max(min(y1 + 1, height), top), max(min(x1 + 1, width), left)
+            crops.append(local[top - y0:bottom - y0, left - x0:right - x0])
+            corners.append((top, left))
+    return crops_to_rle(crops, corners, size, threshold)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch's intra-op threads off for a while: each box's resize is too small to share, yet torch
+    starts its thread team for it, which made the pasting 10x slower on two busy cores (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def encode_masks(masks: torch.Tensor) -> list[dict]:
+    """N x H x W masks -> COCO RLEs, byte-equal to ``pycocotools.mask.encode`` (tested): each mask
+    encoded from its bounding crop (``crops_to_rle``), which spares pycocotools' column-major copy of
+    every whole image."""
+    masks = masks.detach().cpu().numpy().astype(bool, copy=False)
+    rows, cols = masks.any(2), masks.any(1)  # N x H, N x W: where each mask has pixels
+    top, bottom = rows.argmax(1), rows.shape[1] - rows[:, ::-1].argmax(1)
+    left, right = cols.argmax(1), cols.shape[1] - cols[:, ::-1].argmax(1)
+    bottom, right = np.where(rows.any(1), bottom, top), np.where(rows.any(1), right, left)  # empty: 0 x 0
+    crops = [m[t:b, l:r] for m, t, b, l, r in zip(masks, top.tolist(), bottom.tolist(), left.tolist(), right.tolist())]
+    return crops_to_rle(crops, list(zip(top.tolist(), left.tolist())), masks.shape[1:])
+
+
+def crops_to_rle(crops: list[np.ndarray], corners: list[tuple[int, int]], size: tuple[int, int],
+                 threshold: float | None = None) -> list[dict]:
+    """Crops (h x w, each inside the image; boolean, or values above ``threshold`` set) placed at
+    ``corners`` (top, left) on an otherwise empty image of ``size`` (H, W) -> COCO's compressed RLEs of
+    those images (the runs of the column-major image; pycocotools encodes whole images only, so the
+    runs are hand-made and pycocotools compresses them)."""
+    if not crops:
+        return []
+    height, width = (int(v) for v in size)
+    # every crop column-major with a zero row above and below, one after the other: a run of ones
+    # never crosses a column's end there, so the runs of all crops are found in one pass
+    heights = np.array([c.shape[0] + 2 for c in crops], dtype=np.int64)
+    widths = np.array([c.shape[1] for c in crops], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(heights * widths)])
+    flat = np.zeros(int(starts[-1]) + 1, dtype=bool)  # one more zero: every run ends inside
+    for crop, start, h, w in zip(crops, starts.tolist(), heights.tolist(), widths.tolist()):
+        if threshold is None:
+            flat[start:start + h * w].reshape(w, h)[:, 1:-1] = crop.T
+        else:
+            np.greater(crop.T, threshold, out=flat[start:start + h * w].reshape(w, h)[:, 1:-1])
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1  # starts and ends of the runs of ones, in turn
+    run_starts, run_ends = changes[0::2], changes[1::2]
+    det = np.searchsorted(starts, run_starts, side="right") - 1  # the crop of each run
+    top, left = np.array(corners, dtype=np.int64).reshape(-1, 2).T
+    column, row = np.divmod(run_starts - starts[det], heights[det])
+    run_ends = run_ends - run_starts  # lengths for a moment
+    run_starts = (left[det] + column) * height + top[det] + row - 1  # index in the column-major image
+    run_ends = run_starts + run_ends
+    # a crop as tall as the image: a run ending at a column's bottom goes on at the next one's top
+    joined = np.r_[False, (det[1:] == det[:-1]) & (run_starts[1:] == run_ends[:-1])]
+    run_starts, det, run_ends = run_starts[~joined], det[~joined], run_ends[np.r_[~joined[1:], True]]
+    previous_end = np.r_[0, run_ends[:-1]]
+    previous_end[np.r_[True, det[1:] != det[:-1]]] = 0  # a crop's first run follows zeros from 0
+    # the counts: (zeros, ones) per run, then the zeros after a crop's last run unless there are none
+    bounds = np.searchsorted(det, np.arange(len(crops) + 1))
+    tail = height * width - np.where(bounds[1:] > bounds[:-1], run_ends[bounds[1:] - 1], 0)
+    counts = np.insert(np.stack([run_starts - previous_end, run_ends - run_starts], 1).ravel(), 2 * bounds[1:], tail)
+    ends = 2 * bounds[1:] + np.arange(1, len(crops) + 1)  # where each crop's counts end, its tail included
+    keep = np.ones(len(counts), dtype=bool)
+    keep[ends - 1] = tail > 0
+    per_crop = np.split(counts[keep], np.cumsum(keep)[ends - 1][:-1])
+    return mask_utils.frPyObjects([{"size": [height, width], "counts": c} for c in per_crop], height, width)
+
+
 def coco_results(pred: dict, category_ids: list[int], image_id: int | None = None,
                  precise: bool = False) -> list[dict]:
-    """Detections on an original image -> COCO results entries (category ids, xywh boxes, RLE masks);
-    boxes and scores rounded as results files are written (``precise``: not rounded)."""
+    """Detections on an original image -> COCO results entries (category ids, xywh boxes, RLE masks:
+    ``segmentation`` RLEs as they are or ``masks`` N x H x W encoded); boxes and scores rounded as
+    results files are written (``precise``: not rounded)."""
     boxes = pred["boxes"].detach().cpu().double().clone()
     boxes[:, 2:] -= boxes[:, :2]  # xyxy -> COCO's xywh
-    rles = None
-    if "masks" in pred:
-        rles = mask_utils.encode(np.asfortranarray(pred["masks"].cpu().numpy().transpose(1, 2, 0), dtype=np.uint8))
+    rles = pred.get("segmentation")  # RLEs already (``detections_to_original``); else N x H x W masks
+    if rles is None and "masks" in pred:
+        rles = encode_masks(pred["masks"])
     entries = []
-    for k in range(len(boxes)):
+    scores, labels = pred["scores"].detach().cpu().float().tolist(), pred["labels"].tolist()
+    for k, box in enumerate(boxes.tolist()):
         entry = {} if image_id is None else {"image_id": image_id}
-        box, score = boxes[k].tolist(), float(pred["scores"][k])
+        score = scores[k]
         if not precise:
             box, score = [round(v, 2) for v in box], round(score, 4)
-        entry.update(category_id=category_ids[int(pred["labels"][k])], bbox=box, score=score)
+        entry.update(category_id=category_ids[int(labels[k])], bbox=box, score=score)
         if rles is not None:
             entry["segmentation"] = {"size": rles[k]["size"], "counts": rles[k]["counts"].decode("ascii")}
         entries.append(entry)
@@ -217,19 +371,6 @@ class DetectionTask(VitlabTask):
         return loss
 
     # ---- evaluation -----------------------------------------------------------------
-    def to_original_size(self, det: dict, image_size, orig_size) -> dict:
-        """Detections on the resized image -> the original image (where COCO's ground truth lives)."""
-        out = {"boxes": resize_boxes(det["boxes"], image_size, orig_size), "scores": det["scores"],
-               "labels": det["labels"]}
-        if "masks" in det:
-            masks = det["masks"]
-            if masks.numel():
-                masks = F.interpolate(masks, size=tuple(orig_size), mode="bilinear", align_corners=False)
-            else:
-                masks = masks.new_zeros((0, 1, *orig_size))
-            out["masks"] = masks[:, 0] > 0.5
-        return out
-
     def loss_target(self, tgt: dict, size) -> dict:
         """A validation target as training sees it: crowd regions dropped, boxes and masks resized to
         the network's input ``size``, boxes under a pixel dropped (training's SanitizeBoundingBoxes)."""
@@ -251,21 +392,26 @@ class DetectionTask(VitlabTask):
         images, targets = batch.images, batch.targets
         if not images:
             return
-        if self.compute_val_loss:
-            detections, losses = self.eval_model.detect_and_losses(
-                images, [self.loss_target(t, im.shape[-2:]) for im, t in zip(images, targets)])
-            for name, value in losses.items():
-                self.val_losses[name].update(value, weight=len(images))
-        else:
-            detections = self.eval_model(images)
+        with self.roi_masks():  # pasted at the original size below, box by box
+            if self.compute_val_loss:
+                detections, losses = self.eval_model.detect_and_losses(
+                    images, [self.loss_target(t, im.shape[-2:]) for im, t in zip(images, targets)])
+                for name, value in losses.items():
+                    self.val_losses[name].update(value, weight=len(images))
+            else:
+                detections = self.eval_model(images)
         for image, det, tgt in zip(images, detections, targets):
             orig = tuple(int(v) for v in tgt["orig_size"])
-            pred = self.to_original_size(det, image.shape[-2:], orig)
+            pred = detections_to_original(det, image.shape[-2:], orig, rle=True)
             gt = {k: torch.as_tensor(tgt[k]).as_subclass(torch.Tensor)
                   for k in ("boxes", "labels", "iscrowd", "area", "orig_size", *(("masks",) if self.with_masks else ()))}
             self.val_coco.update(pred, gt, int(tgt["image_id"]))
             if len(self._vis) < self.num_vis_images:
                 self._vis.append(self.draw(image, det, tgt, orig))
+
+    def roi_masks(self):
+        """The detector's masks left as RoI masks (N x 1 x M x M) while this is open (mask detectors)."""
+        return self.eval_model.roi_masks() if self.with_masks else contextlib.nullcontext()
 
     def panel(self, image: torch.Tensor, det: dict, title: str) -> Panel:
         """Detections (boxes xyxy, labels, scores, optional masks N x H x W) drawn on ``image``."""
@@ -280,9 +426,9 @@ class DetectionTask(VitlabTask):
         """Prediction (left) and ground truth (right) on the (resized) validation image."""
         keep = det["scores"] >= self.vis_score_thresh
         pred = {k: v[keep] for k, v in det.items()}
-        if "masks" in pred:
-            pred["masks"] = pred["masks"][:, 0] > 0.5
         size = tuple(image.shape[-2:])
+        if "masks" in pred:  # RoI masks, pasted on the shown image
+            pred["masks"] = paste_masks_in_image(pred["masks"], pred["boxes"], size)[:, 0] > 0.5
         gt = {"boxes": resize_boxes(tgt["boxes"].as_subclass(torch.Tensor).float(), orig, size), "labels": tgt["labels"]}
         if self.with_masks and len(tgt["masks"]):
             gt["masks"] = F.interpolate(tgt["masks"].as_subclass(torch.Tensor)[None].float(), size=size)[0] > 0
@@ -330,8 +476,10 @@ class DetectionTask(VitlabTask):
         """Detections scoring at least ``vis_score_thresh`` on the original image, as COCO results
         entries (xywh boxes, RLE masks) with their class names; the figure draws them."""
         records = []
-        for image, det, original in zip(batch.images, self.eval_model(batch.images), batch.originals):
-            pred = self.to_original_size(det, image.shape[-2:], original.shape[-2:])
+        with self.roi_masks():
+            detections = self.eval_model(batch.images)
+        for image, det, original in zip(batch.images, detections, batch.originals):
+            pred = detections_to_original(det, image.shape[-2:], original.shape[-2:])
             keep = pred["scores"] >= self.vis_score_thresh
             pred = {k: v[keep] for k, v in pred.items()}
             entries = coco_results(pred, self.category_ids)

@@ -125,8 +125,20 @@ def row_key(row: dict) -> str:
     return " ".join(parts)
 
 
+@lru_cache(maxsize=None)
+def _parsed_yaml(path: Path, mtime_ns: int):
+    # libyaml's loader where PyYAML has it: the paper tables are ~100 KB of YAML, parsed once per
+    # process (a sweep's plan looks a row up per job)
+    return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def read_yaml(path: Path):
+    """``path`` parsed (a fresh copy: callers may change it), read again only when the file changed."""
+    return copy.deepcopy(_parsed_yaml(path, path.stat().st_mtime_ns))
+
+
 def load_measured() -> dict[str, dict]:
-    return (yaml.safe_load(MEASURED_FILE.read_text()) or {}) if MEASURED_FILE.is_file() else {}
+    return (read_yaml(MEASURED_FILE) or {}) if MEASURED_FILE.is_file() else {}
 
 
 def paper_rows() -> list[dict]:
@@ -137,7 +149,7 @@ def paper_rows() -> list[dict]:
     for path in sorted(TABLES_DIR.glob("*.yaml")):
         if path.name == MEASURED_FILE.name:  # stored measurements, not a paper table
             continue
-        for row in yaml.safe_load(path.read_text()) or []:
+        for row in read_yaml(path) or []:
             row.setdefault("set", [])
             row.setdefault("task", None)
             row.setdefault("input", list(DEFAULT_INPUT))

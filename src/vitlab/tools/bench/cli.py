@@ -5,6 +5,7 @@
     python -m vitlab.tools.bench pvt_v2_b2 --device cuda --batch 64 --precision bf16-mixed --compile
     python -m vitlab.tools.bench pvt_v2_b2 --task maskrcnn --batch 1 --steps 1 --grad-checkpointing
     python -m vitlab.tools.bench --loader imagenet --fast-decode
+    python -m vitlab.tools.bench --loader imagenet --format folder litdata --model pvt_v2_b2 --precision bf16-mixed
 
 Models. Each name is ``vitlab.create_model(name)`` (1000 classes), or with ``--task`` the full
 dense model of ``task=coco_retinanet|coco_maskrcnn|ade20k_fpn|ade20k_upernet`` on that
@@ -46,7 +47,10 @@ Every extra row gets a ratio line: ``ours / timm`` and ``ours / ref`` (>1: ours 
 
 ``--loader imagenet|coco|ade20k`` times the training data pipeline instead (see
 ``vitlab.data.throughput``): decode + augmentation, images/s of one worker process; with
-``--format folder litdata`` the DataModule's training loader per data format, workers and page cache.
+``--format folder litdata`` the DataModule's training loader per data format, workers and page cache
+(workers 0: the loader in this process, no transfer between processes: the format's own cost);
+with ``--model NAME`` also that model's training images/s here and the loader workers it needs:
+ceil(model images/s / loader images per CPU-second), each worker one busy core.
 ``--eval coco|ade20k --images N [--masks]`` times the validation metric at full size
 (``vitlab.tools.eval_cost``): seconds and peak memory.
 """
@@ -61,6 +65,14 @@ from vitlab.tools.bench.measure import CLOCKS, PHASES, PRECISIONS, matmul_peak
 from vitlab.tools.bench.workloads import TASKS, task_data
 from vitlab.tools.bench.run import bench
 from vitlab.tools.bench.tables import format_table
+
+
+def check_model_args(p: argparse.ArgumentParser, args) -> None:
+    if args.precision == "16-mixed" and args.device == "cpu":
+        p.error("--precision 16-mixed on the CPU: torch has no fast fp16 matmul there (well under 1 GFLOP/s); "
+                "use --precision bf16-mixed, or --device cuda")
+    if args.clock == "cpu" and args.device != "cpu":
+        p.error("--clock cpu times CPU work; a CUDA step's time is the device's: use --clock wall")
 
 
 def main(argv=None) -> None:
@@ -101,6 +113,9 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="--format: loader workers to time")
     p.add_argument("--dataset-images", type=int, default=20_000, help="--format: size of the generated ImageNet")
     p.add_argument("--gpu-decode", action="store_true", help="--format: also time data.gpu_decode's worker part")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="--format: also time this model's training step (--device, --precision, --batch, --input, "
+                        "--steps, --rounds) and print the loader workers per device that feed it")
     p.add_argument("--eval", choices=["coco", "ade20k"], default=None,
                    help="time the validation metric at full size instead (vitlab.tools.eval_cost)")
     p.add_argument("--masks", action="store_true", help="--eval coco: boxes and masks")
@@ -127,6 +142,8 @@ def main(argv=None) -> None:
 
         print(run(args.eval, args.images, args.masks))
         return
+    if args.model and not (args.loader and args.format):
+        p.error("--model applies to --loader imagenet --format (the models to time are the positional names)")
     if args.loader and args.format:
         from vitlab.data.throughput import format_bench, format_rows_table
 
@@ -137,6 +154,18 @@ def main(argv=None) -> None:
         print(f"loader=imagenet dataset={args.dataset_images} images timed per run={args.images} "
               f"(one shuffled pass; CPU = this process + its workers; load average {os.getloadavg()[0]:.1f})")
         print(format_rows_table(rows))
+        if args.model:
+            check_model_args(p, args)
+            from vitlab.data.throughput import format_workers_table, workers_needed
+
+            model_ips = bench([args.model], args.batch or 8, args.input, False, args.device, args.steps, args.warmup,
+                              args.rounds, args.precision, phases=("train",), clock=args.clock)[0][0].train_ips
+            size = args.input or (224, 224)
+            print(f"\nmodel={args.model} train precision={args.precision} batch={args.batch or 8} "
+                  f"input={size[0]}x{size[1]} device={args.device}: {model_ips:.1f} images/s measured here"
+                  + ("" if args.device == "cuda" else " -- NOT A GPU FIGURE: the model ran on the CPU; on a GPU run "
+                     "this with --device cuda (workers = its images/s / the loader's images per CPU-second)"))
+            print(format_workers_table(workers_needed(rows, model_ips), model_ips))
         return
     if args.loader:
         from vitlab.data.throughput import format_loader_table, loader_bench
@@ -151,11 +180,7 @@ def main(argv=None) -> None:
         return
     if args.reference and len(args.reference) != len(args.names):
         p.error(f"--reference given {len(args.reference)} times for {len(args.names)} names: give one per name, in order")
-    if args.precision == "16-mixed" and args.device == "cpu":
-        p.error("--precision 16-mixed on the CPU: torch has no fast fp16 matmul there (well under 1 GFLOP/s); "
-                "use --precision bf16-mixed, or --device cuda")
-    if args.clock == "cpu" and args.device != "cpu":
-        p.error("--clock cpu times CPU work; a CUDA step's time is the device's: use --clock wall")
+    check_model_args(p, args)
     if args.task and args.compare_timm:
         p.error("--compare-timm times classifiers; it does not apply with --task")
     batch = args.batch or (2 if args.task else 8)
