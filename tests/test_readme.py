@@ -2,8 +2,10 @@
 
 Code-block commands run for real, in README order, in one directory (later commands read what
 earlier ones wrote, as a reader's would). Only what makes them fast or possible here is added:
-``debug=smoke data.synthetic=true`` for training, CPU instead of GPUs, SLURM's launcher swapped for
-submitit's local executor (the same code path without a cluster), small inputs for the benchmark.
+``debug=smoke data.synthetic=true`` for training (``debug=smoke`` alone where a command trains on a
+packed directory: the tiny generated dataset an earlier pack command packed), CPU instead of GPUs,
+SLURM's launcher swapped for submitit's local executor (the same code path without a cluster), small
+inputs for the benchmark.
 The smoke overrides change a run's directory name (its hash), so a later command's path to an
 earlier run is pointed at the directory that run really made. The paper tables' commands are
 expanded and composed without training (``vitlab.tools.plan``, in this process, with the same overrides).
@@ -50,6 +52,8 @@ def fast(command: str) -> str | None:
         return 'VITLAB_OUTPUT=$PWD/outputs VITLAB_DATA=$PWD/data make -C {repo} train ARGS="debug=smoke"'
     if command.startswith(("python src/train.py", "vitlab-train")):
         extra = list(SMOKE)
+        if "data.format=litdata" in command and "data.root=" in command:
+            extra = ["debug=smoke"]  # the packed directory an earlier pack command wrote, not generated data
         if "trainer=gpu" in command or "trainer=ddp" in command:
             extra += ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true",
                       "trainer.sync_batchnorm=false"]
@@ -69,6 +73,13 @@ def fast(command: str) -> str | None:
         make = ("from vitlab.data.synthetic import make_imagenet; import pathlib; "
                 "pathlib.Path('data/imagenet/train').exists() or "
                 "make_imagenet('data/imagenet', num_classes=2, num_train=2, num_val=1, size=32)")
+        return f'python -c "{make}" && {command} --shard-size 64KB --workers 1'
+    if command.startswith(("python -m vitlab.data.pack coco", "python -m vitlab.data.pack ade20k")):
+        kind = command.split()[3]  # the tiny generated dataset in its layout, if none yet
+        make = {"coco": "make_coco('data/coco', num_train=3, num_val=2, size=48)",
+                "ade20k": "make_ade20k('data/ade20k', num_train=3, num_val=2, size=48)"}[kind]
+        make = (f"from vitlab.data.synthetic_dense import make_{kind}; import pathlib; "
+                f"pathlib.Path('data/{kind}').exists() or {make}")
         return f'python -c "{make}" && {command} --shard-size 64KB --workers 1'
     if command.startswith("python -m vitlab.tools.bench --loader") and "--format" in command:
         command = re.sub(r"--(images|dataset-images) \d+", "", command)

@@ -16,6 +16,7 @@ Inference mode (whole / slide) and TTA belong to the task module.
 """
 from __future__ import annotations
 
+import io
 import os
 from functools import partial
 from pathlib import Path
@@ -32,9 +33,10 @@ from vitlab.errors import VitlabUserError
 from vitlab.data.base import (
     DatasetFacts,
     IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DatasetInfo, DatasetLayoutError, SegmentationBatch,
-    VitlabDataModule,
 )
 from vitlab.data.imagenet import load_rgb, read_header, read_problem, reading
+from vitlab.data.packing import file_bytes, open_manifest, pack_split
+from vitlab.data.streaming import PackableDataModule, PackedSplit, decode_rgb
 from vitlab.data.report import (
     EMPTY, LABEL_FORMAT, LABEL_IDS, LABEL_SIZE, MISSING, DataReport, check_all, skip_or_raise,
 )
@@ -69,9 +71,10 @@ class LabelMapError(VitlabUserError, ValueError):
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-def decode_label(path: Path) -> tuple[np.ndarray, str]:
-    """The label map's values and its PIL mode; errors as ``load_rgb``'s."""
-    with reading(path), Image.open(path) as f:
+def decode_label(path: Path | str, data: bytes | None = None) -> tuple[np.ndarray, str]:
+    """The label map's values and its PIL mode (from ``data``, the file's bytes, where given); errors
+    as ``load_rgb``'s, naming ``path``."""
+    with reading(path), Image.open(path if data is None else io.BytesIO(data)) as f:
         return np.asarray(f), f.mode
 
 
@@ -208,8 +211,8 @@ class ADE20KDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def read_label(self, path: Path, image_size: tuple[int, int]) -> torch.Tensor:
-        label, mode = decode_label(path)
+    def read_label(self, path: Path | str, image_size: tuple[int, int], data: bytes | None = None) -> torch.Tensor:
+        label, mode = decode_label(path, data)
         problem = label_format_problem(path, (label.shape[1], label.shape[0]), mode, image_size)
         problem = problem[1] if problem else label_ids_problem(path, label, self.num_classes, self.reduce_zero_label)
         if problem:
@@ -219,18 +222,41 @@ class ADE20KDataset(Dataset):
             label = torch.where((label == 0) | (label == IGNORE_INDEX), IGNORE_INDEX, label - 1)
         return label
 
-    def __getitem__(self, index: int):
+    def load(self, index: int) -> tuple[Image.Image, torch.Tensor, str]:
+        """Item ``index``'s decoded image, label map and file stem."""
         path = self.images[index]
+        pil = load_rgb(str(path))
+        return pil, self.read_label(self.label_dir / f"{path.stem}.png", pil.size), path.stem
+
+    def __getitem__(self, index: int):
         try:
-            pil = load_rgb(str(path))
-            label = self.read_label(self.label_dir / f"{path.stem}.png", pil.size)
+            pil, label, name = self.load(index)
         except (CorruptImageError, LabelMapError) as err:
             return skip_or_raise(err, self.skip_corrupt)
         image = tv_tensors.Image(TF.pil_to_tensor(pil))
         if self.train:
             image, label = self.transform(image, tv_tensors.Mask(label))
-            return image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor), path.stem
-        return self.transform(image).as_subclass(torch.Tensor), label, path.stem
+            return image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor), name
+        return self.transform(image).as_subclass(torch.Tensor), label, name
+
+
+class PackedADE20KDataset(ADE20KDataset):
+    """A split packed by ``python -m vitlab.data.pack ade20k`` (``data.format=litdata``): the same items
+    as ``ADE20KDataset`` over the folder layout, each image and its label map's bytes in one item."""
+
+    def __init__(self, split_dir: Path, transform, train: bool, num_classes: int = 150,
+                 reduce_zero_label: bool = True, skip_corrupt: bool = False):
+        self.items = PackedSplit(split_dir)
+        self.transform, self.train = transform, train
+        self.num_classes, self.reduce_zero_label, self.skip_corrupt = num_classes, reduce_zero_label, skip_corrupt
+        self.images = list(range(len(self.items)))  # item positions (debug=smoke keeps the first few)
+
+    def load(self, index: int) -> tuple[Image.Image, torch.Tensor, str]:
+        k = self.images[index]
+        item = self.items[k]
+        name = f"{self.items.split_dir} item {k} ({item['name']}"
+        pil = decode_rgb(item["image"], name + ")")
+        return pil, self.read_label(name + " label map)", pil.size, item["label"]), item["name"]
 
 
 def collate_train(batch) -> SegmentationBatch:
@@ -246,7 +272,7 @@ def collate_val(batch) -> SegmentationBatch:
                              torch.tensor(len(batch) - len(kept)))
 
 
-class ADE20KDataModule(VitlabDataModule):
+class ADE20KDataModule(PackableDataModule):
     # ADEChallengeData2016: 150 classes, 20,210 training images (median 683x512); FLOPs at the 512x512 crop
     FACTS = DatasetFacts(num_classes=150, train_images=20_210, image_size=(683, 512), flops_input=(512, 512),
                           train_input=(512, 512))
@@ -255,6 +281,10 @@ class ADE20KDataModule(VitlabDataModule):
         "  <root>/images/validation/*.jpg     <root>/annotations/validation/*.png\n"
         "  (root = .../ADEChallengeData2016; label PNGs: 0 = other/ignored, 1..150 classes)"
     )
+    pack_kind = "ade20k"
+
+    def pack(self, folder: Path, out: Path) -> None:
+        pack_ade20k(folder, out, shard_size="256KB", workers=1)
 
     def __init__(
         self,
@@ -267,6 +297,7 @@ class ADE20KDataModule(VitlabDataModule):
         skip_corrupt: bool = False,
         seed: int = 0,
         verify: str = "cheap",
+        format: str = "folder",
         num_classes: int = 150,
         reduce_zero_label: bool = True,
         img_scale: list[int] = (2048, 512),
@@ -285,7 +316,8 @@ class ADE20KDataModule(VitlabDataModule):
         synthetic_num_val: int = 24,
         synthetic_size: int = 128,
     ):
-        super().__init__(root, synthetic, synthetic_root, batch_size, num_workers, smoke, skip_corrupt, seed, verify)
+        super().__init__(root, synthetic, synthetic_root, batch_size, num_workers, smoke, skip_corrupt, seed, verify,
+                         format)
         if smoke:  # seconds-long runs: small crops and images
             img_scale = test_scale = (smoke_scale * 4, smoke_scale)
             crop_size = (smoke_scale, smoke_scale)
@@ -323,7 +355,9 @@ class ADE20KDataModule(VitlabDataModule):
     def check(self, full: bool = False) -> DataReport:
         """Every image has its label map (directory listings), both readable and of the same size
         (headers), label maps 8-bit single-channel; ``full`` decodes every image and label map and
-        checks the class ids (0..num_classes, 255 = ignored)."""
+        checks the class ids (0..num_classes, 255 = ignored). Packed: the manifest, indexes and shards."""
+        if self.format == "litdata":
+            return self.packed_report(full)
         base = self.dataset_dir(self.data_root())
         how = "full: every image and label map decoded" if full else \
             "cheap: listings and headers; data.verify=full decodes every file and checks the class ids"
@@ -383,18 +417,24 @@ class ADE20KDataModule(VitlabDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.val_set is not None:
             return
-        base = self.dataset_dir(self.data_root())
+        root = self.data_root()
         common = dict(num_classes=self.num_classes, reduce_zero_label=self.reduce_zero_label,
                       skip_corrupt=self.skip_corrupt)
-        self.val_set = ADE20KDataset(base, "validation", self.val_transform(), train=False, **common)
+        self.val_set = self.split_set(root, "validation", self.val_transform(), train=False, **common)
         if stage in (None, "fit"):
             train_tf = TrainTransform(self.img_scale, self.ratio_range, self.crop_size, self.cat_max_ratio,
                                       self.flip_prob, self.photometric, self.mean, self.std)
-            self.train_set = ADE20KDataset(base, "training", train_tf, train=True, **common)
+            self.train_set = self.split_set(root, "training", train_tf, train=True, **common)
         if self.smoke:
             for ds in (self.train_set, self.val_set):
                 if ds is not None:
                     ds.images = ds.images[: self.smoke_images]
+
+    def split_set(self, root: Path, split: str, transform, **kw) -> ADE20KDataset:
+        """One split: its folders in the release layout, or its packed split of the same name."""
+        if self.format == "litdata":
+            return PackedADE20KDataset(root / split, transform, **kw)
+        return ADE20KDataset(self.dataset_dir(root), split, transform, **kw)
 
     def train_dataloader(self) -> DataLoader:
         return self.make_loader(self.train_set, train=True, collate_fn=collate_train)
@@ -404,3 +444,29 @@ class ADE20KDataModule(VitlabDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+
+ADE20K_SPLITS = ("training", "validation")
+
+
+def _ade20k_item(source: tuple[str, str]) -> dict:
+    image, label = source
+    return {"name": Path(image).stem, "image": file_bytes(image), "label": file_bytes(label)}
+
+
+def pack_ade20k(root: str | Path, out: str | Path, shard_size: str = "256MB", workers: int = 1,
+                skip_corrupt: bool = False) -> dict:
+    """``python -m vitlab.data.pack ade20k``: each split's image / label-map pairs in file-name order, as
+    ``ADE20KDataset`` lists them (``--root``: ADEChallengeData2016 or the folder holding it)."""
+    root, out = Path(root), Path(out)
+    base = root / "ADEChallengeData2016" if (root / "ADEChallengeData2016").is_dir() else root
+    manifest = open_manifest(out, "ade20k")
+    for split in ADE20K_SPLITS:
+        if not (base / "images" / split).is_dir() or not (base / "annotations" / split).is_dir():
+            raise SystemExit(f"ADE20K not found: {base}/images/{split} and {base}/annotations/{split} are expected")
+        ds = ADE20KDataset(base, split, None, train=False, skip_corrupt=skip_corrupt)
+        sources = [(str(p), str(ds.label_dir / f"{p.stem}.png")) for p in ds.images]
+        pack_split(out, manifest, split, sources, _ade20k_item,
+                   lambda i, item, s=sources: None if item["name"] == Path(s[i][0]).stem else "another image",
+                   shard_size, workers)
+    return manifest

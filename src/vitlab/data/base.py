@@ -133,6 +133,7 @@ class MissingFileError(CorruptImageError):
 
 
 VERIFY_MODES = ("cheap", "full", "none")
+FORMATS = ("folder", "litdata")  # data.format: the dataset's own layout, or packed by python -m vitlab.data.pack
 
 
 @dataclass(frozen=True)
@@ -164,10 +165,14 @@ class VitlabDataModule(L.LightningDataModule):
         skip_corrupt: bool = False,
         seed: int = 0,
         verify: str = "cheap",
+        format: str = "folder",
     ):
         super().__init__()
         if verify not in VERIFY_MODES:
             raise ValueError(f"data.verify={verify!r}: expected one of {', '.join(VERIFY_MODES)}")
+        if format not in FORMATS:
+            raise ValueError(f"data.format={format!r}: expected one of {', '.join(FORMATS)}")
+        self.format = format
         self.root = root
         self.synthetic = synthetic
         self.synthetic_root = synthetic_root

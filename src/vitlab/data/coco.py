@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import tv_tensors
@@ -48,9 +49,10 @@ from vitlab.errors import VitlabUserError
 from vitlab.data.base import (
     DatasetFacts,
     IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DatasetInfo, DatasetLayoutError, DetectionBatch, EpochSampler,
-    VitlabDataModule,
 )
 from vitlab.data.imagenet import load_rgb, read_header, read_problem
+from vitlab.data.packing import file_bytes, keep_file, open_manifest, pack_split, save_manifest
+from vitlab.data.streaming import PackableDataModule, PackedSplit, decode_rgb, read_manifest
 from vitlab.data.report import (
     BAD_ANNOTATION_FILE, BAD_BOX, BAD_SEGMENTATION, BOX_OUTSIDE, CATEGORIES_DIFFER, CLIPPED_BOX, EMPTY, MISSING,
     SIZE_MISMATCH, UNKNOWN_CATEGORY, UNKNOWN_IMAGE, ZERO_AREA_BOX, DataReport, check_all, skip_or_raise,
@@ -171,6 +173,14 @@ def learnable(ann: dict) -> bool:
     return not ann.get("iscrowd", 0) and ann["bbox"][2] > 0 and ann["bbox"][3] > 0
 
 
+def annotation_mask(ann: dict, info: dict) -> np.ndarray:
+    """pycocotools' ``annToMask`` (polygons, compressed and uncompressed RLE) of one annotation of the
+    image ``info``: a COCO index holding that image alone (``annToMask`` reads the size from it)."""
+    coco = COCO()
+    coco.imgs[ann["image_id"]] = info
+    return coco.annToMask(ann)
+
+
 def image_problems(item: tuple[Path, dict, str], full: bool) -> list[tuple[str, str]]:
     """The image file of one ``images`` entry: readable (decoded with ``full``), of the listed size."""
     path, info, listed_in = item
@@ -247,7 +257,7 @@ class CocoDetectionDataset(Dataset):
                 if "segmentation" not in ann:
                     raise AnnotationError(f"{self.ann_file}: annotation id {ann['id']} has no segmentation")
                 try:  # pycocotools reads polygons, compressed and uncompressed RLE
-                    masks[k] = self.coco.annToMask(ann)
+                    masks[k] = annotation_mask(ann, info)
                 except Exception as err:
                     raise AnnotationError(
                         f"{self.ann_file}: annotation id {ann['id']} (image {info['file_name']}): "
@@ -256,21 +266,24 @@ class CocoDetectionDataset(Dataset):
             target["masks"] = tv_tensors.Mask(torch.from_numpy(masks))
         return target
 
-    def __getitem__(self, index: int):
-        image_id = self.ids[index]
-        info = self.coco.imgs[image_id]
+    def load(self, index: int) -> tuple[Image.Image, dict, list[dict], str]:
+        """Item ``index``'s decoded image, ``images`` entry and annotations, and the image's name in errors."""
+        info = self.coco.imgs[self.ids[index]]
         path = self.image_dir / info["file_name"]
+        return load_rgb(str(path)), info, self.coco.imgToAnns.get(info["id"], []), str(path)
+
+    def __getitem__(self, index: int):
         try:
-            pil = load_rgb(str(path))
+            pil, info, anns, name = self.load(index)
             if pil.size != (info["width"], info["height"]):
                 raise AnnotationError(
-                    f"{self.ann_file}: image id {image_id}: {path} is {pil.size[0]}x{pil.size[1]} but the JSON "
+                    f"{self.ann_file}: image id {info['id']}: {name} is {pil.size[0]}x{pil.size[1]} but the JSON "
                     f"says {info['width']}x{info['height']}"
                 )
         except (CorruptImageError, AnnotationError) as err:
             return skip_or_raise(err, self.skip_corrupt)
+        image_id = info["id"]
         image = tv_tensors.Image(TF.pil_to_tensor(pil))
-        anns = self.coco.imgToAnns.get(image_id, [])
         if self.train:  # crowd regions are ignored in training, and so are zero-area boxes (counted)
             anns = [a for a in anns if learnable(a)]
         target = self._target(info, anns)
@@ -281,6 +294,40 @@ class CocoDetectionDataset(Dataset):
         else:
             image = self.transforms(image)
         return image, target
+
+
+class PackedCocoDataset(CocoDetectionDataset):
+    """A split packed by ``python -m vitlab.data.pack coco`` (``data.format=litdata``): the same items
+    as ``CocoDetectionDataset`` over the folder layout. The annotations come with each image (checked
+    when packing); ``images.json`` beside the chunks gives the image filter and the aspect-ratio
+    groups without reading a chunk."""
+
+    def __init__(self, split_dir: Path, manifest: dict, transforms, train: bool, with_masks: bool,
+                 skip_corrupt: bool = False):
+        self.items, self.ann_file = PackedSplit(split_dir), Path(split_dir)
+        self.transforms, self.train, self.with_masks, self.skip_corrupt = transforms, train, with_masks, skip_corrupt
+        if with_masks and manifest["splits"][self.ann_file.name]["without_segmentation"]:
+            raise AnnotationError(f"{split_dir}: {manifest['splits'][self.ann_file.name]['without_segmentation']} "
+                                  f"annotations have no segmentation (data.with_masks=true needs one each)")
+        self.num_clipped = 0  # counted when packing
+        self.category_ids = [c for c, _ in manifest["categories"]]
+        self.label_of = {cat: i for i, cat in enumerate(self.category_ids)}
+        self.table = json.loads((self.ann_file / "images.json").read_text())["rows"]  # image id, w, h, learnable
+        self.ids = [k for k, row in enumerate(self.table) if not train or row[3]]  # item positions
+
+    def aspect_groups(self) -> list[int]:
+        return [int(self.table[k][1] < self.table[k][2]) for k in self.ids]
+
+    def load(self, index: int) -> tuple[Image.Image, dict, list[dict], str]:
+        k = self.ids[index]
+        item = self.items[k]
+        name = f"{self.ann_file} item {k} ({item['file_name']})"
+        try:
+            anns = json.loads(item["annotations"])
+        except ValueError as err:
+            raise CorruptImageError(f"{name}: its annotations cannot be read ({err})") from None
+        info = {key: item[key] for key in ("file_name", "width", "height")} | {"id": int(item["image_id"])}
+        return decode_rgb(item["jpeg"], name), info, anns, name
 
 
 class AspectRatioGroupedSampler(DistributedSampler):
@@ -325,7 +372,7 @@ def collate_detection(batch) -> DetectionBatch:
     return DetectionBatch([b[0] for b in kept], [b[1] for b in kept], torch.tensor(len(batch) - len(kept)))
 
 
-class CocoDataModule(VitlabDataModule):
+class CocoDataModule(PackableDataModule):
     # COCO 2017: 80 categories, 117,266 train2017 images with annotations, mostly 640x480
     FACTS = DatasetFacts(num_classes=80, train_images=117_266, image_size=(640, 480), flops_input=(800, 1280),
                           train_input=(800, 1333))
@@ -335,6 +382,10 @@ class CocoDataModule(VitlabDataModule):
         "  <root>/annotations/instances_train2017.json\n"
         "  <root>/annotations/instances_val2017.json"
     )
+    pack_kind = "coco"
+
+    def pack(self, folder: Path, out: Path) -> None:
+        pack_coco(folder, out, shard_size="256KB", workers=1)
 
     def __init__(
         self,
@@ -347,6 +398,7 @@ class CocoDataModule(VitlabDataModule):
         skip_corrupt: bool = False,
         seed: int = 0,
         verify: str = "cheap",
+        format: str = "folder",
         train_scales: list[int] = (800,),
         test_scale: int = 800,
         max_size: int = 1333,
@@ -363,7 +415,8 @@ class CocoDataModule(VitlabDataModule):
         synthetic_num_val: int = 24,
         synthetic_size: int = 160,
     ):
-        super().__init__(root, synthetic, synthetic_root, batch_size, num_workers, smoke, skip_corrupt, seed, verify)
+        super().__init__(root, synthetic, synthetic_root, batch_size, num_workers, smoke, skip_corrupt, seed, verify,
+                         format)
         if smoke:  # seconds-long runs: small images, few of them
             train_scales, test_scale, max_size = [smoke_scale], smoke_scale, smoke_scale * 5 // 3
         self.train_scales = list(train_scales)
@@ -394,6 +447,8 @@ class CocoDataModule(VitlabDataModule):
                 from vitlab.data.synthetic_dense import COCO_CATEGORIES
 
                 cats = sorted(COCO_CATEGORIES)
+            elif self.format == "litdata":  # the packed dataset's manifest keeps the val JSON's categories
+                cats = [tuple(c) for c in read_manifest(self.data_root(), "coco")["categories"]]
             else:
                 ann = self.data_root() / "annotations" / "instances_val2017.json"
                 cats = sorted((c["id"], c.get("name", str(c["id"]))) for c in load_coco_json(ann).dataset["categories"])
@@ -415,7 +470,9 @@ class CocoDataModule(VitlabDataModule):
     def check(self, full: bool = False) -> DataReport:
         """Both JSON files (every annotation: image, category, box), every listed image on disk
         (one directory listing per split) and its size from the file header; ``full`` decodes every
-        image (and, with masks, every segmentation)."""
+        image (and, with masks, every segmentation). Packed: the manifest, indexes and shards."""
+        if self.format == "litdata":
+            return self.packed_report(full)
         root = self.data_root()
         how = "full: every image decoded" if full else "cheap: listings, image headers, annotations; data.verify=full decodes every image"
         report = DataReport(f"COCO at {root} ({how})")
@@ -495,6 +552,27 @@ class CocoDataModule(VitlabDataModule):
             return
         root = self.data_root()
         ann = root / "annotations"
+        if self.format == "litdata":
+            self.setup_packed(root, stage)
+        else:
+            self.setup_folder(root, stage)
+        if tuple(self.val_set.category_ids) != self.info.category_ids:
+            raise AnnotationError(f"{ann}: the categories changed since the task was built")
+        if self.smoke:
+            for ds in (self.train_set, self.val_set):
+                if ds is not None:
+                    ds.ids = ds.ids[: self.smoke_images]
+
+    def setup_packed(self, root: Path, stage: str | None) -> None:
+        manifest = read_manifest(root, "coco")
+        common = dict(manifest=manifest, with_masks=self.with_masks, skip_corrupt=self.skip_corrupt)
+        self.val_set = PackedCocoDataset(root / "val2017", transforms=self.val_transforms(), train=False, **common)
+        if stage in (None, "fit"):
+            self.train_set = PackedCocoDataset(root / "train2017", transforms=self.train_transforms(), train=True,
+                                               **common)
+
+    def setup_folder(self, root: Path, stage: str | None) -> None:
+        ann = root / "annotations"
         self.val_set = CocoDetectionDataset(
             root / "val2017", ann / "instances_val2017.json", self.val_transforms(), train=False,
             with_masks=self.with_masks, clip_boxes=self.clip_boxes, skip_corrupt=self.skip_corrupt,
@@ -506,12 +584,6 @@ class CocoDataModule(VitlabDataModule):
             )
             if self.train_set.category_ids != self.val_set.category_ids:
                 raise AnnotationError(f"{ann}: train and val JSON list different categories")
-        if tuple(self.val_set.category_ids) != self.info.category_ids:
-            raise AnnotationError(f"{ann}: the categories changed since the task was built")
-        if self.smoke:
-            for ds in (self.train_set, self.val_set):
-                if ds is not None:
-                    ds.ids = ds.ids[: self.smoke_images]
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self.world()
@@ -528,3 +600,59 @@ class CocoDataModule(VitlabDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+
+COCO_SPLITS = ("train2017", "val2017")
+
+
+def _coco_item(source: tuple[str, dict, list[dict]]) -> dict:
+    path, info, anns = source
+    return {"image_id": info["id"], "file_name": info["file_name"], "width": info["width"],
+            "height": info["height"], "jpeg": file_bytes(path), "annotations": json.dumps(anns)}
+
+
+def pack_coco(root: str | Path, out: str | Path, shard_size: str = "256MB", workers: int = 1,
+              clip_boxes: bool = False, skip_corrupt: bool = False) -> dict:
+    """``python -m vitlab.data.pack coco``: each split's images in image-id order, with their annotations
+    as ``CocoDetectionDataset`` reads them (its checks, with these options); the val JSON kept as given."""
+    root, out = Path(root), Path(out)
+    sets = {}
+    for split in COCO_SPLITS:
+        ann_file, image_dir = root / "annotations" / f"instances_{split}.json", root / split
+        if not ann_file.is_file() or not image_dir.is_dir():
+            raise SystemExit(f"COCO not found: {ann_file} and {image_dir}/ are expected")
+        sets[split] = CocoDetectionDataset(image_dir, ann_file, None, train=False, with_masks=False,
+                                           clip_boxes=clip_boxes, skip_corrupt=skip_corrupt)
+    categories = [[c["id"], c.get("name", str(c["id"]))] for c in sorted(sets["val2017"].coco.dataset["categories"],
+                                                                          key=lambda c: c["id"])]
+    if sets["train2017"].category_ids != sets["val2017"].category_ids:
+        raise SystemExit(f"{root / 'annotations'}: the train and val JSON list different categories")
+    manifest = open_manifest(out, "coco", categories=categories)
+    manifest["options"] = {"clip_boxes": clip_boxes, "skip_corrupt": skip_corrupt}
+    for split, ds in sets.items():
+        sources, table, missing = [], [], 0
+        for image_id in ds.ids:
+            info, anns = ds.coco.imgs[image_id], ds.coco.imgToAnns.get(image_id, [])
+            path = ds.image_dir / info["file_name"]
+            if not path.is_file():
+                raise SystemExit(f"{path}: listed in {ds.ann_file.name} (image id {image_id}) but not on disk")
+            sources.append((str(path), info, anns))
+            table.append([image_id, info["width"], info["height"], sum(learnable(a) for a in anns)])
+            missing += sum("segmentation" not in a for a in anns)
+
+        def check(i, item, sources=sources):
+            _, info, anns = sources[i]
+            same = int(item["image_id"]) == info["id"] and len(json.loads(item["annotations"])) == len(anns)
+            return None if same else "image id or annotation count differs from the JSON"
+
+        def beside(order, table=table):
+            rows = [table[i] for i in order]
+            return {"images.json": json.dumps({"columns": ["image_id", "width", "height", "learnable"],
+                                               "rows": rows}, separators=(",", ":")).encode()}
+
+        pack_split(out, manifest, split, sources, _coco_item, check, shard_size, workers, beside,
+                   annotations=sum(len(s[2]) for s in sources), without_segmentation=missing)
+    keep_file(out, manifest, "annotations/instances_val2017.json",
+              (root / "annotations" / "instances_val2017.json").read_bytes())
+    save_manifest(out, manifest)
+    return manifest

@@ -31,12 +31,27 @@ from torchvision.datasets import ImageFolder
 from vitlab.data.base import (
     DatasetFacts,
     IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DatasetInfo, DatasetLayoutError, ImageBatch, MissingFileError,
-    VitlabDataModule,
 )
-from vitlab.data.folder_layout import IMG_EXTENSIONS, has_image_suffix, read_synset_names
+from vitlab.data.packing import file_bytes, open_manifest, pack_split
+from vitlab.data.streaming import PackableDataModule
 from vitlab.data.report import EMPTY, IGNORED_FILE, MISSING, UNDECODABLE, DataReport, check_all, skip_or_raise
 
-FORMATS = ("folder", "litdata")  # data.format: the folder layout, or packed by python -m vitlab.data.pack
+IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+
+
+def has_image_suffix(path: str) -> bool:
+    return path.lower().endswith(IMG_EXTENSIONS)
+
+
+def read_synset_names(root: Path, wnids: list[str]) -> list[str]:
+    """Readable class names from ImageNet's ``LOC_synset_mapping.txt`` ("n01440764 tench, Tinca tinca")
+    next to train/ (or one level up); the wnids themselves where there is none."""
+    for path in (root / "LOC_synset_mapping.txt", root.parent / "LOC_synset_mapping.txt"):
+        if path.is_file():
+            mapping = dict(line.split(" ", 1) for line in path.read_text().splitlines() if " " in line)
+            return [mapping.get(w, w).split(",")[0].strip() for w in wnids]
+    return list(wnids)
+
 
 _timm_posterize = auto_augment.posterize
 
@@ -174,7 +189,7 @@ class DistributedRepeatAugSampler(RepeatAugSampler, DistributedSampler):
         yield from super().__iter__()
 
 
-class ImageNetDataModule(VitlabDataModule):
+class ImageNetDataModule(PackableDataModule):
     # ImageNet-1K (ILSVRC 2012): 1000 classes, 1,281,167 training images (typically 500x375); FLOPs at 224
     FACTS = DatasetFacts(num_classes=1000, train_images=1_281_167, image_size=(500, 375), flops_input=(224, 224),
                           train_input=(224, 224))
@@ -182,6 +197,10 @@ class ImageNetDataModule(VitlabDataModule):
         "  <root>/train/<wnid>/*.JPEG   (one folder per class, e.g. n01440764)\n"
         "  <root>/val/<wnid>/*.JPEG     (the same class folders)"
     )
+    pack_kind = "imagenet"
+
+    def pack(self, folder: Path, out: Path) -> None:
+        pack_imagenet(folder, out, shard_size="256KB", workers=1)
 
     def __init__(
         self,
@@ -209,7 +228,8 @@ class ImageNetDataModule(VitlabDataModule):
         format: str = "folder",
         gpu_decode: bool = False,
     ):
-        super().__init__(root, synthetic, synthetic_root, batch_size, num_workers, smoke, skip_corrupt, seed, verify)
+        super().__init__(root, synthetic, synthetic_root, batch_size, num_workers, smoke, skip_corrupt, seed, verify,
+                         format)
         self.img_size = 32 if smoke else img_size
         self.crop_pct = crop_pct
         self.interpolation = interpolation
@@ -222,9 +242,6 @@ class ImageNetDataModule(VitlabDataModule):
         self.synthetic_classes = synthetic_classes
         self.synthetic_size = synthetic_size
         self.fast_decode = fast_decode
-        if format not in FORMATS:
-            raise ValueError(f"data.format={format!r}: expected one of {', '.join(FORMATS)}")
-        self.format = format
         if gpu_decode and (auto_augment or color_jitter):
             raise ValueError(f"data.gpu_decode=true decodes, crops and flips on the device; RandAugment / colour "
                              f"jitter have no device form (data.auto_augment={auto_augment!r}, data.color_jitter="
@@ -238,11 +255,6 @@ class ImageNetDataModule(VitlabDataModule):
         self._erasing: RandomErasing | None = None
 
     def check_layout(self, root: Path) -> None:
-        if self.format == "litdata":  # the manifest, indexes and shard sizes (no shard read)
-            from vitlab.data.streaming import check_packed
-
-            check_packed(root, "imagenet")
-            return
         for split in ("train", "val"):
             folder = root / split
             if not folder.is_dir():
@@ -261,16 +273,9 @@ class ImageNetDataModule(VitlabDataModule):
     def check(self, full: bool = False) -> DataReport:
         """Class folders and their images as ImageFolder finds them (``os.walk``: directory listings
         only, no file opened, fast on the 1.28M files of ImageNet); ``full`` decodes every image."""
-        root = self.data_root()
         if self.format == "litdata":
-            from vitlab.data.streaming import check_packed
-
-            how = "full: every shard hashed" if full else "cheap: indexes and shard sizes; data.verify=full hashes shards"
-            report = DataReport(f"ImageNet packed at {root} ({how})")
-            manifest = check_packed(root, "imagenet", full=full)
-            for split, written in manifest["splits"].items():
-                report.checked.append(f"{split}/: {written['images']} images in {len(written['chunks'])} shards")
-            return report
+            return self.packed_report(full)
+        root = self.data_root()
         how = "full: every image decoded" if full else "cheap: folder listings; data.verify=full decodes every image"
         report = DataReport(f"ImageNet at {root} ({how})")
         images = []
@@ -374,33 +379,6 @@ class ImageNetDataModule(VitlabDataModule):
     def eval_image_transform(self):
         return self.eval_transform()  # timm's, on the PIL image as ImageFolder decodes it
 
-    def generate_packed(self, folder: Path) -> Path:
-        """``synthetic`` with ``format=litdata``: the generated folder layout packed beside it, once."""
-        from vitlab.data.pack import pack_imagenet
-
-        packed = folder.parent / f"{folder.name}_litdata"
-        if not (packed / ".complete").exists():
-            # LitData's writer draws on (or seeds) the global RNGs: a run that packs would otherwise
-            # train differently from its re-run, which finds the pack made
-            states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-            pack_imagenet(folder, packed, shard_size="256KB", workers=1)
-            random.setstate(states[0]), np.random.set_state(states[1]), torch.set_rng_state(states[2])
-            (packed / ".complete").touch()
-        return packed
-
-    def data_root(self) -> Path:
-        if self.synthetic and self.format == "litdata":
-            self.format = "folder"  # generate and check the folder layout, then pack it
-            try:
-                folder = super().data_root()
-            finally:
-                self.format = "litdata"
-            return self.generate_packed(folder)
-        if self.format == "litdata":  # its errors name the shard and say how to pack; no folder layout help
-            self.check_layout(Path(self.root))
-            return Path(self.root)
-        return super().data_root()
-
     def setup(self, stage: str | None = None) -> None:
         root = self.data_root()
         if self.format == "litdata":
@@ -446,3 +424,29 @@ class ImageNetDataModule(VitlabDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self.make_loader(self.val_set, train=False, collate_fn=collate_skipping)
+
+
+def _imagenet_item(sample: tuple[str, int]) -> dict:
+    path, label = sample
+    return {"label": label, "jpeg": file_bytes(path)}
+
+
+def pack_imagenet(root: str | Path, out: str | Path, shard_size: str = "256MB", workers: int = 1) -> dict:
+    """``python -m vitlab.data.pack imagenet``: each split's images in ImageFolder's order (JPEG bytes,
+    label, index), the class folders and names in the manifest."""
+    root, out = Path(root), Path(out)
+    wnids = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    manifest = open_manifest(out, "imagenet", classes=wnids)
+    manifest["class_names"] = read_synset_names(root, wnids)
+    for split in ("train", "val"):
+        folder = ImageFolder(str(root / split), is_valid_file=has_image_suffix)
+        if folder.classes != wnids:
+            raise SystemExit(f"{root / split}: class folders differ from train/'s")
+        samples = folder.samples
+        counts = [0] * len(wnids)
+        for _, label in samples:
+            counts[label] += 1
+        pack_split(out, manifest, split, samples, _imagenet_item,
+                   lambda i, item: None if int(item["label"]) == samples[i][1] else "wrong label",
+                   shard_size, workers, label_counts=counts)
+    return manifest

@@ -9,8 +9,12 @@ bytes are decoded here exactly as the folder reader decodes files, so the augmen
 ``DatasetInfo`` are the same for both formats.
 
 ``check_packed`` runs before training: the manifest, each split's ``index.json`` and every chunk
-(present, of the size the index records; ``full``: its SHA-256 as written) - an error names the
-shard.
+(present, of the size the index records; ``full``: its SHA-256 as written), and the files kept
+beside the chunks (COCO's ``images.json`` tables and val JSON) likewise - an error names the shard
+or the file.
+
+``PackedSplit`` reads any packed split's items (dicts) by index: the COCO and ADE20K readers
+(``vitlab.data.coco.PackedCocoDataset``, ``vitlab.data.ade20k.PackedADE20KDataset``) build on it.
 """
 from __future__ import annotations
 
@@ -19,16 +23,19 @@ import io
 import itertools
 import json
 import os
+import random
 import struct
 from pathlib import Path
+from typing import ClassVar
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from vitlab.data.base import CorruptImageError, DatasetLayoutError
-from vitlab.data.pack import MANIFEST, sha256
-from vitlab.data.report import skip_or_raise
+from vitlab.data.base import CorruptImageError, DatasetLayoutError, VitlabDataModule
+from vitlab.data.packing import MANIFEST, sha256
+from vitlab.data.report import DataReport, skip_or_raise
 
 
 class ShardError(DatasetLayoutError):
@@ -72,6 +79,12 @@ def check_packed(root: str | Path, kind: str, full: bool = False) -> dict:
                                  f"{chunk['chunk_bytes']} (truncated or replaced)")
             if full and sha256(shard) != written["chunks"][chunk["filename"]]:
                 raise ShardError(f"{shard}: shard's SHA-256 differs from the one written (corrupt or replaced)")
+    for name, kept in manifest.get("files", {}).items():
+        path = Path(root) / name
+        if not path.exists():
+            raise ShardError(f"{path} is missing (packed beside the shards); re-run python -m vitlab.data.pack")
+        if path.stat().st_size != kept["bytes"] or (full and sha256(path) != kept["sha256"]):
+            raise ShardError(f"{path}: differs from the file packed into {root} (size or SHA-256; corrupt or replaced)")
     return manifest
 
 
@@ -181,3 +194,86 @@ class PackedImages(Dataset):
             return skip_or_raise(CorruptImageError(f"{name}: cannot be decoded as an image ({err})"),
                                  self.skip_corrupt)
         return (self.transform(img) if self.transform else img), label
+
+
+def decode_rgb(data: bytes, name: str) -> Image.Image:
+    """Image bytes decoded as ``load_rgb`` decodes the file they came from; errors name ``name``."""
+    try:
+        return Image.open(io.BytesIO(data)).convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise CorruptImageError(f"{name}: cannot be decoded as an image ({err})") from err
+
+
+class PackedSplit:
+    """The items (dicts of the fields ``python -m vitlab.data.pack`` wrote) of one packed split, by
+    index; an item that cannot be read is a ``CorruptImageError`` naming it."""
+
+    def __init__(self, split_dir: str | Path):
+        self.split_dir, self._stream = str(split_dir), None
+        self._len = sum(c["chunk_size"] for c in json.loads((Path(split_dir) / "index.json").read_text())["chunks"])
+        import litdata  # noqa: F401  here, so that forked loader workers start with it
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getstate__(self):
+        return {**self.__dict__, "_stream": None}
+
+    def __getitem__(self, index: int) -> dict:
+        if self._stream is None:  # opened in the process that reads (each loader worker its own)
+            from litdata import StreamingDataset
+
+            # batch_decode=0: deserialise the item asked for only (LitData's default decodes a window
+            # of small items around it, which the shuffled sampler then throws away)
+            self._stream = StreamingDataset(self.split_dir, batch_decode=0)
+        try:
+            return self._stream[index]
+        except (OSError, ValueError, KeyError, EOFError) as err:
+            raise CorruptImageError(f"{self.split_dir} item {index}: cannot be read ({err})") from err
+
+
+class PackableDataModule(VitlabDataModule):
+    """A DataModule whose dataset ``python -m vitlab.data.pack <pack_kind>`` packs: ``data.format=litdata``
+    reads the packed copy at ``data.root`` (checked before anything is read)."""
+
+    pack_kind: ClassVar[str]
+
+    def pack(self, folder: Path, out: Path) -> None:
+        """Pack the dataset at ``folder`` (its own layout) into ``out`` (generated data: small chunks)."""
+        raise NotImplementedError
+
+    def data_root(self) -> Path:
+        return self.packed_root() if self.format == "litdata" else super().data_root()
+
+    def packed_root(self) -> Path:
+        """``data.format=litdata``: ``data.root`` is a packed dataset, checked (manifest, indexes,
+        shard sizes; errors name the shard and say how to pack, no folder-layout help). With
+        ``synthetic``: the generated dataset, packed beside it once."""
+        root = Path(self.root)
+        if self.synthetic:
+            self.format = "folder"  # generate and check the dataset's own layout, then pack it
+            try:
+                folder = self.data_root()
+            finally:
+                self.format = "litdata"
+            root = folder.parent / f"{folder.name}_litdata"
+            if not (root / ".complete").exists():
+                # LitData's writer draws on (or seeds) the global RNGs: a run that packs would otherwise
+                # train differently from its re-run, which finds the pack made
+                states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+                self.pack(folder, root)
+                random.setstate(states[0]), np.random.set_state(states[1]), torch.set_rng_state(states[2])
+                (root / ".complete").touch()
+        check_packed(root, self.pack_kind)
+        return root
+
+    def packed_report(self, full: bool) -> DataReport:
+        """``check`` of a packed dataset: its manifest, indexes and shard sizes; ``full`` hashes every
+        shard (an error names the shard)."""
+        root = self.data_root()
+        how = "full: every shard hashed" if full else "cheap: indexes and shard sizes; data.verify=full hashes shards"
+        report = DataReport(f"{self.pack_kind} packed at {root} ({how})")
+        manifest = check_packed(root, self.pack_kind, full=full)
+        for split, written in manifest["splits"].items():
+            report.checked.append(f"{split}/: {written['images']} images in {len(written['chunks'])} shards")
+        return report

@@ -215,7 +215,7 @@ def format_bench(dataset_images: int = 20_000, images: int = 1_000, formats=("fo
     packed once under the bench directory): the DeiT training pipeline in the workers, and with
     ``gpu_decode`` also the workers' part of ``data.gpu_decode`` (reading bytes: the device work is
     not timed here)."""
-    from vitlab.data.pack import pack_imagenet
+    from vitlab.data.imagenet import pack_imagenet
 
     folder = generate("imagenet", bench_dir(data_dir), dataset_images, size)
     packed = folder.parent / f"{folder.name}_litdata"

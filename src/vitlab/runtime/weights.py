@@ -27,6 +27,7 @@ from urllib.error import URLError
 import torch
 import yaml
 
+from vitlab.data.packing import sha256
 from vitlab.errors import VitlabUserError
 
 
@@ -119,16 +120,6 @@ def _offline_message(release: Release, path: Path, why: str) -> str:
             f"folder that holds {release.file}); backbone.pretrained=null trains from scratch")
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch(release: Release, folder: Path | None = None) -> Path:
     """``release``'s file in ``folder`` (the weights folder): used when present (and its published hash
     matches), else downloaded (progress bar, sha256 checked, written atomically)."""
@@ -139,7 +130,7 @@ def fetch(release: Release, folder: Path | None = None) -> Path:
             f"EMA weights), or backbone.pretrained=null to train from scratch")
     path = (folder or weights_dir()) / release.file
     if path.is_file():
-        if release.sha256 and not _sha256(path).startswith(release.sha256):
+        if release.sha256 and not sha256(path).startswith(release.sha256):
             raise WeightsUnavailable(f"{path}: its sha256 is not the published {release.sha256} ({release.url}); "
                                      f"delete it and run again to download it anew")
         return path
