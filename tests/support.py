@@ -2,6 +2,7 @@
 the command-line entry points as a user does (in a process of their own, ``run_script`` / ``start_script``)."""
 from __future__ import annotations
 
+import builtins
 import logging
 import multiprocessing
 import os
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import types
 import warnings
 from pathlib import Path
 
@@ -84,32 +86,50 @@ def _leave_the_server_behind() -> None:
 
 
 def _command_child(argv: list[str], cwd: str, env: dict, stdout: str, stderr: str | None) -> None:
-    """The child's body: ``python argv...`` (``argv[0]``: a script, or ``-m`` and a module)."""
-    _leave_the_server_behind()
-    import atexit
-    import runpy
-
+    """The child's body: its output to the files ``stdout`` / ``stderr``, then ``python argv...``."""
     out = os.open(stdout, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     err = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_APPEND) if stderr else out
     os.dup2(out, 1)
     os.dup2(err, 2)
+    run_as_python(argv, cwd, env)
+
+
+def run_as_python(argv: list[str], cwd: str, env: dict) -> None:
+    """In a freshly forked child: what ``python argv...`` does from its imports on (``argv[0]``: a
+    script, ``-m`` and a module, or ``-c`` and code), then the process ends with its exit code."""
+    _leave_the_server_behind()
+    import atexit
+    import runpy
+
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
+    multiprocessing.process.ORIGINAL_DIR = os.path.abspath(cwd)  # what spawn resolves relative paths against
     if env.get("PYTHONWARNINGS") == "ignore":
         warnings.simplefilter("ignore")
     for entry in reversed([e for e in env.get("PYTHONPATH", "").split(os.pathsep) if e]):
         sys.path.insert(0, entry)
         if (Path(entry) / "sitecustomize.py").is_file():
             runpy.run_path(str(Path(entry) / "sitecustomize.py"), run_name="sitecustomize")
+    # a fresh __main__, as the interpreter's (multiprocessing's spawn looks it up as __mp_main__ too)
+    main = types.ModuleType("__main__")
+    main.__dict__["__builtins__"] = builtins
+    sys.modules["__main__"] = sys.modules["__mp_main__"] = main
     code = 0
     try:
         if argv[0] == "-m":
             sys.argv = [argv[1], *argv[2:]]
-            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+            sys.path.insert(0, cwd)  # as python -m puts the working directory first
+            runpy._run_module_as_main(argv[1])  # what python -m runs
+        elif argv[0] == "-c":
+            sys.argv = ["-c", *argv[2:]]
+            sys.path.insert(0, "")
+            exec(compile(argv[1], "<string>", "exec"), main.__dict__)
         else:
             sys.argv = list(argv)
-            runpy.run_path(argv[0], run_name="__main__")
+            sys.path.insert(0, str(Path(argv[0]).resolve().parent))  # as python script.py puts its folder first
+            main.__file__ = argv[0]
+            exec(compile(Path(argv[0]).read_bytes(), argv[0], "exec"), main.__dict__)
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
         if not isinstance(exit_.code, (int, type(None))):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 
 import numpy as np
 import pytest
@@ -159,8 +160,20 @@ def test_coco_evaluator_without_detections_or_images():
     assert result["bbox_map"] == 0 and result["bbox_ap_per_class"] == [-1, -1, 0, -1, -1]
 
 
-def test_mask_evaluation_error_reaches_the_caller():
-    """The mask evaluation runs in a forked process (two cores): its error is raised by ``compute``."""
+@pytest.mark.parametrize("other_thread", [False, True])
+def test_mask_evaluation_error_reaches_the_caller(other_thread, monkeypatch):
+    """The mask evaluation runs in a forked process (two cores, no other Python thread; with one, in
+    this process): its error is raised by ``compute`` either way."""
+    import multiprocessing
+
+    import vitlab.tasks.detection as detection
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one core: never forked")
+    monkeypatch.setattr(detection.threading, "active_count", lambda: 2 if other_thread else 1)
+    contexts = []
+    monkeypatch.setattr(detection.multiprocessing, "get_context",
+                        lambda kind: contexts.append(kind) or multiprocessing.get_context(kind))
     g = torch.Generator().manual_seed(0)
     dets, targets = coco_batch(g, 2, masks=True, num_classes=len(CATS), dets=5, objects=2)
     evaluator = CocoEvaluator(True, CATS)
@@ -169,6 +182,7 @@ def test_mask_evaluation_error_reaches_the_caller():
     del evaluator.results[3]["segmentation"]
     with pytest.raises(KeyError, match="segmentation"):
         evaluator.compute()
+    assert contexts == ([] if other_thread else ["fork"])
 
 
 def test_confusion_matrix_equals_naive_count():

@@ -20,6 +20,7 @@ import io
 import json
 import multiprocessing
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -100,11 +101,14 @@ class CocoEvaluator:
     def compute(self) -> dict[str, float | list[float]]:
         """``{iou_type}_{key}`` for the 12 COCO numbers (fractions; -1 where COCOeval has none) and
         ``{iou_type}_ap_per_class`` / ``{iou_type}_ar100_per_class`` (one per category id, in order;
-        -1: no ground truth of that class). With masks and a second core, the mask evaluation runs in
-        a forked process while this one evaluates the boxes: the two share nothing, each takes tens of
+        -1: no ground truth of that class). With masks, a second core and no other Python thread, the
+        mask evaluation runs in a forked process while this one evaluates the boxes: the two share nothing, each takes tens of
         seconds on COCO val, and a fork reads the entries without copying or pickling them."""
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1  # elsewhere than Linux: one process
-        if len(self.iou_types) == 1 or not self.images or cores < 2:
+        # forking a process with other Python threads (a pin-memory thread, a logger's) can copy a lock
+        # one of them holds: then the one process, ~7 s more at COCO val's size
+        alone = threading.active_count() == 1
+        if len(self.iou_types) == 1 or not self.images or cores < 2 or not alone:
             return {k: v for iou_type in self.iou_types for k, v in self.evaluate(iou_type).items()}
         context = multiprocessing.get_context("fork")
         receive, send = context.Pipe(duplex=False)

@@ -1,0 +1,120 @@
+"""A ``python`` for the README's commands that starts in a second instead of ~6 CPU-seconds.
+
+``tests/test_readme.py`` runs every README command as written, in bash; the ``python`` those
+commands find first on ``PATH`` is a small client (``write_client``) of a server that has already
+imported torch, Lightning, Hydra, timm and vitlab (``serve``). For each command the server forks a
+monitor, the monitor forks the command's process, and the command runs there from its imports on
+(``support.run_as_python``: the script as ``__main__``, ``-m`` a module, ``-c`` code) with the
+client's arguments, working directory, environment, stdin, stdout and stderr (passed over the
+socket). The client forwards signals to it and exits with its exit code. Anything the client
+cannot hand over (other interpreter options, no server) runs the real interpreter instead.
+
+Only the README test uses it; the install tests and ``make`` run the real interpreter.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CLIENT = '''#!{python} -SE
+# vitlab tests: hands `python ARGS` to the warm server at {socket!r} (tests/warm_python.py)
+import json, os, signal, socket, sys
+args = sys.argv[1:]
+if not args or (args[0].startswith("-") and args[0] not in ("-m", "-c")) or not os.path.exists({socket!r}):
+    os.execv({python!r}, [{python!r}, *args])
+sock = socket.socket(socket.AF_UNIX)
+sock.connect({socket!r})
+request = json.dumps({{"argv": args, "cwd": os.getcwd(), "env": dict(os.environ)}}).encode()
+socket.send_fds(sock, [len(request).to_bytes(8, "big") + request], [0, 1, 2])
+replies = sock.makefile("rb")
+pid = int(replies.readline())
+for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+    signal.signal(sig, lambda number, frame: os.kill(pid, number))
+status = int(replies.readline())
+if os.WIFSIGNALED(status):
+    signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+    os.kill(os.getpid(), os.WTERMSIG(status))
+sys.exit(os.waitstatus_to_exitcode(status))
+'''
+
+
+def write_client(bin_dir: Path, socket_path: Path) -> Path:
+    """``bin_dir/python``: the client; put ``bin_dir`` first on the commands' ``PATH``."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    client = bin_dir / "python"
+    client.write_text(CLIENT.format(python=sys.executable, socket=str(socket_path)))
+    client.chmod(0o755)
+    return client
+
+
+def start_server(socket_path: Path, log: Path) -> subprocess.Popen:
+    """The server, in a process of its own; returns once it listens."""
+    server = subprocess.Popen([sys.executable, __file__, "serve", str(socket_path)], stdin=subprocess.DEVNULL,
+                              stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while not socket_path.exists():
+        if server.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"the warm python server did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+    return server
+
+
+def _receive_request(conn: socket.socket) -> tuple[dict, list[int]]:
+    data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+    size = int.from_bytes(data[:8], "big")
+    body = data[8:]
+    while len(body) < size:
+        body += conn.recv(size - len(body))
+    return json.loads(body), fds
+
+
+def _monitor(conn: socket.socket) -> None:
+    """In a forked monitor: fork the command, tell the client its PID, then its exit status."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the server ignores it (no zombies); waitpid needs it back
+    request, fds = _receive_request(conn)
+    pid = os.fork()
+    if pid == 0:
+        from support import run_as_python
+
+        conn.close()
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        run_as_python(request["argv"], request["cwd"], request["env"])  # never returns
+    for fd in fds:
+        os.close(fd)
+    conn.sendall(f"{pid}\n".encode())
+    _, status = os.waitpid(pid, 0)
+    conn.sendall(f"{status}\n".encode())
+
+
+def serve(socket_path: str) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    import support
+
+    for name in support.PRELOAD:
+        __import__(name)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(socket_path + ".tmp")
+    listener.listen(16)
+    os.rename(socket_path + ".tmp", socket_path)  # the client sees the socket only once it listens
+    while True:
+        conn, _ = listener.accept()
+        if os.fork() == 0:
+            listener.close()
+            try:
+                _monitor(conn)
+            finally:
+                os._exit(0)
+        conn.close()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["serve"]:
+    serve(sys.argv[2])
