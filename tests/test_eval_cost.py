@@ -171,9 +171,8 @@ def test_mask_evaluation_error_reaches_the_caller(other_thread, monkeypatch):
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("one core: never forked")
     monkeypatch.setattr(detection.threading, "active_count", lambda: 2 if other_thread else 1)
-    contexts = []
-    monkeypatch.setattr(detection.multiprocessing, "get_context",
-                        lambda kind: contexts.append(kind) or multiprocessing.get_context(kind))
+    contexts, get_context = [], multiprocessing.get_context
+    monkeypatch.setattr(detection.multiprocessing, "get_context", lambda kind: contexts.append(kind) or get_context(kind))
     g = torch.Generator().manual_seed(0)
     dets, targets = coco_batch(g, 2, masks=True, num_classes=len(CATS), dets=5, objects=2)
     evaluator = CocoEvaluator(True, CATS)
