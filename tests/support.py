@@ -52,8 +52,8 @@ DENSE_SMOKE = {
 # working directory and environment, its own signal handlers, exit code and output; whatever it
 # changes in its process ends with it (the tests' process is never touched). Only what a fresh
 # interpreter does at start is redone by hand: ``PYTHONPATH`` entries (and a ``sitecustomize.py`` in
-# one) and ``PYTHONWARNINGS=ignore``. The README's commands and the install tests still start real
-# interpreters (tests/test_readme.py, tests/test_install.py).
+# one) and ``PYTHONWARNINGS=ignore``. The README's commands run the same way behind a ``python`` on
+# their PATH (tests/warm_python.py); the install tests and ``make train`` start real interpreters.
 PRELOAD = ["vitlab.runtime.cli", "vitlab.tools.predict", "vitlab.backbones", "vitlab.tasks", "vitlab.data",
            "torchvision.models.detection", "lightning.pytorch.loggers"]
 _context = None

@@ -197,6 +197,28 @@ def test_readme_paper_table_command_composes(command, capsys):
     assert "nothing was launched" in capsys.readouterr().out
 
 
+WARM_CASES = [
+    'python -c "import sys, os; print(sys.argv, os.getcwd(), os.environ[\'PROBE\']); sys.exit(3)" a "b c"',
+    'python -c "import sys; sys.stderr.write(sys.stdin.read().upper())" <<< hello',
+    'python -c "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"',
+    'printf "import sys\\nprint(sys.path[0], __name__, sys.argv)\\n" > probe.py && python probe.py x',
+    'python -m json.tool <<< \'{"a": 1}\'',
+]
+
+
+@pytest.mark.parametrize("command", WARM_CASES)
+def test_warm_python_behaves_as_the_interpreter(command, warm_python, tmp_path):
+    """What the README's commands see through the warm ``python`` equals what the real interpreter
+    gives them: output, stderr, exit code (a signal's too), argv, working directory, environment,
+    stdin, a script's sys.path[0] and ``__main__``."""
+    def run_with(python_dir):
+        env = {**os.environ, "PROBE": "seen", "PATH": f"{python_dir}:{os.environ['PATH']}"}
+        return subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    real, warm = run_with(Path(sys.executable).parent), run_with(warm_python)
+    assert (warm.returncode, warm.stdout, warm.stderr) == (real.returncode, real.stdout, real.stderr)
+
+
 def test_every_readme_command_has_a_rule():
     for command in COMMANDS:
         fast(command)  # raises for a command the test does not know how to run
