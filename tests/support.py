@@ -6,8 +6,10 @@ import builtins
 import logging
 import multiprocessing
 import os
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -44,27 +46,41 @@ DENSE_SMOKE = {
 
 
 # ----------------------------------------------------------------------------- commands as a user runs them
-# A command runs in a process of its own, as a user's does: a child forked from a fork server that
-# has already imported torch, Lightning, Hydra, timm and vitlab (multiprocessing's "forkserver").
-# A fresh interpreter spends ~5 CPU-seconds importing those before the command starts; the child
-# starts from that state instead of paying it once per command. Everything after the imports is
-# the user's: the script is run as ``__main__`` with its command line in ``sys.argv``, in its own
-# working directory and environment, its own signal handlers, exit code and output; whatever it
-# changes in its process ends with it (the tests' process is never touched). Only what a fresh
-# interpreter does at start is redone by hand: ``PYTHONPATH`` entries (and a ``sitecustomize.py`` in
-# one) and ``PYTHONWARNINGS=ignore``. The README's commands run the same way behind a ``python`` on
-# their PATH (tests/warm_python.py); the install tests and ``make train`` start real interpreters.
+# A command runs in a process of its own, as a user's does, forked from a server that has already
+# imported torch, Lightning, Hydra, timm and vitlab (tests/warm_python.py; one per test process). A
+# fresh interpreter spends ~5 CPU-seconds importing those before the command starts; the command
+# starts from that state instead of paying it once per command. Everything after the imports is the
+# user's: the script is run as ``__main__`` with its command line in ``sys.argv``, in its own working
+# directory and environment, its own signal handlers, exit code and output; whatever it changes in its
+# process ends with it (the tests' process is never touched). Only what a fresh interpreter does at
+# start is redone by hand: ``PYTHONPATH`` entries (and a ``sitecustomize.py`` in one), what modules
+# read from the environment at import (Lightning's rank, torch's threads), ``PYTHONWARNINGS=ignore``,
+# ``-u``, and ``sys.executable`` (the warm ``python``, so the processes a command starts with it, such
+# as DDP's and submitit's, start warm too). The README's commands find the same ``python`` first on
+# their PATH; the install tests and ``make train`` start real interpreters.
 PRELOAD = ["vitlab.runtime.cli", "vitlab.tools.predict", "vitlab.backbones", "vitlab.tasks", "vitlab.data",
            "torchvision.models.detection", "lightning.pytorch.loggers"]
-_context = None
+_server: dict = {}
 
 
-def _fork_server():
-    global _context
-    if _context is None:
-        _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(PRELOAD)
-    return _context
+def warm_server() -> tuple[Path, Path]:
+    """(socket, client) of this process's warm python server, started on first use and stopped at exit."""
+    if not _server:
+        import atexit
+
+        from warm_python import start_server, write_client
+
+        folder = Path(tempfile.mkdtemp(prefix="warm-python-"))  # short: a socket's path has at most 107 bytes
+        process = start_server(folder / "socket", folder / "server.log")
+        _server.update(socket=folder / "socket", client=write_client(folder / "bin", folder / "socket"))
+
+        def stop():
+            process.kill()
+            process.wait()
+            shutil.rmtree(folder, ignore_errors=True)
+
+        atexit.register(stop)
+    return _server["socket"], _server["client"]
 
 
 def _leave_the_server_behind() -> None:
@@ -85,25 +101,38 @@ def _leave_the_server_behind() -> None:
     np.random.seed()
 
 
-def _command_child(argv: list[str], cwd: str, env: dict, stdout: str, stderr: str | None) -> None:
-    """The child's body: its output to the files ``stdout`` / ``stderr``, then ``python argv...``."""
-    out = os.open(stdout, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    err = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_APPEND) if stderr else out
-    os.dup2(out, 1)
-    os.dup2(err, 2)
-    run_as_python(argv, cwd, env)
+def _read_the_environment_again(env: dict) -> None:
+    """What the preloaded modules read from the environment at import, read from the command's:
+    Lightning's process rank (a DDP process started with ``LOCAL_RANK=1``) and torch's thread count."""
+    import torch
+    from lightning.fabric.utilities.rank_zero import _get_rank, rank_zero_only
+
+    rank_zero_only.rank = _get_rank() or 0
+    threads = env.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0 and int(threads) != torch.get_num_threads():
+        torch.set_num_threads(int(threads))
 
 
-def run_as_python(argv: list[str], cwd: str, env: dict) -> None:
+def run_as_python(argv: list[str], cwd: str, env: dict, executable: str | None = None,
+                  unbuffered: bool = False) -> None:
     """In a freshly forked child: what ``python argv...`` does from its imports on (``argv[0]``: a
-    script, ``-m`` and a module, or ``-c`` and code), then the process ends with its exit code."""
+    script, ``-m`` and a module, or ``-c`` and code), then the process ends with its exit code.
+    ``executable``: the ``python`` it was started as (``sys.executable``); ``unbuffered``: ``-u``."""
     _leave_the_server_behind()
     import atexit
+    import io
     import runpy
 
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
+    _read_the_environment_again(env)
+    if executable:
+        sys.executable = executable
+    if unbuffered:  # python -u: unbuffered binary stdout and stderr
+        sys.stdout = io.TextIOWrapper(open(1, "wb", buffering=0, closefd=False), write_through=True)
+        sys.stderr = io.TextIOWrapper(open(2, "wb", buffering=0, closefd=False), write_through=True,
+                                      errors="backslashreplace")
     multiprocessing.process.ORIGINAL_DIR = os.path.abspath(cwd)  # what spawn resolves relative paths against
     if env.get("PYTHONWARNINGS") == "ignore":
         warnings.simplefilter("ignore")
@@ -147,11 +176,13 @@ def run_as_python(argv: list[str], cwd: str, env: dict) -> None:
 
 
 class Command:
-    """A command started in a child of the fork server (see above), with the part of
+    """A command started by the warm python server (see above), with the part of
     ``subprocess.Popen``'s interface the tests use. Output goes to ``log`` (stdout and stderr
-    together) or to files read back by ``communicate``."""
+    together) or to files read back by ``communicate``; stdin is empty."""
 
     def __init__(self, argv: list[str], cwd: Path, env: dict, log: Path | None = None):
+        from warm_python import send_request
+
         self.args = argv
         if log is None:
             self._tmp = Path(tempfile.mkdtemp(prefix="command-"))
@@ -159,20 +190,41 @@ class Command:
         else:
             self._tmp, self._out, self._err = None, Path(log), None
         self._out.touch()
-        self._process = _fork_server().Process(
-            target=_command_child, args=(argv, str(cwd), env, str(self._out), self._err and str(self._err)))
-        self._process.start()
-        self.pid = self._process.pid
+        socket_path, client = warm_server()
+        self._sock = socket.socket(socket.AF_UNIX)
+        self._sock.connect(str(socket_path))
+        with open(os.devnull, "rb") as stdin, open(self._out, "ab") as out, open(self._err or self._out, "ab") as err:
+            send_request(self._sock, {"argv": argv, "cwd": str(cwd), "env": env, "executable": str(client)},
+                         [stdin.fileno(), out.fileno(), err.fileno()])
+        self._replies = b""
+        self.pid = int(self._reply(None))
         self.returncode: int | None = None
 
-    def poll(self) -> int | None:
-        if self.returncode is None and not self._process.is_alive():
-            self.returncode = self._process.exitcode
+    def _reply(self, timeout: float | None) -> bytes | None:
+        """The monitor's next line (the PID, then the exit status), or None if none came within ``timeout``."""
+        while b"\n" not in self._replies:
+            if not select.select([self._sock], [], [], timeout)[0]:
+                return None
+            chunk = self._sock.recv(4096)
+            if not chunk:
+                raise RuntimeError(f"the warm python's monitor of {self.args} ended without its exit status")
+            self._replies += chunk
+        line, _, self._replies = self._replies.partition(b"\n")
+        return line
+
+    def _settle(self, timeout: float | None) -> int | None:
+        if self.returncode is None:
+            status = self._reply(timeout)
+            if status is not None:
+                self.returncode = os.waitstatus_to_exitcode(int(status))
+                self._sock.close()
         return self.returncode
 
+    def poll(self) -> int | None:
+        return self._settle(0)
+
     def wait(self, timeout: float | None = None) -> int:
-        self._process.join(timeout)
-        if self.poll() is None:
+        if self._settle(timeout) is None:
             raise subprocess.TimeoutExpired(self.args, timeout)
         return self.returncode
 
@@ -229,39 +281,37 @@ def run_script(script: str, args: list[str], data_dir: Path | None, env: dict | 
     return proc
 
 
+_CALL = """import pickle, sys
+sys.path.insert(0, {tests!r})
+fn, args = pickle.loads(open({call!r}, "rb").read())
+try:
+    payload = (True, fn(*args))
+except BaseException:
+    import traceback
+    payload = (False, traceback.format_exc())
+open({result!r}, "wb").write(pickle.dumps(payload))
+"""
+
+
 def call_in_child(fn, *args):
-    """``fn(*args)`` in a child of the fork server, in this process's environment and working directory
-    (``fn``: a module-level function of a test module); its return value is sent back, its exception
-    raised here with the child's traceback."""
+    """``fn(*args)`` in a process of its own (a command ``python -c``), in this process's environment and
+    working directory (``fn``: a module-level function of a test module); its return value is sent
+    back, its exception raised here with the child's traceback."""
     import pickle
 
     tmp = Path(tempfile.mkdtemp(prefix="call-"))
     try:
-        process = _fork_server().Process(target=_call_child, args=(fn, args, str(tmp / "result"), dict(os.environ),
-                                                                   os.getcwd()))
-        process.start()
-        process.join()
+        (tmp / "call").write_bytes(pickle.dumps((fn, args)))
+        code = _CALL.format(tests=str(Path(__file__).parent), call=str(tmp / "call"), result=str(tmp / "result"))
+        command = Command(["-c", code], Path.cwd(), dict(os.environ), log=tmp / "log")
+        command.wait()
         ok, value = pickle.loads((tmp / "result").read_bytes()) if (tmp / "result").exists() else (False, None)
         if not ok:
-            raise AssertionError(f"{fn.__name__} failed in the child (exit {process.exitcode}):\n{value}")
+            raise AssertionError(f"{fn.__name__} failed in the child (exit {command.returncode}):\n{value}\n"
+                                 f"{(tmp / 'log').read_text()[-3000:]}")
         return value
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _call_child(fn, args, result: str, env: dict, cwd: str) -> None:
-    import pickle
-    import traceback
-
-    _leave_the_server_behind()
-    os.chdir(cwd)
-    os.environ.clear()
-    os.environ.update(env)  # the caller's environment, as a forked child of the caller would have it
-    try:
-        payload = (True, fn(*args))
-    except BaseException:
-        payload = (False, traceback.format_exc())
-    Path(result).write_bytes(pickle.dumps(payload))
 
 
 class StandIn(nn.Module):

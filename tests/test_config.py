@@ -159,3 +159,26 @@ def test_dataset_facts_live_on_the_datamodules_and_match_torchvision():
     for module in (zoo, plan, workloads, bench_cli):  # no dataset table left in the tools, nothing keyed by a task name's prefix
         source = inspect.getsource(module)
         assert 'split("_")[0]' not in source and "117_266" not in source and "150}" not in source, module.__name__
+
+
+def test_config_files_are_parsed_once_and_changes_are_seen(tmp_path):
+    """``compose`` reuses Hydra's parse of each file (a deep copy each time: what one compose's
+    overrides change, the next one does not see), parses a file that changed on disk again, and leaves
+    Hydra's config sources as they were."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra._internal.core_plugins.file_config_source import FileConfigSource
+
+    from vitlab.runtime import config
+
+    original = FileConfigSource.load_config
+    changed = compose(None, ["+backbone=pvt_v2_b0", "backbone.depths=[1,1,1,1]"])
+    plain = compose(None, ["+backbone=pvt_v2_b0"])
+    assert list(changed.backbone.depths) == [1, 1, 1, 1] and list(plain.backbone.depths) == [2, 2, 2, 2]
+    assert any("pvt_v2_b0" in key[2] for key in config._PARSED)
+    (tmp_path / "app.yaml").write_text("value: 1\n")
+    with config._files_parsed_once(), initialize_config_dir(str(tmp_path), version_base=config.VERSION_BASE):
+        assert hydra_compose("app").value == 1
+        (tmp_path / "app.yaml").write_text("value: 22\n")  # another size: a new stamp even within one mtime tick
+        assert hydra_compose("app").value == 22
+    assert FileConfigSource.load_config is original

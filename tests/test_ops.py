@@ -41,8 +41,27 @@ def test_killed_mid_epoch_rerun_continues_and_finishes_same_step_count(tmp_path,
     assert "resuming from" in (run_dir / "train.log").read_text()
 
 
-def _children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+def _ended(pid: int) -> bool:
+    """The process is gone or a zombie (ended, not yet reaped by its parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(") ")[2][0] == "Z"
+    except OSError:
+        return True
+
+
+def _submitit_task(under: Path) -> int:
+    """The PID of the submitit job started under ``under`` (``python -u -m submitit.core._submit FOLDER``:
+    the controller's child, or the warm python forwarding to it; tests/warm_python.py)."""
+    tasks = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode().split("\0")
+        except OSError:  # ended meanwhile
+            continue
+        if "submitit.core._submit" in args and any(a.startswith(str(under)) for a in args):
+            tasks.append(int(cmdline.parent.name))
+    assert len(tasks) == 1, tasks
+    return tasks[0]
 
 
 @pytest.mark.slow
@@ -77,9 +96,16 @@ def test_slurm_signals_through_the_submitit_launcher_are_vitlabs(tmp_path, data_
                 break
             time.sleep(0.2)
         (controller,) = controllers
+        task = _submitit_task(tmp_path)
         # SIGTERM: to the controller, which forwards it as SLURM does; SIGUSR1 straight to the task
-        os.kill(controller if signum == signal.SIGTERM else _children(controller)[0], signum)
-        parent.wait(timeout=600)  # submitit reports a job that exited without a result: not our business
+        os.kill(controller if signum == signal.SIGTERM else task, signum)
+        while not _ended(task):
+            assert time.time() < deadline, "the job did not end"
+            time.sleep(0.2)
+        # the launcher waits 15 s for the result of a job that exited without one (submitit's
+        # _results_timeout_s), then reports it: not our business
+        parent.kill()
+        parent.wait(timeout=60)
         job_log = "".join(p.read_text() for p in output.glob(f"sweep-*/.submitit/{controller}/*_0_log.*"))
         return job_log, torch.load(last[0], weights_only=True)["global_step"]
 

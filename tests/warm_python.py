@@ -1,20 +1,30 @@
-"""A ``python`` for the README's commands that starts in a second instead of ~6 CPU-seconds.
+"""A ``python`` for the commands the tests run that starts in a second instead of ~6 CPU-seconds.
 
-``tests/test_readme.py`` runs every README command as written, in bash; the ``python`` those
-commands find first on ``PATH`` is a small client (``write_client``) of a server that has already
-imported torch, Lightning, Hydra, timm and vitlab (``serve``). For each command the server forks a
-monitor, the monitor forks the command's process, and the command runs there from its imports on
-(``support.run_as_python``: the script as ``__main__``, ``-m`` a module, ``-c`` code) with the
-client's arguments, working directory, environment, stdin, stdout and stderr (passed over the
-socket). The client forwards signals to it and exits with its exit code. Anything the client
-cannot hand over (other interpreter options, no server) runs the real interpreter instead.
+One server per test process (``support.warm_server``) has already imported torch, Lightning, Hydra,
+timm and vitlab (``serve``). For each command the server forks a monitor, the monitor forks the
+command's process, and the command runs there from its imports on (``support.run_as_python``: the
+script as ``__main__``, ``-m`` a module, ``-c`` code) with its own arguments, working directory,
+environment, stdin, stdout and stderr (passed over the socket), exit code and signals. The monitor
+reports the command's PID, then its exit status; it kills the command if its requester goes away
+(as a command dies with a killed ``python``).
 
-Only the README test uses it; the install tests and ``make`` run the real interpreter.
+Two kinds of requester:
+- ``support.Command`` (``run_script`` / ``start_script``): the tests' own commands.
+- the client (``write_client``): a ``python`` first on ``PATH`` (the README's commands, run in bash
+  as written) and the commands' ``sys.executable``, so what they start with it (Lightning's DDP
+  processes, submitit's jobs) starts warm too. It forwards signals to the command
+  and exits with its exit code. Anything it cannot hand over (interpreter options other than ``-u``,
+  no server, submitit's local job controller: it names its job after its own PID) runs the real
+  interpreter instead; ``multiprocessing``'s spawn runs the real one too
+  (its children inherit pipes the server cannot be handed).
+
+The install tests and ``make train`` start real interpreters.
 """
 from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -26,11 +36,19 @@ CLIENT = '''#!{python} -SE
 # vitlab tests: hands `python ARGS` to the warm server at {socket!r} (tests/warm_python.py)
 import json, os, signal, socket, sys
 args = sys.argv[1:]
-if not args or (args[0].startswith("-") and args[0] not in ("-m", "-c")) or not os.path.exists({socket!r}):
-    os.execv({python!r}, [{python!r}, *args])
+unbuffered = args[:1] == ["-u"]
+args = args[unbuffered:]
 sock = socket.socket(socket.AF_UNIX)
-sock.connect({socket!r})
-request = json.dumps({{"argv": args, "cwd": os.getcwd(), "env": dict(os.environ)}}).encode()
+try:
+    if not args or (args[0].startswith("-") and args[0] not in ("-m", "-c")):
+        raise OSError("an interpreter option the server does not take")
+    if args[:2] == ["-m", "submitit.local._local"]:  # its job folder is named after its own PID
+        raise OSError("a process whose PID must be the one its parent started")
+    sock.connect({socket!r})
+except OSError:
+    os.execv({python!r}, [{python!r}, *sys.argv[1:]])
+request = json.dumps({{"argv": args, "cwd": os.getcwd(), "env": dict(os.environ), "unbuffered": unbuffered,
+                      "executable": os.path.abspath(sys.argv[0])}}).encode()
 socket.send_fds(sock, [len(request).to_bytes(8, "big") + request], [0, 1, 2])
 replies = sock.makefile("rb")
 pid = int(replies.readline())
@@ -45,7 +63,7 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 
 def write_client(bin_dir: Path, socket_path: Path) -> Path:
-    """``bin_dir/python``: the client; put ``bin_dir`` first on the commands' ``PATH``."""
+    """``bin_dir/python``: the client of the server at ``socket_path``."""
     bin_dir.mkdir(parents=True, exist_ok=True)
     client = bin_dir / "python"
     client.write_text(CLIENT.format(python=sys.executable, socket=str(socket_path)))
@@ -65,6 +83,12 @@ def start_server(socket_path: Path, log: Path) -> subprocess.Popen:
     return server
 
 
+def send_request(sock: socket.socket, request: dict, fds: list[int]) -> None:
+    """What the client sends: the request (argv, cwd, env, executable, unbuffered) and the command's fds 0, 1, 2."""
+    body = json.dumps(request).encode()
+    socket.send_fds(sock, [len(body).to_bytes(8, "big") + body], fds)
+
+
 def _receive_request(conn: socket.socket) -> tuple[dict, list[int]]:
     data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
     size = int.from_bytes(data[:8], "big")
@@ -75,7 +99,8 @@ def _receive_request(conn: socket.socket) -> tuple[dict, list[int]]:
 
 
 def _monitor(conn: socket.socket) -> None:
-    """In a forked monitor: fork the command, tell the client its PID, then its exit status."""
+    """In a forked monitor: fork the command, tell the requester its PID, then its exit status; kill
+    the command if the requester goes away first (it sends nothing more: readable means closed)."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the server ignores it (no zombies); waitpid needs it back
     request, fds = _receive_request(conn)
     pid = os.fork()
@@ -86,12 +111,19 @@ def _monitor(conn: socket.socket) -> None:
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
-        run_as_python(request["argv"], request["cwd"], request["env"])  # never returns
+        run_as_python(request["argv"], request["cwd"], request["env"], executable=request.get("executable"),
+                      unbuffered=request.get("unbuffered", False))  # never returns
     for fd in fds:
         os.close(fd)
     conn.sendall(f"{pid}\n".encode())
+    ended = os.pidfd_open(pid)
+    if ended not in select.select([ended, conn], [], [])[0]:
+        os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
-    conn.sendall(f"{status}\n".encode())
+    try:
+        conn.sendall(f"{status}\n".encode())
+    except OSError:  # the requester is gone
+        pass
 
 
 def serve(socket_path: str) -> None:
@@ -103,8 +135,8 @@ def serve(socket_path: str) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(socket_path + ".tmp")
-    listener.listen(16)
-    os.rename(socket_path + ".tmp", socket_path)  # the client sees the socket only once it listens
+    listener.listen(64)
+    os.rename(socket_path + ".tmp", socket_path)  # requesters see the socket only once it listens
     while True:
         conn, _ = listener.accept()
         if os.fork() == 0:

@@ -10,6 +10,8 @@ vitlab's. Nothing happens at import: the resolvers the configs name are register
 from __future__ import annotations
 
 import contextlib
+import copy
+import os
 from collections.abc import Iterable, Iterator
 
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +28,49 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
 
 
+# (source class, source path, config path) -> (file stamp, Hydra's ConfigResult of the file as parsed)
+_PARSED: dict[tuple[str, str, str], tuple] = {}
+
+
+@contextlib.contextmanager
+def _files_parsed_once() -> Iterator[None]:
+    """Hydra parses every YAML file again on every compose (its own ``hydra/*`` configs too: ~25 files
+    and ~70% of a small compose, in pure-Python YAML): the tools compose hundreds of times (a zoo row,
+    a sweep's job each). Inside the block each file is parsed once per process and handed out as a
+    deep copy (Hydra edits what it loads); a file of vitlab's ``conf/`` that changed on disk (its
+    mtime or size) is parsed again. Hydra has no option for this (its ``CachingConfigRepository``
+    lives for one compose), so its two YAML sources' ``load_config`` are wrapped for the block."""
+    from hydra._internal.core_plugins.file_config_source import FileConfigSource
+    from hydra._internal.core_plugins.importlib_resources_config_source import ImportlibResourcesConfigSource
+    from hydra.plugins.config_source import ConfigResult
+
+    def cached(original, stamped: bool):
+        def load_config(source, config_path: str) -> ConfigResult:
+            stamp = None
+            if stamped:
+                try:
+                    stat = os.stat(os.path.join(source.path, source._normalize_file_name(config_path)))
+                except OSError:  # not there: Hydra's own error
+                    return original(source, config_path)
+                stamp = (stat.st_mtime_ns, stat.st_size)
+            key = (type(source).__name__, source.path, config_path)
+            if key not in _PARSED or _PARSED[key][0] != stamp:
+                _PARSED[key] = (stamp, original(source, config_path))
+            parsed = _PARSED[key][1]
+            return ConfigResult(provider=parsed.provider, path=parsed.path, config=copy.deepcopy(parsed.config),
+                                header=dict(parsed.header), is_schema_source=parsed.is_schema_source)
+        return load_config
+
+    originals = {cls: cls.__dict__["load_config"] for cls in (FileConfigSource, ImportlibResourcesConfigSource)}
+    for cls, original in originals.items():
+        cls.load_config = cached(original, stamped=cls is FileConfigSource)
+    try:
+        yield
+    finally:
+        for cls, original in originals.items():
+            cls.load_config = original
+
+
 @contextlib.contextmanager
 def hydra_app(job_name: str = "app") -> Iterator:
     """A Hydra instance on vitlab's ``conf/`` only (``Hydra``: ``compose_config``, ``config_loader``),
@@ -40,7 +85,8 @@ def hydra_app(job_name: str = "app") -> Iterator:
     register_resolvers()
     outer = Singleton._instances.pop(GlobalHydra, None)  # Hydra's own initialize_* refuse a second instance
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base=VERSION_BASE, job_name=job_name):
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=VERSION_BASE, job_name=job_name), \
+                _files_parsed_once():
             yield GlobalHydra.instance().hydra
     finally:
         Singleton._instances.pop(GlobalHydra, None)
