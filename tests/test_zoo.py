@@ -51,6 +51,8 @@ def _measure(row: dict) -> zoo.ZooRow:
     return zoo.measure(row["name"], row["set"], row["task"], row["input"], row=row)  # counts cached in zoo._count
 
 
+# the rows and the deltas on one worker: a delta's two models are rows measured there already (zoo._count's cache)
+@pytest.mark.xdist_group("zoo")
 @pytest.mark.parametrize("row", ROWS, ids=_row_id)
 def test_paper_row(row):
     assert row["name"] in available_backbones(), f"{row['table_file']}: no conf/backbone/{row['name']}.yaml"
@@ -91,6 +93,7 @@ def test_rows_with_wider_tolerances_say_why():
     assert loose and not [r["source"] for r in loose if not r.get("known_gap")]
 
 
+@pytest.mark.xdist_group("zoo")
 @pytest.mark.parametrize("row", DELTA_ROWS, ids=_row_id)
 def test_paper_delta(row):
     """The GFLOPs an ablation adds or removes, against the paper's (a tighter check than the
