@@ -297,19 +297,31 @@ def call_in_child(fn, *args):
     """``fn(*args)`` in a process of its own (a command ``python -c``), in this process's environment and
     working directory (``fn``: a module-level function of a test module); its return value is sent
     back, its exception raised here with the child's traceback."""
+    return call_in_children(fn, [args])[0]
+
+
+def call_in_children(fn, arg_lists: list) -> list:
+    """``fn(*args)`` for each ``args`` of ``arg_lists``, each in a process of its own (see
+    ``call_in_child``), all running at once (the ranks of a process group); their return values in order."""
     import pickle
 
     tmp = Path(tempfile.mkdtemp(prefix="call-"))
     try:
-        (tmp / "call").write_bytes(pickle.dumps((fn, args)))
-        code = _CALL.format(tests=str(Path(__file__).parent), call=str(tmp / "call"), result=str(tmp / "result"))
-        command = Command(["-c", code], Path.cwd(), dict(os.environ), log=tmp / "log")
-        command.wait()
-        ok, value = pickle.loads((tmp / "result").read_bytes()) if (tmp / "result").exists() else (False, None)
-        if not ok:
-            raise AssertionError(f"{fn.__name__} failed in the child (exit {command.returncode}):\n{value}\n"
-                                 f"{(tmp / 'log').read_text()[-3000:]}")
-        return value
+        commands = []
+        for k, args in enumerate(arg_lists):
+            (tmp / f"call{k}").write_bytes(pickle.dumps((fn, tuple(args))))
+            code = _CALL.format(tests=str(Path(__file__).parent), call=str(tmp / f"call{k}"), result=str(tmp / f"result{k}"))
+            commands.append(Command(["-c", code], Path.cwd(), dict(os.environ), log=tmp / f"log{k}"))
+        values = []
+        for k, command in enumerate(commands):
+            command.wait()
+            result = tmp / f"result{k}"
+            ok, value = pickle.loads(result.read_bytes()) if result.exists() else (False, None)
+            if not ok:
+                raise AssertionError(f"{fn.__name__}{tuple(arg_lists[k])!r:.200} failed in the child (exit "
+                                     f"{command.returncode}):\n{value}\n{(tmp / f'log{k}').read_text()[-3000:]}")
+            values.append(value)
+        return values
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

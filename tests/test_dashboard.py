@@ -7,14 +7,12 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 
 from support import SWEEP_RATIOS as RATIOS
-from support import wandb_run_info
+from support import run_script, wandb_run_info
 from vitlab.tools import compare, dashboard, paper
 
 
@@ -155,9 +153,7 @@ def test_sync_picks_new_and_grown_offline_runs(sweep_dir):
 
 
 def run_script_module(args):
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "-m", "vitlab.tools.dashboard", *args], env=env, capture_output=True, text=True,
-                          timeout=120, check=True)
+    return run_script("-m", ["vitlab.tools.dashboard", *args], None, timeout=120)
 
 
 def test_saving_again_updates_the_same_view(sweep_dir, tmp_path, monkeypatch):

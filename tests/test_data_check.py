@@ -3,16 +3,14 @@ pass, the run-start ``preflight()`` (stop, skip, none) and ``python -m vitlab.to
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from support import run_script
 from vitlab.data import report as kinds
 from vitlab.data.ade20k import ADE20KDataModule, ADE20KDataset
 from vitlab.data.base import MissingFileError
@@ -283,9 +281,8 @@ def test_verify_value_is_checked():
 def test_cli_as_typed_from_another_directory(generated, tmp_path):
     root = copy_of(generated, "coco", tmp_path / "work")
     break_coco(root)
-    cmd = [sys.executable, "-m", "vitlab.tools.check_data", "task=coco_retinanet", "data.root=coco", "data.verify=full"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=tmp_path / "work", env=env, capture_output=True, text=True, timeout=600)
+    proc = run_script("-m", ["vitlab.tools.check_data", "task=coco_retinanet", "data.root=coco", "data.verify=full"],
+                      None, cwd=tmp_path / "work", check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
     out = proc.stdout
     assert out.startswith(f"COCO at coco (full: every image decoded)\n  train2017: {COCO_TRAIN} images")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from support import FAST, run_script, wandb_records
+from support import FAST, call_in_children, run_script, wandb_records
 from vitlab.data.synthetic import make_imagenet
 
 
@@ -60,7 +60,7 @@ def test_wandb_offline_run_holds_config_and_metrics(smoke_sweep):
     assert summary["params"] > 0 and "val/top1" in summary and summary["backbone"] == "pvt_v2_b0"
 
 
-def _map_on_rank(rank: int, world: int, port: int, items: list, out: dict) -> None:
+def _map_on_rank(rank: int, world: int, port: int, items: list) -> tuple[float, list[int]]:
     import torch.distributed as dist
 
     from vitlab.tasks.detection import CocoEvaluator
@@ -70,8 +70,9 @@ def _map_on_rank(rank: int, world: int, port: int, items: list, out: dict) -> No
     for image_id, pred, gt in items[rank::world]:  # 7 images: 4 on rank 0, 3 on rank 1
         evaluator.update(pred, gt, image_id)
     evaluator.gather()
-    out[rank] = (evaluator.compute()["bbox_map"], [r["image_id"] for r in evaluator.results])
+    out = (evaluator.compute()["bbox_map"], [r["image_id"] for r in evaluator.results])
     dist.destroy_process_group()
+    return out
 
 
 def test_map_states_gathered_over_uneven_processes_equal_one_process():
@@ -80,7 +81,6 @@ def test_map_states_gathered_over_uneven_processes_equal_one_process():
     import socket
 
     import torch
-    import torch.multiprocessing as mp
     from torchmetrics.detection import MeanAveragePrecision
 
     g = torch.Generator().manual_seed(0)
@@ -101,8 +101,7 @@ def test_map_states_gathered_over_uneven_processes_equal_one_process():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_map_on_rank, args=(2, port, items, out), nprocs=2, join=True)
+    out = call_in_children(_map_on_rank, [(rank, 2, port, items) for rank in (0, 1)])
     for rank in (0, 1):
         assert out[rank][0] == pytest.approx(expected, abs=1e-4)  # results files round boxes to 0.01 px
         assert sorted(set(out[rank][1])) == list(range(1, 8)) and out[rank][1] == sorted(out[rank][1])

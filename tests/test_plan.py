@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-from support import REPO
+from support import REPO, run_script
 from vitlab.tools import plan
 
 PALE_TABLE7_GFLOPS = {1: 3.8, 3: 4.1, 5: 4.4, 7: 4.2, 9: 5.4}  # the paper's ImageNet FLOPs per pale size
@@ -29,8 +27,8 @@ def hydra_multirun_jobs(tmp_path, overrides: list[str]) -> list[list[str]]:
 
         record()
     """))
-    subprocess.run([sys.executable, str(script), "-m", *overrides, f"hydra.sweep.dir={tmp_path / 'sweep'}",
-                    "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"], check=True, capture_output=True)
+    run_script(str(script), ["-m", *overrides, f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra/job_logging=disabled",
+                             "hydra/hydra_logging=disabled"], None)  # str(script): absolute, REPO/src is not joined
     return [json.loads(line) for line in (tmp_path / "jobs.jsonl").read_text().splitlines()]
 
 

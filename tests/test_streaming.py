@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from support import call_in_children
 from vitlab.data.base import CorruptImageError
 from vitlab.data.imagenet import ImageNetDataModule
 from vitlab.data.synthetic import make_imagenet
@@ -146,7 +147,7 @@ def _fails(dataset, i) -> bool:
     return False
 
 
-def _ranks_ids(rank: int, world: int, port: int, root: str, out: dict) -> None:
+def _ranks_ids(rank: int, world: int, port: int, root: str) -> tuple[list[int], list[int]]:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -156,14 +157,12 @@ def _ranks_ids(rank: int, world: int, port: int, root: str, out: dict) -> None:
     dm.train_set.transform = dm.val_set.transform = checksum
     train = [int(v) for b in dm.train_dataloader() for v in b.images]
     val = [int(v) for b in dm.val_dataloader() for v in b.images]
-    out[rank] = (train, val)
     dist.destroy_process_group()
+    return train, val
 
 
 def test_ddp_two_processes_read_disjoint_complete_shares(packed):
     import socket
-
-    import torch.multiprocessing as mp
 
     from vitlab.data.streaming import PackedImages
 
@@ -174,8 +173,7 @@ def test_ddp_two_processes_read_disjoint_complete_shares(packed):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    got = mp.Manager().dict()
-    mp.spawn(_ranks_ids, args=(2, port, str(out), got), nprocs=2, join=True)
+    got = call_in_children(_ranks_ids, [(rank, 2, port, str(out)) for rank in (0, 1)])  # two processes at once
     for k, split in enumerate(("train", "val")):
         shares = [got[0][k], got[1][k]]
         assert sorted(shares[0] + shares[1]) == epoch[split]  # the epoch, each image once
