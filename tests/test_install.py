@@ -61,12 +61,14 @@ def test_the_build_warns_about_no_package_data(installed):
 
 
 def test_api_and_zoo_from_another_directory(installed, tmp_path):
-    code = ("import vitlab, vitlab.runtime.resources as r; m = vitlab.create_model('pvt_v2_b0', num_classes=3); "
-            "print(vitlab.__file__, r.conf_dir(), sum(p.numel() for p in m.parameters()))")
-    out = run_installed(installed, tmp_path, sys.executable, "-c", code).stdout.split()
+    """The API, then ``python -m vitlab.tools.zoo pvt_v2_b0`` (runpy's ``-m``), in one fresh interpreter."""
+    code = ("import runpy, sys, vitlab, vitlab.runtime.resources as r; m = vitlab.create_model('pvt_v2_b0', num_classes=3); "
+            "print(vitlab.__file__, r.conf_dir(), sum(p.numel() for p in m.parameters()), flush=True); "
+            "sys.argv = ['vitlab.tools.zoo', 'pvt_v2_b0']; runpy._run_module_as_main('vitlab.tools.zoo')")
+    first, _, zoo = run_installed(installed, tmp_path, sys.executable, "-c", code).stdout.partition("\n")
+    out = first.split()
     assert out[0].startswith(str(installed)) and out[1] == str(installed / "vitlab" / "conf")
     assert int(out[2]) > 3_000_000
-    zoo = run_installed(installed, tmp_path, sys.executable, "-m", "vitlab.tools.zoo", "pvt_v2_b0").stdout
     assert "pvt_v2_b0" in zoo and "3.667" in zoo  # 3,666,760 params (official code)
 
 
