@@ -133,13 +133,15 @@ def test_gmacs_match_independent_counts():
     assert count_gmacs(Attn(), (7, 7), attention=False) == 0  # mmcv's counter does not see them
 
 
-@pytest.mark.parametrize("name,task,size", [("pvt_v2_b0", "coco_maskrcnn", (800, 1280)), ("pale_t", None, (224, 224)),
-                                            ("scalablevit_s", None, (224, 224))])
-def test_fast_meta_shapes_count_as_torch_does(name, task, size):
+# between them every op _FastMeta shapes itself (the adapter: resizes, grid sampling, batch norm, softmax)
+@pytest.mark.parametrize("name,task,size,scope", [
+    ("pvt_v2_b0", "coco_maskrcnn", (800, 1280), "classifier"), ("pale_t", None, (224, 224), "classifier"),
+    ("scalablevit_s", None, (224, 224), "classifier"), ("gpvit_l1_adapter", None, (224, 224), "backbone")])
+def test_fast_meta_shapes_count_as_torch_does(name, task, size, scope):
     def total_and_attention(by_op):
         return sum(by_op.values()), sum(g for op, g in by_op.items() if is_attention_op(op))
 
-    model = zoo.build_for_count(name, [], task, "classifier")
+    model = zoo.build_for_count(name, [], task, scope)
     fast, torch_meta = (total_and_attention(gmacs_by_op(model, size, fast=f)) for f in (True, False))
     assert fast == pytest.approx(torch_meta, rel=1e-12) and fast[1] > 0
 
