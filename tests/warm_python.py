@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -133,12 +134,21 @@ def serve(socket_path: str) -> None:
     for name in support.PRELOAD:
         __import__(name)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    parent = os.getppid()
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(socket_path + ".tmp")
     listener.listen(64)
+    listener.settimeout(1.0)
     os.rename(socket_path + ".tmp", socket_path)  # requesters see the socket only once it listens
     while True:
-        conn, _ = listener.accept()
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            if os.getppid() != parent:  # the test process that started it ended without stopping it
+                shutil.rmtree(Path(socket_path).parent, ignore_errors=True)
+                return
+            continue
+        conn.settimeout(None)
         if os.fork() == 0:
             listener.close()
             try:
