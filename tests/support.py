@@ -310,7 +310,8 @@ def call_in_children(fn, arg_lists: list) -> list:
         commands = []
         for k, args in enumerate(arg_lists):
             (tmp / f"call{k}").write_bytes(pickle.dumps((fn, tuple(args))))
-            code = _CALL.format(tests=str(Path(__file__).parent), call=str(tmp / f"call{k}"), result=str(tmp / f"result{k}"))
+            code = _CALL.format(tests=str(Path(__file__).parent), call=str(tmp / f"call{k}"),
+                                result=str(tmp / f"result{k}"))
             commands.append(Command(["-c", code], Path.cwd(), dict(os.environ), log=tmp / f"log{k}"))
         values = []
         for k, command in enumerate(commands):

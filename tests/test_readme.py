@@ -205,7 +205,8 @@ WARM_CASES = [
 def test_warm_python_behaves_as_the_interpreter(command, warm_python, tmp_path):
     """What the README's commands see through the warm ``python`` equals what the real interpreter
     gives them: output, stderr, exit code (a signal's too), argv, working directory, environment,
-    stdin, a script's sys.path[0] and ``__main__``."""
+    stdin, a script's sys.path[0] and ``__main__``, ``-u``'s unbuffered output, and what a command
+    starts with ``sys.executable``."""
     def run_with(python_dir):
         env = {**os.environ, "PROBE": "seen", "PATH": f"{python_dir}:{os.environ['PATH']}"}
         return subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True)

@@ -18,7 +18,8 @@ Two kinds of requester:
   interpreter instead; ``multiprocessing``'s spawn runs the real one too
   (its children inherit pipes the server cannot be handed).
 
-The install tests and ``make train`` start real interpreters.
+The install tests and ``make train`` start real interpreters. A server whose test process died
+without stopping it (killed: no exit functions ran) ends itself within a second.
 """
 from __future__ import annotations
 

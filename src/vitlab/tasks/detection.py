@@ -102,8 +102,9 @@ class CocoEvaluator:
         """``{iou_type}_{key}`` for the 12 COCO numbers (fractions; -1 where COCOeval has none) and
         ``{iou_type}_ap_per_class`` / ``{iou_type}_ar100_per_class`` (one per category id, in order;
         -1: no ground truth of that class). With masks, a second core and no other Python thread, the
-        mask evaluation runs in a forked process while this one evaluates the boxes: the two share nothing, each takes tens of
-        seconds on COCO val, and a fork reads the entries without copying or pickling them."""
+        mask evaluation runs in a forked process while this one evaluates the boxes: the two share
+        nothing, each takes tens of seconds on COCO val, and a fork reads the entries without copying
+        or pickling them."""
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1  # elsewhere than Linux: one process
         # forking a process with other Python threads (a pin-memory thread, a logger's) can copy a lock
         # one of them holds: then the one process, ~7 s more at COCO val's size
@@ -250,12 +251,11 @@ def encode_masks(masks: torch.Tensor) -> list[dict]:
     return crops_to_rle(crops, list(zip(top.tolist(), left.tolist())), masks.shape[1:])
 
 
-def crops_to_rle(crops: list[np.ndarray], corners: list[tuple[int, int]], size: tuple[int, int],
-                 threshold: float | None = None) -> list[dict]:
-    """Crops (h x w, each inside the image; boolean, or values above ``threshold`` set) placed at
-    ``corners`` (top, left) on an otherwise empty image of ``size`` (H, W) -> COCO's compressed RLEs of
-    those images (the runs of the column-major image; pycocotools encodes whole images only, so the
-    runs are hand-made and pycocotools compresses them)."""
+def crops_to_rle(crops: list[np.ndarray], corners: list[tuple[int, int]], size: tuple[int, int]) -> list[dict]:
+    """Boolean crops (h x w, each inside the image) placed at ``corners`` (top, left) on an otherwise
+    empty image of ``size`` (H, W) -> COCO's compressed RLEs of those images (the runs of the
+    column-major image; pycocotools encodes whole images only, so the runs are hand-made and
+    pycocotools compresses them)."""
     if not crops:
         return []
     height, width = (int(v) for v in size)
@@ -266,10 +266,7 @@ def crops_to_rle(crops: list[np.ndarray], corners: list[tuple[int, int]], size: 
     starts = np.concatenate([[0], np.cumsum(heights * widths)])
     flat = np.zeros(int(starts[-1]) + 1, dtype=bool)  # one more zero: every run ends inside
     for crop, start, h, w in zip(crops, starts.tolist(), heights.tolist(), widths.tolist()):
-        if threshold is None:
-            flat[start:start + h * w].reshape(w, h)[:, 1:-1] = crop.T
-        else:
-            np.greater(crop.T, threshold, out=flat[start:start + h * w].reshape(w, h)[:, 1:-1])
+        flat[start:start + h * w].reshape(w, h)[:, 1:-1] = crop.T
     changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1  # starts and ends of the runs of ones, in turn
     run_starts, run_ends = changes[0::2], changes[1::2]
     det = np.searchsorted(starts, run_starts, side="right") - 1  # the crop of each run
