@@ -167,9 +167,11 @@ def test_config_files_are_parsed_once_and_changes_are_seen(tmp_path):
     Hydra's config sources as they were."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    from hydra._internal.core_plugins.file_config_source import FileConfigSource
+    from hydra._internal.sources_registry import SourcesRegistry
 
     from vitlab.runtime import config
+
+    FileConfigSource = SourcesRegistry.instance().resolve("file")  # the class Hydra uses
 
     original = FileConfigSource.load_config
     changed = compose(None, ["+backbone=pvt_v2_b0", "backbone.depths=[1,1,1,1]"])
@@ -177,8 +179,12 @@ def test_config_files_are_parsed_once_and_changes_are_seen(tmp_path):
     assert list(changed.backbone.depths) == [1, 1, 1, 1] and list(plain.backbone.depths) == [2, 2, 2, 2]
     assert any("pvt_v2_b0" in key[2] for key in config._PARSED)
     (tmp_path / "app.yaml").write_text("value: 1\n")
-    with config._files_parsed_once(), initialize_config_dir(str(tmp_path), version_base=config.VERSION_BASE):
+    with config.files_parsed_once(), initialize_config_dir(str(tmp_path), version_base=config.VERSION_BASE):
         assert hydra_compose("app").value == 1
         (tmp_path / "app.yaml").write_text("value: 22\n")  # another size: a new stamp even within one mtime tick
         assert hydra_compose("app").value == 22
+        wrapped = FileConfigSource.load_config
+        with config.files_parsed_once():  # nested (``compose`` inside a run of the CLI): the outer one serves
+            assert FileConfigSource.load_config is wrapped and hydra_compose("app").value == 22
+        assert FileConfigSource.load_config is wrapped
     assert FileConfigSource.load_config is original

@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from vitlab.errors import user_errors_as_messages
-from vitlab.runtime.config import register_resolvers
+from vitlab.runtime.config import files_parsed_once, register_resolvers
 from vitlab.runtime.resources import conf_dir
 from vitlab.runtime.run import RunContext, evaluate, train
 
@@ -52,11 +52,13 @@ def train_main() -> float | None:
     """Train any backbone on any task: ``vitlab-train backbone=pvt_v2_b2 task=imagenet_cls``."""
     register_resolvers()  # the run directory's (conf/hydra/default.yaml), before Hydra resolves it
     app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
-    return app(user_errors_as_messages(train_job))()
+    with files_parsed_once():  # a sweep's jobs compose from files parsed once, not twice a job
+        return app(user_errors_as_messages(train_job))()
 
 
 def eval_main() -> None:
     """Evaluate a checkpoint: ``vitlab-eval ckpt_path=.../best.ckpt``."""
     register_resolvers()
     app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="eval")
-    app(user_errors_as_messages(eval_job))()
+    with files_parsed_once():
+        app(user_errors_as_messages(eval_job))()

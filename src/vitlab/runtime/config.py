@@ -33,16 +33,21 @@ _PARSED: dict[tuple[str, str, str], tuple] = {}
 
 
 @contextlib.contextmanager
-def _files_parsed_once() -> Iterator[None]:
+def files_parsed_once() -> Iterator[None]:
     """Hydra parses every YAML file again on every compose (its own ``hydra/*`` configs too: ~25 files
     and ~70% of a small compose, in pure-Python YAML): the tools compose hundreds of times (a zoo row,
     a sweep's job each). Inside the block each file is parsed once per process and handed out as a
     deep copy (Hydra edits what it loads); a file of vitlab's ``conf/`` that changed on disk (its
     mtime or size) is parsed again. Hydra has no option for this (its ``CachingConfigRepository``
-    lives for one compose), so its two YAML sources' ``load_config`` are wrapped for the block."""
-    from hydra._internal.core_plugins.file_config_source import FileConfigSource
-    from hydra._internal.core_plugins.importlib_resources_config_source import ImportlibResourcesConfigSource
+    lives for one compose), so its two YAML sources' ``load_config`` are wrapped for the block.
+    The entry points (``vitlab.runtime.cli``) run inside it too: a ``-m`` sweep composes each job twice."""
+    from hydra._internal.sources_registry import SourcesRegistry
+    from hydra.core.plugins import Plugins
     from hydra.plugins.config_source import ConfigResult
+
+    # the classes Hydra will use: its first plugin scan executes its modules again (new class objects)
+    Plugins.instance()
+    FileConfigSource, ImportlibResourcesConfigSource = map(SourcesRegistry.instance().resolve, ("file", "pkg"))
 
     def cached(original, stamped: bool):
         def load_config(source, config_path: str) -> ConfigResult:
@@ -59,8 +64,12 @@ def _files_parsed_once() -> Iterator[None]:
             parsed = _PARSED[key][1]
             return ConfigResult(provider=parsed.provider, path=parsed.path, config=copy.deepcopy(parsed.config),
                                 header=dict(parsed.header), is_schema_source=parsed.is_schema_source)
+        load_config.parsed_once = True
         return load_config
 
+    if getattr(FileConfigSource.load_config, "parsed_once", False):  # inside such a block already
+        yield
+        return
     originals = {cls: cls.__dict__["load_config"] for cls in (FileConfigSource, ImportlibResourcesConfigSource)}
     for cls, original in originals.items():
         cls.load_config = cached(original, stamped=cls is FileConfigSource)
@@ -86,7 +95,7 @@ def hydra_app(job_name: str = "app") -> Iterator:
     outer = Singleton._instances.pop(GlobalHydra, None)  # Hydra's own initialize_* refuse a second instance
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=VERSION_BASE, job_name=job_name), \
-                _files_parsed_once():
+                files_parsed_once():
             yield GlobalHydra.instance().hydra
     finally:
         Singleton._instances.pop(GlobalHydra, None)
