@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import threading
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
@@ -18,7 +20,9 @@ import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks, paste_masks_in_image
 from torchvision.models.detection.transform import resize_boxes
 
-from vitlab.tasks.detection import CocoEvaluator, detections_to_original, encode_masks, paste_masks_rle
+from vitlab.tasks import coco_masks
+from vitlab.tasks.coco_masks import encode_masks, paste_masks_rle
+from vitlab.tasks.detection import CocoEvaluator, detections_to_original
 from vitlab.tasks.segmentation import ConfusionMatrix
 from vitlab.tools.eval_cost import COCO_INPUT, COCO_SIZE, coco_batch
 
@@ -178,10 +182,57 @@ def test_mask_evaluation_error_reaches_the_caller(other_thread, monkeypatch):
     evaluator = CocoEvaluator(True, CATS)
     for image_id, (det, tgt) in enumerate(zip(dets, targets), 1):
         evaluator.update(detections_to_original(det, COCO_INPUT, COCO_SIZE, rle=True), tgt, image_id)
-    del evaluator.results[3]["segmentation"]
-    with pytest.raises(KeyError, match="segmentation"):
+    image_id, (cats, boxes, scores, rles) = evaluator._results[1]
+    evaluator._results[1] = (image_id, (cats, boxes, scores, rles[:-1]))  # a mask short: an error in evaluate("segm")
+    with pytest.raises(IndexError):
         evaluator.compute()
     assert contexts == ([] if other_thread else ["fork"])
+
+
+@pytest.mark.parametrize("other_thread", [False, True])
+def test_masks_pasted_in_worker_processes_equal_the_inline_ones(other_thread, monkeypatch):
+    """``module.paste_workers``: masks pasted by the pool's processes are the inline ones, byte for byte,
+    in image order, and evaluate the same; the processes are forked when this process has no other
+    thread, else started by forkserver; once the entries are read, no process or thread of the pool is
+    left (``compute`` forks its mask evaluation only then)."""
+    contexts, get_context = [], coco_masks.multiprocessing.get_context
+    monkeypatch.setattr(coco_masks.multiprocessing, "get_context", lambda kind: contexts.append(kind) or get_context(kind))
+    g = torch.Generator().manual_seed(3)
+    dets, targets = coco_batch(g, 5, masks=True, num_classes=len(CATS), dets=30, objects=4)
+    inline, pooled = CocoEvaluator(True, CATS), CocoEvaluator(True, CATS, paste_workers=2)
+    pooled._paster.inline_first = 1  # the first image pasted here, the other four in the processes
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    if other_thread:
+        thread.start()
+    try:
+        for image_id, (det, tgt) in enumerate(zip(dets, targets), 1):
+            for evaluator in (inline, pooled):
+                pred = detections_to_original(det, COCO_INPUT, COCO_SIZE, rle=True, paste=evaluator.paste)
+                evaluator.update(pred, tgt, image_id)
+        assert [isinstance(rles, Future) for _, (*_, rles) in pooled._results] == [False, True, True, True, True]
+        assert contexts == ["forkserver" if other_thread else "fork"]
+        assert pooled.results == inline.results and len(inline.results) == 5 * 30
+    finally:
+        stop.set()
+        if other_thread:
+            thread.join()
+    assert threading.active_count() == 1 and pooled._paster._pool is None
+    assert pooled.compute() == inline.compute()
+
+
+def test_a_paste_that_fails_in_a_worker_fails_the_evaluation():
+    """The error of a paste in a pool process is raised by ``compute``, and the processes are ended."""
+    g = torch.Generator().manual_seed(4)
+    dets, targets = coco_batch(g, 2, masks=True, num_classes=len(CATS), dets=5, objects=2)
+    evaluator = CocoEvaluator(True, CATS, paste_workers=1)
+    evaluator._paster.inline_first = 0
+    dets[1]["masks"] = dets[1]["masks"][:, 0]  # N x M x M: not RoI masks
+    for image_id, (det, tgt) in enumerate(zip(dets, targets), 1):
+        evaluator.update(detections_to_original(det, COCO_INPUT, COCO_SIZE, rle=True, paste=evaluator.paste), tgt, image_id)
+    with pytest.raises(RuntimeError, match="input_size equals to 4"):  # torch's, raised in the process
+        evaluator.compute()
+    assert evaluator._paster._pool is None
 
 
 def test_confusion_matrix_equals_naive_count():

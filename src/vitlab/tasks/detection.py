@@ -21,21 +21,22 @@ import json
 import multiprocessing
 import os
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pycocotools import mask as mask_utils
 from torch import nn
 from torchmetrics import MeanMetric
-from torchvision.models.detection.roi_heads import expand_boxes, expand_masks, paste_masks_in_image
+from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.models.detection.transform import resize_boxes
 
 from vitlab.data.base import DatasetInfo, DetectionBatch, PredictBatch
 from vitlab.runtime.build import build_backbone, instantiate
 from vitlab.tasks.base import VitlabTask
+from vitlab.tasks.coco_masks import PastePool, encode_masks, paste_masks_rle
 from vitlab.tasks.visualize import Panel, render, to_rgb_array
 
 # torchmetrics' result keys -> ours (``val/<prefix><name>``)
@@ -44,59 +45,86 @@ MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "
 
 
 class CocoEvaluator:
-    """COCO evaluation of one validation pass: detections and ground truth kept as COCO entries
-    (xywh boxes, RLE masks: each mask encoded once, as the results JSON needs it anyway), evaluated
-    at the epoch's end by faster-coco-eval's COCOeval (C++; equal to pycocotools' COCOeval, tested),
-    once per IoU type. Per-class AP / AR100 are read from that one evaluation's precision and recall
-    arrays (mmdet's ``classwise``) instead of one more evaluation per class (torchmetrics'
-    ``class_metrics``: 80 more passes). The ground truth's ``area`` is the annotation's (as in
-    COCO's own files) for boxes and masks alike.
+    """COCO evaluation of one validation pass: detections and ground truth kept per image as columns
+    (category ids, xywh boxes, scores, RLE masks: each mask encoded once, as the results JSON needs it
+    anyway), made into COCO entries and evaluated at the epoch's end by faster-coco-eval's COCOeval
+    (C++; equal to pycocotools' COCOeval, tested), once per IoU type. Per-class AP / AR100 are read
+    from that one evaluation's precision and recall arrays (mmdet's ``classwise``) instead of one more
+    evaluation per class (torchmetrics' ``class_metrics``: 80 more passes). The ground truth's ``area``
+    is the annotation's (as in COCO's own files) for boxes and masks alike.
 
     It replaces torchmetrics' ``MeanAveragePrecision`` here: that one re-encodes every predicted
     mask on each update (the results JSON encoded them again) and reruns COCOeval per class, which
-    made box+mask evaluation of COCO val take many minutes.
+    made box+mask evaluation of COCO val take many minutes. Columns, not an entry dict per
+    detection: COCO val's 500,000 detections as dicts (each with a box list and an RLE dict) were
+    ~2 million objects the garbage collector went through again and again during the pass.
     """
 
-    def __init__(self, with_masks: bool, category_ids: list[int]):
+    def __init__(self, with_masks: bool, category_ids: list[int], paste_workers: int = 0):
         self.iou_types = ("bbox", "segm") if with_masks else ("bbox",)
         self.category_ids = list(category_ids)
+        self._paster = PastePool(paste_workers)
         self.reset()
 
-    def reset(self) -> None:
-        self.images: list[dict] = []
-        self.ground_truth: list[dict] = []
-        self.results: list[dict] = []
+    def paste(self, masks: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]):
+        """``paste_masks_rle``, in the pool's processes when it has some (``detections_to_original``'s
+        ``paste``): the RLEs, or a ``Future`` of them that ``finish_pastes`` waits for."""
+        return self._paster.paste(masks, boxes, size)
 
-    def update(self, pred: dict, target: dict, image_id: int) -> list[dict]:
+    def finish_pastes(self) -> None:
+        """Every mask pasted (the pool's processes ended): before the entries are read."""
+        self._paster.close()
+        for k, (image_id, (cats, boxes, scores, rles)) in enumerate(self._results):
+            if isinstance(rles, Future):
+                self._results[k] = (image_id, (cats, boxes, scores, rles.result()))
+
+    def reset(self) -> None:
+        self._paster.close()
+        self.images: list[dict] = []
+        self._ground_truth: list[tuple] = []  # per image: image id, _columns(...), is-crowd flags, areas
+        self._results: list[tuple] = []  # per image: image id, _columns(...)
+
+    def update(self, pred: dict, target: dict, image_id: int) -> None:
         """One image: ``pred`` (boxes xyxy, labels, scores, and RLEs ``segmentation`` from
         ``detections_to_original`` or masks N x H x W) and ``target`` (boxes, labels, iscrowd, area,
-        masks) on the original image of ``target["orig_size"]`` (H, W). Returns the image's results entries."""
+        masks) on the original image of ``target["orig_size"]`` (H, W)."""
         height, width = (int(v) for v in target["orig_size"])
         self.images.append({"id": image_id, "height": height, "width": width})
-        entries = coco_results(pred, self.category_ids, image_id=image_id)
-        self.results.extend(entries)
-        gt = coco_results({"boxes": target["boxes"], "labels": target["labels"],
-                           "scores": torch.ones(len(target["labels"])),
-                           **({"masks": target["masks"]} if "segm" in self.iou_types else {})},
-                          self.category_ids, image_id=image_id, precise=True)
-        for entry, crowd, area in zip(gt, target["iscrowd"].tolist(), target["area"].tolist()):
-            del entry["score"]
-            entry.update(iscrowd=int(crowd), area=float(area), id=len(self.ground_truth) + 1)
-            self.ground_truth.append(entry)
-        return entries
+        self._results.append((image_id, _columns(pred, self.category_ids)))
+        gt = {"boxes": target["boxes"], "labels": target["labels"],
+              **({"masks": target["masks"]} if "segm" in self.iou_types else {})}
+        self._ground_truth.append((image_id, _columns(gt, self.category_ids, precise=True),
+                                   target["iscrowd"].tolist(), target["area"].tolist()))
+
+    @property
+    def results(self) -> list[dict]:
+        """Every detection as a COCO results entry (image id order after ``gather``)."""
+        self.finish_pastes()
+        return [entry for image_id, columns in self._results for entry in _entries(columns, image_id)]
+
+    def ground_truth(self, iou_type: str | None = None) -> list[dict]:
+        """Every ground-truth object as a COCO annotation (ids from 1, in image order), with one IoU type's
+        geometry only (``bbox``: no masks; ``segm``: no boxes) or both."""
+        out = []
+        for image_id, columns, crowds, areas in self._ground_truth:
+            entries = _entries(columns, image_id, with_masks=iou_type != "bbox", with_boxes=iou_type != "segm")
+            for entry, crowd, area in zip(entries, crowds, areas):
+                del entry["score"]
+                entry.update(iscrowd=int(crowd), area=float(area), id=len(out) + 1)
+                out.append(entry)
+        return out
 
     def gather(self) -> None:
         """Every process's images on every process, in image-id order (exact evaluation gives the
-        processes different numbers of images, so the entries travel as Python objects)."""
+        processes different numbers of images, so the columns travel as Python objects)."""
+        self.finish_pastes()
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (self.images, self.ground_truth, self.results))
+        dist.all_gather_object(parts, (self.images, self._ground_truth, self._results))
         self.images = sorted((im for p in parts for im in p[0]), key=lambda im: im["id"])
-        self.ground_truth = sorted((a for p in parts for a in p[1]), key=lambda a: a["image_id"])
-        self.results = sorted((r for p in parts for r in p[2]), key=lambda r: r["image_id"])
-        for k, entry in enumerate(self.ground_truth, 1):
-            entry["id"] = k
+        self._ground_truth = sorted((g for p in parts for g in p[1]), key=lambda g: g[0])
+        self._results = sorted((r for p in parts for r in p[2]), key=lambda r: r[0])
 
     def compute(self) -> dict[str, float | list[float]]:
         """``{iou_type}_{key}`` for the 12 COCO numbers (fractions; -1 where COCOeval has none) and
@@ -105,6 +133,7 @@ class CocoEvaluator:
         mask evaluation runs in a forked process while this one evaluates the boxes: the two share
         nothing, each takes tens of seconds on COCO val, and a fork reads the entries without copying
         or pickling them."""
+        self.finish_pastes()
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1  # elsewhere than Linux: one process
         # forking a process with other Python threads (a pin-memory thread, a logger's) can copy a lock
         # one of them holds: then the one process, ~7 s more at COCO val's size
@@ -146,11 +175,10 @@ class CocoEvaluator:
             out[f"{iou_type}_ap_per_class"] = out[f"{iou_type}_ar100_per_class"] = [-1.0] * len(cats)
             return out
         # each type's own geometry only (as mmdet's CocoMetric): with both, loadRes would take a
-        # segm detection's area from its box; copies, as loadRes writes into the entries
-        drop = "segmentation" if iou_type == "bbox" else "bbox"
-        gt = COCO({"images": self.images, "categories": cats,
-                   "annotations": [{k: v for k, v in a.items() if k != drop} for a in self.ground_truth]})
-        dets = [{k: v for k, v in r.items() if k != drop} for r in self.results]
+        # segm detection's area from its box
+        masks = iou_type == "segm"
+        gt = COCO({"images": self.images, "categories": cats, "annotations": self.ground_truth(iou_type)})
+        dets = [entry for image_id, columns in self._results for entry in _entries(columns, image_id, masks, not masks)]
         if not dets:  # none at all (an early, untrained detector): AP 0 where there is ground truth
             dt = COCO({"images": self.images, "annotations": [], "categories": cats})
         elif iou_type == "segm":
@@ -158,8 +186,7 @@ class CocoEvaluator:
             # call rather than one per detection. loadRes also sets each mask's box, which a mask
             # evaluation never reads (COCOeval: IoUs from the masks, area ranges from the areas; equal to
             # pycocotools' with loadRes, tested): a placeholder instead of ~2 s at COCO val's size
-            rles = [d["segmentation"] for d in dets]
-            for k, (d, area) in enumerate(zip(dets, coco_mask.area(rles)), 1):
+            for k, (d, area) in enumerate(zip(dets, coco_mask.area([d["segmentation"] for d in dets])), 1):
                 d.update(area=area, bbox=[0.0, 0.0, 0.0, 0.0], id=k, iscrowd=0)
             dt = COCO({"images": self.images, "annotations": dets, "categories": cats})
         with contextlib.redirect_stdout(io.StringIO()):  # COCOeval prints its summary table
@@ -184,111 +211,55 @@ def _mean_valid(values: np.ndarray) -> float:
     return float(valid.mean()) if valid.size else -1.0
 
 
-def detections_to_original(det: dict, image_size, orig_size, rle: bool = False) -> dict:
+def detections_to_original(det: dict, image_size, orig_size, rle: bool = False, paste=paste_masks_rle) -> dict:
     """A detector's output on the (resized) network input -> the original image, where COCO's ground
     truth lives: boxes rescaled; RoI masks (``_Detector.roi_masks``) pasted straight at the original
     size as torchvision's ``paste_masks_in_image`` does, as RLEs (``rle``: ``segmentation``, the
-    evaluation's form, never making full-size masks) or N x H x W bool ``masks``."""
+    evaluation's form, never making full-size masks; by ``paste``, e.g. ``CocoEvaluator.paste``) or
+    N x H x W bool ``masks``."""
     orig_size = tuple(int(v) for v in orig_size)
     boxes = resize_boxes(det["boxes"], tuple(image_size), orig_size)
     out = {"boxes": boxes, "scores": det["scores"], "labels": det["labels"]}
     if "masks" in det:
         if rle:
-            out["segmentation"] = paste_masks_rle(det["masks"], boxes, orig_size)
+            out["segmentation"] = paste(det["masks"], boxes, orig_size)
         else:
             out["masks"] = paste_masks_in_image(det["masks"], boxes, orig_size)[:, 0] > 0.5
     return out
 
 
-def paste_masks_rle(masks: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], threshold: float = 0.5) -> list[dict]:
-    """Mask R-CNN's RoI masks (N x 1 x M x M probabilities) pasted into their boxes (N x 4 xyxy) on an
-    image of ``size`` (H, W) and thresholded, as COCO RLEs: byte-equal to ``pycocotools.mask.encode`` of
-    torchvision's ``paste_masks_in_image(masks, boxes, size)[:, 0] > threshold`` (tested), without
-    making the full-size masks: each mask is resized to its box as torchvision does (its padding, box
-    expansion and the same ``F.interpolate``) and encoded from the part inside the image
-    (``crops_to_rle``). torchvision pastes each mask on a zeroed full image and pycocotools encodes whole
-    images: 100 full-size masks per image made that the dominant cost of validating Mask R-CNN."""
-    height, width = size
-    crops, corners = [], []
-    # F.interpolate's own kernel for a 4-D input and an output size (what it calls): its Python checks
-    # cost more than resizing a box's mask (~17 us of ~45 per mask, measured)
-    resize = torch._C._nn.upsample_bilinear2d
-    with one_thread():
-        masks, scale = expand_masks(masks.detach().float().cpu(), padding=1)
-        boxes = expand_boxes(boxes.detach().float().cpu(), scale).to(torch.int64).tolist()
-        for mask, (x0, y0, x1, y1) in zip(masks.unbind(0), boxes):
-            local = resize(mask[None], (max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1)), False)[0, 0]
-            top, left = max(y0, 0), max(x0, 0)
-            bottom, right = max(min(y1 + 1, height), top), max(min(x1 + 1, width), left)
-            # thresholded here: crops_to_rle then copies bytes rather than floats into column order
-            crops.append(local[top - y0:bottom - y0, left - x0:right - x0].gt(threshold).numpy())
-            corners.append((top, left))
-    return crops_to_rle(crops, corners, size)
+def _columns(pred: dict, category_ids: list[int], precise: bool = False) -> tuple:
+    """Detections on an original image -> (category ids, N x 4 xywh boxes, scores, RLE masks or None),
+    the columns of their COCO results entries (``_entries``): ``segmentation`` RLEs as they are, or
+    ``masks`` N x H x W encoded; boxes and scores rounded as results files are written (``precise``:
+    not rounded)."""
+    boxes = pred["boxes"].detach().cpu().double().numpy().copy()
+    boxes[:, 2:] -= boxes[:, :2]  # xyxy -> COCO's xywh
+    scores = pred["scores"].detach().cpu().float().double().numpy() if "scores" in pred else np.ones(len(boxes))
+    if not precise:
+        boxes, scores = boxes.round(2), scores.round(4)
+    rles = pred.get("segmentation")  # RLEs already (``detections_to_original``); else N x H x W masks
+    if rles is None and "masks" in pred:
+        rles = encode_masks(pred["masks"])
+    cats = np.asarray(category_ids)[pred["labels"].cpu().numpy().astype(np.int64)]
+    return cats, boxes, scores, rles
 
 
-@contextlib.contextmanager
-def one_thread():
-    """torch's intra-op threads off for a while: each box's resize is too small to share, yet torch
-    starts its thread team for it, which made the pasting 10x slower on two busy cores (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def encode_masks(masks: torch.Tensor) -> list[dict]:
-    """N x H x W masks -> COCO RLEs, byte-equal to ``pycocotools.mask.encode`` (tested): each mask
-    encoded from its bounding crop (``crops_to_rle``), which spares pycocotools' column-major copy of
-    every whole image."""
-    masks = masks.detach().cpu().numpy().astype(bool, copy=False)
-    rows, cols = masks.any(2), masks.any(1)  # N x H, N x W: where each mask has pixels
-    top, bottom = rows.argmax(1), rows.shape[1] - rows[:, ::-1].argmax(1)
-    left, right = cols.argmax(1), cols.shape[1] - cols[:, ::-1].argmax(1)
-    bottom, right = np.where(rows.any(1), bottom, top), np.where(rows.any(1), right, left)  # empty: 0 x 0
-    crops = [m[t:b, l:r] for m, t, b, l, r in zip(masks, top.tolist(), bottom.tolist(), left.tolist(), right.tolist())]
-    return crops_to_rle(crops, list(zip(top.tolist(), left.tolist())), masks.shape[1:])
-
-
-def crops_to_rle(crops: list[np.ndarray], corners: list[tuple[int, int]], size: tuple[int, int]) -> list[dict]:
-    """Boolean crops (h x w, each inside the image) placed at ``corners`` (top, left) on an otherwise
-    empty image of ``size`` (H, W) -> COCO's compressed RLEs of those images (the runs of the
-    column-major image; pycocotools encodes whole images only, so the runs are hand-made and
-    pycocotools compresses them)."""
-    if not crops:
-        return []
-    height, width = (int(v) for v in size)
-    # every crop column-major with a zero row above and below, one after the other: a run of ones
-    # never crosses a column's end there, so the runs of all crops are found in one pass
-    heights = np.array([c.shape[0] + 2 for c in crops], dtype=np.int64)
-    widths = np.array([c.shape[1] for c in crops], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(heights * widths)])
-    flat = np.zeros(int(starts[-1]) + 1, dtype=bool)  # one more zero: every run ends inside
-    for crop, start, h, w in zip(crops, starts.tolist(), heights.tolist(), widths.tolist()):
-        flat[start:start + h * w].reshape(w, h)[:, 1:-1] = crop.T
-    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1  # starts and ends of the runs of ones, in turn
-    run_starts, run_ends = changes[0::2], changes[1::2]
-    det = np.searchsorted(starts, run_starts, side="right") - 1  # the crop of each run
-    top, left = np.array(corners, dtype=np.int64).reshape(-1, 2).T
-    column, row = np.divmod(run_starts - starts[det], heights[det])
-    run_ends = run_ends - run_starts  # lengths for a moment
-    run_starts = (left[det] + column) * height + top[det] + row - 1  # index in the column-major image
-    run_ends = run_starts + run_ends
-    # a crop as tall as the image: a run ending at a column's bottom goes on at the next one's top
-    joined = np.r_[False, (det[1:] == det[:-1]) & (run_starts[1:] == run_ends[:-1])]
-    run_starts, det, run_ends = run_starts[~joined], det[~joined], run_ends[np.r_[~joined[1:], True]]
-    previous_end = np.r_[0, run_ends[:-1]]
-    previous_end[np.r_[True, det[1:] != det[:-1]]] = 0  # a crop's first run follows zeros from 0
-    # the counts: (zeros, ones) per run, then the zeros after a crop's last run unless there are none
-    bounds = np.searchsorted(det, np.arange(len(crops) + 1))
-    tail = height * width - np.where(bounds[1:] > bounds[:-1], run_ends[bounds[1:] - 1], 0)
-    counts = np.insert(np.stack([run_starts - previous_end, run_ends - run_starts], 1).ravel(), 2 * bounds[1:], tail)
-    ends = 2 * bounds[1:] + np.arange(1, len(crops) + 1)  # where each crop's counts end, its tail included
-    keep = np.ones(len(counts), dtype=bool)
-    keep[ends - 1] = tail > 0
-    per_crop = np.split(counts[keep], np.cumsum(keep)[ends - 1][:-1])
-    return mask_utils.frPyObjects([{"size": [height, width], "counts": c} for c in per_crop], height, width)
+def _entries(columns: tuple, image_id: int | None = None, with_masks: bool = True, with_boxes: bool = True) -> list[dict]:
+    """``_columns``' detections as COCO results entries (``image_id`` first when given)."""
+    cats, boxes, scores, rles = columns
+    with_masks = with_masks and rles is not None
+    entries = []
+    for k, (cat, box, score) in enumerate(zip(cats.tolist(), boxes.tolist(), scores.tolist())):
+        entry = {} if image_id is None else {"image_id": image_id}
+        entry["category_id"] = cat
+        if with_boxes:
+            entry["bbox"] = box
+        entry["score"] = score
+        if with_masks:
+            entry["segmentation"] = {"size": rles[k]["size"], "counts": rles[k]["counts"].decode("ascii")}
+        entries.append(entry)
+    return entries
 
 
 def coco_results(pred: dict, category_ids: list[int], image_id: int | None = None,
@@ -296,23 +267,7 @@ def coco_results(pred: dict, category_ids: list[int], image_id: int | None = Non
     """Detections on an original image -> COCO results entries (category ids, xywh boxes, RLE masks:
     ``segmentation`` RLEs as they are or ``masks`` N x H x W encoded); boxes and scores rounded as
     results files are written (``precise``: not rounded)."""
-    boxes = pred["boxes"].detach().cpu().double().clone()
-    boxes[:, 2:] -= boxes[:, :2]  # xyxy -> COCO's xywh
-    rles = pred.get("segmentation")  # RLEs already (``detections_to_original``); else N x H x W masks
-    if rles is None and "masks" in pred:
-        rles = encode_masks(pred["masks"])
-    entries = []
-    scores, labels = pred["scores"].detach().cpu().float().tolist(), pred["labels"].tolist()
-    for k, box in enumerate(boxes.tolist()):
-        entry = {} if image_id is None else {"image_id": image_id}
-        score = scores[k]
-        if not precise:
-            box, score = [round(v, 2) for v in box], round(score, 4)
-        entry.update(category_id=category_ids[int(labels[k])], bbox=box, score=score)
-        if rles is not None:
-            entry["segmentation"] = {"size": rles[k]["size"], "counts": rles[k]["counts"].decode("ascii")}
-        entries.append(entry)
-    return entries
+    return _entries(_columns(pred, category_ids, precise), image_id)
 
 
 class DetectionTask(VitlabTask):
@@ -328,6 +283,7 @@ class DetectionTask(VitlabTask):
         val_loss: bool = True,
         ema_decay: float | None = None,
         compile: bool | str = False,
+        paste_workers: int = 2,
     ):
         super().__init__(backbone, schedule, info, compile)
         self.save_plain_hyperparameters()
@@ -348,7 +304,7 @@ class DetectionTask(VitlabTask):
         self.category_ids = list(self.info.category_ids or range(1, self.num_classes + 1))
         self.class_names = list(self.info.class_names)
         # synced by its gather(); holds the last validation's COCO results (for write_results)
-        self.val_coco = CocoEvaluator(self.with_masks, self.category_ids)
+        self.val_coco = CocoEvaluator(self.with_masks, self.category_ids, paste_workers if self.with_masks else 0)
         self._vis: list[np.ndarray] = []
         self.last_per_class: dict[str, dict] = {}
 
@@ -408,7 +364,7 @@ class DetectionTask(VitlabTask):
                 detections = self.eval_model(images)
         for image, det, tgt in zip(images, detections, targets):
             orig = tuple(int(v) for v in tgt["orig_size"])
-            pred = detections_to_original(det, image.shape[-2:], orig, rle=True)
+            pred = detections_to_original(det, image.shape[-2:], orig, rle=True, paste=self.val_coco.paste)
             gt = {k: torch.as_tensor(tgt[k]).as_subclass(torch.Tensor)
                   for k in ("boxes", "labels", "iscrowd", "area", "orig_size", *(("masks",) if self.with_masks else ()))}
             self.val_coco.update(pred, gt, int(tgt["image_id"]))

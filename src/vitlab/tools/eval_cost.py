@@ -107,20 +107,30 @@ def coco_batch(g: torch.Generator, images: int, masks: bool, num_classes: int = 
     return preds, targets
 
 
-def coco_cost(images: int, masks: bool = False, seed: int = 0, chunk: int = 8) -> EvalCost:
+def coco_cost(images: int, masks: bool = False, seed: int = 0, chunk: int = 16, paste_workers: int = 2) -> EvalCost:
     """The detection task's evaluation path over ``images`` generated images (made ``chunk`` at a time;
-    generation is not timed): each validation step's ``detections_to_original`` + ``CocoEvaluator.update``,
-    then ``compute``."""
+    generation is not timed): each validation step's ``detections_to_original`` + ``CocoEvaluator.update``
+    (masks pasted by ``paste_workers`` processes, as ``module.paste_workers``; each chunk's pastes are
+    waited for inside its timing, so none runs during the untimed generation), then ``compute``."""
+    from concurrent.futures import Future, wait
+
     from vitlab.tasks.detection import CocoEvaluator, detections_to_original
 
-    evaluator = CocoEvaluator(masks, list(range(1, 81)))
+    evaluator = CocoEvaluator(masks, list(range(1, 81)), paste_workers)
     g = torch.Generator().manual_seed(seed)
     update_s = update_cpu = 0.0
     for start in range(0, images, chunk):
         preds, targets = coco_batch(g, min(chunk, images - start), masks)
         t0, c0 = time.perf_counter(), cpu_s()
+        pending = []
         for k, (det, target) in enumerate(zip(preds, targets)):
-            evaluator.update(detections_to_original(det, COCO_INPUT, COCO_SIZE, rle=True), target, start + k + 1)
+            pred = detections_to_original(det, COCO_INPUT, COCO_SIZE, rle=True, paste=evaluator.paste)
+            if isinstance(pred.get("segmentation"), Future):
+                pending.append(pred["segmentation"])
+            evaluator.update(pred, target, start + k + 1)
+        wait(pending)
+        if start + chunk >= images:
+            evaluator.finish_pastes()  # the processes ended: their CPU time is counted
         update_s, update_cpu = update_s + time.perf_counter() - t0, update_cpu + cpu_s() - c0
     t0, c0 = time.perf_counter(), cpu_s()
     result = evaluator.compute()
