@@ -35,12 +35,14 @@ SWEEP_SEEDS = [0, 1]
 # The demo on 32 px images, no workers, no progress bar: a real training run in seconds.
 FAST = [*TINY_PVT, "experiment=demo", "data.num_workers=0", "data.img_size=32", "data.batch_size=16",
         "trainer.enable_progress_bar=false", "callbacks.progress_bar=null"]
-# The shared dense smoke runs (conftest ``detection_run``, ``segmentation_run``): narrow heads, 4
-# generated training images and 9 validation images (an odd count, for the DDP evaluation test).
+# The shared dense smoke runs (conftest ``detection_run``, ``segmentation_run``): narrow heads (Mask R-CNN:
+# also fewer sampled RoIs, proposals and detections, for its 256-channel mask head), 4 generated training
+# images and 9 validation images (an odd count, for the DDP evaluation test).
 _DENSE_DATA = ["debug=smoke", "data.synthetic=true", "data.synthetic_num_train=4", "data.synthetic_num_val=9",
                "data.smoke_images=9", "logger=csv"]
 DENSE_SMOKE = {
-    "coco_maskrcnn": [*_DENSE_DATA, "module.head.fpn_channels=16"],
+    "coco_maskrcnn": [*_DENSE_DATA, "module.head.fpn_channels=16", "module.head.box_batch_size_per_image=32",
+                      "module.head.rpn_post_nms_top_n_test=100", "module.head.box_detections_per_img=20"],
     "ade20k_fpn": [*_DENSE_DATA, "module.head.fpn_channels=16", "module.head.channels=16"],
 }
 
