@@ -3,8 +3,8 @@ box (``paste_masks_rle``), full-size masks encoded from their bounding crops (``
 byte-equal to torchvision's paste and pycocotools' encoding (tested); and ``PastePool``, which does
 the pasting in worker processes while validation goes on.
 
-Light on purpose (torch, torchvision's box helpers, numpy, pycocotools): a pool's worker started by
-forkserver imports this module alone, not Lightning.
+Light on purpose (torch, torchvision's box helpers, numpy, pycocotools): it is what a pool's process
+started by forkserver imports beyond the main module the forkserver preloaded, not the tasks and Lightning.
 """
 from __future__ import annotations
 
@@ -122,7 +122,8 @@ class PastePool:
     The first ``inline_first`` images of a pass are pasted here: a small validation (a smoke run's
     few images) is over before processes would have started. Processes are forked when this process
     has no other Python thread (cheap, copy-on-write); otherwise started by forkserver (forking a process
-    with threads can copy a lock one of them holds), which costs each one an import of this module.
+    with threads can copy a lock one of them holds): its server starts once per process (seconds of
+    imports), its processes fork from it and import this module.
     The masks travel as numpy arrays (not torch's shared-memory tensors: one file descriptor each)."""
 
     def __init__(self, workers: int, inline_first: int = 16):
