@@ -18,7 +18,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image, project
 from torchvision.models.detection.transform import resize_boxes
 
 from vitlab.api import backbone_config
-from vitlab.data.base import DatasetLayoutError
+from vitlab.data.base import DatasetLayoutError, DetectionBatch
 from vitlab.data.coco import AnnotationError, CocoDataModule, CocoDetectionDataset, load_coco_json
 from vitlab.data.synthetic_dense import make_coco
 
@@ -169,17 +169,20 @@ def test_missing_dataset_names_the_layout(tmp_path):
         dm.setup("fit")
 
 
-def test_ground_truth_as_predictions_scores_ap_1(coco_root, tmp_path):
-    """Through DetectionTask.validation_step (resize back, paste the RoI masks, encode) and the results
-    JSON: box AP 1; the masks are byte-equal to pycocotools' encoding of torchvision's paste at the
-    original size, and their AP equals pycocotools' COCOeval of the JSON."""
+@pytest.mark.parametrize("paste_workers", [0, 2])
+def test_ground_truth_as_predictions_scores_ap_1(paste_workers, coco_root, tmp_path):
+    """Through DetectionTask.validation_step (resize back, paste the RoI masks, encode: in the loop, or
+    by ``module.paste_workers`` processes from the first image) and the results JSON: box AP 1; the
+    masks are byte-equal to pycocotools' encoding of torchvision's paste at the original size, and
+    their AP equals pycocotools' COCOeval of the JSON."""
     from vitlab.tasks.detection import DetectionTask
 
     dm = datamodule(coco_root, test_scale=128, max_size=200)  # validation images are upscaled
     schedule = {"optimizer": {"lr": 1e-4}, "lr_policy": {"name": "multistep", "milestones": [1]}}
     head = {"_target_": "vitlab.heads.detection.MaskRCNNDetector", "fpn_channels": 32}
     task = DetectionTask(backbone_config("pvt_v2_b0", TINY), schedule, dm.info, head=head, num_vis_images=0,
-                         val_loss=False)  # the stand-in forward below only detects
+                         val_loss=False, paste_workers=paste_workers)  # the stand-in forward below only detects
+    task.val_coco._paster.inline_first = 0
     expected_masks = []  # torchvision's paste at the original size, pycocotools' encoding
 
     def oracle(images, targets):  # masks as Mask R-CNN's RoI masks: its training targets, at 112 x 112
@@ -201,7 +204,9 @@ def test_ground_truth_as_predictions_scores_ap_1(coco_root, tmp_path):
         images, targets, _ = batch
         task.model.forward = lambda ims, t=targets: oracle(ims, t)  # ground truth in, as detections
         task.validation_step(batch, 0)
+    pasted_by_processes = task.val_coco._paster._pool is not None
     result = task.val_coco.compute()
+    assert pasted_by_processes == (paste_workers > 0) and task.val_coco._paster._pool is None
     assert float(result["bbox_map"]) == pytest.approx(1.0)
     assert [r["segmentation"]["counts"] for r in task.results] == [m["counts"].decode() for m in expected_masks]
     assert float(result["segm_map"]) > 0.6  # small objects: 28 x 28-like RoI masks lose some pixels
@@ -216,6 +221,33 @@ def test_ground_truth_as_predictions_scores_ap_1(coco_root, tmp_path):
         ev.accumulate()
         ev.summarize()
         assert ev.stats[0] == pytest.approx(result[f"{iou_type}_map"], abs=1e-4)
+
+
+def test_validation_loss_on_images_without_objects(coco_root):
+    """Mask R-CNN's validation with ``val_loss`` on an image without annotations (COCO val has 48) and
+    one with only a crowd region: the loss terms are finite, and the images are evaluated (their
+    detections count as false positives). ``F.interpolate`` of the empty mask stack used to raise."""
+    from vitlab.tasks.detection import DetectionTask
+
+    dm = datamodule(coco_root)
+    schedule = {"optimizer": {"lr": 1e-4}, "lr_policy": {"name": "multistep", "milestones": [1]}}
+    head = {"_target_": "vitlab.heads.detection.MaskRCNNDetector", "fpn_channels": 16}
+    task = DetectionTask(backbone_config("pvt_v2_b0", TINY), schedule, dm.info, head=head, num_vis_images=0)
+    batches = iter(dm.val_dataloader())
+    (image_a, *_), (target_a, *_), skipped = next(batches)
+    (image_b, *_), (target_b, *_), _ = next(batches)
+    empty, crowd = dict(target_a), dict(target_b)
+    for key in ("boxes", "labels", "iscrowd", "area", "masks"):
+        empty[key] = empty[key][:0]
+        crowd[key] = crowd[key][:1]
+    crowd["iscrowd"] = torch.ones_like(crowd["iscrowd"])
+    task.eval()
+    task.on_validation_epoch_start()
+    with torch.no_grad():
+        task.validation_step(DetectionBatch([image_a, image_b], [empty, crowd], skipped), 0)
+    losses = {name: metric.compute() for name, metric in task.val_losses.items()}
+    assert set(losses) == set(task.model.loss_names) and all(torch.isfinite(v) for v in losses.values())
+    assert [im["id"] for im in task.val_coco.images] == [int(empty["image_id"]), int(crowd["image_id"])]
 
 
 def test_per_class_ap_matches_pycocotools(coco_root, tmp_path):

@@ -343,7 +343,10 @@ class DetectionTask(VitlabTask):
         out = {"boxes": boxes[keep_boxes], "labels": tgt["labels"][keep][keep_boxes]}
         if self.with_masks:
             masks = tgt["masks"].as_subclass(torch.Tensor)[keep][keep_boxes]
-            out["masks"] = F.interpolate(masks[None].float(), size=tuple(size), mode="nearest")[0].to(torch.uint8)
+            if len(masks):
+                out["masks"] = F.interpolate(masks[None].float(), size=tuple(size), mode="nearest")[0].to(torch.uint8)
+            else:  # an image without objects (COCO val has 48): interpolate refuses an empty tensor
+                out["masks"] = torch.zeros((0, *size), dtype=torch.uint8)
         return {k: v.to(self.device) for k, v in out.items()}
 
     def on_validation_epoch_start(self) -> None:
