@@ -4,9 +4,12 @@ class), the ADE20K confusion matrix equals a naive count, and ``--eval`` runs (t
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import os
 import threading
+import time
+from pathlib import Path
 from concurrent.futures import Future
 
 import numpy as np
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks, paste_masks_in_image
 from torchvision.models.detection.transform import resize_boxes
 
+from support import Command
 from vitlab.tasks import coco_masks
 from vitlab.tasks.coco_masks import encode_masks, paste_masks_rle
 from vitlab.tasks.detection import CocoEvaluator, detections_to_original
@@ -236,6 +240,34 @@ def test_a_paste_that_fails_in_a_worker_fails_the_evaluation():
     with pytest.raises(RuntimeError, match="input_size equals to 4"):  # torch's, raised in the process
         evaluator.compute()
     assert evaluator._paster._pool is None
+
+
+def test_paste_processes_end_with_a_killed_parent_and_free_its_run_lock(tmp_path):
+    """A training process killed (kill -9) while its paste processes run: they end with it, and the run
+    directory's lock it held (``fcntl.flock``, which forked processes inherit) is free for the same
+    command run again. Forked, they used to live on, waiting on their queue, holding the lock."""
+    lock, pids = tmp_path / ".lock", tmp_path / "pids"
+    code = (f"import fcntl, os, signal, torch\nfrom vitlab.tasks.coco_masks import PastePool\n"
+            f"fcntl.flock(os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT), fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+            f"pool = PastePool(2, inline_first=0)\n"
+            f"pool.paste(torch.rand(3, 1, 28, 28), torch.tensor([[0.0, 0, 9, 9]] * 3), (16, 16)).result()\n"
+            f"open({str(pids)!r}, 'w').write(' '.join(map(str, pool._pool._processes)))\n"
+            f"os.kill(os.getpid(), signal.SIGKILL)\n")
+    command = Command(["-c", code], tmp_path, dict(os.environ), log=tmp_path / "log")
+    assert command.wait() == -9, (tmp_path / "log").read_text()[-2000:]
+    workers = [int(p) for p in pids.read_text().split()]
+
+    def alive(pid: int) -> bool:  # a zombie is not: it only waits to be reaped
+        try:
+            return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while any(map(alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(workers) == 2 and not any(map(alive, workers))
+    fcntl.flock(os.open(lock, os.O_RDWR), fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while one holds it
 
 
 def test_confusion_matrix_equals_naive_count():

@@ -9,7 +9,10 @@ started by forkserver imports beyond the main module the forkserver preloaded, n
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing
+import os
+import signal
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 
@@ -139,8 +142,8 @@ class PastePool:
         if self._pool is None:
             alone = threading.active_count() == 1
             context = multiprocessing.get_context("fork" if alone else "forkserver")
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=torch.set_num_threads,
-                                             initargs=(1,))
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker,
+                                             initargs=(os.getpid() if alone else None,))
         return self._pool.submit(_paste_arrays, masks.detach().float().cpu().numpy(),
                                  boxes.detach().float().cpu().numpy(), tuple(size))
 
@@ -150,6 +153,27 @@ class PastePool:
             self._pool.shutdown(wait=True)
             self._pool = None
         self._seen = 0
+
+
+def die_with_parent(parent: int | None) -> None:
+    """This process is killed when its parent ends (Linux's ``PR_SET_PDEATHSIG``). A forked process holds
+    copies of its parent's files, the run directory's lock (``vitlab.runtime.rundir``) among them, and a
+    pool's process waits on a pipe whose other end it holds too: after a ``kill -9`` of the training
+    process neither would end, and the same command run again would find its run directory locked.
+    ``parent``: the process forked from (it may have ended already); None: started by forkserver,
+    whose server ends with the process that started it."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: no such call
+        pass
+    if parent is not None and os.getppid() != parent:  # it ended before the call above
+        os._exit(1)
+
+
+def _start_worker(parent: int | None) -> None:
+    """A ``PastePool`` process: tied to its parent's life, one torch thread (the pastes are per mask)."""
+    die_with_parent(parent)
+    torch.set_num_threads(1)
 
 
 def _paste_arrays(masks: np.ndarray, boxes: np.ndarray, size: tuple[int, int]) -> list[dict]:

@@ -36,7 +36,7 @@ from torchvision.models.detection.transform import resize_boxes
 from vitlab.data.base import DatasetInfo, DetectionBatch, PredictBatch
 from vitlab.runtime.build import build_backbone, instantiate
 from vitlab.tasks.base import VitlabTask
-from vitlab.tasks.coco_masks import PastePool, encode_masks, paste_masks_rle
+from vitlab.tasks.coco_masks import PastePool, die_with_parent, encode_masks, paste_masks_rle
 from vitlab.tasks.visualize import Panel, render, to_rgb_array
 
 # torchmetrics' result keys -> ours (``val/<prefix><name>``)
@@ -142,7 +142,7 @@ class CocoEvaluator:
             return {k: v for iou_type in self.iou_types for k, v in self.evaluate(iou_type).items()}
         context = multiprocessing.get_context("fork")
         receive, send = context.Pipe(duplex=False)
-        child = context.Process(target=self._evaluate_to, args=("segm", send), daemon=True)
+        child = context.Process(target=self._evaluate_to, args=("segm", send, os.getpid()), daemon=True)
         child.start()
         send.close()
         out = self.evaluate("bbox")
@@ -156,8 +156,9 @@ class CocoEvaluator:
             raise segm
         return {**out, **segm}
 
-    def _evaluate_to(self, iou_type: str, send) -> None:
-        """In the forked process: ``evaluate(iou_type)`` (or its error) sent back."""
+    def _evaluate_to(self, iou_type: str, send, parent: int) -> None:
+        """In the forked process: ``evaluate(iou_type)`` (or its error) sent back; killed with its parent."""
+        die_with_parent(parent)
         try:
             send.send(self.evaluate(iou_type))
         except BaseException as error:  # the parent raises it
