@@ -196,7 +196,7 @@ def test_mask_evaluation_error_reaches_the_caller(other_thread, monkeypatch):
 @pytest.mark.parametrize("other_thread", [False, True])
 def test_masks_pasted_in_worker_processes_equal_the_inline_ones(other_thread, monkeypatch):
     """``module.paste_workers``: masks pasted by the pool's processes are the inline ones, byte for byte,
-    in image order, and evaluate the same; the processes are forked when this process has no other
+    in image order, and evaluate the same; the queue holds at most ``max_pending`` pastes a process; the processes are forked when this process has no other
     thread, else started by forkserver; once the entries are read, no process or thread of the pool is
     left (``compute`` forks its mask evaluation only then)."""
     contexts, get_context = [], coco_masks.multiprocessing.get_context
@@ -206,6 +206,7 @@ def test_masks_pasted_in_worker_processes_equal_the_inline_ones(other_thread, mo
     # forkserver's processes each import torch: one of them is enough to test
     inline, pooled = CocoEvaluator(True, CATS), CocoEvaluator(True, CATS, paste_workers=1 if other_thread else 2)
     pooled._paster.inline_first = 1  # the first image pasted here, the other four in the processes
+    pooled._paster.max_pending = 1  # one queued paste a process: the loop waits for the oldest
     threads_before = threading.active_count()  # the test process may hold threads of earlier tests
     expected = "fork" if threads_before == 1 and not other_thread else "forkserver"
     stop = threading.Event()
@@ -218,6 +219,8 @@ def test_masks_pasted_in_worker_processes_equal_the_inline_ones(other_thread, mo
                 pred = detections_to_original(det, COCO_INPUT, COCO_SIZE, rle=True, paste=evaluator.paste)
                 evaluator.update(pred, tgt, image_id)
         assert [isinstance(rles, Future) for _, (*_, rles) in pooled._results] == [False, True, True, True, True]
+        assert len(pooled._paster._pending) == pooled._paster.workers
+        assert all(rles.done() for _, (*_, rles) in pooled._results[1:-pooled._paster.workers])
         assert contexts == [expected]
         assert pooled.results == inline.results and len(inline.results) == 5 * 30
     finally:

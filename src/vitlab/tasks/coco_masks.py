@@ -8,6 +8,7 @@ started by forkserver imports beyond the main module the forkserver preloaded, n
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import multiprocessing
@@ -127,12 +128,16 @@ class PastePool:
     has no other Python thread (cheap, copy-on-write); otherwise started by forkserver (forking a process
     with threads can copy a lock one of them holds): its server starts once per process (seconds of
     imports), its processes fork from it and import this module.
-    The masks travel as numpy arrays (not torch's shared-memory tensors: one file descriptor each)."""
+    The masks travel as numpy arrays (not torch's shared-memory tensors: one file descriptor each). At
+    most ``max_pending`` pastes a process wait in the queue (a loop faster than the pastes waits for the
+    oldest), so the RoI masks queued stay a few MB however long the validation."""
 
-    def __init__(self, workers: int, inline_first: int = 16):
+    def __init__(self, workers: int, inline_first: int = 16, max_pending: int = 32):
         self.workers = workers
         self.inline_first = inline_first
+        self.max_pending = max_pending
         self._pool: ProcessPoolExecutor | None = None
+        self._pending: collections.deque[Future] = collections.deque()
         self._seen = 0
 
     def paste(self, masks: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> list[dict] | Future:
@@ -144,14 +149,19 @@ class PastePool:
             context = multiprocessing.get_context("fork" if alone else "forkserver")
             self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker,
                                              initargs=(os.getpid() if alone else None,))
-        return self._pool.submit(_paste_arrays, masks.detach().float().cpu().numpy(),
-                                 boxes.detach().float().cpu().numpy(), tuple(size))
+        while len(self._pending) >= self.max_pending * self.workers:
+            self._pending.popleft().result()
+        future = self._pool.submit(_paste_arrays, masks.detach().float().cpu().numpy(),
+                                   boxes.detach().float().cpu().numpy(), tuple(size))
+        self._pending.append(future)
+        return future
 
     def close(self) -> None:
         """Wait for the pastes submitted and end the processes (a new pass starts them again)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        self._pending.clear()
         self._seen = 0
 
 
