@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from vitlab.api import backbone_config
 from vitlab.data.base import DatasetLayoutError, DetectionBatch
 from vitlab.data.coco import AnnotationError, CocoDataModule, CocoDetectionDataset, load_coco_json
 from vitlab.data.synthetic_dense import make_coco
+from vitlab.tasks import coco_masks
 
 TINY = ["depths=[1,1,1,1]", "embed_dims=[16,32,48,64]", "num_heads=[1,1,2,2]", "drop_path_rate=0.0"]
 
@@ -170,7 +172,7 @@ def test_missing_dataset_names_the_layout(tmp_path):
 
 
 @pytest.mark.parametrize("paste_workers", [0, 2])
-def test_ground_truth_as_predictions_scores_ap_1(paste_workers, coco_root, tmp_path):
+def test_ground_truth_as_predictions_scores_ap_1(paste_workers, coco_root, tmp_path, monkeypatch):
     """Through DetectionTask.validation_step (resize back, paste the RoI masks, encode: in the loop, or
     by ``module.paste_workers`` processes from the first image) and the results JSON: box AP 1; the
     masks are byte-equal to pycocotools' encoding of torchvision's paste at the original size, and
@@ -183,6 +185,9 @@ def test_ground_truth_as_predictions_scores_ap_1(paste_workers, coco_root, tmp_p
     task = DetectionTask(backbone_config("pvt_v2_b0", TINY), schedule, dm.info, head=head, num_vis_images=0,
                          val_loss=False, paste_workers=paste_workers)  # the stand-in forward below only detects
     task.val_coco._paster.inline_first = 0
+    # forked, as from a training process without other threads (a suite's process keeps some; forkserver's
+    # start is test_eval_cost's)
+    monkeypatch.setattr(coco_masks, "threading", SimpleNamespace(active_count=lambda: 1))
     expected_masks = []  # torchvision's paste at the original size, pycocotools' encoding
 
     def oracle(images, targets):  # masks as Mask R-CNN's RoI masks: its training targets, at 112 x 112
