@@ -7,6 +7,7 @@ their own (``support.start_script``) from a temporary working directory with ``V
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import errno
 import json
@@ -162,6 +163,88 @@ def test_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(tmp_
         io.save_checkpoint({"global_step": 2, "w": torch.zeros(3)}, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt", "last.prev.ckpt"]  # no .tmp left
+
+
+class SaveRecorder(L.Callback):
+    """Records, as the run goes, a copy of every checkpoint the trainer hands its checkpoint writer
+    and the path it goes to (``out``: a ``torch.save`` list written when the run ends)."""
+
+    def __init__(self, out: str):
+        self.out, self.saves = out, []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        io = trainer.strategy.checkpoint_io
+        write = io.save_checkpoint
+
+        def recorded(checkpoint, path, storage_options=None):
+            self.saves.append((str(path), copy.deepcopy(checkpoint)))
+            return write(checkpoint, path, storage_options)
+
+        io.save_checkpoint = recorded
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        torch.save(self.saves, self.out)
+
+
+def same(a, b, where="checkpoint") -> None:
+    """``a`` and ``b`` hold the same structure and values (tensors: dtype, shape and every element)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu()), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), (where, list(a), list(b))
+        for k in a:
+            same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+@pytest.mark.parametrize("best_at_epoch_end", [True, False])
+def test_best_and_last_of_one_epoch_end_are_one_file_holding_what_was_saved(best_at_epoch_end, tmp_path, data_dir):
+    """The end of an improving epoch writes ``best.ckpt`` then ``last.ckpt`` from the same state: the
+    second is a copy of the first's bytes (one serialisation), and each file loads back as exactly what
+    the trainer asked to save to it. ``best.ckpt`` written after validation instead (as with mid-epoch
+    validation) is a state of its own: serialised twice."""
+    records = tmp_path / "saves.pt"
+    run_script("train.py", [*SMOKE, "+callbacks.recorder._target_=test_ownership.SaveRecorder",
+                            f"+callbacks.recorder.out={records}", f"hydra.run.dir={tmp_path / 'run'}",
+                            f"+callbacks.best_checkpoint.save_on_train_epoch_end={best_at_epoch_end}"], data_dir)
+    saves = torch.load(records, weights_only=False)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert [Path(p).name for p, _ in saves] == ["best.ckpt", "last.ckpt"]
+    for path, asked in saves:
+        same(torch.load(path, weights_only=False), asked, Path(path).name)
+    copied = (ckpts / "best.ckpt").read_bytes() == (ckpts / "last.ckpt").read_bytes()  # torch.save names its
+    assert copied == best_at_epoch_end  # archive's folder after the file: two saves are never byte-equal
+
+
+def test_a_checkpoint_is_copied_only_from_an_equal_unchanged_file(tmp_path):
+    """``AtomicCheckpointIO`` copies the file it wrote just before, instead of serialising, only when
+    the two checkpoints would serialise the same and that file is as it wrote it."""
+    weight = torch.randn(200, 200)  # over 64 KB: fingerprinted by identity and version counter
+
+    def checkpoint(step=3, rng=0):
+        return {"global_step": step, "state_dict": {"w": weight.detach()}, "rng": torch.tensor([rng, 1, 2])}
+
+    def copied(first: dict, second: dict, between=lambda: None) -> bool:
+        io = AtomicCheckpointIO()
+        for name in ("best.ckpt", "last.ckpt"):
+            (tmp_path / name).unlink(missing_ok=True)
+        io.save_checkpoint(first, tmp_path / "best.ckpt")
+        between()
+        io.save_checkpoint(second, tmp_path / "last.ckpt")
+        same(torch.load(tmp_path / "last.ckpt", weights_only=True), second)
+        assert not os.path.samefile(tmp_path / "best.ckpt", tmp_path / "last.ckpt")  # never one file
+        return (tmp_path / "best.ckpt").read_bytes() == (tmp_path / "last.ckpt").read_bytes()
+
+    assert copied(checkpoint(), checkpoint())  # fresh dicts, fresh small tensors, the same values
+    assert not copied(checkpoint(), checkpoint(step=4))
+    assert not copied(checkpoint(), checkpoint(rng=1))  # a small tensor's value
+    assert not copied(checkpoint(), checkpoint(), between=lambda: weight.mul_(1.0))  # written in place
+    assert not copied(checkpoint(), checkpoint(), between=lambda: torch.save({}, tmp_path / "best.ckpt"))
 
 
 def test_damaged_last_is_named_and_the_previous_one_resumed(tmp_path, caplog):

@@ -12,6 +12,9 @@ position bias tables) to the model's shapes (logged), and the load is strict.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import logging
 import os
 import pickle
@@ -217,11 +220,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoint writes that a kill cannot break (``write_atomically``). For the files named in
     ``keep_previous`` (``last.ckpt``), the file being replaced is kept as ``<stem>.prev.ckpt``
     (a hard link made before the new file goes in), so a ``last.ckpt`` damaged after it was written
-    (a disk fault, a copy that was cut short) still leaves one good checkpoint to resume from."""
+    (a disk fault, a copy that was cut short) still leaves one good checkpoint to resume from.
+
+    A checkpoint equal to the one this object wrote just before to another file (``best.ckpt`` and
+    ``last.ckpt`` at the end of an improving epoch: both written in the same epoch-end hook) is a copy
+    of that file (``copy_file``: in the kernel, no pickling, no device-to-host copies) instead of a
+    second serialisation. "Equal" is ``checkpoint_fingerprint``'s: the same structure and values, the
+    same tensors unmodified since. A copy, not a hard link: a file written in place later (``cp`` over
+    ``last.ckpt``, a disk fault) must not change the best checkpoint with it."""
 
     def __init__(self, keep_previous: tuple[str, ...] = ("last.ckpt",)):
         super().__init__()
         self.keep_previous = tuple(keep_previous)
+        self._written: tuple[Path, bytes, tuple] | None = None  # path, fingerprint, file identity
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         path = Path(path)
@@ -233,7 +244,77 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             except OSError:  # a filesystem without hard links
                 shutil.copyfile(path, link)
             os.replace(link, prev)
-        write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
+        fingerprint = checkpoint_fingerprint(checkpoint)
+        twin = self._twin(path, fingerprint)
+        if twin is not None:
+            write_atomically(path, lambda tmp: copy_file(twin, tmp))
+        else:
+            write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
+        self._written = (path, fingerprint, _identity(path)) if fingerprint else None
+
+    def _twin(self, path: Path, fingerprint: bytes | None) -> Path | None:
+        """The file written last, when it holds this very checkpoint and is still as it was written."""
+        if fingerprint is None or self._written is None:
+            return None
+        written, its_fingerprint, identity = self._written
+        if written == path or its_fingerprint != fingerprint:
+            return None
+        return written if _identity(written) == identity else None
+
+
+def _identity(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def copy_file(source: Path, target: Path) -> None:
+    """``source``'s bytes into ``target`` by ``os.copy_file_range``: the kernel copies (a reflink on
+    copy-on-write filesystems such as XFS and btrfs, a server-side copy on NFS 4.2), where
+    ``shutil.copyfile`` would use ``sendfile``; ``shutil.copyfile`` where the call is not supported."""
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        remaining = os.fstat(src.fileno()).st_size
+        try:
+            while remaining > 0:
+                copied = os.copy_file_range(src.fileno(), dst.fileno(), remaining)
+                if copied == 0:
+                    break
+                remaining -= copied
+            return
+        except OSError as err:
+            if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+    shutil.copyfile(source, target)
+
+
+SMALL_TENSOR_BYTES = 1 << 16
+
+
+def checkpoint_fingerprint(checkpoint: dict) -> bytes | None:
+    """A digest that is equal for two checkpoints only when they would serialise the same: the
+    structure and every value pickled, tensors of up to 64 KB by their bytes (RNG states, step counts:
+    often fresh copies), larger ones by identity (storage, offset, shape, strides, dtype, device) and
+    version counter (bumped by every in-place change: an optimiser step, an EMA update). None when it
+    cannot be taken (an inference-mode tensor has no version counter): the checkpoint is written."""
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            if not isinstance(obj, torch.Tensor):
+                return None
+            t = obj.detach()
+            if t.numel() * t.element_size() <= SMALL_TENSOR_BYTES:
+                raw = t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                return ("bytes", str(t.dtype), tuple(t.shape), raw)
+            return ("tensor", t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(),
+                    str(t.dtype), str(t.device), obj._version)
+
+    buffer = io.BytesIO()
+    try:
+        Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(checkpoint)
+    except Exception:  # noqa: BLE001 - no fingerprint: the checkpoint is written, as always
+        return None
+    return hashlib.blake2b(buffer.getvalue(), digest_size=32).digest()
 
 
 def previous_of(path: Path) -> Path:
