@@ -219,6 +219,40 @@ def test_zoo_rows_stream_as_they_are_measured(capsys, monkeypatch):
     assert "no paper value, nothing stored" in capsys.readouterr().out
 
 
+def test_rows_go_to_worker_processes_only_when_there_are_enough(monkeypatch):
+    """A worker starts as a fresh interpreter (~6 s of imports): a few rows are measured here, many
+    in up to ``--jobs`` processes, in order. The pool stands in for ``ProcessPoolExecutor`` and, as
+    spawn does, sends the function, each row and each result through pickle."""
+    import concurrent.futures
+    import pickle
+
+    started = []
+
+    class PicklingPool:
+        def __init__(self, workers, mp_context=None):
+            started.append((workers, mp_context.get_start_method()))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def map(self, fn, items):
+            fn = pickle.loads(pickle.dumps(fn))
+            return (pickle.loads(pickle.dumps(fn(pickle.loads(pickle.dumps(item))))) for item in items)
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", PicklingPool)
+    monkeypatch.setattr(zoo, "_measure_row", measured_by_name_length)
+    rows = [{"name": "x" * (i + 1), "set": [], "task": None} for i in range(13)]
+    assert [r.params for r in zoo.measure_rows(rows[:5], jobs=8)] == [1, 2, 3, 4, 5] and started == []
+    assert [r.params for r in zoo.measure_rows(rows, jobs=8)] == list(range(1, 14)) and started == [(2, "spawn")]
+
+
+def measured_by_name_length(row: dict) -> zoo.ZooRow:  # module level: pickled by name, as spawn needs
+    return zoo.ZooRow(row["name"], row["set"], row["task"], None, len(row["name"]), 1.0, 0.0, None, None)
+
+
 def test_record_stores_rows_without_paper_values(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(zoo, "MEASURED_FILE", tmp_path / "measured.yaml")
     (tmp_path / "measured.yaml").write_text('"other imagenet_cls 224x224": {"params": 1}\n')

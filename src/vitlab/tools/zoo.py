@@ -370,8 +370,15 @@ def _measure_row(row: dict) -> ZooRow:
     return measure(row["name"], row["set"], row["task"], row.get("input"), row=row)
 
 
+# A worker process starts as a fresh interpreter that imports torch and vitlab (~6 s): about what
+# measuring 6 rows costs, so a pool pays off only beyond that many rows per worker.
+ROWS_PER_WORKER_START = 6
+
+
 def measure_rows(rows: list[dict], jobs: int = 1):
-    """``measure`` every row, yielding the results in order as they come (``jobs`` processes)."""
+    """``measure`` every row, yielding the results in order as they come (up to ``jobs`` processes:
+    none for a few rows, which this process measures sooner than a worker could start)."""
+    jobs = min(jobs, len(rows) // ROWS_PER_WORKER_START)
     if jobs <= 1:
         yield from map(_measure_row, rows)
         return
