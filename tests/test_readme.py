@@ -7,7 +7,8 @@ already imported torch and vitlab, ~6 CPU-seconds less per command). Only what m
 possible here is added:
 ``debug=smoke data.synthetic=true`` for training (``debug=smoke`` alone where a command trains on a
 packed directory: the tiny generated dataset an earlier pack command packed), smaller models where a
-command trains a large one 15 times or a Mask R-CNN (one block per stage, narrow heads), CPU instead of GPUs,
+command trains a large one 15 times (one block per stage, half the width) or a Mask R-CNN (one block
+per stage, narrow heads), CPU instead of GPUs,
 SLURM's launcher swapped for submitit's local executor (the same code path without a cluster), small
 inputs for the benchmark.
 The smoke overrides change a run's directory name (its hash), so a later command's path to an
@@ -68,8 +69,8 @@ def fast(command: str) -> str | None:
         # SLURM -> submitit's local executor, one node: the same launcher code without a cluster
         command = command.replace("hydra/launcher=submitit_slurm", "hydra/launcher=submitit_local")
         command = re.sub(r"trainer\.num_nodes=\d+", "trainer.num_nodes=1", command)
-        if "+sweep=pale" in command:
-            extra += ["backbone.depths=[1,1,1,1]"]  # 15 jobs: Pale-T with one block per stage
+        if "+sweep=pale" in command:  # 15 jobs: Pale-T with one block per stage, half its width
+            extra += ["backbone.depths=[1,1,1,1]", "backbone.embed_dims=[32,64,128,256]"]
         if "task=coco_maskrcnn" in command:  # PVTv2-B2's Mask R-CNN: 17 s -> 5 s (narrow FPN, fewer sampled RoIs)
             extra += ["backbone.depths=[1,1,1,1]", "module.head.fpn_channels=16", "module.head.box_batch_size_per_image=32"]
         return f"{command} {' '.join(extra)}"

@@ -16,13 +16,15 @@ from vitlab.tools.zoo import build_for_count
 
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "sweep").glob("*.yaml"))
 SMOKE = ["debug=smoke", "data.synthetic=true", "logger=csv"]
-# One preset per backbone family, run for real; a block per stage where the preset does not vary
-# the depth (the full-size models' checkpoints alone would cost more than the runs).
+# One preset per backbone family, run for real, on narrow models (a block per stage, or GPViT's layout in
+# 4 layers, half or a quarter of the width) where the preset does not vary what is narrowed: the
+# full-size models' steps and checkpoints would cost more than the runs' code paths.
 RUN_END_TO_END = {
-    "pvt": ["+sweep=pvtv2_components", "backbone.depths=[1,1,1,1]"],
-    "pale": ["+sweep=pale_pos_embed", "backbone.depths=[1,1,1,1]"],
-    "gpvit": ["+sweep=gpvit_propagation"],
-    "scalablevit": ["+sweep=scalablevit_lim", "backbone.depths=[1,1,1,1]"],
+    "pvt": ["+sweep=pvtv2_components", "backbone.depths=[1,1,1,1]", "backbone.embed_dims=[16,32,80,128]"],
+    "pale": ["+sweep=pale_pos_embed", "backbone.depths=[1,1,1,1]", "backbone.embed_dims=[32,64,128,256]"],
+    "gpvit": ["+sweep=gpvit_propagation", "backbone=gpvit_l1", "backbone.embed_dims=48", "backbone.depths=4", "backbone.num_heads=4",
+              "backbone.gp_layers=[1,3]", "backbone.group_tokens=[16,8]"],
+    "scalablevit": ["+sweep=scalablevit_lim", "backbone.depths=[1,1,1,1]", "backbone.embed_dims=[32,64,128,256]"],
 }
 
 
