@@ -26,6 +26,18 @@ def packed(tmp_path_factory) -> tuple[Path, Path]:
     return folder, base / "packed"
 
 
+@pytest.fixture(scope="module")
+def packed_shuffled(packed) -> Path:
+    """The same generated ImageNet packed with ``--order shuffled`` (for ``data.shuffle=block``)."""
+    from vitlab.data.pack import main
+
+    folder, out = packed
+    shuffled = out.parent / "shuffled"
+    main(["imagenet", "--root", str(folder), "--out", str(shuffled), "--shard-size", "16KB", "--workers", "1",
+          "--order", "shuffled"])
+    return shuffled
+
+
 def module(root, fmt, **kw) -> ImageNetDataModule:
     dm = ImageNetDataModule(str(root), num_workers=0, batch_size=3, img_size=32, format=fmt, **kw)
     dm.setup("fit")
@@ -180,22 +192,87 @@ def test_ddp_two_processes_read_disjoint_complete_shares(packed):
         assert shares[0] and shares[1] and not set(shares[0]) & set(shares[1])
 
 
-def test_training_loader_resumes_mid_epoch_exactly(packed):
+@pytest.mark.parametrize("shuffle", ["uniform", "block"])
+def test_training_loader_resumes_mid_epoch_exactly(shuffle, packed, packed_shuffled):
     """The training loader's state after 2 batches, loaded into a new loader (as a re-run restores
-    it from last.ckpt): the rest of the epoch is exactly the uninterrupted run's."""
-    _, out = packed
-    dm = module(out, "litdata")
+    it from last.ckpt): the rest of the epoch is exactly the uninterrupted run's, in either order."""
+    out = packed_shuffled if shuffle == "block" else packed[1]
+    dm = module(out, "litdata", shuffle=shuffle, shuffle_window=2)
     dm.train_set.transform = checksum
     straight = [b.images.tolist() for b in dm.train_dataloader()]
     loader = dm.train_dataloader()
     it = iter(loader)
     seen = [next(it).images.tolist() for _ in range(2)]
     state = loader.state_dict()
-    again = module(out, "litdata")
+    again = module(out, "litdata", shuffle=shuffle, shuffle_window=2)
     again.train_set.transform = checksum
     resumed = again.train_dataloader()
     resumed.load_state_dict(state)
     assert seen + [b.images.tolist() for b in resumed] == straight and len(straight) == 6
+
+
+def test_block_order_reads_a_few_chunks_at_a_time():
+    """data.shuffle=block's sampler: each epoch every item once, chunks in a random order, the items
+    of ``window`` chunks at a time shuffled among themselves; another order each epoch, the same for
+    the same epoch (what exact resume needs); under DDP each process a contiguous run of the padded
+    order (its own windows), the processes together the whole epoch."""
+    from vitlab.data.base import BlockShuffleSampler
+
+    blocks = [10] * 10 + [3]
+    dataset = list(range(sum(blocks)))
+    chunk_of = np.repeat(np.arange(len(blocks)), blocks)
+    sampler = BlockShuffleSampler(dataset, blocks, window=3, seed=5)
+    order = list(sampler)
+    assert sorted(order) == dataset and order != dataset
+    at = 0
+    for _ in range(0, len(blocks), 3):  # a window: whole chunks, at most 3 of them
+        chunks = set(chunk_of[order[at]:order[at] + 1])
+        size = 0
+        while size < 30 and at + size < len(order) and len(chunks | {chunk_of[order[at + size]]}) <= 3:
+            chunks.add(chunk_of[order[at + size]])
+            size += 1
+        assert size == sum(blocks[c] for c in chunks) and len(chunks) <= 3
+        at += size
+    assert at == len(order)
+    assert list(BlockShuffleSampler(dataset, blocks, window=3, seed=5)) == order  # a re-run's epoch 0
+    sampler.set_epoch(1)
+    assert list(sampler) != order and sorted(sampler) == dataset
+    for world in (2, 3):
+        shares = [list(BlockShuffleSampler(dataset, blocks, 3, num_replicas=world, rank=r, seed=5)) for r in range(world)]
+        assert sum(shares, []) == list(np.resize(order, len(shares[0]) * world))  # contiguous runs, padded
+        assert set(sum(shares, [])) == set(dataset) and len({len(s) for s in shares}) == 1
+
+
+def test_shuffled_pack_and_the_block_order_through_the_data_module(packed, packed_shuffled, monkeypatch, tmp_path):
+    """``--order shuffled``: the training split holds the folder's files, each once, in another order,
+    labels kept; val stays in the folders' order. data.shuffle=block reads it (each chunk's file read
+    ahead when first opened), and says what to do with a pack in the folders' order or no pack."""
+    import os
+
+    from torchvision.datasets import ImageFolder
+
+    from vitlab.data.base import DatasetLayoutError
+    from vitlab.data.pack import main
+
+    folder, out = packed
+    assert json.loads((packed_shuffled / "vitlab_pack.json").read_text())["order"] == "shuffled"
+    ref = ImageFolder(str(folder / "train"))
+    advised = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, start, length, advice: advised.append((start, length, advice)))
+    dm = module(packed_shuffled, "litdata", shuffle="block", shuffle_window=2)
+    assert sum(len(b.targets) for b in dm.train_dataloader()) == 18
+    assert advised == [(0, 0, os.POSIX_FADV_WILLNEED)] * len(dm.train_set.block_sizes)  # each chunk's file, once
+    items = [dm.train_set.read(i) for i in range(len(dm.train_set))]
+    files = {Path(p).read_bytes(): label for p, label in ref.samples}
+    assert sorted(bytes(j) for j, _ in items) == sorted(files) and all(files[bytes(j)] == y for j, y in items)
+    assert [bytes(j) for j, _ in items] != [Path(p).read_bytes() for p, _ in ref.samples]
+    assert dm.val_set[4][0].equal(module(out, "litdata").val_set[4][0])
+    with pytest.raises(DatasetLayoutError, match=f"{out} was packed in the folders' order.*--order shuffled"):
+        module(out, "litdata", shuffle="block")
+    with pytest.raises(ValueError, match="data.shuffle=block .* needs data.format=litdata"):
+        module(folder, "folder", shuffle="block")
+    with pytest.raises(SystemExit, match="already holds a packed imagenet with another order"):
+        main(["imagenet", "--root", str(folder), "--out", str(out), "--order", "shuffled", "--workers", "1"])
 
 
 def test_format_bench_tiny(tmp_path, capsys):
@@ -203,24 +280,25 @@ def test_format_bench_tiny(tmp_path, capsys):
     workers) row with images per wall- and CPU-second, the packed copy made once beside the folder."""
     from vitlab.tools.bench.cli import main
 
-    main(["--loader", "imagenet", "--format", "folder", "litdata", "--workers", "1", "--images", "4",
+    main(["--loader", "imagenet", "--format", "folder", "litdata", "litdata-block", "--workers", "1", "--images", "4",
           "--dataset-images", "8", "--image-size", "48", "36", "--data-dir", str(tmp_path), "--gpu-decode",
           "--model", "pvt_v2_b0", "--input", "32", "32", "--batch", "1", "--steps", "1", "--warmup", "0",
           "--rounds", "1"])
     out = capsys.readouterr().out
     table, needed = out.split("\nmodel=pvt_v2_b0")
     rows = [line.split() for line in table.splitlines() if line.startswith(("deit", "gpu_decode"))]
-    assert len(rows) == 8  # 2 pipelines x 2 caches x 2 formats x 1 worker count
-    assert {(r[0], r[1], r[2]) for r in rows} == {(p, c, f) for p in ("deit", "gpu_decode")
-                                                 for c in ("cold", "warm") for f in ("folder", "litdata")}
+    assert len(rows) == 12  # 2 pipelines x 2 caches x 3 formats x 1 worker count
+    assert {(r[0], r[1], r[2]) for r in rows} == {(p, c, f) for p in ("deit", "gpu_decode") for c in ("cold", "warm")
+                                                 for f in ("folder", "litdata", "litdata-block")}
     assert all(int(r[4]) == 4 and float(r[5]) > 0 and float(r[6]) > 0 for r in rows)
-    assert (tmp_path / "bench" / "imagenet_48x36_8_litdata" / "vitlab_pack.json").exists()
+    manifest = tmp_path / "bench" / "imagenet_48x36_8_litdata_shuffled" / "vitlab_pack.json"
+    assert json.loads(manifest.read_text())["order"] == "shuffled"
     # --model: the model's training images/s here, and per pipeline, format and cache the workers that feed it
     model_ips = float(needed.split(": ")[1].split()[0])
     assert model_ips > 0 and "NOT A GPU FIGURE" in needed
     workers = [line.split() for line in needed.splitlines() if line.startswith(("deit", "gpu_decode"))]
     per_cpu = {(r[0], r[1], r[2]): float(r[6]) for r in rows}
-    assert len(workers) == 8
+    assert len(workers) == 12
     for w in workers:  # ceil(model images/s / loader images per CPU-second), from the printed (rounded) figures
         need = model_ips / per_cpu[w[0], w[1], w[2]]
         assert need * 0.99 <= int(w[5]) < need * 1.01 + 1

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import lightning as L
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 # torchdata 0.11 calls a torch API that torch 2.14 deprecated, once per loader; nothing to act on.
@@ -101,6 +102,52 @@ class EpochSampler(DistributedSampler):
 
     def __iter__(self):
         yield from super().__iter__()
+
+
+class BlockShuffleSampler(EpochSampler):
+    """``data.shuffle=block``: an epoch's order reads a packed split a few chunks at a time. Each epoch
+    (seeded by seed + epoch) the chunks come in a random order; consecutive groups of ``window``
+    chunks are read together, their items shuffled among themselves. A process's share is a
+    contiguous run of that order (its own windows), padded as torch's DistributedSampler pads.
+
+    What it buys: the files of ``window`` chunks (and the page cache they fill) at a time instead of
+    random reads across the whole dataset, as LitData's and WebDataset's shuffles do. What it costs:
+    a batch draws from ``window`` chunks only, so the pack must be in random order (``python -m
+    vitlab.data.pack imagenet --order shuffled``) for batches to mix classes.
+
+    ``blocks``: the item count of each chunk, in the dataset's index order (``block_sizes``)."""
+
+    def __init__(self, dataset, blocks: list[int], window: int, num_replicas: int = 1, rank: int = 0,
+                 seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        if sum(blocks) != len(dataset) or window < 1:
+            raise ValueError(f"blocks of {sum(blocks)} items for a dataset of {len(dataset)}, window {window}")
+        self.starts = np.cumsum([0, *blocks])
+        self.window = window
+
+    def epoch_order(self) -> np.ndarray:
+        """Every index of the dataset once, in this epoch's block-shuffled order (all processes)."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        chunks = rng.permutation(len(self.starts) - 1)
+        windows = [np.concatenate([np.arange(self.starts[c], self.starts[c + 1]) for c in chunks[w:w + self.window]])
+                   for w in range(0, len(chunks), self.window)]
+        return np.concatenate([rng.permutation(items) for items in windows])
+
+    def __iter__(self):
+        order = np.resize(self.epoch_order(), self.total_size)  # padded with its own start, as torch does
+        yield from order[self.rank * self.num_samples:(self.rank + 1) * self.num_samples].tolist()
+
+
+def block_sizes(dataset) -> list[int]:
+    """The items of each chunk of a packed dataset, in its index order; through a ``Subset`` of sorted
+    indices (a smoke run's), the chunks' counts of the kept items."""
+    if isinstance(dataset, Subset):
+        starts = np.cumsum([0, *block_sizes(dataset.dataset)])
+        chunk = np.searchsorted(starts, np.asarray(dataset.indices), side="right") - 1
+        if len(chunk) and np.any(np.diff(chunk) < 0):
+            raise ValueError("block_sizes: a Subset of unsorted indices has no chunk runs")
+        return [int(n) for n in np.bincount(chunk, minlength=len(starts) - 1) if n]
+    return list(dataset.block_sizes)
 
 
 class EvalDistributedSampler(DistributedSampler):

@@ -11,6 +11,7 @@ as timm's own ``PrefetchLoader`` does); mixup / cutmix already run there (the ta
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -30,9 +31,10 @@ from torchvision.datasets import ImageFolder
 
 from vitlab.data.base import (
     DatasetFacts,
-    IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DatasetInfo, DatasetLayoutError, ImageBatch, MissingFileError,
+    IMAGENET_MEAN, IMAGENET_STD, BlockShuffleSampler, CorruptImageError, DatasetInfo, DatasetLayoutError, ImageBatch,
+    MissingFileError, block_sizes,
 )
-from vitlab.data.packing import file_bytes, open_manifest, pack_split
+from vitlab.data.packing import IDENTITY_BEFORE, MANIFEST, file_bytes, open_manifest, pack_split
 from vitlab.data.streaming import PackableDataModule
 from vitlab.data.report import EMPTY, IGNORED_FILE, MISSING, UNDECODABLE, DataReport, check_all, skip_or_raise
 
@@ -200,7 +202,12 @@ class ImageNetDataModule(PackableDataModule):
     pack_kind = "imagenet"
 
     def pack(self, folder: Path, out: Path) -> None:
-        pack_imagenet(folder, out, shard_size="256KB", workers=1)
+        pack_imagenet(folder, out, shard_size="256KB", workers=1, order=self.pack_order)
+
+    @property
+    def pack_order(self) -> str:
+        """The order the generated dataset is packed in: shuffled for the block order's reads."""
+        return "shuffled" if self.shuffle == "block" else "folder"
 
     def __init__(
         self,
@@ -227,7 +234,19 @@ class ImageNetDataModule(PackableDataModule):
         fast_decode: bool = False,
         format: str = "folder",
         gpu_decode: bool = False,
+        shuffle: str = "uniform",
+        shuffle_window: int = 4,
     ):
+        if shuffle not in ("uniform", "block"):
+            raise ValueError(f"data.shuffle={shuffle!r}: expected uniform or block")
+        if shuffle == "block" and format != "litdata":
+            raise ValueError(f"data.shuffle=block reads a packed dataset a few chunks at a time: it needs "
+                             f"data.format=litdata (got data.format={format!r})")
+        if shuffle == "block" and repeated_aug:
+            raise ValueError("data.shuffle=block and data.repeated_aug=true: choose one (each is the training sampler)")
+        if int(shuffle_window) < 1:
+            raise ValueError(f"data.shuffle_window={shuffle_window}: expected a chunk count >= 1")
+        self.shuffle, self.shuffle_window = shuffle, int(shuffle_window)
         super().__init__(root, synthetic, synthetic_root, batch_size, num_workers, smoke, skip_corrupt, seed, verify,
                          format)
         self.img_size = 32 if smoke else img_size
@@ -387,6 +406,10 @@ class ImageNetDataModule(PackableDataModule):
             self.train_set = PackedImages(root / "train", None if self.gpu_decode else self.train_transform(),
                                           self.skip_corrupt, lazy=self.fast_decode, raw=self.gpu_decode)
             self.val_set = PackedImages(root / "val", self.eval_transform(), self.skip_corrupt)
+            if self.shuffle == "block":
+                self.check_block_order(root)
+                if self.train_set.chunks is not None:
+                    self.train_set.chunks.read_ahead = True
             if self.smoke:
                 keep = self.batch_size * 2
                 self.train_set = Subset(self.train_set, range(0, len(self.train_set), max(1, len(self.train_set) // keep))[:keep])
@@ -407,7 +430,21 @@ class ImageNetDataModule(PackableDataModule):
             self.train_set.targets = [t for _, t in self.train_set.samples]
             self.val_set.targets = [t for _, t in self.val_set.samples]
 
+    def check_block_order(self, root: Path) -> None:
+        order = json.loads((root / MANIFEST).read_text()).get("order", IDENTITY_BEFORE["order"])
+        if order != "shuffled":
+            raise DatasetLayoutError(
+                f"data.shuffle=block: {root} was packed in the folders' order (its {MANIFEST}: order {order!r}), so "
+                f"a few chunks hold a few classes and every batch would too. Pack the training split shuffled: "
+                f"python -m vitlab.data.pack imagenet --root <the folder dataset> --out <new dir> --order shuffled "
+                f"(or data.shuffle=uniform)")
+
     def train_dataloader(self) -> DataLoader:
+        if self.shuffle == "block":
+            world, rank = self.world()
+            sampler = BlockShuffleSampler(self.train_set, block_sizes(self.train_set), self.shuffle_window,
+                                          num_replicas=world, rank=rank, seed=self.seed)
+            return self.make_loader(self.train_set, train=True, collate_fn=self.train_collate(), sampler=sampler)
         if self.repeated_aug:
             world, rank = self.world()
             # timm's RA sampler repeats each image 3x across ranks (DeiT)
@@ -431,18 +468,28 @@ def _imagenet_item(sample: tuple[str, int]) -> dict:
     return {"label": label, "jpeg": file_bytes(path)}
 
 
-def pack_imagenet(root: str | Path, out: str | Path, shard_size: str = "256MB", workers: int = 1) -> dict:
-    """``python -m vitlab.data.pack imagenet``: each split's images in ImageFolder's order (JPEG bytes,
-    label, index), the class folders and names in the manifest."""
+PACK_ORDERS = ("folder", "shuffled")  # python -m vitlab.data.pack imagenet --order
+
+
+def pack_imagenet(root: str | Path, out: str | Path, shard_size: str = "256MB", workers: int = 1,
+                  order: str = "folder") -> dict:
+    """``python -m vitlab.data.pack imagenet``: each split's images (JPEG bytes, label, index) in
+    ImageFolder's order, or with ``order="shuffled"`` the training split's in a random order (a fixed
+    permutation, seed 0: chunks that mix classes, for ``data.shuffle=block``); the class folders and
+    names, and the order, in the manifest."""
+    if order not in PACK_ORDERS:
+        raise SystemExit(f"--order {order}: expected one of {', '.join(PACK_ORDERS)}")
     root, out = Path(root), Path(out)
     wnids = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
-    manifest = open_manifest(out, "imagenet", classes=wnids)
+    manifest = open_manifest(out, "imagenet", classes=wnids, order=order)
     manifest["class_names"] = read_synset_names(root, wnids)
     for split in ("train", "val"):
         folder = ImageFolder(str(root / split), is_valid_file=has_image_suffix)
         if folder.classes != wnids:
             raise SystemExit(f"{root / split}: class folders differ from train/'s")
         samples = folder.samples
+        if split == "train" and order == "shuffled":
+            samples = [samples[i] for i in np.random.default_rng(0).permutation(len(samples))]
         counts = [0] * len(wnids)
         for _, label in samples:
             counts[label] += 1

@@ -10,7 +10,10 @@ names; COCO: the categories), per split the item count and a SHA-256 per chunk, 
 beside the chunks with their sizes and hashes. Image bytes are the original files' (not re-encoded:
 the same pixels, the same augmentation). Items:
 
-- imagenet (``train``, ``val``): the JPEG bytes, the label, the image's index in the folder listing;
+- imagenet (``train``, ``val``): the JPEG bytes, the label, the image's index in the listing it was
+  packed from: the folders' (ImageFolder's order), or with ``--order shuffled`` for ``train`` a fixed
+  random permutation of it (seed 0), so that every chunk mixes classes (``data.shuffle=block`` reads
+  a few chunks at a time);
 - coco (``train2017``, ``val2017``): the JPEG bytes, the image's ``images`` entry (id, file name,
   width, height) and its annotations as the folder reader uses them (boxes, categories, iscrowd,
   area, polygons / RLE, after its checks: ``--clip-boxes`` / ``--skip-corrupt`` as
@@ -54,13 +57,17 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 1) - 1)))
     p.add_argument("--clip-boxes", action="store_true",
                    help="coco: clip boxes that leave their image (data.clip_boxes)")
+    p.add_argument("--order", choices=("folder", "shuffled"), default="folder",
+                   help="imagenet: the training split in the folders' order, or shuffled (for data.shuffle=block)")
     p.add_argument("--skip-corrupt", action="store_true",
                    help="coco, ade20k: leave out bad annotations / images without a label map (data.skip_corrupt)")
     args = p.parse_args(argv)
     options = {"coco": {"clip_boxes": args.clip_boxes, "skip_corrupt": args.skip_corrupt},
-               "ade20k": {"skip_corrupt": args.skip_corrupt}}.get(args.kind, {})
+               "ade20k": {"skip_corrupt": args.skip_corrupt}, "imagenet": {"order": args.order}}[args.kind]
     if args.kind == "imagenet" and (args.clip_boxes or args.skip_corrupt):
         p.error("--clip-boxes and --skip-corrupt are for coco / ade20k")
+    if args.kind != "imagenet" and args.order != "folder":
+        p.error("--order is for imagenet (COCO's and ADE20K's training loaders sample by image groups)")
     packer = getattr(importlib.import_module(f"vitlab.data.{args.kind}"), f"pack_{args.kind}")
     packer(args.root, args.out, args.shard_size, args.workers, **options)
 

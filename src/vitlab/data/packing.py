@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 MANIFEST = "vitlab_pack.json"
+# what a manifest written before a field was recorded means by its absence
+IDENTITY_BEFORE = {"order": "folder"}
 
 
 def sha256(path: Path) -> str:
@@ -37,8 +39,12 @@ def open_manifest(out: Path, kind: str, **identity) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     path = out / MANIFEST
     manifest = json.loads(path.read_text()) if path.exists() else {}
-    if manifest and (manifest.get("kind") != kind or any(manifest.get(k) != v for k, v in identity.items())):
+    if manifest and manifest.get("kind") != kind:
         raise SystemExit(f"{out}: already holds another packed dataset ({manifest.get('kind')}); use another --out")
+    for k, v in identity.items() if manifest else ():
+        if manifest.get(k, IDENTITY_BEFORE.get(k)) != v:
+            raise SystemExit(f"{out}: already holds a packed {kind} with another {k} "
+                             f"({str(manifest.get(k, IDENTITY_BEFORE.get(k)))[:80]}); use another --out")
     manifest.update(kind=kind, **identity, splits=manifest.get("splits", {}), files=manifest.get("files", {}))
     return manifest
 

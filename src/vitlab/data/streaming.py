@@ -108,6 +108,10 @@ class ChunkFiles:
         self.starts = list(itertools.accumulate((c["chunk_size"] for c in chunks), initial=0))
         self._open: dict[int, tuple] = {}  # chunk -> (file descriptor, item offsets), per process
         self._pid = None
+        # data.shuffle=block: a chunk's file is read ahead whole when first opened (the kernel reads it
+        # in large requests; the block order reads all its items soon). Not in the uniform order, which
+        # would read every chunk ahead for one item each.
+        self.read_ahead = False
 
     @staticmethod
     def readable(split_dir: str | Path, index: dict) -> bool:
@@ -122,6 +126,8 @@ class ChunkFiles:
             self._open, self._pid = {}, os.getpid()
         if k not in self._open:
             fd = os.open(self.paths[k], os.O_RDONLY)
+            if self.read_ahead:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
             n = struct.unpack("<I", os.pread(fd, 4, 0))[0]
             self._open[k] = fd, struct.unpack(f"<{n + 1}I", os.pread(fd, 4 * (n + 1), 4))
         return self._open[k]
@@ -169,6 +175,12 @@ class PackedImages(Dataset):
 
     def __len__(self) -> int:
         return self._len
+
+    @property
+    def block_sizes(self) -> list[int]:
+        """Items per chunk, in index order (``data.shuffle=block``)."""
+        index = json.loads((Path(self.split_dir) / "index.json").read_text())
+        return [c["chunk_size"] for c in index["chunks"]]
 
     def __getstate__(self):
         return {**self.__dict__, "_stream": None}
@@ -256,7 +268,8 @@ class PackableDataModule(VitlabDataModule):
                 folder = self.data_root()
             finally:
                 self.format = "litdata"
-            root = folder.parent / f"{folder.name}_litdata"
+            order = getattr(self, "pack_order", "folder")  # ImageNet's block order packs the generated set shuffled
+            root = folder.parent / (f"{folder.name}_litdata" + ("" if order == "folder" else f"_{order}"))
             if not (root / ".complete").exists():
                 # LitData's writer draws on (or seeds) the global RNGs: a run that packs would otherwise
                 # train differently from its re-run, which finds the pack made

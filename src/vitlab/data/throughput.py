@@ -153,7 +153,7 @@ class FormatRow:
 
 def dataset_files(root: Path, fmt: str) -> list[Path]:
     """The files a format's training split reads (the JPEGs, or the chunk files)."""
-    return sorted((root / "train").rglob("*.bin" if fmt == "litdata" else "*.JPEG"))
+    return sorted((root / "train").rglob("*.bin" if fmt.startswith("litdata") else "*.JPEG"))
 
 
 def evict(files: list[Path]) -> None:
@@ -183,10 +183,13 @@ def _cpu_seconds() -> float:
 def time_loader(root: Path, fmt: str, workers: int, images: int, batch: int, gpu_decode: bool,
                 seed: int = 0) -> tuple[float, float, int]:
     """(wall s, CPU s of this process + workers, images) for the first ``images`` training images of
-    a shuffled epoch through the DataModule's own training loader."""
+    a shuffled epoch through the DataModule's own training loader (``litdata-block``: the packed
+    format in ``data.shuffle=block``'s order)."""
     from vitlab.data.imagenet import ImageNetDataModule
 
     extra = dict(auto_augment=None, color_jitter=0) if gpu_decode else {}
+    if fmt == "litdata-block":
+        fmt, extra = "litdata", {**extra, "shuffle": "block"}
     dm = ImageNetDataModule(str(root), batch_size=batch, num_workers=workers, format=fmt, gpu_decode=gpu_decode,
                             seed=seed, **extra)
     dm.setup("fit")
@@ -212,17 +215,18 @@ def format_bench(dataset_images: int = 20_000, images: int = 1_000, formats=("fo
                  workers=(1, 2), caches=("cold", "warm"), batch: int = 32, gpu_decode: bool = False,
                  data_dir: str | None = None, size: tuple[int, int] | None = None) -> list[FormatRow]:
     """Every (format, cache, workers) on one generated ImageNet of ``dataset_images`` (made and
-    packed once under the bench directory): the DeiT training pipeline in the workers, and with
-    ``gpu_decode`` also the workers' part of ``data.gpu_decode`` (reading bytes: the device work is
-    not timed here)."""
+    packed once under the bench directory, the training split shuffled: read in the uniform order
+    as ``litdata``, in the block order as ``litdata-block``): the DeiT training pipeline in the
+    workers, and with ``gpu_decode`` also the workers' part of ``data.gpu_decode`` (reading bytes:
+    the device work is not timed here)."""
     from vitlab.data.imagenet import pack_imagenet
 
     folder = generate("imagenet", bench_dir(data_dir), dataset_images, size)
-    packed = folder.parent / f"{folder.name}_litdata"
+    packed = folder.parent / f"{folder.name}_litdata_shuffled"
     if not (packed / ".complete").exists():
-        pack_imagenet(folder, packed)
+        pack_imagenet(folder, packed, order="shuffled")
         (packed / ".complete").touch()
-    roots = {"folder": folder, "litdata": packed}
+    roots = {"folder": folder, "litdata": packed, "litdata-block": packed}
     rows = []
     for pipeline in ("deit", "gpu_decode") if gpu_decode else ("deit",):
         for cache in caches:
@@ -237,14 +241,14 @@ def format_bench(dataset_images: int = 20_000, images: int = 1_000, formats=("fo
 
 
 def format_rows_table(rows: list[FormatRow]) -> str:
-    head = (f"{'pipeline':<11} {'cache':<5} {'format':<8} {'workers':>7} {'images':>7} {'img/wall-s':>11} "
+    head = (f"{'pipeline':<11} {'cache':<5} {'format':<13} {'workers':>7} {'images':>7} {'img/wall-s':>11} "
             f"{'img/CPU-s':>10} {'vs folder (CPU)':>16}")
     lines = [head, "-" * len(head)]
     base = {(r.pipeline, r.cache, r.workers): r for r in rows if r.format == "folder"}
     for r in rows:
         ref = base.get((r.pipeline, r.cache, r.workers))
         ratio = "-" if ref is None or ref is r else f"{r.per_cpu_s / ref.per_cpu_s:.2f}x"
-        lines.append(f"{r.pipeline:<11} {r.cache:<5} {r.format:<8} {r.workers:>7} {r.images:>7} "
+        lines.append(f"{r.pipeline:<11} {r.cache:<5} {r.format:<13} {r.workers:>7} {r.images:>7} "
                      f"{r.per_wall_s:>11.1f} {r.per_cpu_s:>10.1f} {ratio:>16}")
     return "\n".join(lines)
 
@@ -263,8 +267,8 @@ def workers_needed(rows: list[FormatRow], model_ips: float) -> list[tuple[str, s
 
 
 def format_workers_table(needed: list[tuple], model_ips: float) -> str:
-    head = f"{'pipeline':<11} {'cache':<5} {'format':<8} {'timed at':>8} {'img/CPU-s':>10} {'workers for ' + format(model_ips, '.1f') + ' img/s':>24}"
+    head = f"{'pipeline':<11} {'cache':<5} {'format':<13} {'timed at':>8} {'img/CPU-s':>10} {'workers for ' + format(model_ips, '.1f') + ' img/s':>24}"
     lines = [head, "-" * len(head)] + ([] if needed else ["(no run with loader workers timed: --workers 1 2)"])
     for pipeline, fmt, cache, timed, per_cpu, n in needed:
-        lines.append(f"{pipeline:<11} {cache:<5} {fmt:<8} {timed:>8} {per_cpu:>10.1f} {n:>24}")
+        lines.append(f"{pipeline:<11} {cache:<5} {fmt:<13} {timed:>8} {per_cpu:>10.1f} {n:>24}")
     return "\n".join(lines)

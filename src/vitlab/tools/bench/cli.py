@@ -47,8 +47,9 @@ Every extra row gets a ratio line: ``ours / timm`` and ``ours / ref`` (>1: ours 
 
 ``--loader imagenet|coco|ade20k`` times the training data pipeline instead (see
 ``vitlab.data.throughput``): decode + augmentation, images/s of one worker process; with
-``--format folder litdata`` the DataModule's training loader per data format, workers and page cache
-(workers 0: the loader in this process, no transfer between processes: the format's own cost);
+``--format folder litdata litdata-block`` the DataModule's training loader per data format, workers
+and page cache (``litdata-block``: the packed format in ``data.shuffle=block``'s order; workers 0:
+the loader in this process, no transfer between processes: the format's own cost);
 with ``--model NAME`` also that model's training images/s here and the loader workers it needs:
 ceil(model images/s / loader images per CPU-second), each worker one busy core.
 ``--eval coco|ade20k --images N [--masks]`` times the validation metric at full size
@@ -107,7 +108,7 @@ def main(argv=None) -> None:
                    help="time this dataset's training pipeline instead (vitlab.data.throughput)")
     p.add_argument("--images", type=int, default=64, help="--loader: images per round; --eval: images evaluated")
     p.add_argument("--fast-decode", action="store_true", help="--loader imagenet: also time data.fast_decode=true")
-    p.add_argument("--format", nargs="+", choices=["folder", "litdata"], default=None,
+    p.add_argument("--format", nargs="+", choices=["folder", "litdata", "litdata-block"], default=None,
                    help="--loader imagenet: time the training loader (workers, page cache) per data.format instead "
                         "(vitlab.data.throughput.format_bench); --images: images timed per run")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="--format: loader workers to time")
