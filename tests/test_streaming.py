@@ -159,11 +159,12 @@ def _fails(dataset, i) -> bool:
     return False
 
 
-def _ranks_ids(rank: int, world: int, port: int, root: str) -> tuple[list[int], list[int]]:
+def _ranks_ids(rank: int, world: int, port: int, root: str, shuffle: str) -> tuple[list[int], list[int]]:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    dm = ImageNetDataModule(root, num_workers=0, batch_size=3, img_size=32, format="litdata")
+    dm = ImageNetDataModule(root, num_workers=0, batch_size=3, img_size=32, format="litdata", shuffle=shuffle,
+                            shuffle_window=2)
     dm.world = lambda: (world, rank)
     dm.setup("fit")
     dm.train_set.transform = dm.val_set.transform = checksum
@@ -173,19 +174,20 @@ def _ranks_ids(rank: int, world: int, port: int, root: str) -> tuple[list[int], 
     return train, val
 
 
-def test_ddp_two_processes_read_disjoint_complete_shares(packed):
+@pytest.mark.parametrize("shuffle", ["uniform", "block"])
+def test_ddp_two_processes_read_disjoint_complete_shares(shuffle, packed, packed_shuffled):
     import socket
 
     from vitlab.data.streaming import PackedImages
 
-    _, out = packed
+    out = packed_shuffled if shuffle == "block" else packed[1]
     epoch = {split: sorted(int(checksum(PackedImages(out / split)[i][0])) for i in range(n))
              for split, n in (("train", 18), ("val", 9))}
     assert all(len(set(v)) == len(v) for v in epoch.values())  # the checksums identify the images
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    got = call_in_children(_ranks_ids, [(rank, 2, port, str(out)) for rank in (0, 1)])  # two processes at once
+    got = call_in_children(_ranks_ids, [(rank, 2, port, str(out), shuffle) for rank in (0, 1)])  # two processes at once
     for k, split in enumerate(("train", "val")):
         shares = [got[0][k], got[1][k]]
         assert sorted(shares[0] + shares[1]) == epoch[split]  # the epoch, each image once

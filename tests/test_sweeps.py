@@ -22,8 +22,8 @@ SMOKE = ["debug=smoke", "data.synthetic=true", "logger=csv"]
 RUN_END_TO_END = {
     "pvt": ["+sweep=pvtv2_components", "backbone.depths=[1,1,1,1]", "backbone.embed_dims=[16,32,80,128]"],
     "pale": ["+sweep=pale_pos_embed", "backbone.depths=[1,1,1,1]", "backbone.embed_dims=[32,64,128,256]"],
-    "gpvit": ["+sweep=gpvit_propagation", "backbone=gpvit_l1", "backbone.embed_dims=48", "backbone.depths=4", "backbone.num_heads=4",
-              "backbone.gp_layers=[1,3]", "backbone.group_tokens=[16,8]"],
+    "gpvit": ["+sweep=gpvit_propagation", "backbone=gpvit_l1", "backbone.embed_dims=48", "backbone.depths=4",
+              "backbone.num_heads=4", "backbone.gp_layers=[1,3]", "backbone.group_tokens=[16,8]"],
     "scalablevit": ["+sweep=scalablevit_lim", "backbone.depths=[1,1,1,1]", "backbone.embed_dims=[32,64,128,256]"],
 }
 

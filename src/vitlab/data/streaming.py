@@ -249,6 +249,7 @@ class PackableDataModule(VitlabDataModule):
     reads the packed copy at ``data.root`` (checked before anything is read)."""
 
     pack_kind: ClassVar[str]
+    pack_order = "folder"  # how the generated dataset is packed (ImageNet's block order: shuffled)
 
     def pack(self, folder: Path, out: Path) -> None:
         """Pack the dataset at ``folder`` (its own layout) into ``out`` (generated data: small chunks)."""
@@ -268,7 +269,7 @@ class PackableDataModule(VitlabDataModule):
                 folder = self.data_root()
             finally:
                 self.format = "litdata"
-            order = getattr(self, "pack_order", "folder")  # ImageNet's block order packs the generated set shuffled
+            order = self.pack_order
             root = folder.parent / (f"{folder.name}_litdata" + ("" if order == "folder" else f"_{order}"))
             if not (root / ".complete").exists():
                 # LitData's writer draws on (or seeds) the global RNGs: a run that packs would otherwise
