@@ -1,7 +1,8 @@
 """``data.gpu_decode=true``: JPEGs decoded and augmented on the accelerator.
 
 Loader workers only read the files' bytes (``read_bytes``; a packed dataset's items as they are)
-and hand over one uint8 tensor of a batch's files (``JpegBytes``). After the transfer, ``DeviceAugment``
+and hand over one uint8 tensor of a batch's files (``JpegBytes``). The batch's transfer to the device
+(``ImageNetDataModule.transfer_batch_to_device``; the bytes stay on the host) is ``DeviceAugment``: it
 decodes the batch with ``torchvision.io.decode_jpeg(..., device=...)`` (nvJPEG, batched, on a GPU;
 libjpeg on the CPU when there is none: the same code), then draws timm's random-resized-crop box
 for each image exactly as the CPU pipeline draws it (``RandomResizedCropAndInterpolation
@@ -43,7 +44,7 @@ class JpegBytes(NamedTuple):
     lengths: torch.Tensor
 
     def split(self) -> list[torch.Tensor]:
-        return list(self.data.cpu().split(self.lengths.tolist()))
+        return list(self.data.split(self.lengths.tolist()))  # host tensors: decode_jpeg reads them there
 
 
 def collate_bytes(batch) -> ImageBatch:

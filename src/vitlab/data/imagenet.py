@@ -369,18 +369,26 @@ class ImageNetDataModule(PackableDataModule):
             transform.transforms[0] = FastRandomResizedCrop(crop.size, crop.scale, crop.ratio, self.interpolation)
         return transform
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """``fast_decode``: training batches arrive as uint8; normalise them and apply timm's random
-        erasing (per image, as in a worker) here, on the device."""
-        if isinstance(batch, ImageBatch) and hasattr(batch.images, "lengths"):  # gpu_decode: JpegBytes
-            if self._device_augment is None:
-                from vitlab.data.gpu_decode import DeviceAugment
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """``gpu_decode``: a batch of JPEG bytes (``JpegBytes``) is not copied to the device as it is;
+        ``decode_jpeg`` reads the bytes on the host and decodes them on ``device`` (nvJPEG on a GPU), so
+        its transfer is the decode, random resized crop and flip (``DeviceAugment``). Lightning's
+        default transfer would copy the bytes to the GPU and back. Other batches: Lightning's."""
+        if not (isinstance(batch, ImageBatch) and hasattr(batch.images, "lengths")):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        if self._device_augment is None:
+            from vitlab.data.gpu_decode import DeviceAugment
 
-                self._device_augment = DeviceAugment(self.img_size, self.scale, hflip=self.hflip,
-                                                     interpolation=self.interpolation, skip_corrupt=self.skip_corrupt)
-            device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-            images, kept = self._device_augment(batch.images, device)
-            batch = ImageBatch(images, batch.targets[kept], batch.skipped + len(batch.images.lengths) - len(kept))
+            self._device_augment = DeviceAugment(self.img_size, self.scale, hflip=self.hflip,
+                                                 interpolation=self.interpolation, skip_corrupt=self.skip_corrupt)
+        images, kept = self._device_augment(batch.images, device)
+        dropped = len(batch.images.lengths) - len(kept)
+        targets = batch.targets[kept] if dropped else batch.targets
+        return ImageBatch(images, targets.to(device, non_blocking=True), (batch.skipped + dropped).to(device))
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """``fast_decode`` and ``gpu_decode``: training batches arrive as uint8 on the device;
+        normalise them and apply timm's random erasing (per image, as in a worker) here."""
         if not isinstance(batch, ImageBatch) or batch.images.dtype != torch.uint8:
             return batch
         images = normalise_uint8(batch.images, IMAGENET_MEAN, IMAGENET_STD)
