@@ -3,6 +3,7 @@ bad shards, the DDP split over 2 gloo processes and mid-epoch resume of the trai
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -93,6 +94,39 @@ def test_chunk_reader_equals_litdata(packed):
     assert ChunkFiles.readable(out / "train", index)
     index["config"]["compression"] = "zstd"
     assert not ChunkFiles.readable(out / "train", index)
+
+
+@pytest.mark.parametrize("damage", ["offsets zeroed", "offsets swapped", "item count", "past the end"])
+def test_damaged_chunk_header_named_not_skipped(packed, tmp_path, damage):
+    """A chunk whose header disagrees with index.json or the file (the reader would otherwise hand
+    out other bytes or an empty item) stops with the chunk's name, also under data.skip_corrupt."""
+    import struct
+
+    from vitlab.data.streaming import PackedImages, ShardError
+
+    _, out = packed
+    split = tmp_path / "train"
+    shutil.copytree(out / "train", split)
+    chunk = sorted(split.glob("*.bin"))[0]
+    data = bytearray(chunk.read_bytes())
+    n = struct.unpack_from("<I", data)[0]
+    assert n >= 2
+    offsets = list(struct.unpack_from(f"<{n + 1}I", data, 4))
+    if damage == "offsets zeroed":  # the tail of the offset table read as zeros
+        offsets[1:] = [0] * n
+    elif damage == "offsets swapped":
+        offsets[0], offsets[1] = offsets[1], offsets[0]
+    elif damage == "item count":
+        struct.pack_into("<I", data, 0, n + 1)
+    else:
+        offsets[-1] = len(data) + 1
+    struct.pack_into(f"<{n + 1}I", data, 4, *offsets)
+    chunk.write_bytes(data)
+    for skip_corrupt in (False, True):
+        items = PackedImages(split, skip_corrupt=skip_corrupt)
+        assert items.chunks is not None
+        with pytest.raises(ShardError, match=f"{chunk.name}: the chunk's header does not match index.json's {n} items"):
+            items[0]
 
 
 def test_gpu_decode_loader_with_a_worker_hands_over_the_files(packed, monkeypatch):
@@ -288,7 +322,7 @@ def test_format_bench_tiny(tmp_path, capsys):
           "--rounds", "1"])
     out = capsys.readouterr().out
     table, needed = out.split("\nmodel=pvt_v2_b0")
-    rows = [line.split() for line in table.splitlines() if line.startswith(("deit", "gpu_decode"))]
+    rows = [line.split() for line in table.splitlines() if line.startswith(("deit ", "gpu_decode "))]
     assert len(rows) == 12  # 2 pipelines x 2 caches x 3 formats x 1 worker count
     assert {(r[0], r[1], r[2]) for r in rows} == {(p, c, f) for p in ("deit", "gpu_decode") for c in ("cold", "warm")
                                                  for f in ("folder", "litdata", "litdata-block")}
@@ -298,12 +332,16 @@ def test_format_bench_tiny(tmp_path, capsys):
     # --model: the model's training images/s here, and per pipeline, format and cache the workers that feed it
     model_ips = float(needed.split(": ")[1].split()[0])
     assert model_ips > 0 and "NOT A GPU FIGURE" in needed
-    workers = [line.split() for line in needed.splitlines() if line.startswith(("deit", "gpu_decode"))]
+    workers = [line.split() for line in needed.splitlines() if line.startswith(("deit ", "gpu_decode "))]
     per_cpu = {(r[0], r[1], r[2]): float(r[6]) for r in rows}
     assert len(workers) == 12
     for w in workers:  # ceil(model images/s / loader images per CPU-second), from the printed (rounded) figures
         need = model_ips / per_cpu[w[0], w[1], w[2]]
         assert need * 0.99 <= int(w[5]) < need * 1.01 + 1
+    # --gpu-decode: the device part's images/s (here libjpeg on the CPU), and the device's rate doing both
+    decode_ips = float(re.search(r"gpu_decode's device part on cpu \(.*\): ([\d.]+) images/s -- NOT A GPU", table)[1])
+    both = float(re.search(r"trains and decodes: ([\d.]+) images/s", needed)[1])
+    assert decode_ips > 0 and both == pytest.approx(1 / (1 / model_ips + 1 / decode_ips), rel=0.01)
 
 
 def test_workers_needed_takes_the_most_workers_timed():

@@ -105,7 +105,8 @@ class ChunkFiles:
 
     def __init__(self, split_dir: str | Path, chunks: list[dict]):
         self.paths = [str(Path(split_dir) / c["filename"]) for c in chunks]
-        self.starts = list(itertools.accumulate((c["chunk_size"] for c in chunks), initial=0))
+        self.sizes = [c["chunk_size"] for c in chunks]
+        self.starts = list(itertools.accumulate(self.sizes, initial=0))
         self._open: dict[int, tuple] = {}  # chunk -> (file descriptor, item offsets), per process
         self._pid = None
         # data.shuffle=block: a chunk's file is read ahead whole when first opened (the kernel reads it
@@ -128,9 +129,25 @@ class ChunkFiles:
             fd = os.open(self.paths[k], os.O_RDONLY)
             if self.read_ahead:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            n = struct.unpack("<I", os.pread(fd, 4, 0))[0]
-            self._open[k] = fd, struct.unpack(f"<{n + 1}I", os.pread(fd, 4 * (n + 1), 4))
+            self._open[k] = fd, self.header(k, fd)
         return self._open[k]
+
+    def header(self, k: int, fd: int) -> tuple[int, ...]:
+        """Chunk ``k``'s item offsets, checked against index.json and the file: a damaged header would
+        otherwise hand out wrong items (a read of the wrong bytes is no error), so it stops here,
+        naming the chunk. ~0.1 ms per chunk and process."""
+        n = self.sizes[k]
+        head = os.pread(fd, 4 * (n + 2), 0)
+        if len(head) == 4 * (n + 2) and struct.unpack_from("<I", head)[0] == n:
+            offsets = struct.unpack_from(f"<{n + 1}I", head, 4)
+            smallest = min(b - a for a, b in zip(offsets, offsets[1:])) if n else 28
+            if offsets[0] == 4 * (n + 2) and smallest >= 28 and offsets[-1] <= os.fstat(fd).st_size:
+                return offsets  # (28: an item's three sizes, its index and its label, before any JPEG byte)
+        root = Path(self.paths[k]).parents[1]
+        raise ShardError(f"{self.paths[k]}: the chunk's header does not match index.json's {n} items (item "
+                         f"offsets missing, out of order or past the file's end): the chunk is damaged; check every "
+                         f"chunk's hash with python -m vitlab.tools.check_data data.format=litdata data.root={root} "
+                         f"data.verify=full, or pack it again")
 
     def item(self, index: int) -> tuple[memoryview, int]:
         """(the JPEG bytes, the label) of item ``index``: one read of the item's bytes (a read, not an
@@ -202,6 +219,8 @@ class PackedImages(Dataset):
             img.filename = name  # errors in the lazy crop name the item
             if not self.lazy:
                 img = img.convert("RGB")
+        except ShardError:
+            raise  # a damaged chunk is no image to skip
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error) as err:
             return skip_or_raise(CorruptImageError(f"{name}: cannot be decoded as an image ({err})"),
                                  self.skip_corrupt)

@@ -120,6 +120,30 @@ def loader_bench(kind: str, images: int = 64, rounds: int = 5, fast_decode: bool
     return [*rows.values(), *([device_row] if device_row else [])]
 
 
+def gpu_decode_rate(folder: Path, device: str, batch: int = 128, rounds: int = 3) -> float:
+    """Images/s of ``data.gpu_decode``'s device part on ``device``, as a run does it per training
+    batch: the DataModule's transfer (decode, random resized crop and flip: ``DeviceAugment``) and its
+    after-transfer hook (normalisation, random erasing), on batches of ``batch`` generated JPEGs read
+    beforehand; the median of ``rounds`` batches after one untimed (nvJPEG's set-up)."""
+    from vitlab.data.gpu_decode import collate_bytes
+
+    dm = ImageNetDataModule(str(folder), batch_size=batch, num_workers=0, gpu_decode=True, auto_augment=None,
+                            color_jitter=0)
+    dm.setup("fit")
+    n, dev = len(dm.train_set), torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    rates = []
+    for r in range(rounds + 1):
+        jpegs = collate_bytes([dm.train_set[(r * batch + k) % n] for k in range(batch)])
+        sync()
+        start = time.perf_counter()
+        dm.on_after_batch_transfer(dm.transfer_batch_to_device(jpegs, dev, 0), 0)
+        sync()
+        if r:
+            rates.append(batch / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
 def format_loader_table(rows: list[LoaderRow]) -> str:
     head = f"{'pipeline':<28} {'images/s per core':>18} {'vs default':>11}"
     lines = [head, "-" * len(head)]

@@ -155,6 +155,15 @@ def main(argv=None) -> None:
         print(f"loader=imagenet dataset={args.dataset_images} images timed per run={args.images} "
               f"(one shuffled pass; CPU = this process + its workers; load average {os.getloadavg()[0]:.1f})")
         print(format_rows_table(rows))
+        decode_ips = None
+        if args.gpu_decode:
+            from vitlab.data.throughput import bench_dir, generate, gpu_decode_rate
+
+            folder = generate("imagenet", bench_dir(args.data_dir), args.dataset_images, args.image_size)
+            decode_ips = gpu_decode_rate(folder, args.device, args.batch or 128)
+            print(f"\ngpu_decode's device part on {args.device} (decode, crop, flip, normalise, erase; batch "
+                  f"{args.batch or 128}): {decode_ips:.1f} images/s"
+                  + ("" if args.device == "cuda" else " -- NOT A GPU FIGURE: libjpeg on the CPU"))
         if args.model:
             check_model_args(p, args)
             from vitlab.data.throughput import format_workers_table, workers_needed
@@ -167,6 +176,10 @@ def main(argv=None) -> None:
                   + ("" if args.device == "cuda" else " -- NOT A GPU FIGURE: the model ran on the CPU; on a GPU run "
                      "this with --device cuda (workers = its images/s / the loader's images per CPU-second)"))
             print(format_workers_table(workers_needed(rows, model_ips), model_ips))
+            if decode_ips:  # the device decodes and trains: its time per image is the sum of both
+                both = 1 / (1 / model_ips + 1 / decode_ips)
+                print(f"with gpu_decode the device trains and decodes: {both:.1f} images/s (the gpu_decode rows' "
+                      f"workers for that rate: {both / model_ips:.2f}x the figure above)")
         return
     if args.loader:
         from vitlab.data.throughput import format_loader_table, loader_bench

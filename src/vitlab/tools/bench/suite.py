@@ -12,7 +12,7 @@ after every item, so a run cut short keeps what it measured):
 * eager vs ``torch.compile`` for PVTv2-B2 (``COMPILED``), with the compilation's warm-up seconds;
 * Mask R-CNN + PVTv2-B2 at 800x1333 and UperNet + Pale-T at 512x512, batch 2: steps/s, memory;
 * the ImageNet loader's images/s (one worker per core: decode + augmentation; ``data.fast_decode``),
-  and GPU decoding where the data modules offer a ``gpu_decode`` option.
+  and the device's images/s for ``data.gpu_decode``'s part (decode, crop, flip, normalise, erase).
 
 Each item's failure (out of memory, a compile error, an unimportable authors' file) becomes a row
 saying so; the suite goes on. On a CPU the same command runs a tiny version of every item (small
@@ -20,7 +20,6 @@ inputs, one-block backbones) and says that its figures are not GPU figures.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import time
@@ -182,14 +181,19 @@ def items(scale: Scale, device: torch.device, reference_dir: Path, data_dir: str
         from vitlab.data.throughput import loader_bench
 
         rounds = max(1, scale.rounds)
-        rows = [Row("loader imagenet", r.name, "loader", images_s=r.images_per_s)
-                for r in loader_bench("imagenet", scale.loader_images, rounds, True, data_dir)]
-        # GPU decoding (nvJPEG): measured once the data modules offer it as a loader option
-        if "gpu_decode" in inspect.signature(loader_bench).parameters:
-            rows += [Row("loader imagenet", f"gpu_decode: {r.name}", "loader", images_s=r.images_per_s)
-                     for r in loader_bench("imagenet", scale.loader_images, rounds, False, data_dir, gpu_decode=True)]
-        else:
-            rows.append(Row("loader imagenet", "gpu_decode", "loader", status="no data.gpu_decode option yet"))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # per core, as a loader worker runs (the H200 machine's 16 threads: 12 img/s)
+        try:
+            rows = [Row("loader imagenet", r.name, "loader", images_s=r.images_per_s)
+                    for r in loader_bench("imagenet", scale.loader_images, rounds, True, data_dir)]
+        finally:
+            torch.set_num_threads(threads)
+        # data.gpu_decode's device part (nvJPEG decode, crop, flip, normalise, erase) at the training batch
+        from vitlab.data.throughput import bench_dir, generate, gpu_decode_rate
+
+        folder = generate("imagenet", bench_dir(data_dir), scale.loader_images)
+        rows.append(Row("loader imagenet", "gpu_decode: device part", "loader",
+                        images_s=gpu_decode_rate(folder, str(device), scale.batch, rounds)))
         return rows
 
     out = [(f"train {m}", m, "ours", classification(m)) for m in MODELS]
