@@ -90,6 +90,7 @@ def fast(command: str) -> str | None:
         return f'python -c "{make}" && {command} --shard-size 64KB --workers 1'
     if command.startswith("python -m vitlab.tools.bench --loader") and "--format" in command:
         command = re.sub(r"--(images|dataset-images) \d+", "", command)
+        command = command.replace("--device cuda", "--device cpu")  # the tests have no GPU (the model's figure says so)
         model = " --input 32 32 --batch 1 --steps 1 --warmup 0 --rounds 1" if "--model" in command else ""
         return f"{command} --images 4 --dataset-images 8 --workers 0 --image-size 64 48{model}"
     if command.startswith("python -m vitlab.tools.bench --suite"):
