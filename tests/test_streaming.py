@@ -344,6 +344,19 @@ def test_format_bench_tiny(tmp_path, capsys):
     assert decode_ips > 0 and both == pytest.approx(1 / (1 / model_ips + 1 / decode_ips), rel=0.01)
 
 
+def test_handover_costs_tiny(tmp_path, capsys):
+    """--handover: a gpu_decode worker's steps per image (read, shared-memory copy, pickle) per format."""
+    from vitlab.tools.bench.cli import main
+
+    main(["--loader", "imagenet", "--format", "folder", "litdata", "--handover", "--images", "8", "--dataset-images",
+          "8", "--image-size", "48", "36", "--data-dir", str(tmp_path)])
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("folder ", "litdata "))}
+    assert set(rows) == {"folder", "litdata"}
+    for read, copy, pickle, total in rows.values():
+        assert min(read, copy, pickle) > 0 and total == pytest.approx(read + copy + pickle, abs=0.2)
+
+
 def test_workers_needed_takes_the_most_workers_timed():
     from vitlab.data.throughput import FormatRow, workers_needed
 

@@ -47,14 +47,17 @@ class JpegBytes(NamedTuple):
         return list(self.data.split(self.lengths.tolist()))  # host tensors: decode_jpeg reads them there
 
 
-def collate_bytes(batch) -> ImageBatch:
-    """Byte tensors of different lengths -> ``JpegBytes``; skipped items (None) are counted."""
+def collate_bytes(batch, shared: bool | None = None) -> ImageBatch:
+    """Byte tensors of different lengths -> ``JpegBytes``; skipped items (None) are counted.
+    ``shared``: into a new shared-memory block (default: in a loader worker, as default_collate)."""
     kept = [b for b in batch if b is not None]
     data = [d for d, _ in kept]
     targets = default_collate([t for _, t in kept]) if kept else torch.zeros(0, dtype=torch.long)
     lengths = torch.tensor([len(d) for d in data], dtype=torch.long)
     out = torch.empty(0, dtype=torch.uint8)
-    if data and get_worker_info() is not None:  # as default_collate: in a worker, straight into shared memory
+    if shared is None:
+        shared = get_worker_info() is not None
+    if data and shared:  # as default_collate: in a worker, straight into shared memory
         out = out.new(torch.UntypedStorage._new_shared(int(lengths.sum())))  # (one copy, not two)
     images = JpegBytes(torch.cat(data, out=out) if data else out, lengths)
     return ImageBatch(images, targets, torch.tensor(len(batch) - len(kept)))

@@ -144,6 +144,52 @@ def gpu_decode_rate(folder: Path, device: str, batch: int = 128, rounds: int = 3
     return statistics.median(rates)
 
 
+def handover_costs(root: Path, fmt: str, images: int, batch: int = 32) -> dict[str, float]:
+    """CPU microseconds per image of a loader worker's steps for ``data.gpu_decode``, each timed alone
+    in this process (one torch thread) on ``images`` training items in a shuffled order: reading the
+    bytes (the format's part), copying a batch into a new shared-memory block (``collate_bytes`` as
+    in a worker: the block's page faults), pickling the batch for the worker's queue."""
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401 -- registers the shared-memory reductions the queue uses
+    from vitlab.data.gpu_decode import collate_bytes
+
+    if fmt == "litdata-block":
+        fmt = "litdata"  # the same reads; the order does not change a warm read's CPU
+    dm = ImageNetDataModule(str(root), batch_size=batch, num_workers=0, format=fmt, gpu_decode=True,
+                            auto_augment=None, color_jitter=0)
+    dm.setup("fit")
+    warm(dataset_files(root, fmt))
+    order = torch.randperm(len(dm.train_set), generator=torch.Generator().manual_seed(0)).tolist()[:images]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    spent = dict.fromkeys(("read", "shared-memory copy", "pickle"), 0.0)
+    try:
+        for start in range(0, len(order), batch):
+            t0 = time.process_time()
+            items = [dm.train_set[i] for i in order[start:start + batch]]
+            t1 = time.process_time()
+            collated = collate_bytes(items, shared=True)
+            t2 = time.process_time()
+            ForkingPickler.dumps(collated)
+            t3 = time.process_time()
+            for key, dt in zip(spent, (t1 - t0, t2 - t1, t3 - t2)):
+                spent[key] += dt
+            del collated
+    finally:
+        torch.set_num_threads(threads)
+    return {key: 1e6 * value / len(order) for key, value in spent.items()}
+
+
+def format_handover_table(costs: dict[str, dict[str, float]]) -> str:
+    head = f"{'format':<13} {'read':>6} {'shared-memory copy':>19} {'pickle':>7} {'total':>7}  (CPU us per image)"
+    lines = [head, "-" * len(head)]
+    for fmt, c in costs.items():
+        lines.append(f"{fmt:<13} {c['read']:>6.1f} {c['shared-memory copy']:>19.1f} {c['pickle']:>7.1f} "
+                     f"{sum(c.values()):>7.1f}")
+    return "\n".join(lines)
+
+
 def format_loader_table(rows: list[LoaderRow]) -> str:
     head = f"{'pipeline':<28} {'images/s per core':>18} {'vs default':>11}"
     lines = [head, "-" * len(head)]
@@ -235,6 +281,17 @@ def time_loader(root: Path, fmt: str, workers: int, images: int, batch: int, gpu
     return wall, cpu, seen
 
 
+def packed_copy(folder: Path) -> Path:
+    """The generated ImageNet ``folder`` packed beside it (training split shuffled), made once."""
+    from vitlab.data.imagenet import pack_imagenet
+
+    packed = folder.parent / f"{folder.name}_litdata_shuffled"
+    if not (packed / ".complete").exists():
+        pack_imagenet(folder, packed, order="shuffled")
+        (packed / ".complete").touch()
+    return packed
+
+
 def format_bench(dataset_images: int = 20_000, images: int = 1_000, formats=("folder", "litdata"),
                  workers=(1, 2), caches=("cold", "warm"), batch: int = 32, gpu_decode: bool = False,
                  data_dir: str | None = None, size: tuple[int, int] | None = None) -> list[FormatRow]:
@@ -243,13 +300,8 @@ def format_bench(dataset_images: int = 20_000, images: int = 1_000, formats=("fo
     as ``litdata``, in the block order as ``litdata-block``): the DeiT training pipeline in the
     workers, and with ``gpu_decode`` also the workers' part of ``data.gpu_decode`` (reading bytes:
     the device work is not timed here)."""
-    from vitlab.data.imagenet import pack_imagenet
-
     folder = generate("imagenet", bench_dir(data_dir), dataset_images, size)
-    packed = folder.parent / f"{folder.name}_litdata_shuffled"
-    if not (packed / ".complete").exists():
-        pack_imagenet(folder, packed, order="shuffled")
-        (packed / ".complete").touch()
+    packed = packed_copy(folder)
     roots = {"folder": folder, "litdata": packed, "litdata-block": packed}
     rows = []
     for pipeline in ("deit", "gpu_decode") if gpu_decode else ("deit",):

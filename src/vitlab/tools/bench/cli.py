@@ -114,6 +114,9 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="--format: loader workers to time")
     p.add_argument("--dataset-images", type=int, default=20_000, help="--format: size of the generated ImageNet")
     p.add_argument("--gpu-decode", action="store_true", help="--format: also time data.gpu_decode's worker part")
+    p.add_argument("--handover", action="store_true",
+                   help="--format: only a gpu_decode worker's steps per image, each alone (read, shared-memory copy, "
+                        "pickle), warm cache, on --images items of the generated set")
     p.add_argument("--model", default=None, metavar="NAME",
                    help="--format: also time this model's training step (--device, --precision, --batch, --input, "
                         "--steps, --rounds) and print the loader workers per device that feed it")
@@ -150,6 +153,16 @@ def main(argv=None) -> None:
 
         if args.loader != "imagenet":
             p.error("--format applies to --loader imagenet")
+        if args.handover:
+            from vitlab.data.throughput import bench_dir, format_handover_table, generate, handover_costs, packed_copy
+
+            folder = generate("imagenet", bench_dir(args.data_dir), args.dataset_images, args.image_size)
+            roots = {"folder": folder, "litdata": packed_copy(folder), "litdata-block": packed_copy(folder)}
+            costs = {fmt: handover_costs(roots[fmt], fmt, args.images) for fmt in args.format}
+            print(f"loader=imagenet dataset={args.dataset_images} images={args.images}, batches of 32, warm cache: "
+                  f"a data.gpu_decode loader worker's steps, each timed alone in one process")
+            print(format_handover_table(costs))
+            return
         rows = format_bench(args.dataset_images, args.images, args.format, args.workers, batch=32,
                             gpu_decode=args.gpu_decode, data_dir=args.data_dir, size=args.image_size)
         print(f"loader=imagenet dataset={args.dataset_images} images timed per run={args.images} "
