@@ -155,7 +155,14 @@ def test_gpu_suite_runs_every_item_tiny_on_the_cpu_and_says_so(tmp_path, capsys,
     dense = [r for r in rows if r["kind"] == "dense"]
     assert [r["item"].split()[0] for r in dense] == ["maskrcnn", "upernet"]
     assert all(r["status"] == "ok" and r["steps_s"] == pytest.approx(r["images_s"] / 2) for r in dense)
-    loader = {r["model"]: r for r in rows if r["kind"] == "loader"}
+    profiled = [r for r in rows if r["kind"] == "profile"]
+    assert profiled[0]["model"] == "per step" and profiled[0]["status"].startswith("wall ")
+    assert len(profiled) == 1 + bench_suite.PROFILE_TOP and all("ms/step" in r["status"] for r in profiled[1:])
+    busy = [float(r["status"].split("(")[1].split("%")[0]) for r in profiled[1:]]  # % of the busy time
+    assert busy == sorted(busy, reverse=True) and 0 < sum(busy) <= 100.5
+    packed = next(r for r in rows if r["item"] == "packed imagenet")
+    assert packed["status"] == "ok" and packed["images_s"] > 0
+    loader = {r["model"]: r for r in rows if r["kind"] == "loader" and r["item"] == "loader imagenet"}
     assert loader["default"]["images_s"] > 0 and loader["fast_decode"]["images_s"] > 0
     assert loader["gpu_decode: device part"]["status"] == "ok" and loader["gpu_decode: device part"]["images_s"] > 0
 

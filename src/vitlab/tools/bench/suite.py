@@ -11,6 +11,9 @@ after every item, so a run cut short keeps what it measured):
   holds its file (``AUTHORS``; ``--reference``'s mechanism), in the same rounds as ours;
 * eager vs ``torch.compile`` for PVTv2-B2 (``COMPILED``), with the compilation's warm-up seconds;
 * Mask R-CNN + PVTv2-B2 at 800x1333 and UperNet + Pale-T at 512x512, batch 2: steps/s, memory;
+* where PVTv2-B2's training step spends its time (``PROFILED``: torch.profiler, the device's busy share of
+  the wall time, kernel launches, the top ops);
+* the packed ImageNet reader from a cold page cache through two workers (every image once);
 * the ImageNet loader's images/s (one worker per core: decode + augmentation; ``data.fast_decode``),
   and the device's images/s for ``data.gpu_decode``'s part (decode, crop, flip, normalise, erase).
 
@@ -36,6 +39,8 @@ from vitlab.tools.bench.run import bench, paired_ratio
 
 MODELS = ("pvt_v2_b2", "scalablevit_s", "pale_t", "gpvit_l1", "pvt_small")
 COMPILED = ("pvt_v2_b2",)
+PROFILED = ("pvt_v2_b2",)  # where a training step's time goes (3-6% MFU on an H200: not matmul-bound)
+PROFILE_STEPS, PROFILE_TOP = 3, 12
 # The authors' files under --reference-dir (README "Performance": whai362/PVT, Yangr116/ScalableViT,
 # ChenhongyiYang/GPViT; Pale has no released code).
 AUTHORS = {"pvt_v2_b2": "pvt_v2.py:pvt_v2_b2", "pvt_small": "pvt.py:pvt_small",
@@ -196,11 +201,74 @@ def items(scale: Scale, device: torch.device, reference_dir: Path, data_dir: str
                         images_s=gpu_decode_rate(folder, str(device), scale.batch, rounds)))
         return rows
 
+    def profiled(name: str) -> Callable[[], list[Row]]:
+        def run() -> list[Row]:
+            return profile_rows(name, scale, device)
+        return run
+
+    def packed() -> list[Row]:
+        """The packed reader as a run uses it, from a cold page cache: every training image once
+        through two loader workers (the H200 machine's first packed read stopped on an empty item)."""
+        from vitlab.data.throughput import bench_dir, evict, generate, packed_copy, time_loader, dataset_files
+
+        folder = generate("imagenet", bench_dir(data_dir), scale.loader_images)
+        root = packed_copy(folder)
+        evict(dataset_files(root, "litdata"))
+        n = scale.loader_images
+        wall, _, seen = time_loader(root, "litdata", 2, n, min(32, n), gpu_decode=True)
+        ok = "ok" if seen == n else f"failed: {seen} of {n} images read"
+        return [Row("packed imagenet", "litdata, cold, 2 workers", "loader", status=ok, images_s=seen / wall)]
+
     out = [(f"train {m}", m, "ours", classification(m)) for m in MODELS]
+    out += [(f"profile {m}", m, "profile", profiled(m)) for m in PROFILED]
+    out.append(("packed imagenet", "imagenet", "loader", packed))
     out += [(f"compile {m}", m, "compiled", compiled(m)) for m in COMPILED]
     out += [(f"{task} {m}", m, "dense", dense(task, m, size)) for task, m, size in DENSE]
     out.append(("loader imagenet", "imagenet", "loader", loader))
     return out
+
+
+def profile_rows(name: str, scale: Scale, device: torch.device) -> list[Row]:
+    """torch.profiler over ``PROFILE_STEPS`` bf16 training steps of ``name``: a first row with the wall
+    time, the device's busy time (the kernels' own time) and the kernel launches per step (a device
+    busy for a small part of the wall time waits on the host: launch-bound), then the ops with the
+    most own device time (CPU: own CPU time), one row each."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from vitlab.tools.bench.measure import _step, _sync
+    from vitlab.tools.bench.models import build_ours
+    from vitlab.tools.bench.workloads import make_workload
+
+    gpu = device.type == "cuda"
+    workload = make_workload(None, scale.batch, scale.size, device)
+    model = build_ours(name, workload, device, TINY[name] if scale.tiny else [])
+    model.train()
+    for _ in range(2):
+        _step(model, workload, "train", device, torch.bfloat16)
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if gpu else [])]) as prof:
+        start = time.perf_counter()
+        for _ in range(PROFILE_STEPS):
+            _step(model, workload, "train", device, torch.bfloat16)
+        _sync(device)
+        wall_ms = (time.perf_counter() - start) * 1e3 / PROFILE_STEPS
+    events = prof.key_averages()
+    own = "self_device_time_total" if gpu else "self_cpu_time_total"
+    # busy: the kernels' own time on a GPU (an op's device time is its kernels': not summed twice)
+    busy_ms = sum(getattr(e, own) for e in events if not gpu or e.device_type == DeviceType.CUDA) / 1e3 / PROFILE_STEPS
+    ops = sorted((e for e in events if e.device_type == DeviceType.CPU), key=lambda e: getattr(e, own), reverse=True)
+    launches = sum(e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
+    where = "device" if gpu else "CPU"
+    rows = [Row(f"profile {name}", "per step", "profile", images_s=scale.batch / wall_ms * 1e3,
+                status=f"wall {wall_ms:.1f} ms, {where} busy {busy_ms:.1f} ms ({100 * busy_ms / wall_ms:.0f}%), "
+                       f"{launches // PROFILE_STEPS} kernel launches")]
+    for e in ops[:PROFILE_TOP]:
+        t = getattr(e, own) / 1e3 / PROFILE_STEPS
+        rows.append(Row(f"profile {name}", e.key[:24], "profile",
+                        status=f"{t:.2f} ms/step ({100 * t / busy_ms:.1f}% of {where} busy), {e.count // PROFILE_STEPS} "
+                               f"calls/step: {e.key[:60]}"))
+    return rows
 
 
 def run_suite(device: str | None = None, json_path: str | None = None, reference_dir: str = "official",
