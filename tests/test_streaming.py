@@ -129,6 +129,29 @@ def test_damaged_chunk_header_named_not_skipped(packed, tmp_path, damage):
             items[0]
 
 
+def test_a_chunk_of_thousands_of_items_reads_back_through_workers_from_a_cold_cache(tmp_path):
+    """A chunk as ImageNet's hold (~2,300 items; the H200 run's had 2,048 and stopped on an empty
+    item): its offset table spans pages (1,300 items: 5.2 KB), read by two loader workers after its
+    pages are dropped from the cache; every item's bytes and label equal the folder's file."""
+    from vitlab.data.pack import main
+    from vitlab.data.streaming import PackedImages
+    from vitlab.data.throughput import dataset_files, evict
+
+    folder = make_imagenet(tmp_path / "folder", num_classes=2, num_train=650, num_val=1, size=8)
+    main(["imagenet", "--root", str(folder), "--out", str(tmp_path / "packed"), "--workers", "1", "--order", "shuffled"])
+    chunks = dataset_files(tmp_path / "packed", "litdata")
+    assert len(chunks) == 1
+    files = sorted((folder / "train").rglob("*.JPEG"))
+    by_bytes = {f.read_bytes(): int(f.parent.name != files[0].parent.name) for f in files}
+    assert len(by_bytes) == 1300  # every file's bytes its own (noise backgrounds)
+    items = PackedImages(tmp_path / "packed" / "train", raw=True)
+    assert len(items) == 1300 and items.chunks is not None
+    evict(chunks)
+    loader = torch.utils.data.DataLoader(items, batch_size=50, num_workers=2, collate_fn=list)
+    seen = [(bytes(jpeg.numpy()), label) for batch in loader for jpeg, label in batch]
+    assert len(seen) == 1300 and dict(seen) == by_bytes  # each file once, with its folder's label
+
+
 def test_gpu_decode_loader_with_a_worker_hands_over_the_files(packed, monkeypatch):
     """data.gpu_decode on the packed format through a loader worker (batches built in shared memory):
     an epoch's bytes are the folder's files, each once."""

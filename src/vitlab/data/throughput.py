@@ -149,6 +149,7 @@ def handover_costs(root: Path, fmt: str, images: int, batch: int = 32) -> dict[s
     in this process (one torch thread) on ``images`` training items in a shuffled order: reading the
     bytes (the format's part), copying a batch into a new shared-memory block (``collate_bytes`` as
     in a worker: the block's page faults), pickling the batch for the worker's queue."""
+    from multiprocessing import resource_sharer
     from multiprocessing.reduction import ForkingPickler
 
     import torch.multiprocessing  # noqa: F401 -- registers the shared-memory reductions the queue uses
@@ -176,7 +177,10 @@ def handover_costs(root: Path, fmt: str, images: int, batch: int = 32) -> dict[s
             for key, dt in zip(spent, (t1 - t0, t2 - t1, t3 - t2)):
                 spent[key] += dt
             del collated
+            if start // batch % 100 == 99:
+                resource_sharer.stop()  # the shared blocks' descriptors, kept for a receiver that never asks
     finally:
+        resource_sharer.stop()
         torch.set_num_threads(threads)
     return {key: 1e6 * value / len(order) for key, value in spent.items()}
 
