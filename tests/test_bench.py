@@ -105,8 +105,17 @@ def test_reference_without_the_function_lists_what_the_file_has(tmp_path):
 
 
 @pytest.mark.parametrize("kind, size", [("imagenet", (96, 72)), ("coco", (96, 72)), ("ade20k", (96, 72))])
-def test_loader_bench_on_generated_data_in_the_real_formats(kind, size, tmp_path):
+def test_loader_bench_on_generated_data_in_the_real_formats(kind, size, tmp_path, monkeypatch):
+    """Per core: timed on one torch thread as in a worker (the H200 host's 16 threads spun: 12 img/s),
+    the process's thread count given back afterwards."""
+    from vitlab.data import throughput
+
+    timed_on, time_samples = [], throughput._time_samples
+    monkeypatch.setattr(throughput, "_time_samples", lambda *a: timed_on.append(torch.get_num_threads()) or
+                        time_samples(*a))
+    torch.set_num_threads(2)
     rows = loader_bench(kind, images=4, rounds=2, fast_decode=kind == "imagenet", data_dir=str(tmp_path), size=size)
+    assert set(timed_on) == {1} and torch.get_num_threads() == 2
     names = [r.name for r in rows]
     assert names == (["default", "fast_decode", "fast_decode: device part"] if kind == "imagenet" else ["default"])
     assert all(len(r.rounds) == 2 and r.images_per_s > 0 for r in rows)

@@ -202,7 +202,7 @@ def main(argv=None) -> None:
         rows = loader_bench(args.loader, args.images, args.rounds, args.fast_decode, args.data_dir, args.image_size)
         width, height = args.image_size or SIZES[args.loader]
         print(f"loader={args.loader} images={width}x{height} per round={args.images} rounds={args.rounds} "
-              f"threads={torch.get_num_threads()} (one worker process; images per CPU second)")
+              f"(one worker process, one torch thread; images per CPU second)")
         print(format_loader_table(rows))
         return
     if args.reference and len(args.reference) != len(args.names):

@@ -186,13 +186,8 @@ def items(scale: Scale, device: torch.device, reference_dir: Path, data_dir: str
         from vitlab.data.throughput import loader_bench
 
         rounds = max(1, scale.rounds)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # per core, as a loader worker runs (the H200 machine's 16 threads: 12 img/s)
-        try:
-            rows = [Row("loader imagenet", r.name, "loader", images_s=r.images_per_s)
-                    for r in loader_bench("imagenet", scale.loader_images, rounds, True, data_dir)]
-        finally:
-            torch.set_num_threads(threads)
+        rows = [Row("loader imagenet", r.name, "loader", images_s=r.images_per_s)
+                for r in loader_bench("imagenet", scale.loader_images, rounds, True, data_dir)]
         # data.gpu_decode's device part (nvJPEG decode, crop, flip, normalise, erase) at the training batch
         from vitlab.data.throughput import bench_dir, generate, gpu_decode_rate
 
