@@ -175,6 +175,17 @@ def test_gpu_decode_loader_with_a_worker_hands_over_the_files(packed, monkeypatc
     assert sorted(got) == sorted(Path(p).read_bytes() for p, _ in ImageFolder(str(folder / "train")).samples)
 
 
+def test_a_url_as_data_root_says_to_mount_the_bucket():
+    from vitlab.data.base import DatasetLayoutError
+    from vitlab.data.streaming import check_packed
+
+    with pytest.raises(DatasetLayoutError, match=r"data.root=s3://bucket/imagenet: a URL.*mount the bucket"):
+        check_packed("s3://bucket/imagenet", "imagenet")  # python -m vitlab.tools.check_data's path
+    for fmt in ("litdata", "folder"):  # what a run meets first
+        with pytest.raises(DatasetLayoutError, match=r"data.root=s3://bucket/imagenet: a URL.*mount the bucket"):
+            ImageNetDataModule("s3://bucket/imagenet", format=fmt).setup("fit")
+
+
 def test_bad_shards_named(packed, tmp_path):
     from vitlab.data.streaming import ShardError, check_packed
 

@@ -175,6 +175,15 @@ class CorruptImageError(VitlabUserError, RuntimeError):
     pass
 
 
+def reject_url(root) -> None:
+    """``data.root`` is a directory; a URL (``s3://b/x``, which ``Path`` would make the missing directory
+    ``s3:/b/x``) is named with what to do instead."""
+    if "://" in str(root):
+        raise DatasetLayoutError(
+            f"data.root={root}: a URL; vitlab reads a directory (not URLs yet): mount the bucket as a file "
+            f"system (mountpoint-s3, gcsfuse, blobfuse2) and set data.root to the mount")
+
+
 class MissingFileError(CorruptImageError):
     """A file the dataset lists is not on disk (``data.skip_corrupt`` skips these too)."""
 
@@ -265,6 +274,7 @@ class VitlabDataModule(L.LightningDataModule):
                 marker.touch()
             self.check_layout(root)
             return root
+        reject_url(self.root)
         root = Path(self.root)
         try:
             self.check_layout(root)

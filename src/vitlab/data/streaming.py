@@ -33,7 +33,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from vitlab.data.base import CorruptImageError, DatasetLayoutError, VitlabDataModule
+from vitlab.data.base import CorruptImageError, DatasetLayoutError, VitlabDataModule, reject_url
 from vitlab.data.packing import MANIFEST, sha256
 from vitlab.data.report import DataReport, skip_or_raise
 
@@ -47,6 +47,7 @@ def is_remote(root: str) -> bool:
 
 
 def read_manifest(root: str | Path, kind: str) -> dict:
+    reject_url(root)
     path = Path(root) / MANIFEST
     if not path.exists():
         raise ShardError(f"{path} is missing: {root} is not a dataset packed by python -m vitlab.data.pack "
@@ -281,6 +282,8 @@ class PackableDataModule(VitlabDataModule):
         """``data.format=litdata``: ``data.root`` is a packed dataset, checked (manifest, indexes,
         shard sizes; errors name the shard and say how to pack, no folder-layout help). With
         ``synthetic``: the generated dataset, packed beside it once."""
+        if not self.synthetic:
+            reject_url(self.root)
         root = Path(self.root)
         if self.synthetic:
             self.format = "folder"  # generate and check the dataset's own layout, then pack it
