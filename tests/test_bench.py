@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import timm
@@ -121,6 +122,37 @@ def test_loader_bench_on_generated_data_in_the_real_formats(kind, size, tmp_path
     assert all(len(r.rounds) == 2 and r.images_per_s > 0 for r in rows)
     assert (tmp_path / "bench" / f"{kind}_{size[0]}x{size[1]}_4" / ".complete").exists()
     assert format_loader_table(rows).splitlines()[2].startswith("default")
+
+
+@pytest.mark.parametrize("kind", ["coco", "ade20k"])
+def test_pack_bench_projects_the_real_split_from_two_packs(kind, tmp_path, capsys, monkeypatch):
+    """--pack: the pack command on the dataset and on 4 images (its start-up); the cost per image is
+    the difference, and the real training split follows. (The command itself, as a user runs it in a
+    process of its own, is the README's --pack command in tests/test_readme.py.)"""
+    from vitlab.data import throughput
+
+    runs = []
+
+    def timed(kind_, folder, out, workers):  # 2 s to start, 10 ms a wall image, 15 CPU ms an image
+        n = len([f for f in folder.rglob("*") if f.suffix.lower() in (".jpg", ".jpeg")
+                 and f.parent.name in ("train2017", "training")])
+        runs.append((kind_, n, workers))
+        shutil.rmtree(out, ignore_errors=True)  # as the pack command's run: a new output
+        out.mkdir(parents=True), (out / "chunk.bin").write_bytes(b"x" * 1000)
+        return 2.0 + 0.010 * n, 3.0 + 0.015 * n
+
+    monkeypatch.setattr(throughput, "_timed_pack", timed)
+    bench.main(["--pack", kind, "--images", "8", "--workers", "1", "2", "--image-size", "64", "48",
+                "--data-dir", str(tmp_path)])
+    assert runs == [(kind, 4, 1), (kind, 8, 1), (kind, 4, 2), (kind, 8, 2)]
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(kind + " ")]
+    real = {"coco": 118_287, "ade20k": 20_210}[kind]  # the real training splits' files
+    for row, workers in zip(rows, (1, 2)):
+        assert row[1:9] == [str(workers), "8", "2.1", "3.1", "2.0", "10.00", "15.00", "0.00"]
+        assert float(row[9]) == pytest.approx((2.0 + real * 0.010) / 3600, abs=0.005)
+    assert not [p for p in (tmp_path / "bench").iterdir() if p.name.endswith("_pack_timing")]  # removed
+    with pytest.raises(SystemExit, match="--images > 4"):
+        bench.main(["--pack", kind, "--images", "4", "--data-dir", str(tmp_path)])
 
 
 def test_timm_is_untouched_after_a_reference_run(tmp_path):

@@ -305,6 +305,104 @@ def packed_copy(folder: Path) -> Path:
     return packed
 
 
+# the images a pack of the real dataset's training split reads (COCO: all of train2017, also the
+# 1,021 without annotations that training filters out)
+TRAINING_FILES = {"imagenet": 1_281_167, "coco": 118_287, "ade20k": 20_210}
+
+
+@dataclass
+class PackRow:
+    kind: str
+    workers: int
+    images: int
+    wall_s: float
+    cpu_s: float
+    out_bytes: int
+    start_wall_s: float  # the same command on a dataset of PACK_START_IMAGES: start-up and fixed costs
+    start_cpu_s: float
+
+    @property
+    def wall_per_image(self) -> float:
+        return (self.wall_s - self.start_wall_s) / (self.images - PACK_START_IMAGES)
+
+    @property
+    def cpu_per_image(self) -> float:
+        return (self.cpu_s - self.start_cpu_s) / (self.images - PACK_START_IMAGES)
+
+    @property
+    def full_hours(self) -> float:
+        """The dataset's real training split packed at this per-image rate (plus the start-up), in hours."""
+        return (self.start_wall_s + TRAINING_FILES[self.kind] * self.wall_per_image) / 3600
+
+
+PACK_START_IMAGES = 4
+
+
+def _timed_pack(kind: str, folder: Path, out: Path, workers: int) -> tuple[float, float]:
+    """(wall s, CPU s) of ``python -m vitlab.data.pack`` as a user runs it (a process of its own, its
+    packing workers' CPU included), writing ``out`` anew."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "vitlab.data.pack", kind, "--root", str(folder), "--out", str(out),
+               "--workers", str(workers)]
+    cpu0, t0 = _cpu_seconds(), time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+    return wall, cpu
+
+
+def pack_bench(kind: str, images: int, workers=(1, 2), data_dir: str | None = None,
+               size: tuple[int, int] | None = None) -> list[PackRow]:
+    """``python -m vitlab.data.pack <kind>`` timed as a user runs it, on a generated dataset of
+    ``images`` training images at the dataset's typical size (made once; warm page cache), per
+    ``--workers`` count; the same command on ``PACK_START_IMAGES`` images gives the start-up
+    (interpreter, imports, LitData's workers), so the difference is the cost per image, and the real
+    dataset's training split follows from it. A pack reads every file, writes the chunks, reads every
+    item back and hashes every chunk (``vitlab.data.packing``): all of it is timed."""
+    import shutil
+
+    if images <= PACK_START_IMAGES:
+        raise SystemExit(f"--pack needs --images > {PACK_START_IMAGES} (the start-up is timed on {PACK_START_IMAGES})")
+    folder = generate(kind, bench_dir(data_dir), images, size)
+    small = generate(kind, bench_dir(data_dir), PACK_START_IMAGES, size)
+    warm([f for f in folder.rglob("*") if f.is_file()] + [f for f in small.rglob("*") if f.is_file()])
+    out = folder.parent / f"{folder.name}_pack_timing"
+    rows = []
+    try:
+        for n in workers:
+            start_wall, start_cpu = _timed_pack(kind, small, out, n)
+            wall, cpu = _timed_pack(kind, folder, out, n)
+            written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+            rows.append(PackRow(kind, n, images, wall, cpu, written, start_wall, start_cpu))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+# (title, width, format, value) per column of the --pack table
+PACK_COLUMNS = (("dataset", -9, "", lambda r: r.kind), ("workers", 7, "", lambda r: r.workers),
+                ("images", 7, "", lambda r: r.images), ("wall s", 7, ".1f", lambda r: r.wall_s),
+                ("CPU s", 7, ".1f", lambda r: r.cpu_s), ("start-up s", 10, ".1f", lambda r: r.start_wall_s),
+                ("ms/image", 8, ".2f", lambda r: 1e3 * r.wall_per_image),
+                ("CPU ms/image", 12, ".2f", lambda r: 1e3 * r.cpu_per_image),
+                ("MB written", 10, ".2f", lambda r: r.out_bytes / 1e6),
+                ("real training split h", 21, ".2f", lambda r: r.full_hours))
+
+
+def format_pack_table(rows: list[PackRow]) -> str:
+    def cell(value, width, fmt=""):
+        return f"{value:{'<' if width < 0 else '>'}{abs(width)}{fmt}}"
+
+    head = " ".join(cell(title, width) for title, width, _, _ in PACK_COLUMNS)
+    body = [" ".join(cell(value(r), width, fmt) for _, width, fmt, value in PACK_COLUMNS) for r in rows]
+    return "\n".join([head, "-" * len(head), *body])
+
+
 def format_bench(dataset_images: int = 20_000, images: int = 1_000, formats=("folder", "litdata"),
                  workers=(1, 2), caches=("cold", "warm"), batch: int = 32, gpu_decode: bool = False,
                  data_dir: str | None = None, size: tuple[int, int] | None = None) -> list[FormatRow]:

@@ -120,6 +120,9 @@ def main(argv=None) -> None:
     p.add_argument("--model", default=None, metavar="NAME",
                    help="--format: also time this model's training step (--device, --precision, --batch, --input, "
                         "--steps, --rounds) and print the loader workers per device that feed it")
+    p.add_argument("--pack", choices=["imagenet", "coco", "ade20k"], default=None,
+                   help="time python -m vitlab.data.pack on a generated dataset of --images training images, "
+                        "per --workers count, and the real training split at that rate")
     p.add_argument("--eval", choices=["coco", "ade20k"], default=None,
                    help="time the validation metric at full size instead (vitlab.tools.eval_cost)")
     p.add_argument("--masks", action="store_true", help="--eval coco: boxes and masks")
@@ -140,6 +143,14 @@ def main(argv=None) -> None:
         from vitlab.tools.bench.suite import run_suite
 
         run_suite(args.device, args.json, args.reference_dir, args.data_dir, args.budget)
+        return
+    if args.pack:
+        from vitlab.data.throughput import format_pack_table, pack_bench
+
+        rows = pack_bench(args.pack, args.images, args.workers, args.data_dir, args.image_size)
+        print(f"pack={args.pack} generated training images={args.images} (warm page cache; CPU = this process + "
+              f"its packing workers; load average {os.getloadavg()[0]:.1f})")
+        print(format_pack_table(rows))
         return
     if args.eval:
         from vitlab.tools.eval_cost import run
