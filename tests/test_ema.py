@@ -96,3 +96,22 @@ def test_ema_moves_once_per_optimiser_step_and_validation_runs_it(kind, tmp_path
 def test_ema_decay_must_be_a_fraction():
     with pytest.raises(ValueError, match=r"module.ema_decay=1.5"):
         make_task("segmentation", 1.5)
+
+
+def test_export_writes_the_weights_validation_ran():
+    """With an EMA, validation (and so best.ckpt's choice) ran the EMA copy: export writes it, in
+    every part and weight layout; without one, the trained weights."""
+    from vitlab.tools.export import select_part, weights_in_layout
+
+    task = make_task("classification", 0.5)
+    with torch.no_grad():
+        for p in task.model.parameters():
+            p.add_(1.0)  # the trained weights move away from the EMA copy
+    ema = task.ema.module
+    assert select_part(task, "model") is ema
+    assert select_part(task, "backbone") is ema.backbone
+    got = weights_in_layout(task, "timm", "model")
+    expected = type(ema.backbone).to_timm(ema.state_dict())
+    assert got.keys() == expected.keys() and all(got[k].equal(expected[k]) for k in got)
+    plain = make_task("classification", None)
+    assert select_part(plain, "model") is plain.model

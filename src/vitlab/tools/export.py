@@ -29,7 +29,8 @@ Weight layouts (``--format official|timm|mmdet``) write ``model.pth`` and ``mode
 uploads the folder to the Hugging Face Hub (``vitlab.tools.model_card``).
 
 Any vitlab checkpoint is rebuilt from itself (``vitlab.runtime.run.module_from_checkpoint``: its stored
-config and the dataset's description, weights loaded with ``weights_only=True``).
+config and the dataset's description, weights loaded with ``weights_only=True``). The weights exported
+are those validation ran: the EMA copy when the run kept one (``module.ema_decay``).
 ``--part model`` (default) exports what the task runs at inference:
 
 * classification: the classifier, images (N, 3, H, W) normalised -> logits (N, classes);
@@ -80,13 +81,16 @@ def task_kind(module) -> str:
 
 
 def select_part(module, part: str) -> nn.Module:
+    """The network validation ran and selected the checkpoint by (``eval_model``: the EMA copy when
+    the run kept one, ``module.ema_decay``), or its backbone."""
+    model = module.eval_model
     if part == "model":
-        return module.model.eval()
+        return model.eval()
     from vitlab.backbones.base import Backbone
 
-    backbone = next((m for m in module.model.modules() if isinstance(m, Backbone)), None)
+    backbone = next((m for m in model.modules() if isinstance(m, Backbone)), None)
     if backbone is None:
-        raise ValueError(f"--part backbone: {type(module.model).__name__} holds no vitlab Backbone")
+        raise ValueError(f"--part backbone: {type(model).__name__} holds no vitlab Backbone")
     return backbone.eval()
 
 
@@ -171,7 +175,7 @@ def weights_in_layout(module, fmt: str, part: str) -> dict[str, torch.Tensor]:
         if task_kind(module) != "classification":
             raise ValueError(f"--format {fmt} --part model: only a classifier goes out whole (the authors' "
                              "classification code and timm hold classifiers); use --part backbone")
-        ours = module.model.state_dict()  # backbone.* + head.*
+        ours = select_part(module, "model").state_dict()  # backbone.* + head.*
     else:
         ours = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
     if fmt == "timm":
