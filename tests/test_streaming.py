@@ -3,6 +3,7 @@ bad shards, the DDP split over 2 gloo processes and mid-epoch resume of the trai
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -150,6 +151,48 @@ def test_a_chunk_of_thousands_of_items_reads_back_through_workers_from_a_cold_ca
     loader = torch.utils.data.DataLoader(items, batch_size=50, num_workers=2, collate_fn=list)
     seen = [(bytes(jpeg.numpy()), label) for batch in loader for jpeg, label in batch]
     assert len(seen) == 1300 and dict(seen) == by_bytes  # each file once, with its folder's label
+
+
+def test_more_chunks_than_open_files_close_the_least_recently_used(packed, monkeypatch):
+    """A dataset of more chunks than a process may keep open (ImageNet-21k: ~5,000 at 256 MB) reads
+    on with at most that many open, the least recently used closed; every item as LitData reads it."""
+    import random as random_
+
+    from litdata import StreamingDataset
+
+    from vitlab.data import streaming
+
+    _, out = packed
+    monkeypatch.setattr(streaming, "open_files_limit", lambda needed: 1)
+    items, theirs = streaming.PackedImages(out / "train"), StreamingDataset(str(out / "train"))
+    assert len(items.chunks.paths) >= 2
+    order = list(range(len(items))) * 2
+    random_.Random(0).shuffle(order)
+    before, read = len(os.listdir("/proc/self/fd")), []
+    for i in order:  # ours alone first: LitData's reader below opens the chunks too
+        jpeg, label = items.read(i)
+        read.append((bytes(jpeg), label))
+        assert len(items.chunks._open) <= 1
+    assert len(os.listdir("/proc/self/fd")) <= before + 1  # the others were closed
+    assert read == [(theirs[i]["jpeg"], theirs[i]["label"]) for i in order]
+
+
+def test_open_files_limit_raises_the_soft_limit_towards_the_hard_one():
+    import resource
+
+    from vitlab.data.streaming import FILES_KEPT_FREE, open_files_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2 * FILES_KEPT_FREE + 100:
+        pytest.skip(f"the hard limit on open files ({hard}) is too low to test raising towards it")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (FILES_KEPT_FREE + 10, hard))
+        assert open_files_limit(100) == 100  # raised: 100 chunks and the files kept free fit
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 100 + FILES_KEPT_FREE
+        if hard != resource.RLIM_INFINITY:  # more chunks than the hard limit allows: what it leaves
+            assert open_files_limit(hard) == hard - FILES_KEPT_FREE
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_gpu_decode_loader_with_a_worker_hands_over_the_files(packed, monkeypatch):

@@ -24,7 +24,11 @@ import itertools
 import json
 import os
 import random
+import resource
 import struct
+import sys
+from array import array
+from collections import OrderedDict
 from pathlib import Path
 from typing import ClassVar
 
@@ -93,6 +97,29 @@ def check_packed(root: str | Path, kind: str, full: bool = False) -> dict:
 PACKED_FORMAT = (["int", "int", "bytes"], ["index", "label", "jpeg"])
 
 
+OFFSET_TYPE = next(t for t in "IL" if array(t).itemsize == 4)  # a chunk header's uint32
+# open files a process keeps for other uses than chunks (sockets, pipes, loader workers, logs)
+FILES_KEPT_FREE = 256
+
+
+def open_files_limit(needed: int) -> int:
+    """How many chunk files a process may keep open: ``needed`` when the limit on open files leaves
+    ``FILES_KEPT_FREE`` beside them (the soft limit is raised towards the hard one if need be, as a
+    shell's ``ulimit -n`` would), else what it leaves (at least 8; the rest are closed least recently
+    used first)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = needed + FILES_KEPT_FREE
+    if soft != resource.RLIM_INFINITY and soft < want and (hard == resource.RLIM_INFINITY or hard > soft):
+        raised = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    room = want if soft == resource.RLIM_INFINITY else soft
+    return max(8, min(needed, room - FILES_KEPT_FREE))
+
+
 class ChunkFiles:
     """Items of a local packed split read straight from its chunk files (the item offsets each
     chunk's header records, then one read per item), for the training loader's hot path.
@@ -108,7 +135,10 @@ class ChunkFiles:
         self.paths = [str(Path(split_dir) / c["filename"]) for c in chunks]
         self.sizes = [c["chunk_size"] for c in chunks]
         self.starts = list(itertools.accumulate(self.sizes, initial=0))
-        self._open: dict[int, tuple] = {}  # chunk -> (file descriptor, item offsets), per process
+        # chunk -> (file descriptor, item offsets), per process, least recently used first: a dataset
+        # of more chunks than the process may keep open (ImageNet-21k: ~5,000) closes the oldest
+        self._open: OrderedDict[int, tuple] = OrderedDict()
+        self._max_open = 0
         self._pid = None
         # data.shuffle=block: a chunk's file is read ahead whole when first opened (the kernel reads it
         # in large requests; the block order reads all its items soon). Not in the uniform order, which
@@ -125,22 +155,29 @@ class ChunkFiles:
 
     def chunk(self, k: int) -> tuple:
         if self._pid != os.getpid():  # a forked worker opens the files itself
-            self._open, self._pid = {}, os.getpid()
-        if k not in self._open:
-            fd = os.open(self.paths[k], os.O_RDONLY)
-            if self.read_ahead:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            self._open[k] = fd, self.header(k, fd)
+            self._open, self._pid = OrderedDict(), os.getpid()
+            self._max_open = open_files_limit(len(self.paths))
+        if k in self._open:
+            self._open.move_to_end(k)
+            return self._open[k]
+        if len(self._open) >= self._max_open:
+            os.close(self._open.popitem(last=False)[1][0])
+        fd = os.open(self.paths[k], os.O_RDONLY)
+        if self.read_ahead:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        self._open[k] = fd, self.header(k, fd)
         return self._open[k]
 
-    def header(self, k: int, fd: int) -> tuple[int, ...]:
+    def header(self, k: int, fd: int) -> array:
         """Chunk ``k``'s item offsets, checked against index.json and the file: a damaged header would
         otherwise hand out wrong items (a read of the wrong bytes is no error), so it stops here,
         naming the chunk. ~0.1 ms per chunk and process."""
         n = self.sizes[k]
         head = os.pread(fd, 4 * (n + 2), 0)
         if len(head) == 4 * (n + 2) and struct.unpack_from("<I", head)[0] == n:
-            offsets = struct.unpack_from(f"<{n + 1}I", head, 4)
+            offsets = array(OFFSET_TYPE, head[4:])  # 4 bytes an offset (a tuple of ints: ~9x the memory)
+            if sys.byteorder == "big":
+                offsets.byteswap()
             smallest = min(b - a for a, b in zip(offsets, offsets[1:])) if n else 28
             if offsets[0] == 4 * (n + 2) and smallest >= 28 and offsets[-1] <= os.fstat(fd).st_size:
                 return offsets  # (28: an item's three sizes, its index and its label, before any JPEG byte)
