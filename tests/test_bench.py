@@ -203,6 +203,8 @@ def test_gpu_suite_runs_every_item_tiny_on_the_cpu_and_says_so(tmp_path, capsys,
     assert busy == sorted(busy, reverse=True) and 0 < sum(busy) <= 100.5
     packed = next(r for r in rows if r["item"] == "packed imagenet")
     assert packed["status"] == "ok" and packed["images_s"] > 0
+    demo = next(r for r in rows if r["item"] == "lightning demo")
+    assert demo["status"].startswith("finished: 2 steps, val/top1 "), demo["status"]  # debug=smoke: 2 steps
     loader = {r["model"]: r for r in rows if r["kind"] == "loader" and r["item"] == "loader imagenet"}
     assert loader["default"]["images_s"] > 0 and loader["fast_decode"]["images_s"] > 0
     assert loader["gpu_decode: device part"]["status"] == "ok" and loader["gpu_decode: device part"]["images_s"] > 0

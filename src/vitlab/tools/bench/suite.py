@@ -14,6 +14,7 @@ after every item, so a run cut short keeps what it measured):
 * where PVTv2-B2's training step spends its time (``PROFILED``: torch.profiler, the device's busy share of
   the wall time, kernel launches, the top ops);
 * the packed ImageNet reader from a cold page cache through two workers (every image once);
+* ``make train``'s demo as a Lightning run on the device (bf16, ``data.gpu_decode``), in its own process;
 * the ImageNet loader's images/s (one worker per core: decode + augmentation; ``data.fast_decode``),
   and the device's images/s for ``data.gpu_decode``'s part (decode, crop, flip, normalise, erase).
 
@@ -214,9 +215,13 @@ def items(scale: Scale, device: torch.device, reference_dir: Path, data_dir: str
         ok = "ok" if seen == n else f"failed: {seen} of {n} images read"
         return [Row("packed imagenet", "litdata, cold, 2 workers", "loader", status=ok, images_s=seen / wall)]
 
+    def lightning() -> list[Row]:
+        return lightning_demo(device, data_dir)
+
     out = [(f"train {m}", m, "ours", classification(m)) for m in MODELS]
     out += [(f"profile {m}", m, "profile", profiled(m)) for m in PROFILED]
     out.append(("packed imagenet", "imagenet", "loader", packed))
+    out.append(("lightning demo", "pvt_v2_b0", "run", lightning))
     out += [(f"compile {m}", m, "compiled", compiled(m)) for m in COMPILED]
     out += [(f"{task} {m}", m, "dense", dense(task, m, size)) for task, m, size in DENSE]
     out.append(("loader imagenet", "imagenet", "loader", loader))
@@ -264,6 +269,35 @@ def profile_rows(name: str, scale: Scale, device: torch.device) -> list[Row]:
                         status=f"{t:.2f} ms/step ({100 * t / busy_ms:.1f}% of {where} busy), {e.count // PROFILE_STEPS} "
                                f"calls/step: {e.key[:60]}"))
     return rows
+
+
+def lightning_demo(device: torch.device, data_dir: str | None) -> list[Row]:
+    """``make train``'s demo as a user runs it (``vitlab-train`` in a process of its own: the Lightning
+    Trainer, the checkpoints, summary.json) on the device: bf16, one epoch, JPEGs decoded there
+    (``data.gpu_decode``); on a CPU its ``debug=smoke`` version. Run directory in a temporary folder."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    gpu = device.type == "cuda"
+    overrides = ["experiment=demo", "resume=never", "data.gpu_decode=true"]
+    overrides += (["trainer.accelerator=gpu", "trainer.precision=bf16-mixed", "schedule.epochs=1"] if gpu
+                  else ["debug=smoke"])
+    with tempfile.TemporaryDirectory() as out:
+        env = {**os.environ, "VITLAB_OUTPUT": out, "VITLAB_DATA": str(Path(data_dir or "data").resolve())}
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", "from vitlab.runtime.cli import train_main; train_main()",
+                               *overrides], env=env, capture_output=True, text=True, timeout=900)
+        wall = time.perf_counter() - start
+        summaries = sorted(Path(out).rglob("summary.json"))
+        if done.returncode or not summaries:
+            last = (done.stderr.strip().splitlines() or ["no summary.json written"])[-1][:120]
+            return [Row("lightning demo", "pvt_v2_b0", "run", status=f"failed: {last}")]
+        summary = json.loads(summaries[0].read_text())
+    return [Row("lightning demo", "pvt_v2_b0", "run",
+                status=f"{summary['status']}: {summary['global_step']} steps, val/top1 {summary['val/top1']:.1f}, "
+                       f"{wall:.0f} s with start-up ({' '.join(overrides)})")]
 
 
 def run_suite(device: str | None = None, json_path: str | None = None, reference_dir: str = "official",
