@@ -175,10 +175,14 @@ class CorruptImageError(VitlabUserError, RuntimeError):
     pass
 
 
+def is_url(root) -> bool:
+    return "://" in str(root)
+
+
 def reject_url(root) -> None:
     """``data.root`` is a directory; a URL (``s3://b/x``, which ``Path`` would make the missing directory
     ``s3:/b/x``) is named with what to do instead."""
-    if "://" in str(root):
+    if is_url(root):
         raise DatasetLayoutError(
             f"data.root={root}: a URL; vitlab reads a directory (not URLs yet): mount the bucket as a file "
             f"system (mountpoint-s3, gcsfuse, blobfuse2) and set data.root to the mount")

@@ -168,7 +168,8 @@ def main(argv=None) -> None:
             from vitlab.data.throughput import bench_dir, format_handover_table, generate, handover_costs, packed_copy
 
             folder = generate("imagenet", bench_dir(args.data_dir), args.dataset_images, args.image_size)
-            roots = {"folder": folder, "litdata": packed_copy(folder), "litdata-block": packed_copy(folder)}
+            packed = packed_copy(folder)
+            roots = {"folder": folder, "litdata": packed, "litdata-block": packed}
             costs = {fmt: handover_costs(roots[fmt], fmt, args.images) for fmt in args.format}
             print(f"loader=imagenet dataset={args.dataset_images} images={args.images}, batches of 32, warm cache: "
                   f"a data.gpu_decode loader worker's steps, each timed alone in one process")
