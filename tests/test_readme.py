@@ -10,7 +10,8 @@ packed directory: the tiny generated dataset an earlier pack command packed), sm
 command trains a large one 15 times (one block per stage, half the width) or a Mask R-CNN (one block
 per stage, narrow heads), CPU instead of GPUs,
 SLURM's launcher swapped for submitit's local executor (the same code path without a cluster), small
-inputs for the benchmark.
+inputs for the benchmark, and for the ``s3://`` commands a bucket on moto's S3 server on this machine
+(``AWS_ENDPOINT_URL``; ``aws s3 sync`` done by boto3's upload, there is no AWS CLI here).
 The smoke overrides change a run's directory name (its hash), so a later command's path to an
 earlier run is pointed at the directory that run really made. The paper tables' commands are
 expanded and composed without training (``vitlab.tools.plan``, in this process, with the same overrides).
@@ -103,6 +104,13 @@ def fast(command: str) -> str | None:
         if "--task maskrcnn" in command:  # narrow heads, as for the Mask R-CNN training command
             command += " --override module.head.fpn_channels=16 --override module.head.box_batch_size_per_image=32"
         return f"{command} --batch 1 --input 32 32 --steps 1 --warmup 0 --rounds 1"
+    if command.startswith("aws s3 sync "):  # no AWS CLI here: boto3's upload of the same files, to moto's server
+        _, _, _, src, url = command.split()
+        bucket, prefix = url.removeprefix("s3://").split("/", 1)
+        upload = (f"import boto3, pathlib; s3 = boto3.client('s3'); s3.create_bucket(Bucket='{bucket}'); "
+                  f"[s3.upload_file(str(p), '{bucket}', '{prefix}/' + str(p.relative_to('{src}'))) "
+                  f"for p in pathlib.Path('{src}').rglob('*') if p.is_file()]")
+        return f'python -c "{upload}"'
     if command.startswith("python -m vitlab.tools.check_data"):
         return f"{command} data.synthetic=true"
     if command.startswith(("python src/eval.py", "python src/predict.py", "python -m vitlab.")):
@@ -148,10 +156,10 @@ def workdir(tmp_path_factory) -> Path:
     return cwd
 
 
-def run(command: str, cwd: Path, python_dir: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+def run(command: str, cwd: Path, python_dir: Path, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     """Outputs and generated data under the temporary directory (the README's relative paths);
     ``python`` from ``python_dir``, the installed commands from the environment's bin/."""
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "VITLAB_OFFLINE": "1",
+    env = {**os.environ, **(env or {}), "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "VITLAB_OFFLINE": "1",
            "PATH": f"{python_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
     for key in ("VITLAB_OUTPUT", "VITLAB_DATA", "VITLAB_SWEEP_DIR", "PROJECT_ROOT"):
         env.pop(key, None)
@@ -160,18 +168,33 @@ def run(command: str, cwd: Path, python_dir: Path, timeout: int = 900) -> subpro
     return proc
 
 
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """The environment of a bucket for the ``s3://`` commands: moto's S3 server on this machine,
+    reached as MinIO would be (AWS_ENDPOINT_URL)."""
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    server.stop()
+
+
 COMMANDS = code_block_commands()
 
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("readme")
 @pytest.mark.parametrize("index", range(len(COMMANDS)), ids=[c[:60] for c in COMMANDS])
-def test_readme_command_runs(index, workdir, warm_python):
+def test_readme_command_runs(index, workdir, warm_python, s3_endpoint):
     command = fast(COMMANDS[index])
     if command is None:
         pytest.skip("make test is the command running this test")
     command = command.format(repo=shlex.quote(str(REPO)))
-    run(point_at_real_runs(command, workdir), workdir, warm_python)
+    # the s3:// commands' bucket; the local copy of a bucket's pack under this directory, not ~/.cache
+    env = {**s3_endpoint, "XDG_CACHE_HOME": str(workdir / "cache")}
+    run(point_at_real_runs(command, workdir), workdir, warm_python, env=env)
 
 
 TABLE_COMMANDS = table_commands()

@@ -218,15 +218,17 @@ def test_gpu_decode_loader_with_a_worker_hands_over_the_files(packed, monkeypatc
     assert sorted(got) == sorted(Path(p).read_bytes() for p, _ in ImageFolder(str(folder / "train")).samples)
 
 
-def test_a_url_as_data_root_says_to_mount_the_bucket():
+def test_a_url_where_a_directory_is_read_says_what_to_do():
+    """The folder layout and the checks of a local pack read directories: a URL there names the
+    packed bucket (data.format=litdata, tests/test_remote.py) or a mount."""
     from vitlab.data.base import DatasetLayoutError
     from vitlab.data.streaming import check_packed
 
-    with pytest.raises(DatasetLayoutError, match=r"data.root=s3://bucket/imagenet: a URL.*mount the bucket"):
-        check_packed("s3://bucket/imagenet", "imagenet")  # python -m vitlab.tools.check_data's path
-    for fmt in ("litdata", "folder"):  # what a run meets first
-        with pytest.raises(DatasetLayoutError, match=r"data.root=s3://bucket/imagenet: a URL.*mount the bucket"):
-            ImageNetDataModule("s3://bucket/imagenet", format=fmt).setup("fit")
+    expected = r"data.root=s3://bucket/imagenet: a URL; only a packed dataset.*data.format=litdata.*mount the bucket"
+    with pytest.raises(DatasetLayoutError, match=expected):
+        check_packed("s3://bucket/imagenet", "imagenet")
+    with pytest.raises(DatasetLayoutError, match=expected):
+        ImageNetDataModule("s3://bucket/imagenet", format="folder").setup("fit")
 
 
 def test_bad_shards_named(packed, tmp_path):

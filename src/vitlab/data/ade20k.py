@@ -298,6 +298,7 @@ class ADE20KDataModule(PackableDataModule):
         seed: int = 0,
         verify: str = "cheap",
         format: str = "folder",
+        cache_dir: str | None = None,
         num_classes: int = 150,
         reduce_zero_label: bool = True,
         img_scale: list[int] = (2048, 512),
@@ -317,7 +318,7 @@ class ADE20KDataModule(PackableDataModule):
         synthetic_size: int = 128,
     ):
         super().__init__(root, synthetic, synthetic_root, batch_size, num_workers, smoke, skip_corrupt, seed, verify,
-                         format)
+                         format, cache_dir)
         if smoke:  # seconds-long runs: small crops and images
             img_scale = test_scale = (smoke_scale * 4, smoke_scale)
             crop_size = (smoke_scale, smoke_scale)

@@ -180,12 +180,13 @@ def is_url(root) -> bool:
 
 
 def reject_url(root) -> None:
-    """``data.root`` is a directory; a URL (``s3://b/x``, which ``Path`` would make the missing directory
-    ``s3:/b/x``) is named with what to do instead."""
+    """A URL (``s3://b/x``, which ``Path`` would make the missing directory ``s3:/b/x``) where a
+    directory is read is named with what to do instead."""
     if is_url(root):
         raise DatasetLayoutError(
-            f"data.root={root}: a URL; vitlab reads a directory (not URLs yet): mount the bucket as a file "
-            f"system (mountpoint-s3, gcsfuse, blobfuse2) and set data.root to the mount")
+            f"data.root={root}: a URL; only a packed dataset is read from a bucket (data.format=litdata, "
+            f"s3:// URLs: pack with python -m vitlab.data.pack, then upload the packed directory); otherwise "
+            f"mount the bucket as a file system (mountpoint-s3, gcsfuse, blobfuse2) and set data.root to the mount")
 
 
 class MissingFileError(CorruptImageError):
@@ -226,6 +227,7 @@ class VitlabDataModule(L.LightningDataModule):
         seed: int = 0,
         verify: str = "cheap",
         format: str = "folder",
+        cache_dir: str | None = None,
     ):
         super().__init__()
         if verify not in VERIFY_MODES:
@@ -233,6 +235,7 @@ class VitlabDataModule(L.LightningDataModule):
         if format not in FORMATS:
             raise ValueError(f"data.format={format!r}: expected one of {', '.join(FORMATS)}")
         self.format = format
+        self.cache_dir = cache_dir  # data.format=litdata with an s3:// data.root: the local copy and chunk cache
         self.root = root
         self.synthetic = synthetic
         self.synthetic_root = synthetic_root

@@ -399,6 +399,7 @@ class CocoDataModule(PackableDataModule):
         seed: int = 0,
         verify: str = "cheap",
         format: str = "folder",
+        cache_dir: str | None = None,
         train_scales: list[int] = (800,),
         test_scale: int = 800,
         max_size: int = 1333,
@@ -416,7 +417,7 @@ class CocoDataModule(PackableDataModule):
         synthetic_size: int = 160,
     ):
         super().__init__(root, synthetic, synthetic_root, batch_size, num_workers, smoke, skip_corrupt, seed, verify,
-                         format)
+                         format, cache_dir)
         if smoke:  # seconds-long runs: small images, few of them
             train_scales, test_scale, max_size = [smoke_scale], smoke_scale, smoke_scale * 5 // 3
         self.train_scales = list(train_scales)

@@ -233,6 +233,7 @@ class ImageNetDataModule(PackableDataModule):
         synthetic_size: int = 64,
         fast_decode: bool = False,
         format: str = "folder",
+        cache_dir: str | None = None,
         gpu_decode: bool = False,
         shuffle: str = "uniform",
         shuffle_window: int = 4,
@@ -248,7 +249,7 @@ class ImageNetDataModule(PackableDataModule):
             raise ValueError(f"data.shuffle_window={shuffle_window}: expected a chunk count >= 1")
         self.shuffle, self.shuffle_window = shuffle, int(shuffle_window)
         super().__init__(root, synthetic, synthetic_root, batch_size, num_workers, smoke, skip_corrupt, seed, verify,
-                         format)
+                         format, cache_dir)
         self.img_size = 32 if smoke else img_size
         self.crop_pct = crop_pct
         self.interpolation = interpolation
@@ -416,8 +417,7 @@ class ImageNetDataModule(PackableDataModule):
             self.val_set = PackedImages(root / "val", self.eval_transform(), self.skip_corrupt)
             if self.shuffle == "block":
                 self.check_block_order(root)
-                if self.train_set.chunks is not None:
-                    self.train_set.chunks.read_ahead = True
+                self.train_set.read_whole_chunks()
             if self.smoke:
                 keep = self.batch_size * 2
                 self.train_set = Subset(self.train_set, range(0, len(self.train_set), max(1, len(self.train_set) // keep))[:keep])

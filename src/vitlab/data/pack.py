@@ -23,9 +23,9 @@ the same pixels, the same augmentation). Items:
   ``annotations/instances_val2017.json`` (the ground-truth file pycocotools' evaluation reads);
 - ade20k (``training``, ``validation``): the image bytes, the label PNG's bytes, the file stem.
 
-Read with ``data.format=litdata data.root=<out>`` (``vitlab.data.streaming``): a directory, local or
-a bucket's file-system mount. LitData itself reads the same layout from ``s3://``, ``gs://`` or
-``azure://`` URLs (credentials from the usual environment); vitlab's reader does not take URLs yet.
+Read with ``data.format=litdata data.root=<out>`` (``vitlab.data.streaming``): a directory (local or
+a bucket's file-system mount), or the packed directory uploaded whole to ``s3://bucket/prefix``
+(``vitlab.data.remote``: chunks streamed by LitData into a local cache).
 
 LitData rather than WebDataset: it is Lightning's own format, reads items by index (so the
 existing resumable sampler and the exact distributed split keep working unchanged: each process

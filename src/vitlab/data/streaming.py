@@ -2,7 +2,8 @@
 
 ``PackedImages`` is a map-style dataset over the packed split (items by index: a local split in
 pack's layout read straight from the chunk files by ``ChunkFiles``, anything else through LitData's
-``StreamingDataset``, which downloads chunks from object storage into its cache), so the
+``StreamingDataset``: a pack in a bucket, ``data.root=s3://...``, is read from a local copy of its
+small files whose chunks LitData fetches, ``vitlab.data.remote``), so the
 DataModule's resumable sampler and exact evaluation split apply unchanged: each DDP process reads
 its own disjoint share, and a resumed run continues at the sampler's saved position. The JPEG
 bytes are decoded here exactly as the folder reader decodes files, so the augmentation and the
@@ -35,6 +36,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from vitlab.data import remote
 from vitlab.data.base import CorruptImageError, DatasetLayoutError, VitlabDataModule, is_url, reject_url
 from vitlab.data.packing import MANIFEST, sha256
 from vitlab.data.report import DataReport, skip_or_raise
@@ -57,8 +59,11 @@ def read_manifest(root: str | Path, kind: str) -> dict:
 
 
 def check_packed(root: str | Path, kind: str, full: bool = False) -> dict:
-    """The manifest, after checking every split's index and chunks against it (see the module)."""
+    """The manifest, after checking every split's index and chunks against it (see the module). A
+    remote pack's local copy (``vitlab.data.remote``) is checked against the bucket's listing."""
     manifest = read_manifest(root, kind)
+    origin = remote.origin_of(root)
+    bucket = remote.S3Pack(origin["url"]) if origin and full else None
     for split, written in manifest["splits"].items():
         index_path = Path(root) / split / "index.json"
         if not index_path.exists():
@@ -70,13 +75,19 @@ def check_packed(root: str | Path, kind: str, full: bool = False) -> dict:
             raise ShardError(f"{index_path}: {sum(c['chunk_size'] for c in chunks)} items, the manifest says "
                              f"{written['images']}")
         for chunk in chunks:
-            shard = Path(root) / split / chunk["filename"]
-            if not shard.exists():
+            name = f"{split}/{chunk['filename']}"
+            if origin is None:
+                shard, size = Path(root) / name, None
+                if shard.exists():
+                    size = shard.stat().st_size
+            else:
+                shard, size = f"{origin['url']}/{name}", origin["objects"].get(name, [None])[0]
+            if size is None:
                 raise ShardError(f"{shard}: shard is missing")
-            if shard.stat().st_size != chunk["chunk_bytes"]:
-                raise ShardError(f"{shard}: shard is {shard.stat().st_size} bytes, its index says "
+            if size != chunk["chunk_bytes"]:
+                raise ShardError(f"{shard}: shard is {size} bytes, its index says "
                                  f"{chunk['chunk_bytes']} (truncated or replaced)")
-            if full and sha256(shard) != written["chunks"][chunk["filename"]]:
+            if full and (bucket.sha256(name) if bucket else sha256(shard)) != written["chunks"][chunk["filename"]]:
                 raise ShardError(f"{shard}: shard's SHA-256 differs from the one written (corrupt or replaced)")
     for name, kept in manifest.get("files", {}).items():
         path = Path(root) / name
@@ -85,6 +96,22 @@ def check_packed(root: str | Path, kind: str, full: bool = False) -> dict:
         if path.stat().st_size != kept["bytes"] or (full and sha256(path) != kept["sha256"]):
             raise ShardError(f"{path}: differs from the file packed into {root} (size or SHA-256; corrupt or replaced)")
     return manifest
+
+
+def open_stream(split_dir: str | Path):
+    """LitData's reader of a packed split; a remote pack's local copy reads its chunks from the bucket
+    into a cache beside the copy. ``batch_decode=0``: deserialise only the item asked for. LitData's
+    default for a ``bytes`` leaf of < 64 KB (a JPEG) deserialises an aligned window of 256 items
+    around it, which the sampler's random order then throws away: ~13x the CPU per item (measured,
+    README)."""
+    from litdata import StreamingDataset
+
+    origin = remote.origin_of(Path(split_dir).parent)
+    if origin is None:
+        return StreamingDataset(str(split_dir), batch_decode=0)
+    remote.chunk_reads_over_plain_http()
+    return StreamingDataset(f"{origin['url']}/{Path(split_dir).name}", cache_dir=str(Path(split_dir) / "chunks"),
+                            batch_decode=0)
 
 
 # the item layout python -m vitlab.data.pack writes (LitData's PyTreeLoader of {"index", "label", "jpeg"})
@@ -142,7 +169,7 @@ class ChunkFiles:
     def readable(split_dir: str | Path, index: dict) -> bool:
         config = index.get("config", {})
         spec = json.loads(config.get("data_spec") or "[0, {}]")[1]
-        return (not is_url(split_dir) and config.get("compression") is None
+        return (remote.origin_of(Path(split_dir).parent) is None and config.get("compression") is None
                 and config.get("encryption") is None and config.get("item_loader") == "PyTreeLoader"
                 and (config.get("data_format"), json.loads(spec.get("context") or "null")) == PACKED_FORMAT)
 
@@ -203,7 +230,7 @@ class PackedImages(Dataset):
                  raw: bool = False):
         self.split_dir, self.transform, self.skip_corrupt, self.lazy = str(split_dir), transform, skip_corrupt, lazy
         self.raw = raw  # data.gpu_decode: the JPEG bytes as a uint8 tensor, decoded on the device
-        self._stream = None
+        self._stream, self.whole_chunks = None, False
         index = json.loads((Path(split_dir) / "index.json").read_text())
         self._len = sum(c["chunk_size"] for c in index["chunks"])
         self.chunks = ChunkFiles(split_dir, index["chunks"]) if ChunkFiles.readable(split_dir, index) else None
@@ -213,13 +240,19 @@ class PackedImages(Dataset):
     @property
     def stream(self):
         if self._stream is None:  # opened in the process that reads (each loader worker its own)
-            from litdata import StreamingDataset
-
-            # batch_decode=0: deserialise only the item asked for. LitData's default for a ``bytes`` leaf
-            # of < 64 KB (a JPEG) deserialises an aligned window of 256 items around it, which the
-            # sampler's random order then throws away: ~13x the CPU per item (measured, README)
-            self._stream = StreamingDataset(self.split_dir, batch_decode=0)
+            self._stream = open_stream(self.split_dir)
+            # LitData's map-style reads of a bucket fetch each item's bytes alone (two ranged GETs); its
+            # flag for whole chunks into the cache is read when the stream's cache is made (first item)
+            self._stream._on_demand_bytes = not self.whole_chunks
         return self._stream
+
+    def read_whole_chunks(self) -> None:
+        """``data.shuffle=block`` (it reads all of a chunk's items soon): each chunk read whole when
+        first needed - a local chunk file read ahead by the kernel, a bucket's chunk downloaded into the
+        cache in one request instead of two ranged requests per item."""
+        if self.chunks is not None:
+            self.chunks.read_ahead = True
+        self.whole_chunks = True
 
     def __len__(self) -> int:
         return self._len
@@ -283,11 +316,7 @@ class PackedSplit:
 
     def __getitem__(self, index: int) -> dict:
         if self._stream is None:  # opened in the process that reads (each loader worker its own)
-            from litdata import StreamingDataset
-
-            # batch_decode=0: deserialise the item asked for only (LitData's default decodes a window
-            # of small items around it, which the shuffled sampler then throws away)
-            self._stream = StreamingDataset(self.split_dir, batch_decode=0)
+            self._stream = open_stream(self.split_dir)
         try:
             return self._stream[index]
         except (OSError, ValueError, KeyError, EOFError) as err:
@@ -312,9 +341,10 @@ class PackableDataModule(VitlabDataModule):
         """``data.format=litdata``: ``data.root`` is a packed dataset, checked (manifest, indexes,
         shard sizes; errors name the shard and say how to pack, no folder-layout help). With
         ``synthetic``: the generated dataset, packed beside it once."""
-        if not self.synthetic:
-            reject_url(self.root)
-        root = Path(self.root)
+        if is_url(self.root) and not self.synthetic:
+            root = remote.local_copy(self.root, self.cache_dir)
+        else:
+            root = Path(self.root)
         if self.synthetic:
             self.format = "folder"  # generate and check the dataset's own layout, then pack it
             try:

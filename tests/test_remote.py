@@ -1,0 +1,166 @@
+"""A packed dataset read from an S3 bucket (``data.root=s3://...``, vitlab.data.remote): moto's S3
+server on this machine stands in for the bucket (boto3 and LitData's chunk reads reach it through
+AWS_ENDPOINT_URL, as they reach MinIO or R2), so the real clients, listings and range reads run.
+Every item equal to the local pack's; the epoch complete through forked loader workers; the shard
+errors named by URL; COCO's ground truth and ADE20K's label maps through the local copy."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitlab.data.imagenet import ImageNetDataModule
+from vitlab.data.streaming import ShardError
+
+pytest.importorskip("moto")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A boto3 client of a local S3 server, its endpoint in the environment (for LitData's readers
+    too, and for the processes a test starts)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        import boto3
+
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="data")
+        yield client
+    server.stop()
+
+
+def upload(client, folder: Path, prefix: str) -> str:
+    """``aws s3 sync folder s3://data/prefix``."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), "data", f"{prefix}/{path.relative_to(folder)}")
+    return f"s3://data/{prefix}"
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> Path:
+    from vitlab.data.pack import main
+    from vitlab.data.synthetic import make_imagenet
+
+    base = tmp_path_factory.mktemp("remote_pack")
+    folder = make_imagenet(base / "folder", num_classes=3, num_train=6, num_val=3, size=48)
+    main(["imagenet", "--root", str(folder), "--out", str(base / "packed"), "--shard-size", "16KB", "--workers", "1",
+          "--order", "shuffled"])  # for data.shuffle=block
+    return base / "packed"
+
+
+def module(root, cache, **kw) -> ImageNetDataModule:
+    dm = ImageNetDataModule(str(root), num_workers=0, batch_size=3, img_size=32, format="litdata",
+                            cache_dir=str(cache), **kw)
+    dm.setup("fit")
+    return dm
+
+
+def test_s3_pack_reads_as_the_local_pack(s3, packed, tmp_path):
+    """Every item's bytes and label, the DatasetInfo and an evaluation sample equal the local pack's;
+    only the small files are copied before training; the uniform order reads items alone (ranged
+    GETs: no chunk in the cache); a second run fetches no small file again (ETags unchanged)."""
+    url = upload(s3, packed, "imagenet")
+    local, remote = module(packed, tmp_path / "unused"), module(url, tmp_path / "cache")
+    copy = tmp_path / "cache" / "packed" / "s3" / "data" / "imagenet"
+    assert remote.data_root() == copy
+    assert remote.info == local.info
+    assert remote.train_set.chunks is None  # LitData's reader, from the bucket
+    n = len(local.train_set)
+    assert len(remote.train_set) == n == 18
+    for i in range(n):
+        (jpeg, label), (ref, ref_label) = remote.train_set.read(i), local.train_set.read(i)
+        assert bytes(jpeg) == bytes(ref) and label == ref_label
+    assert remote.val_set[2][0].equal(local.val_set[2][0])
+    assert not list(copy.rglob("*.bin"))
+    stamp = (copy / "vitlab_pack.json").stat().st_mtime_ns
+    module(url, tmp_path / "cache")
+    assert (copy / "vitlab_pack.json").stat().st_mtime_ns == stamp
+
+
+def test_s3_block_order_epoch_through_forked_workers(s3, packed, tmp_path):
+    """data.shuffle=block from a bucket through two forked loader workers (LitData's downloads start
+    in them, not in the parent): a complete epoch, every training image once (6 labels per class),
+    and the training split's chunks downloaded whole into the cache."""
+    url = upload(s3, packed, "imagenet_block")
+    dm = ImageNetDataModule(url, num_workers=2, batch_size=2, img_size=32, format="litdata", cache_dir=str(tmp_path),
+                            auto_augment=None, reprob=0, shuffle="block", shuffle_window=1)
+    dm.setup("fit")
+    labels = torch.cat([batch[1] for batch in dm.train_dataloader()])
+    assert labels.bincount().tolist() == [6, 6, 6]
+    chunks = json.loads((packed / "vitlab_pack.json").read_text())["splits"]["train"]["chunks"]
+    assert {p.name for p in (tmp_path / "packed").rglob("train/chunks/**/*.bin")} == set(chunks)
+
+
+def test_s3_shard_errors_named_by_url(s3, packed, tmp_path):
+    from vitlab.data.remote import RemoteError
+    from vitlab.data.streaming import check_packed
+
+    with pytest.raises(ShardError, match=r"s3://data/nothing/vitlab_pack.json is missing.*aws s3 sync"):
+        module("s3://data/nothing", tmp_path)
+    url = upload(s3, packed, "bad")
+    chunks = sorted(p.name for p in (packed / "train").glob("*.bin"))
+    s3.delete_object(Bucket="data", Key=f"bad/train/{chunks[1]}")
+    with pytest.raises(ShardError, match=rf"{url}/train/{chunks[1]}: shard is missing"):
+        module(url, tmp_path)
+    data = (packed / "train" / chunks[1]).read_bytes()
+    s3.put_object(Bucket="data", Key=f"bad/train/{chunks[1]}", Body=data[: len(data) // 2])
+    with pytest.raises(ShardError, match=rf"{url}/train/{chunks[1]}: shard is \d+ bytes.*truncated"):
+        module(url, tmp_path)
+    s3.put_object(Bucket="data", Key=f"bad/train/{chunks[1]}", Body=data.replace(b"\xff\xd8\xff", b"\0\0\0", 1))
+    copy = module(url, tmp_path).data_root()  # same size: the cheap check passes, the full one hashes
+    with pytest.raises(ShardError, match=rf"{url}/train/{chunks[1]}: shard's SHA-256 differs"):
+        check_packed(copy, "imagenet", full=True)
+    s3.delete_object(Bucket="data", Key="bad/val/index.json")
+    with pytest.raises(ShardError, match=rf"{url}/val/index.json is missing"):
+        module(url, tmp_path)
+    with pytest.raises(Exception, match=r"data.root=gs://data/imagenet: .*s3://bucket/prefix.*mount the bucket"):
+        module("gs://data/imagenet", tmp_path)
+    with pytest.MonkeyPatch.context() as mp:  # nothing listens there: the error says where credentials come from
+        mp.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9"), mp.setenv("AWS_MAX_ATTEMPTS", "1")
+        with pytest.raises(RemoteError, match=r"data.root=s3://data/imagenet: cannot list the bucket.*AWS_ENDPOINT_URL"):
+            module("s3://data/imagenet", tmp_path)
+
+
+def test_s3_dense_packs(s3, tmp_path):
+    """COCO and ADE20K from a bucket: every validation sample (image, targets / label map) equals the
+    local pack's; the files kept beside the chunks (COCO's tables and val JSON) are copied as packed."""
+    from vitlab.data.ade20k import ADE20KDataModule
+    from vitlab.data.coco import CocoDataModule
+    from vitlab.data.pack import main
+    from vitlab.data.synthetic_dense import make_ade20k, make_coco
+
+    folders = {"coco": make_coco(tmp_path / "coco", num_train=4, num_val=3, size=48),
+               "ade20k": make_ade20k(tmp_path / "ade20k", num_train=3, num_val=2, size=48) / "ADEChallengeData2016"}
+    make = {"coco": lambda root: CocoDataModule(str(root), num_workers=0, format="litdata", with_masks=True, smoke=True,
+                                                smoke_scale=48, smoke_images=99, cache_dir=str(tmp_path / "cache")),
+            "ade20k": lambda root: ADE20KDataModule(str(root), num_workers=0, format="litdata", smoke=True,
+                                                    smoke_scale=32, smoke_images=99, cache_dir=str(tmp_path / "cache"))}
+    for kind, folder in folders.items():
+        out = tmp_path / f"{kind}_packed"
+        main([kind, "--root", str(folder), "--out", str(out), "--shard-size", "16KB", "--workers", "1"])
+        local, remote = make[kind](out), make[kind](upload(s3, out, kind))
+        local.setup("fit"), remote.setup("fit")
+        assert remote.info == local.info
+        for i in range(len(local.val_set)):
+            torch.manual_seed(i)
+            a = local.val_set[i]
+            torch.manual_seed(i)
+            b = remote.val_set[i]
+            assert torch.equal(a[0], b[0]) and repr(a[1]) == repr(b[1])
+        manifest = json.loads((out / "vitlab_pack.json").read_text())
+        for name in manifest.get("files", {}):  # COCO: images.json tables, the val JSON, copied as packed
+            assert (remote.data_root() / name).read_bytes() == (out / name).read_bytes()
+        assert str(tmp_path / "cache") in str(remote.data_root())
+    assert "annotations/instances_val2017.json" in json.loads((tmp_path / "coco_packed" / "vitlab_pack.json")
+                                                              .read_text())["files"]
