@@ -214,3 +214,28 @@ def test_loaders_pin_memory_on_cuda_keep_workers_and_lightning_moves_batches_non
     batch = ImageBatch(torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long), torch.tensor(0))
     move_data_to_device([batch, {"boxes": torch.zeros(1, 4)}], torch.device("cuda"))
     assert seen == [True] * 4
+
+
+def test_evaluation_takes_the_runs_fast_paths():
+    """src/eval.py's Trainer gets the fast paths of the run that wrote the checkpoint, with that run's
+    switches (a checkpoint's stored config, as composed and resolved for training); none for a run
+    that turned them off, and none from a ``_target_`` the checkpoint names instead."""
+    from omegaconf import OmegaConf
+
+    from vitlab.runtime.callbacks import FastPaths
+    from vitlab.runtime.config import compose
+    from vitlab.runtime.run import eval_callbacks
+
+    def stored(*overrides):  # the part of a checkpoint's stored run config read here
+        callbacks = compose("train", overrides).callbacks
+        return {"callbacks": {k: OmegaConf.to_container(callbacks[k], resolve=True) for k in callbacks
+                              if k == "fast_paths"}}
+
+    (fast,) = eval_callbacks(stored("callbacks.fast_paths.tf32=false", "callbacks.fast_paths.channels_last=true"))
+    assert isinstance(fast, FastPaths)
+    assert fast.settings("cuda", "32-true", True) == {"matmul_precision": None, "cudnn_benchmark": True,
+                                                      "optimizer_kernels": "fused", "channels_last": True}
+    assert eval_callbacks(stored("~callbacks.fast_paths")) == []
+    named = stored()
+    named["callbacks"]["fast_paths"]["_target_"] = "os.system"
+    assert eval_callbacks(named) == []

@@ -30,7 +30,7 @@ from vitlab.data.base import DatasetInfo
 from vitlab.errors import VitlabUserError
 from vitlab.runtime.extras import require
 from vitlab.runtime.build import instantiate, locate
-from vitlab.runtime.callbacks import LastCheckpoint, RunConfigInCheckpoint
+from vitlab.runtime.callbacks import FastPaths, LastCheckpoint, RunConfigInCheckpoint
 from vitlab.runtime.checkpoints import (AtomicCheckpointIO, CheckpointMismatchError, previous_of, read_checkpoint,
                                         write_atomically)
 from vitlab.runtime.flops import count_gmacs, count_params
@@ -414,6 +414,16 @@ def module_from_checkpoint(ckpt_path: str, overrides: dict | None = None, module
     return datamodule, module, ckpt
 
 
+def eval_callbacks(run_config: dict) -> list[L.Callback]:
+    """The callbacks of a checkpoint's run that change how evaluation runs: its CUDA fast paths (TF32
+    for fp32, cuDNN's autotuner for fixed-size inputs, channels_last), with the run's own switches.
+    Built here, not from the stored ``_target_``: a checkpoint names no class to instantiate."""
+    stored = (run_config.get("callbacks") or {}).get("fast_paths")
+    if not stored or stored.get("_target_") != f"{FastPaths.__module__}.{FastPaths.__name__}":
+        return []
+    return [FastPaths(**{k: v for k, v in stored.items() if k != "_target_"})]
+
+
 @_cleaned_up_on_failure
 def evaluate(cfg: DictConfig, context: RunContext) -> dict:
     """Rebuild data and model from the checkpoint alone and validate."""
@@ -421,9 +431,9 @@ def evaluate(cfg: DictConfig, context: RunContext) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     overrides = OmegaConf.to_container(cfg.overrides, resolve=True) if cfg.get("overrides") else {}
     module_overrides = OmegaConf.to_container(cfg.module, resolve=True) if cfg.get("module") else None
-    datamodule, module, _ = module_from_checkpoint(cfg.ckpt_path, overrides, module_overrides)
+    datamodule, module, ckpt = module_from_checkpoint(cfg.ckpt_path, overrides, module_overrides)
     trainer: L.Trainer = instantiate(OmegaConf.to_container(cfg.trainer, resolve=True), "trainer", trusted=True,
-                                     logger=False, callbacks=[])
+                                     logger=False, callbacks=eval_callbacks(ckpt["vitlab_config"]))
     results = trainer.validate(module, datamodule=datamodule)[0]
     summary = {**{k: float(v) for k, v in results.items()}, "ckpt_path": str(cfg.ckpt_path)}
     if cfg.get("results_path"):
