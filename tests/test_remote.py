@@ -164,3 +164,38 @@ def test_s3_dense_packs(s3, tmp_path):
         assert str(tmp_path / "cache") in str(remote.data_root())
     assert "annotations/instances_val2017.json" in json.loads((tmp_path / "coco_packed" / "vitlab_pack.json")
                                                               .read_text())["files"]
+
+
+@pytest.mark.parametrize("shuffle", ["uniform", "block"])
+def test_s3_ddp_two_processes_read_disjoint_complete_shares(shuffle, s3, packed, tmp_path, monkeypatch):
+    """Two gloo processes on one node, one bucket, one cache (both make the local copy at once): the
+    union of their shares of the training and validation epochs is each epoch, every image once."""
+    import socket
+
+    from support import call_in_children
+    from test_streaming import _ranks_ids, checksum
+    from vitlab.data.streaming import PackedImages
+
+    url = upload(s3, packed, f"imagenet_ddp_{shuffle}")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # data.cache_dir's default, for the children
+    epoch = {split: sorted(int(checksum(PackedImages(packed / split)[i][0])) for i in range(n))
+             for split, n in (("train", 18), ("val", 9))}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    got = call_in_children(_ranks_ids, [(rank, 2, port, url, shuffle) for rank in (0, 1)])
+    for k, split in enumerate(("train", "val")):
+        shares = [got[0][k], got[1][k]]
+        assert sorted(shares[0] + shares[1]) == epoch[split]
+        assert shares[0] and shares[1] and not set(shares[0]) & set(shares[1])
+    assert (tmp_path / "vitlab" / "packed" / "s3" / "data" / f"imagenet_ddp_{shuffle}" / "vitlab_remote.json").exists()
+
+
+@pytest.mark.parametrize("shuffle", ["uniform", "block"])
+def test_s3_training_loader_resumes_mid_epoch_exactly(shuffle, s3, packed, tmp_path):
+    """The training loader's state after 2 batches, loaded into a new loader reading the bucket (as a
+    re-run restores it from last.ckpt): the rest of the epoch is the uninterrupted run's."""
+    from test_streaming import assert_resumes_exactly
+
+    url = upload(s3, packed, f"imagenet_resume_{shuffle}")
+    assert_resumes_exactly(lambda: module(url, tmp_path, shuffle=shuffle, shuffle_window=2))

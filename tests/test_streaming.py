@@ -312,14 +312,20 @@ def test_training_loader_resumes_mid_epoch_exactly(shuffle, packed, packed_shuff
     """The training loader's state after 2 batches, loaded into a new loader (as a re-run restores
     it from last.ckpt): the rest of the epoch is exactly the uninterrupted run's, in either order."""
     out = packed_shuffled if shuffle == "block" else packed[1]
-    dm = module(out, "litdata", shuffle=shuffle, shuffle_window=2)
+    assert_resumes_exactly(lambda: module(out, "litdata", shuffle=shuffle, shuffle_window=2))
+
+
+def assert_resumes_exactly(make_module) -> None:
+    """An epoch of ``make_module()``'s training loader equals 2 batches of it, then the rest from a new
+    module's loader given the first's state (18 images, batches of 3)."""
+    dm = make_module()
     dm.train_set.transform = checksum
     straight = [b.images.tolist() for b in dm.train_dataloader()]
     loader = dm.train_dataloader()
     it = iter(loader)
     seen = [next(it).images.tolist() for _ in range(2)]
     state = loader.state_dict()
-    again = module(out, "litdata", shuffle=shuffle, shuffle_window=2)
+    again = make_module()
     again.train_set.transform = checksum
     resumed = again.train_dataloader()
     resumed.load_state_dict(state)
