@@ -244,3 +244,17 @@ def test_detection_evaluation_equal_through_both_formats(detection_run, tmp_path
 def test_segmentation_evaluation_equal_through_both_formats(segmentation_run, tmp_path, eval_run):
     folder, packed = evaluations_through_both_formats(segmentation_run, tmp_path, eval_run)
     assert "val/miou" in folder and packed == folder and folder["val/miou"] > 0
+
+
+def test_clip_boxes_needs_a_pack_that_clipped(packed, tmp_path):
+    """Boxes are checked (and clipped or not) when packing: data.clip_boxes=true on a pack made
+    without --clip-boxes stops, saying how to re-pack; on one made with it, it reads."""
+    from vitlab.data.coco import AnnotationError
+    from vitlab.data.pack import main
+
+    folder, out = packed["coco"]
+    with pytest.raises(AnnotationError, match=r"data.clip_boxes=true: .* packed without --clip-boxes.*--clip-boxes"):
+        module("coco", out, "litdata", clip_boxes=True)
+    clipped = tmp_path / "coco_clipped"
+    main(["coco", "--root", str(folder), "--out", str(clipped), "--shard-size", "16KB", "--workers", "1", "--clip-boxes"])
+    assert len(module("coco", clipped, "litdata", clip_boxes=True).val_set) == 7

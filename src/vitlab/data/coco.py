@@ -566,6 +566,11 @@ class CocoDataModule(PackableDataModule):
 
     def setup_packed(self, root: Path, stage: str | None) -> None:
         manifest = read_manifest(root, "coco")
+        if self.clip_boxes and not manifest.get("options", {}).get("clip_boxes"):
+            # boxes were checked (and clipped or not) when packing: the reader cannot clip them afterwards
+            raise AnnotationError(f"data.clip_boxes=true: {self.root} was packed without --clip-boxes, so its boxes "
+                                  f"are as given; pack again with python -m vitlab.data.pack coco --clip-boxes --root "
+                                  f"<the COCO folder> --out <new dir>, or set data.clip_boxes=false")
         common = dict(manifest=manifest, with_masks=self.with_masks, skip_corrupt=self.skip_corrupt)
         self.val_set = PackedCocoDataset(root / "val2017", transforms=self.val_transforms(), train=False, **common)
         if stage in (None, "fit"):

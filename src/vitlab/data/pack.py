@@ -20,7 +20,7 @@ the same pixels, the same augmentation). Items:
   ``data.clip_boxes`` / ``data.skip_corrupt``). Beside the chunks: ``<split>/images.json`` (per
   item: image id, width, height, annotations a training step learns from; the reader's image
   filter and aspect-ratio groups without reading a chunk) and the val JSON as given,
-  ``annotations/instances_val2017.json`` (the ground-truth file pycocotools' evaluation reads);
+  ``annotations/instances_val2017.json`` (for pycocotools or the official tools to evaluate a results file against);
 - ade20k (``training``, ``validation``): the image bytes, the label PNG's bytes, the file stem.
 
 Read with ``data.format=litdata data.root=<out>`` (``vitlab.data.streaming``): a directory (local or
