@@ -254,7 +254,7 @@ def test_damaged_last_is_named_and_the_previous_one_resumed(tmp_path, caplog):
     (ckpts / "last.ckpt").write_bytes((ckpts / "last.prev.ckpt").read_bytes()[:100])  # a truncated write
     cfg = OmegaConf.create({"resume": "auto", "ckpt_path": None})
     with caplog.at_level(logging.WARNING, logger="vitlab"):
-        assert plan_resume(cfg, tmp_path) == (str(ckpts / "last.prev.ckpt"), None)
+        assert plan_resume(cfg, tmp_path) == (str(ckpts / "last.prev.ckpt"), None, 6)
     assert f"{ckpts / 'last.ckpt'} is damaged" in caplog.text and "last.damaged.ckpt" in caplog.text
     # the damaged file is set aside, so the next save cannot make it the "previous" one
     assert not (ckpts / "last.ckpt").exists() and (ckpts / "last.damaged.ckpt").exists()
@@ -412,3 +412,25 @@ def test_killed_at_every_kind_of_checkpoint_write_the_same_command_resumes_and_k
     rows = list(csv.DictReader((only_run_dir(output) / "csv" / "metrics.csv").open()))
     steps = [int(r["step"]) for r in rows if r.get("train/loss")]
     assert steps == list(range(20))  # the history holds every step once
+
+
+def test_resume_reads_the_checkpoint_once_before_lightning(tmp_path, monkeypatch):
+    """Deciding to resume reads last.ckpt whole (it checks the file) and hands on its global step, which
+    the loggers need: no second read of a checkpoint that can be gigabytes on a shared filesystem
+    (Lightning's own load is the only other)."""
+    from vitlab.runtime import run
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    torch.save({"global_step": 9}, ckpts / "last.ckpt")
+    reads = []
+    real = run.read_checkpoint
+    monkeypatch.setattr(run, "read_checkpoint", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    cfg = OmegaConf.create({"resume": "auto", "ckpt_path": None})
+    assert plan_resume(cfg, tmp_path) == (str(ckpts / "last.ckpt"), None, 9) and len(reads) == 1
+    explicit = OmegaConf.create({"resume": "auto", "ckpt_path": str(ckpts / "last.ckpt")})
+    assert plan_resume(explicit, tmp_path / "elsewhere") == (str(ckpts / "last.ckpt"), None, 9) and len(reads) == 2
+    import inspect
+    module = inspect.getsource(run)
+    train = module[module.index("\ndef train("):module.index("\ndef ", module.index("\ndef train(") + 1)]
+    assert "plan_resume(" in train and "read_checkpoint(" not in train

@@ -80,16 +80,17 @@ def _finished_summary(summary: Path) -> dict | None:
     return done if isinstance(done, dict) and done.get("status") == "finished" else None
 
 
-def plan_resume(cfg: DictConfig, run_dir: Path) -> tuple[str | None, dict | None]:
-    """(checkpoint to resume from or None, the summary of an already finished run or None); logs
-    which of the cases applies. A damaged ``last.ckpt`` is named in the log and the run resumes from
+def plan_resume(cfg: DictConfig, run_dir: Path) -> tuple[str | None, dict | None, int | None]:
+    """(checkpoint to resume from or None, the summary of an already finished run or None, the
+    checkpoint's global step: read here, once, as checking the file reads it whole); logs which of
+    the cases applies. A damaged ``last.ckpt`` is named in the log and the run resumes from
     the one it replaced (``last.prev.ckpt``); if neither can be read the command stops, never
     silently starting the run again from scratch."""
     resume, ckpt_path = cfg.get("resume", "auto"), cfg.get("ckpt_path")
     if ckpt_path not in (None, "", "null", "none"):
-        read_checkpoint(ckpt_path, "ckpt_path")  # a clear error for a missing or non-checkpoint file
+        step = int(read_checkpoint(ckpt_path, "ckpt_path").get("global_step", 0))  # a clear error for a bad file
         log.info("resuming from ckpt_path=%s (run dir %s)", ckpt_path, run_dir)
-        return str(ckpt_path), None
+        return str(ckpt_path), None, step
     last = run_dir / "checkpoints" / "last.ckpt"
     summary = run_dir / "summary.json"
     if resume == "auto" and summary.is_file():
@@ -97,11 +98,12 @@ def plan_resume(cfg: DictConfig, run_dir: Path) -> tuple[str | None, dict | None
         if done is not None:
             log.info("run %s already finished (summary.json); nothing to do. resume=never starts a new run "
                      "beside it", run_dir)
-            return None, done
+            return None, done, None
     candidates = [p for p in (last, previous_of(last)) if p.is_file()]
     if resume == "auto" and candidates:
         for path in candidates:
-            if _readable_step(path) is not None:
+            step = _readable_step(path)
+            if step is not None:
                 if path != last:  # the damaged file is set aside, and never becomes the next "previous"
                     why = f"{last.name} is missing"
                     if last.is_file():
@@ -109,13 +111,13 @@ def plan_resume(cfg: DictConfig, run_dir: Path) -> tuple[str | None, dict | None
                         why = "the damaged file is now last.damaged.ckpt"
                     log.warning("resuming from %s, the checkpoint before %s (%s)", path, last.name, why)
                 log.info("resuming from %s (resume=auto; resume=never starts a new run)", path)
-                return str(path), None
+                return str(path), None, step
         raise NoGoodCheckpointError(
             f"{run_dir}: no readable checkpoint to resume from ({', '.join(str(p) for p in candidates)} are "
             f"damaged, see above). Move them away to start this run again from scratch, or use resume=never "
             f"for a new run beside it")
     log.info("starting a new run in %s", run_dir)
-    return None, None
+    return None, None, None
 
 
 def _holds_only_hydra_files(run_dir: Path) -> bool:
@@ -291,12 +293,9 @@ def train(cfg: DictConfig, context: RunContext) -> dict:
     """Fit (or resume) the run the config describes and return its summary (``context``: the command
     line's names and the run directory; default: ``paths.output_dir``, so a plainly composed config runs)."""
     run_dir = context.run_dir
-    resume_from, finished = plan_resume(cfg, run_dir)
+    resume_from, finished, resume_step = plan_resume(cfg, run_dir)
     if finished is not None:
         return finished
-    resume_step = None
-    if resume_from:
-        resume_step = int(read_checkpoint(resume_from, "checkpoint").get("global_step", 0))
     L.seed_everything(cfg.seed, workers=True)
     run_cfg = OmegaConf.to_container(cfg, resolve=True)
     datamodule, module = build_data_and_module(run_cfg)
