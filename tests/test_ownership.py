@@ -109,6 +109,29 @@ def test_requeued_slurm_job_waits_for_its_previous_copy(tmp_path, monkeypatch):
             assert json.loads((tmp_path / ".lock").read_text())["slurm_job"] == "77"
 
 
+def test_a_forked_child_does_not_keep_the_run_directory_locked(tmp_path):
+    """A process forked while the run holds its directory (a loader worker, the paste pool) lets go of
+    the lock: once the owner ends, the directory is free even while such a child lives on (an orphaned
+    worker of a killed run would otherwise stop the re-run)."""
+    import signal
+
+    ready, tell = os.pipe()
+    with owned(tmp_path):
+        child = os.fork()
+        if child == 0:  # the child outlives the owner's hold
+            os.write(tell, b"1")  # running: past the fork's handlers
+            time.sleep(30)
+            os._exit(0)
+    os.read(ready, 1)
+    try:
+        with owned(tmp_path):  # a fresh open of .lock: free although the child still runs
+            assert os.waitpid(child, os.WNOHANG) == (0, 0)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(ready), os.close(tell)
+
+
 def test_other_ddp_ranks_do_not_take_the_lock(tmp_path, monkeypatch):
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 

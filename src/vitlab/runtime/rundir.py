@@ -96,6 +96,22 @@ class RunDirLockedError(VitlabUserError):
     """Another live process trains in this run directory."""
 
 
+# Lock descriptors this process holds. A forked child (loader workers, the mask-paste pool, a packer)
+# shares the parent's open file, and flock is released only when every copy is closed: an orphaned
+# worker of a killed run would keep its directory locked against the re-run. Children close theirs.
+_held_locks: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _held_locks:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 def _owner(fd: int) -> dict:
     try:
         return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
@@ -161,6 +177,8 @@ def owned(run_dir: Path, requeue_wait_s: float = 300.0, poll_s: float = 1.0):
             "pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "slurm_job": os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID"),
         }).encode(), 0)
+        _held_locks.add(fd)
         yield
     finally:
+        _held_locks.discard(fd)
         os.close(fd)  # releases the lock (the file stays: removing it would race with a waiting process)
