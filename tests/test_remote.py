@@ -6,6 +6,7 @@ errors named by URL; COCO's ground truth and ADE20K's label maps through the loc
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -89,9 +90,9 @@ def test_s3_pack_reads_as_the_local_pack(s3, packed, tmp_path):
 
 
 def test_s3_block_order_epoch_through_forked_workers(s3, packed, tmp_path):
-    """data.shuffle=block from a bucket through two forked loader workers (LitData's downloads start
-    in them, not in the parent): a complete epoch, every training image once (6 labels per class),
-    and the training split's chunks downloaded whole into the cache."""
+    """data.shuffle=block from a bucket through two forked loader workers (the downloads start in
+    them, not in the parent): a complete epoch, every training image once (6 labels per class), and
+    the training split's chunks downloaded whole beside the local copy's index.json."""
     url = upload(s3, packed, "imagenet_block")
     dm = ImageNetDataModule(url, num_workers=2, batch_size=2, img_size=32, format="litdata", cache_dir=str(tmp_path),
                             auto_augment=None, reprob=0, shuffle="block", shuffle_window=1)
@@ -99,7 +100,9 @@ def test_s3_block_order_epoch_through_forked_workers(s3, packed, tmp_path):
     labels = torch.cat([batch[1] for batch in dm.train_dataloader()])
     assert labels.bincount().tolist() == [6, 6, 6]
     chunks = json.loads((packed / "vitlab_pack.json").read_text())["splits"]["train"]["chunks"]
-    assert {p.name for p in (tmp_path / "packed").rglob("train/chunks/**/*.bin")} == set(chunks)
+    copy = tmp_path / "packed" / "s3" / "data" / "imagenet_block"
+    for name in chunks:  # each downloaded once, whole, beside the copy's index.json
+        assert (copy / "train" / name).read_bytes() == (packed / "train" / name).read_bytes()
 
 
 def test_s3_shard_errors_named_by_url(s3, packed, tmp_path):
@@ -199,3 +202,52 @@ def test_s3_training_loader_resumes_mid_epoch_exactly(shuffle, s3, packed, tmp_p
 
     url = upload(s3, packed, f"imagenet_resume_{shuffle}")
     assert_resumes_exactly(lambda: module(url, tmp_path, shuffle=shuffle, shuffle_window=2))
+
+
+def test_loader_bench_reads_from_a_bucket(s3, tmp_path):
+    """bench --loader imagenet --format ... --bucket: the generated pack uploaded once to the prefix,
+    the packed formats timed reading from it (the uniform order's items alone, the block order's
+    chunks into an emptied cache when cold), the folder from disk."""
+    from vitlab.data.throughput import format_bench, format_rows_table
+
+    kw = dict(dataset_images=12, images=4, formats=("folder", "litdata", "litdata-block"), workers=(0,), batch=2,
+              data_dir=str(tmp_path), size=(64, 48), bucket="s3://data/bench")
+    rows = format_bench(**kw)
+    assert [(r.format, r.cache) for r in rows] == [(f, c) for c in ("cold", "warm")
+                                                   for f in ("folder", "litdata s3", "litdata-block s3")]
+    assert all(r.images == 4 and r.cpu_s > 0 for r in rows)
+    listed = s3.list_objects_v2(Bucket="data", Prefix="bench/")["Contents"]
+    assert "bench/vitlab_pack.json" in {o["Key"] for o in listed}
+    assert "litdata-block s3" in format_rows_table(rows)
+    import boto3
+
+    puts = []
+    boto3.setup_default_session()  # the session S3Pack's client comes from, its PUTs counted
+    boto3.DEFAULT_SESSION.events.register("before-call.s3.PutObject", lambda **_: puts.append(1))
+    format_bench(**{**kw, "caches": ("warm",)})  # the same pack: not uploaded again
+    assert puts == []
+    s3.delete_object(Bucket="data", Key="bench/vitlab_pack.json")
+    format_bench(**{**kw, "caches": ("warm",)})  # a file missing there: uploaded again
+    assert len(puts) == len(listed)
+
+
+def test_chunk_cache_makes_room_least_recently_downloaded_first(tmp_path, monkeypatch):
+    """Before a download that would leave under a twentieth of the disk free, the cache's oldest
+    chunks go (by download time) until it would not; nothing else in the folder is touched."""
+    import shutil
+    from collections import namedtuple
+
+    from vitlab.data import remote
+
+    for age, name in enumerate(("new.bin", "mid.bin", "old.bin")):
+        (tmp_path / name).write_bytes(b"x" * 100)
+        os.utime(tmp_path / name, (1_000_000 - age, 1_000_000 - age))
+    (tmp_path / "index.json").write_text("{}")
+    usage = namedtuple("usage", "total used free")
+    free = {"now": 1000}  # total 10,000: 500 must stay free
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10_000, 10_000 - free["now"], free["now"]))
+    remote.make_room(tmp_path, 650)  # 1000 - 650 = 350 < 500: two chunks (200 bytes) make it 550
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", "new.bin"]
+    free["now"] = 5000
+    remote.make_room(tmp_path, 650)
+    assert (tmp_path / "new.bin").exists()

@@ -2,11 +2,11 @@
 
 The pack's small files (``vitlab_pack.json``, each split's ``index.json``, the files kept beside the
 chunks: COCO's ``images.json`` tables and val JSON) are copied into a local directory under
-``data.cache_dir``; the chunks stay in the bucket and LitData's ``StreamingDataset`` fetches each one
-when an item of it is first read, into a cache beside that copy (LitData's own budget: 75% of the
-free disk by default, least recently used chunks evicted). Everything else - the checks, the
-manifest's classes, the readers, pycocotools' ground truth - reads the local copy as it reads a
-local pack, so the two paths share their code.
+``data.cache_dir``. Everything else - the checks, the manifest's classes, the readers - reads that
+copy as it reads a local pack, so the two paths share their code. The chunks stay in the bucket:
+``data.shuffle=block`` downloads each whole beside the copy when first needed (``fetch_chunk``) and
+reads it as a local chunk; otherwise LitData's ``StreamingDataset`` fetches each item alone (ranged
+GETs; ``vitlab.data.streaming.open_stream``).
 
 One listing of the prefix gives every object's size and ETag: the chunks' sizes are checked against
 each split's ``index.json`` before training (a missing or truncated chunk is named by its URL), and
@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -121,6 +122,37 @@ def local_copy(url: str, cache_dir: str | Path | None) -> Path:
     tmp.write_text(json.dumps({"url": pack.url, "objects": listed}))
     os.replace(tmp, origin)
     return copy
+
+
+_clients: dict[tuple[int, str], S3Pack] = {}  # per process (a forked loader worker makes its own)
+
+
+def fetch_chunk(url: str, path: Path, size: int) -> None:
+    """The chunk at ``url``/``path.name`` downloaded whole to ``path`` unless there (of ``size`` bytes);
+    one process of a node downloads it while the others wait for it (a file lock). Room is made first
+    when the disk would keep less than a twentieth free: this cache's least recently downloaded chunks
+    go (a process that has one open keeps reading it)."""
+    from filelock import FileLock
+
+    if path.exists() and path.stat().st_size == size:
+        return
+    with FileLock(f"{path}.lock"):
+        if path.exists() and path.stat().st_size == size:
+            return
+        make_room(path.parent, size)
+        key = (os.getpid(), url)
+        if key not in _clients:
+            _clients[key] = S3Pack(url)
+        _clients[key].fetch(path.name, path)
+
+
+def make_room(folder: Path, size: int) -> None:
+    usage = shutil.disk_usage(folder)
+    old = sorted(folder.glob("*.bin"), key=lambda p: p.stat().st_mtime)
+    while old and usage.free - size < usage.total / 20:
+        freed = old[0].stat().st_size
+        old.pop(0).unlink(missing_ok=True)
+        usage = usage._replace(free=usage.free + freed)
 
 
 def origin_of(root: str | Path) -> dict | None:

@@ -151,8 +151,11 @@ class ChunkFiles:
     against LitData's own reader. Other layouts and remote data read through LitData.
     """
 
-    def __init__(self, split_dir: str | Path, chunks: list[dict]):
+    def __init__(self, split_dir: str | Path, chunks: list[dict], bucket_url: str | None = None):
         self.paths = [str(Path(split_dir) / c["filename"]) for c in chunks]
+        # a remote pack's local copy (data.shuffle=block): each chunk downloaded whole beside the copy's
+        # index.json when first opened (vitlab.data.remote.fetch_chunk), then read as a local one
+        self.bucket_url, self.bytes = bucket_url, [c["chunk_bytes"] for c in chunks]
         self.sizes = [c["chunk_size"] for c in chunks]
         self.starts = list(itertools.accumulate(self.sizes, initial=0))
         # chunk -> (file descriptor, item offsets), per process, least recently used first: a dataset
@@ -166,10 +169,11 @@ class ChunkFiles:
         self.read_ahead = False
 
     @staticmethod
-    def readable(split_dir: str | Path, index: dict) -> bool:
+    def readable(split_dir: str | Path, index: dict, from_bucket: bool = False) -> bool:
+        """Whether the split is in pack's layout and local (``from_bucket``: or a remote pack's copy)."""
         config = index.get("config", {})
         spec = json.loads(config.get("data_spec") or "[0, {}]")[1]
-        return (remote.origin_of(Path(split_dir).parent) is None and config.get("compression") is None
+        return ((from_bucket or remote.origin_of(Path(split_dir).parent) is None) and config.get("compression") is None
                 and config.get("encryption") is None and config.get("item_loader") == "PyTreeLoader"
                 and (config.get("data_format"), json.loads(spec.get("context") or "null")) == PACKED_FORMAT)
 
@@ -182,6 +186,8 @@ class ChunkFiles:
             return self._open[k]
         if len(self._open) >= self._max_open:
             os.close(self._open.popitem(last=False)[1][0])
+        if self.bucket_url is not None:
+            remote.fetch_chunk(self.bucket_url, Path(self.paths[k]), self.bytes[k])
         fd = os.open(self.paths[k], os.O_RDONLY)
         if self.read_ahead:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
@@ -200,7 +206,7 @@ class ChunkFiles:
             sizes = np.diff(offsets.astype(np.int64))  # 28: an item's three sizes, its index and its label
             if offsets[0] == 4 * (n + 2) and (n == 0 or sizes.min() >= 28) and offsets[-1] <= os.fstat(fd).st_size:
                 return offsets
-        root = Path(self.paths[k]).parents[1]
+        root = self.bucket_url.rsplit("/", 1)[0] if self.bucket_url else Path(self.paths[k]).parents[1]
         raise ShardError(f"{self.paths[k]}: the chunk's header does not match index.json's {n} items (item "
                          f"offsets missing, out of order or past the file's end): the chunk is damaged; check every "
                          f"chunk's hash with python -m vitlab.tools.check_data data.format=litdata data.root={root} "
@@ -230,10 +236,11 @@ class PackedImages(Dataset):
                  raw: bool = False):
         self.split_dir, self.transform, self.skip_corrupt, self.lazy = str(split_dir), transform, skip_corrupt, lazy
         self.raw = raw  # data.gpu_decode: the JPEG bytes as a uint8 tensor, decoded on the device
-        self._stream, self.whole_chunks = None, False
+        self._stream = None
         index = json.loads((Path(split_dir) / "index.json").read_text())
         self._len = sum(c["chunk_size"] for c in index["chunks"])
         self.chunks = ChunkFiles(split_dir, index["chunks"]) if ChunkFiles.readable(split_dir, index) else None
+        self.index = index
         if self.chunks is None:
             import litdata  # noqa: F401  here, so that forked loader workers start with it (~0.2 CPU-s each otherwise)
 
@@ -241,18 +248,22 @@ class PackedImages(Dataset):
     def stream(self):
         if self._stream is None:  # opened in the process that reads (each loader worker its own)
             self._stream = open_stream(self.split_dir)
-            # LitData's map-style reads of a bucket fetch each item's bytes alone (two ranged GETs); its
-            # flag for whole chunks into the cache is read when the stream's cache is made (first item)
-            self._stream._on_demand_bytes = not self.whole_chunks
         return self._stream
 
     def read_whole_chunks(self) -> None:
         """``data.shuffle=block`` (it reads all of a chunk's items soon): each chunk read whole when
-        first needed - a local chunk file read ahead by the kernel, a bucket's chunk downloaded into the
-        cache in one request instead of two ranged requests per item."""
+        first needed - a local chunk file read ahead by the kernel, a bucket's chunk downloaded in one
+        request (instead of two ranged requests per item) and then read as a local one.
+
+        Not LitData's whole-chunk mode for a bucket: its map-style reader deletes the chunk it read last
+        whenever an item of another chunk is asked for (made for reading chunk after chunk), so the
+        block order's items of ``shuffle_window`` chunks, shuffled together, downloaded the same chunks
+        again and again (11 images/s here against a local S3 server, README)."""
+        origin = remote.origin_of(Path(self.split_dir).parent)
+        if self.chunks is None and origin is not None and ChunkFiles.readable(self.split_dir, self.index, True):
+            self.chunks = ChunkFiles(self.split_dir, self.index["chunks"], f"{origin['url']}/{Path(self.split_dir).name}")
         if self.chunks is not None:
             self.chunks.read_ahead = True
-        self.whole_chunks = True
 
     def __len__(self) -> int:
         return self._len

@@ -20,8 +20,10 @@ timed here on the CPU: on a GPU it costs far less) as its own row.
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import resource
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -263,18 +265,19 @@ def _cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
-def time_loader(root: Path, fmt: str, workers: int, images: int, batch: int, gpu_decode: bool,
-                seed: int = 0) -> tuple[float, float, int]:
+def time_loader(root: Path | str, fmt: str, workers: int, images: int, batch: int, gpu_decode: bool,
+                seed: int = 0, cache_dir: Path | None = None) -> tuple[float, float, int]:
     """(wall s, CPU s of this process + workers, images) for the first ``images`` training images of
     a shuffled epoch through the DataModule's own training loader (``litdata-block``: the packed
-    format in ``data.shuffle=block``'s order)."""
+    format in ``data.shuffle=block``'s order; ``root`` may be an ``s3://`` pack, ``cache_dir`` its
+    ``data.cache_dir``)."""
     from vitlab.data.imagenet import ImageNetDataModule
 
     extra = dict(auto_augment=None, color_jitter=0) if gpu_decode else {}
     if fmt == "litdata-block":
         fmt, extra = "litdata", {**extra, "shuffle": "block"}
     dm = ImageNetDataModule(str(root), batch_size=batch, num_workers=workers, format=fmt, gpu_decode=gpu_decode,
-                            seed=seed, **extra)
+                            seed=seed, cache_dir=str(cache_dir) if cache_dir else None, **extra)
     dm.setup("fit")
     loader = dm.train_dataloader()
     threads = torch.get_num_threads()
@@ -289,6 +292,9 @@ def time_loader(root: Path, fmt: str, workers: int, images: int, batch: int, gpu
             break
     wall = time.perf_counter() - t0
     del it, loader  # the workers end and are joined here: their CPU time counts from now on
+    # a worker the loader had to terminate (one blocked in a download) is not joined by it: reaped here,
+    # or its CPU time would be missing from the figure
+    multiprocessing.active_children()
     cpu = _cpu_seconds() - cpu0
     torch.set_num_threads(threads)
     return wall, cpu, seen
@@ -403,39 +409,61 @@ def format_pack_table(rows: list[PackRow]) -> str:
     return "\n".join([head, "-" * len(head), *body])
 
 
+def bucket_copy(packed: Path, url: str) -> str:
+    """The packed copy uploaded to ``url`` (an ``s3://`` prefix), unless the objects there already have
+    its files' names and sizes."""
+    from vitlab.data.remote import S3Pack
+
+    bucket = S3Pack(url)
+    listed = bucket.listing()
+    files = {str(p.relative_to(packed)): p for p in sorted(packed.rglob("*")) if p.is_file() and p.name != ".complete"}
+    if any(listed.get(name, [None])[0] != path.stat().st_size for name, path in files.items()):
+        for name, path in files.items():
+            bucket.client.upload_file(str(path), bucket.bucket, bucket.key(name))
+    return bucket.url
+
+
 def format_bench(dataset_images: int = 20_000, images: int = 1_000, formats=("folder", "litdata"),
                  workers=(1, 2), caches=("cold", "warm"), batch: int = 32, gpu_decode: bool = False,
-                 data_dir: str | None = None, size: tuple[int, int] | None = None) -> list[FormatRow]:
+                 data_dir: str | None = None, size: tuple[int, int] | None = None,
+                 bucket: str | None = None) -> list[FormatRow]:
     """Every (format, cache, workers) on one generated ImageNet of ``dataset_images`` (made and
     packed once under the bench directory, the training split shuffled: read in the uniform order
     as ``litdata``, in the block order as ``litdata-block``): the DeiT training pipeline in the
     workers, and with ``gpu_decode`` also the workers' part of ``data.gpu_decode`` (reading bytes:
-    the device work is not timed here)."""
+    the device work is not timed here). ``bucket``: the packed formats read the copy uploaded to that
+    ``s3://`` prefix (``data.root=s3://...``); cold: an empty local chunk cache, warm: the chunks the
+    previous run left in it (the block order's; the uniform order caches none)."""
     folder = generate("imagenet", bench_dir(data_dir), dataset_images, size)
     packed = packed_copy(folder)
-    roots = {"folder": folder, "litdata": packed, "litdata-block": packed}
+    remote = bucket_copy(packed, bucket) if bucket else None
+    roots = {"folder": folder, "litdata": remote or packed, "litdata-block": remote or packed}
+    cache_dir = bench_dir(data_dir) / "bucket_cache"
     rows = []
     for pipeline in ("deit", "gpu_decode") if gpu_decode else ("deit",):
         for cache in caches:
             for fmt in formats:
-                files = dataset_files(roots[fmt], fmt)
+                from_bucket = remote is not None and fmt != "folder"
+                files = [] if from_bucket else dataset_files(roots[fmt], fmt)
                 for n in workers:
+                    if from_bucket and cache == "cold":
+                        shutil.rmtree(cache_dir, ignore_errors=True)
                     evict(files) if cache == "cold" else warm(files)
                     wall, cpu, seen = time_loader(roots[fmt], fmt, n, images, min(batch, images),
-                                                  pipeline == "gpu_decode")
-                    rows.append(FormatRow(fmt, pipeline, cache, n, seen, wall, cpu))
+                                                  pipeline == "gpu_decode", cache_dir=cache_dir)
+                    rows.append(FormatRow(f"{fmt} s3" if from_bucket else fmt, pipeline, cache, n, seen, wall, cpu))
     return rows
 
 
 def format_rows_table(rows: list[FormatRow]) -> str:
-    head = (f"{'pipeline':<11} {'cache':<5} {'format':<13} {'workers':>7} {'images':>7} {'img/wall-s':>11} "
+    head = (f"{'pipeline':<11} {'cache':<5} {'format':<16} {'workers':>7} {'images':>7} {'img/wall-s':>11} "
             f"{'img/CPU-s':>10} {'vs folder (CPU)':>16}")
     lines = [head, "-" * len(head)]
     base = {(r.pipeline, r.cache, r.workers): r for r in rows if r.format == "folder"}
     for r in rows:
         ref = base.get((r.pipeline, r.cache, r.workers))
         ratio = "-" if ref is None or ref is r else f"{r.per_cpu_s / ref.per_cpu_s:.2f}x"
-        lines.append(f"{r.pipeline:<11} {r.cache:<5} {r.format:<13} {r.workers:>7} {r.images:>7} "
+        lines.append(f"{r.pipeline:<11} {r.cache:<5} {r.format:<16} {r.workers:>7} {r.images:>7} "
                      f"{r.per_wall_s:>11.1f} {r.per_cpu_s:>10.1f} {ratio:>16}")
     return "\n".join(lines)
 
@@ -454,8 +482,8 @@ def workers_needed(rows: list[FormatRow], model_ips: float) -> list[tuple[str, s
 
 
 def format_workers_table(needed: list[tuple], model_ips: float) -> str:
-    head = f"{'pipeline':<11} {'cache':<5} {'format':<13} {'timed at':>8} {'img/CPU-s':>10} {'workers for ' + format(model_ips, '.1f') + ' img/s':>24}"
+    head = f"{'pipeline':<11} {'cache':<5} {'format':<16} {'timed at':>8} {'img/CPU-s':>10} {'workers for ' + format(model_ips, '.1f') + ' img/s':>24}"
     lines = [head, "-" * len(head)] + ([] if needed else ["(no run with loader workers timed: --workers 1 2)"])
     for pipeline, fmt, cache, timed, per_cpu, n in needed:
-        lines.append(f"{pipeline:<11} {cache:<5} {fmt:<13} {timed:>8} {per_cpu:>10.1f} {n:>24}")
+        lines.append(f"{pipeline:<11} {cache:<5} {fmt:<16} {timed:>8} {per_cpu:>10.1f} {n:>24}")
     return "\n".join(lines)

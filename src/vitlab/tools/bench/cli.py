@@ -114,6 +114,9 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="--format: loader workers to time")
     p.add_argument("--dataset-images", type=int, default=20_000, help="--format: size of the generated ImageNet")
     p.add_argument("--gpu-decode", action="store_true", help="--format: also time data.gpu_decode's worker part")
+    p.add_argument("--bucket", default=None, metavar="s3://BUCKET/PREFIX",
+                   help="--format: the packed formats read the generated pack uploaded there (data.root=s3://...; "
+                        "credentials and endpoint from the AWS environment)")
     p.add_argument("--handover", action="store_true",
                    help="--format: only a gpu_decode worker's steps per image, each alone (read, shared-memory copy, "
                         "pickle), warm cache, on --images items of the generated set")
@@ -176,7 +179,8 @@ def main(argv=None) -> None:
             print(format_handover_table(costs))
             return
         rows = format_bench(args.dataset_images, args.images, args.format, args.workers, batch=32,
-                            gpu_decode=args.gpu_decode, data_dir=args.data_dir, size=args.image_size)
+                            gpu_decode=args.gpu_decode, data_dir=args.data_dir, size=args.image_size,
+                            bucket=args.bucket)
         print(f"loader=imagenet dataset={args.dataset_images} images timed per run={args.images} "
               f"(one shuffled pass; CPU = this process + its workers; load average {os.getloadavg()[0]:.1f})")
         print(format_rows_table(rows))
