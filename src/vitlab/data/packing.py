@@ -14,7 +14,14 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
+from vitlab.data.base import DatasetLayoutError
+
 MANIFEST = "vitlab_pack.json"
+
+
+class ShardError(DatasetLayoutError):
+    """A packed dataset's shard (chunk) or index is missing, truncated or not this dataset's."""
+
 # what a manifest written before a field was recorded means by its absence
 IDENTITY_BEFORE = {"order": "folder"}
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from vitlab.data.base import DatasetLayoutError
-from vitlab.data.packing import MANIFEST
+from vitlab.data.packing import MANIFEST, ShardError
 
 # in a remote pack's local copy: the URL its chunks are read from, and every object's size and ETag
 ORIGIN = "vitlab_remote.json"
@@ -95,8 +95,6 @@ class S3Pack:
 
 def local_copy(url: str, cache_dir: str | Path | None) -> Path:
     """The local copy of the pack at ``url``'s small files (made or refreshed; see the module)."""
-    from vitlab.data.streaming import ShardError
-
     pack = S3Pack(url)
     listed = pack.listing()
     if MANIFEST not in listed:

@@ -37,13 +37,9 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from vitlab.data import remote
-from vitlab.data.base import CorruptImageError, DatasetLayoutError, VitlabDataModule, is_url, reject_url
-from vitlab.data.packing import MANIFEST, sha256
+from vitlab.data.base import CorruptImageError, VitlabDataModule, is_url, reject_url
+from vitlab.data.packing import MANIFEST, ShardError, sha256
 from vitlab.data.report import DataReport, skip_or_raise
-
-
-class ShardError(DatasetLayoutError):
-    """A packed dataset's shard (chunk) or index is missing, truncated or not this dataset's."""
 
 
 def read_manifest(root: str | Path, kind: str) -> dict:
