@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vitlab.data.imagenet import ImageNetDataModule
-from vitlab.data.streaming import ShardError
+from vitlab.data.streaming import PackedImages, ShardError
 
 pytest.importorskip("moto")
 
@@ -251,3 +251,27 @@ def test_chunk_cache_makes_room_least_recently_downloaded_first(tmp_path, monkey
     free["now"] = 5000
     remote.make_room(tmp_path, 650)
     assert (tmp_path / "new.bin").exists()
+
+
+def test_a_chunk_deleted_between_download_and_open_is_downloaded_again(s3, packed, tmp_path, monkeypatch):
+    """Another process making room may delete a chunk this one has just found or downloaded: it is
+    fetched again; a disk that loses it every time stops with a message naming data.cache_dir."""
+    from vitlab.data import remote
+
+    url = upload(s3, packed, "imagenet_race")
+    dm = module(url, tmp_path, shuffle="block")
+    real, calls = remote.fetch_chunk, []
+
+    def fetch_then_lose(url, path, size, lose=1):
+        real(url, path, size)
+        calls.append(path.name)
+        if len(calls) <= lose:
+            path.unlink()
+
+    monkeypatch.setattr(remote, "fetch_chunk", fetch_then_lose)
+    jpeg, label = dm.train_set.read(0)
+    assert bytes(jpeg) == bytes(PackedImages(packed / "train").read(0)[0]) and len(calls) == 2
+    monkeypatch.setattr(remote, "fetch_chunk", lambda *a: fetch_then_lose(*a, lose=99))
+    last = len(dm.train_set) - 1  # in another chunk, not opened yet
+    with pytest.raises(ShardError, match=r"deleted as soon as downloaded three times.*data.cache_dir"):
+        dm.train_set.read(last)

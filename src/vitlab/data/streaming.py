@@ -182,13 +182,23 @@ class ChunkFiles:
             return self._open[k]
         if len(self._open) >= self._max_open:
             os.close(self._open.popitem(last=False)[1][0])
-        if self.bucket_url is not None:
-            remote.fetch_chunk(self.bucket_url, Path(self.paths[k]), self.bytes[k])
-        fd = os.open(self.paths[k], os.O_RDONLY)
+        fd = self.open_chunk(k)
         if self.read_ahead:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         self._open[k] = fd, self.header(k, fd)
         return self._open[k]
+
+    def open_chunk(self, k: int) -> int:
+        if self.bucket_url is None:
+            return os.open(self.paths[k], os.O_RDONLY)
+        for _ in range(3):  # another process making room may delete the chunk between its download and this open
+            remote.fetch_chunk(self.bucket_url, Path(self.paths[k]), self.bytes[k])
+            try:
+                return os.open(self.paths[k], os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+        raise ShardError(f"{self.paths[k]}: deleted as soon as downloaded three times: the disk of data.cache_dir "
+                         f"cannot hold the chunks being read at once (give data.cache_dir more room)")
 
     def header(self, k: int, fd: int) -> np.ndarray:
         """Chunk ``k``'s item offsets (uint32: 4 bytes an item, ~9x less than a tuple of ints), checked
