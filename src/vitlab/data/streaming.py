@@ -2,8 +2,9 @@
 
 ``PackedImages`` is a map-style dataset over the packed split (items by index: a local split in
 pack's layout read straight from the chunk files by ``ChunkFiles``, anything else through LitData's
-``StreamingDataset``: a pack in a bucket, ``data.root=s3://...``, is read from a local copy of its
-small files whose chunks LitData fetches, ``vitlab.data.remote``), so the
+``StreamingDataset``; a pack in a bucket, ``data.root=s3://...``, is read from a local copy of its
+small files, its chunks downloaded whole by ``ChunkFiles`` in the block order, else its items
+fetched by LitData: ``vitlab.data.remote``), so the
 DataModule's resumable sampler and exact evaluation split apply unchanged: each DDP process reads
 its own disjoint share, and a resumed run continues at the sampler's saved position. The JPEG
 bytes are decoded here exactly as the folder reader decodes files, so the augmentation and the
@@ -95,8 +96,9 @@ def check_packed(root: str | Path, kind: str, full: bool = False) -> dict:
 
 
 def open_stream(split_dir: str | Path):
-    """LitData's reader of a packed split; a remote pack's local copy reads its chunks from the bucket
-    into a cache beside the copy. ``batch_decode=0``: deserialise only the item asked for. LitData's
+    """LitData's reader of a packed split; for a remote pack's local copy it reads each item from the
+    bucket alone (ranged GETs; its index.json cached beside the copy). ``batch_decode=0``: deserialise
+    only the item asked for. LitData's
     default for a ``bytes`` leaf of < 64 KB (a JPEG) deserialises an aligned window of 256 items
     around it, which the sampler's random order then throws away: ~13x the CPU per item (measured,
     README)."""
