@@ -101,7 +101,7 @@ def test_s3_block_order_epoch_through_forked_workers(s3, packed, tmp_path):
     assert labels.bincount().tolist() == [6, 6, 6]
     chunks = json.loads((packed / "vitlab_pack.json").read_text())["splits"]["train"]["chunks"]
     copy = tmp_path / "packed" / "s3" / "data" / "imagenet_block"
-    for name in chunks:  # each downloaded once, whole, beside the copy's index.json
+    for name in chunks:  # each downloaded whole, beside the copy's index.json
         assert (copy / "train" / name).read_bytes() == (packed / "train" / name).read_bytes()
 
 
