@@ -67,12 +67,19 @@ def module(root, cache, **kw) -> ImageNetDataModule:
     return dm
 
 
-def test_s3_pack_reads_as_the_local_pack(s3, packed, tmp_path):
+def test_s3_pack_reads_as_the_local_pack(s3, packed, tmp_path, caplog):
     """Every item's bytes and label, the DatasetInfo and an evaluation sample equal the local pack's;
     only the small files are copied before training; the uniform order reads items alone (ranged
-    GETs: no chunk in the cache); a second run fetches no small file again (ETags unchanged)."""
+    GETs: no chunk in the cache), and says the block order would not; a second run fetches no small
+    file again (ETags unchanged)."""
+    import logging
+
     url = upload(s3, packed, "imagenet")
-    local, remote = module(packed, tmp_path / "unused"), module(url, tmp_path / "cache")
+    local = module(packed, tmp_path / "unused")
+    assert "two requests an image" not in caplog.text  # a local pack: nothing to say
+    with caplog.at_level(logging.WARNING, logger="vitlab"):
+        remote = module(url, tmp_path / "cache")
+    assert "data.shuffle=uniform: each training image is fetched from the bucket alone" in caplog.text
     copy = tmp_path / "cache" / "packed" / "s3" / "data" / "imagenet"
     assert remote.data_root() == copy
     assert remote.info == local.info

@@ -12,6 +12,7 @@ as timm's own ``PrefetchLoader`` does); mixup / cutmix already run there (the ta
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -32,11 +33,13 @@ from torchvision.datasets import ImageFolder
 from vitlab.data.base import (
     DatasetFacts,
     IMAGENET_MEAN, IMAGENET_STD, BlockShuffleSampler, CorruptImageError, DatasetInfo, DatasetLayoutError, ImageBatch,
-    MissingFileError, block_sizes,
+    MissingFileError, block_sizes, is_url,
 )
 from vitlab.data.packing import IDENTITY_BEFORE, MANIFEST, file_bytes, open_manifest, pack_split
 from vitlab.data.streaming import PackableDataModule
 from vitlab.data.report import EMPTY, IGNORED_FILE, MISSING, UNDECODABLE, DataReport, check_all, skip_or_raise
+
+log = logging.getLogger(__name__)  # a child of "vitlab": same handlers
 
 IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
@@ -418,6 +421,10 @@ class ImageNetDataModule(PackableDataModule):
             if self.shuffle == "block":
                 self.check_block_order(root)
                 self.train_set.read_whole_chunks()
+            elif is_url(self.root) and not self.synthetic:
+                log.warning("data.root=%s in data.shuffle=uniform: each training image is fetched from the bucket "
+                            "alone (two requests an image); data.shuffle=block downloads whole chunks (a pack made "
+                            "with python -m vitlab.data.pack imagenet ... --order shuffled)", self.root)
             if self.smoke:
                 keep = self.batch_size * 2
                 self.train_set = Subset(self.train_set, range(0, len(self.train_set), max(1, len(self.train_set) // keep))[:keep])
