@@ -3,6 +3,7 @@ the command-line entry points as a user does (in a process of their own, ``run_s
 from __future__ import annotations
 
 import builtins
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -395,3 +396,21 @@ def wandb_run_info(path: Path) -> dict:
         elif kind == "metric" and record.metric.step_metric and not info["step_metric"]:
             info["step_metric"] = record.metric.step_metric  # Lightning: trainer/global_step
     return info
+
+
+# ----------------------------------------------------------------------------- a bucket on this machine
+@contextlib.contextmanager
+def local_s3():
+    """moto's S3 server on 127.0.0.1 for the ``s3://`` tests; yields the environment that reaches it as
+    MinIO would be reached (``AWS_ENDPOINT_URL`` and test credentials), for this process or a command."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+               "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    finally:
+        server.stop()
+

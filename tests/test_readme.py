@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from support import REPO, warm_server
+from support import REPO, local_s3, warm_server
 
 README = (REPO / "README.md").read_text()
 SMOKE = ["debug=smoke", "data.synthetic=true"]
@@ -172,13 +172,9 @@ def run(command: str, cwd: Path, python_dir: Path, timeout: int = 900, env: dict
 def s3_endpoint():
     """The environment of a bucket for the ``s3://`` commands: moto's S3 server on this machine,
     reached as MinIO would be (AWS_ENDPOINT_URL)."""
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    server.stop()
+    pytest.importorskip("moto")
+    with local_s3() as env:
+        yield env
 
 
 COMMANDS = code_block_commands()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from support import local_s3
 from vitlab.data.imagenet import ImageNetDataModule
 from vitlab.data.streaming import PackedImages, ShardError
 
@@ -20,16 +21,9 @@ pytest.importorskip("moto")
 
 @pytest.fixture(scope="module")
 def s3():
-    """A boto3 client of a local S3 server, its endpoint in the environment (for LitData's readers
-    too, and for the processes a test starts)."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    with pytest.MonkeyPatch.context() as mp:
+    """A boto3 client of a local S3 server (``support.local_s3``) holding the bucket ``data``, its
+    endpoint in the environment (for LitData's readers too, and for the processes a test starts)."""
+    with local_s3() as env, pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
         import boto3
@@ -37,15 +31,13 @@ def s3():
         client = boto3.client("s3")
         client.create_bucket(Bucket="data")
         yield client
-    server.stop()
 
 
-def upload(client, folder: Path, prefix: str) -> str:
-    """``aws s3 sync folder s3://data/prefix``."""
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            client.upload_file(str(path), "data", f"{prefix}/{path.relative_to(folder)}")
-    return f"s3://data/{prefix}"
+def upload(folder: Path, prefix: str) -> str:
+    """``aws s3 sync folder s3://data/prefix`` (the bench's upload of a generated pack)."""
+    from vitlab.data.throughput import bucket_copy
+
+    return bucket_copy(folder, f"s3://data/{prefix}")
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +66,7 @@ def test_s3_pack_reads_as_the_local_pack(s3, packed, tmp_path, caplog):
     file again (ETags unchanged)."""
     import logging
 
-    url = upload(s3, packed, "imagenet")
+    url = upload(packed, "imagenet")
     local = module(packed, tmp_path / "unused")
     assert "two requests an image" not in caplog.text  # a local pack: nothing to say
     with caplog.at_level(logging.WARNING, logger="vitlab"):
@@ -100,7 +92,7 @@ def test_s3_block_order_epoch_through_forked_workers(s3, packed, tmp_path):
     """data.shuffle=block from a bucket through two forked loader workers (the downloads start in
     them, not in the parent): a complete epoch, every training image once (6 labels per class), and
     the training split's chunks downloaded whole beside the local copy's index.json."""
-    url = upload(s3, packed, "imagenet_block")
+    url = upload(packed, "imagenet_block")
     dm = ImageNetDataModule(url, num_workers=2, batch_size=2, img_size=32, format="litdata", cache_dir=str(tmp_path),
                             auto_augment=None, reprob=0, shuffle="block", shuffle_window=1)
     dm.setup("fit")
@@ -118,7 +110,7 @@ def test_s3_shard_errors_named_by_url(s3, packed, tmp_path):
 
     with pytest.raises(ShardError, match=r"s3://data/nothing/vitlab_pack.json is missing.*aws s3 sync"):
         module("s3://data/nothing", tmp_path)
-    url = upload(s3, packed, "bad")
+    url = upload(packed, "bad")
     chunks = sorted(p.name for p in (packed / "train").glob("*.bin"))
     s3.delete_object(Bucket="data", Key=f"bad/train/{chunks[1]}")
     with pytest.raises(ShardError, match=rf"{url}/train/{chunks[1]}: shard is missing"):
@@ -159,7 +151,7 @@ def test_s3_dense_packs(s3, tmp_path):
     for kind, folder in folders.items():
         out = tmp_path / f"{kind}_packed"
         main([kind, "--root", str(folder), "--out", str(out), "--shard-size", "16KB", "--workers", "1"])
-        local, remote = make[kind](out), make[kind](upload(s3, out, kind))
+        local, remote = make[kind](out), make[kind](upload(out, kind))
         local.setup("fit"), remote.setup("fit")
         assert remote.info == local.info
         for i in range(len(local.val_set)):
@@ -186,7 +178,7 @@ def test_s3_ddp_two_processes_read_disjoint_complete_shares(shuffle, s3, packed,
     from test_streaming import _ranks_ids, checksum
     from vitlab.data.streaming import PackedImages
 
-    url = upload(s3, packed, f"imagenet_ddp_{shuffle}")
+    url = upload(packed, f"imagenet_ddp_{shuffle}")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # data.cache_dir's default, for the children
     epoch = {split: sorted(int(checksum(PackedImages(packed / split)[i][0])) for i in range(n))
              for split, n in (("train", 18), ("val", 9))}
@@ -207,7 +199,7 @@ def test_s3_training_loader_resumes_mid_epoch_exactly(shuffle, s3, packed, tmp_p
     re-run restores it from last.ckpt): the rest of the epoch is the uninterrupted run's."""
     from test_streaming import assert_resumes_exactly
 
-    url = upload(s3, packed, f"imagenet_resume_{shuffle}")
+    url = upload(packed, f"imagenet_resume_{shuffle}")
     assert_resumes_exactly(lambda: module(url, tmp_path, shuffle=shuffle, shuffle_window=2))
 
 
@@ -265,7 +257,7 @@ def test_a_chunk_deleted_between_download_and_open_is_downloaded_again(s3, packe
     fetched again; a disk that loses it every time stops with a message naming data.cache_dir."""
     from vitlab.data import remote
 
-    url = upload(s3, packed, "imagenet_race")
+    url = upload(packed, "imagenet_race")
     dm = module(url, tmp_path, shuffle="block")
     real, calls = remote.fetch_chunk, []
 

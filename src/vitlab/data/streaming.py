@@ -279,8 +279,7 @@ class PackedImages(Dataset):
     @property
     def block_sizes(self) -> list[int]:
         """Items per chunk, in index order (``data.shuffle=block``)."""
-        index = json.loads((Path(self.split_dir) / "index.json").read_text())
-        return [c["chunk_size"] for c in index["chunks"]]
+        return [c["chunk_size"] for c in self.index["chunks"]]
 
     def __getstate__(self):
         return {**self.__dict__, "_stream": None}
