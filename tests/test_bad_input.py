@@ -88,3 +88,24 @@ def test_checkpoint_classes_must_match_the_evaluation_data(tmp_path, data_dir, s
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Error (CheckpointMismatchError)" in proc.stderr and "trained on 10 classes but the data has 3" in proc.stderr
     assert not (tmp_path / "eval").exists()  # a failed command leaves no run directory
+
+
+def test_a_generated_run_says_the_data_root_it_does_not_read(tmp_path, caplog):
+    """data.synthetic=true (experiment=demo sets it) wins over data.root: a run given a root that holds
+    data (a directory other than the generated one, or a bucket) says it reads the generated dataset
+    instead; an absent root, or the generated dataset's own folder, is nothing to say."""
+    import logging
+
+    real = tmp_path / "real"
+    real.mkdir()
+    generated = tmp_path / "data" / "synthetic"
+    for root, said in ((real, True), ("s3://my-bucket/inet", True), (tmp_path / "absent", False),
+                       (tmp_path / "data", False)):
+        caplog.clear()
+        dm = ImageNetDataModule(root=str(root), synthetic=True, synthetic_root=str(generated), synthetic_classes=2,
+                                synthetic_size=16)
+        with caplog.at_level(logging.WARNING, logger="vitlab"):
+            assert dm.data_root() == generated
+            dm.data_root()
+        text = f"data.synthetic=true: this run reads the generated dataset at {generated}, not data.root={root}"
+        assert caplog.text.count(text) == int(said), (root, caplog.text)

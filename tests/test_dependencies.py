@@ -251,10 +251,6 @@ PRIVATE = [
                      "_parse_config")),
     ("timm", "<2", "timm.models._registry.register_model (vitlab.tools.bench: authors' files register models)",
      lambda: hasattr(importlib.import_module("timm.models._registry"), "register_model")),
-    ("litdata", "<0.3", "downloader._OBSTORE_INIT_PID and obstore_usable (vitlab.data.remote: boto3 for plain-http "
-     "endpoints)",
-     lambda: hasattr(importlib.import_module("litdata.streaming.downloader"), "_OBSTORE_INIT_PID")
-     and "_OBSTORE_INIT_PID" in inspect.getsource(importlib.import_module("litdata.streaming.downloader").obstore_usable)),
     ("torchvision", "<=0.29.1", "ops.poolers._setup_scales / _filter_input, detection._utils.BoxCoder",
      lambda: all(hasattr(importlib.import_module("torchvision.ops.poolers"), n)
                  for n in ("_setup_scales", "_filter_input", "_convert_to_roi_format"))

@@ -61,10 +61,12 @@ def module(root, cache, **kw) -> ImageNetDataModule:
 
 def test_s3_pack_reads_as_the_local_pack(s3, packed, tmp_path, caplog):
     """Every item's bytes and label, the DatasetInfo and an evaluation sample equal the local pack's;
-    only the small files are copied before training; the uniform order reads items alone (ranged
-    GETs: no chunk in the cache), and says the block order would not; a second run fetches no small
-    file again (ETags unchanged)."""
+    only the small files are copied before training; the uniform order reads items in place: one
+    ranged GET an item and one per chunk for its header (no chunk in the cache), and says the block
+    order would not; a second run fetches no small file again (ETags unchanged)."""
     import logging
+
+    import boto3
 
     url = upload(packed, "imagenet")
     local = module(packed, tmp_path / "unused")
@@ -75,12 +77,21 @@ def test_s3_pack_reads_as_the_local_pack(s3, packed, tmp_path, caplog):
     copy = tmp_path / "cache" / "packed" / "s3" / "data" / "imagenet"
     assert remote.data_root() == copy
     assert remote.info == local.info
-    assert remote.train_set.chunks is None  # LitData's reader, from the bucket
+    assert remote.train_set.chunks.in_place
     n = len(local.train_set)
     assert len(remote.train_set) == n == 18
-    for i in range(n):
-        (jpeg, label), (ref, ref_label) = remote.train_set.read(i), local.train_set.read(i)
-        assert bytes(jpeg) == bytes(ref) and label == ref_label
+    boto3.setup_default_session()  # the session the readers' clients come from, their GETs counted
+    gets = []
+    count = lambda params, **_: gets.append(params.get("Range"))  # noqa: E731
+    boto3.DEFAULT_SESSION.events.register("before-parameter-build.s3.GetObject", count)
+    try:
+        for i in range(n):
+            (jpeg, label), (ref, ref_label) = remote.train_set.read(i), local.train_set.read(i)
+            assert bytes(jpeg) == bytes(ref) and label == ref_label
+    finally:
+        boto3.DEFAULT_SESSION.events.unregister("before-parameter-build.s3.GetObject", count)
+    chunks = len(remote.train_set.block_sizes)
+    assert chunks >= 2 and len(gets) == n + chunks and sum(g.startswith("bytes=0-") for g in gets) == chunks
     assert remote.val_set[2][0].equal(local.val_set[2][0])
     assert not list(copy.rglob("*.bin"))
     stamp = (copy / "vitlab_pack.json").stat().st_mtime_ns
@@ -88,19 +99,23 @@ def test_s3_pack_reads_as_the_local_pack(s3, packed, tmp_path, caplog):
     assert (copy / "vitlab_pack.json").stat().st_mtime_ns == stamp
 
 
-def test_s3_block_order_epoch_through_forked_workers(s3, packed, tmp_path):
-    """data.shuffle=block from a bucket through two forked loader workers (the downloads start in
-    them, not in the parent): a complete epoch, every training image once (6 labels per class), and
-    the training split's chunks downloaded whole beside the local copy's index.json."""
-    url = upload(packed, "imagenet_block")
+@pytest.mark.parametrize("shuffle", ["uniform", "block"])
+def test_s3_epoch_through_forked_workers(shuffle, s3, packed, tmp_path):
+    """A bucket read through two forked loader workers (the clients, request threads and downloads
+    start in them, not in the parent): a complete epoch, every training image once (6 labels per
+    class); the uniform order's batches read in place (no chunk in the cache), the block order's
+    chunks downloaded whole beside the local copy's index.json."""
+    url = upload(packed, f"imagenet_workers_{shuffle}")
     dm = ImageNetDataModule(url, num_workers=2, batch_size=2, img_size=32, format="litdata", cache_dir=str(tmp_path),
-                            auto_augment=None, reprob=0, shuffle="block", shuffle_window=1)
+                            auto_augment=None, reprob=0, shuffle=shuffle, shuffle_window=1)
     dm.setup("fit")
     labels = torch.cat([batch[1] for batch in dm.train_dataloader()])
     assert labels.bincount().tolist() == [6, 6, 6]
     chunks = json.loads((packed / "vitlab_pack.json").read_text())["splits"]["train"]["chunks"]
-    copy = tmp_path / "packed" / "s3" / "data" / "imagenet_block"
-    for name in chunks:  # each downloaded whole, beside the copy's index.json
+    copy = tmp_path / "packed" / "s3" / "data" / f"imagenet_workers_{shuffle}"
+    if shuffle == "uniform":
+        assert not list(copy.rglob("*.bin"))
+    for name in chunks if shuffle == "block" else ():  # each downloaded whole, beside the copy's index.json
         assert (copy / "train" / name).read_bytes() == (packed / "train" / name).read_bytes()
 
 
@@ -135,11 +150,17 @@ def test_s3_shard_errors_named_by_url(s3, packed, tmp_path):
 
 
 def test_s3_dense_packs(s3, tmp_path):
-    """COCO and ADE20K from a bucket: every validation sample (image, targets / label map) equals the
-    local pack's; the files kept beside the chunks (COCO's tables and val JSON) are copied as packed."""
+    """COCO and ADE20K: every item of the local pack, read from its chunks, equals LitData's reader's
+    (every field); from a bucket every item equals the local one and every validation sample (image,
+    targets / label map) the local pack's, one at a time and as the loader fetches a batch (its items
+    requested at once); the files kept beside the chunks (COCO's tables and val JSON) are copied as
+    packed."""
+    from litdata import StreamingDataset
+
     from vitlab.data.ade20k import ADE20KDataModule
     from vitlab.data.coco import CocoDataModule
     from vitlab.data.pack import main
+    from vitlab.data.streaming import PackedSplit
     from vitlab.data.synthetic_dense import make_ade20k, make_coco
 
     folders = {"coco": make_coco(tmp_path / "coco", num_train=4, num_val=3, size=48),
@@ -154,11 +175,22 @@ def test_s3_dense_packs(s3, tmp_path):
         local, remote = make[kind](out), make[kind](upload(out, kind))
         local.setup("fit"), remote.setup("fit")
         assert remote.info == local.info
+        for split in json.loads((out / "vitlab_pack.json").read_text())["splits"]:
+            ours, theirs, far = PackedSplit(out / split), StreamingDataset(str(out / split)), PackedSplit(
+                remote.data_root() / split)
+            assert ours.chunks is not None and far.chunks.in_place and len(ours) == len(theirs) == len(far) >= 2
+            for i in range(len(theirs)):
+                assert ours[i] == theirs[i] == far[i]
         for i in range(len(local.val_set)):
             torch.manual_seed(i)
             a = local.val_set[i]
             torch.manual_seed(i)
             b = remote.val_set[i]
+            assert torch.equal(a[0], b[0]) and repr(a[1]) == repr(b[1])
+        batch = remote.val_set.__getitems__(list(range(len(local.val_set))))
+        for i, b in enumerate(batch):
+            torch.manual_seed(i)
+            a = local.val_set[i]
             assert torch.equal(a[0], b[0]) and repr(a[1]) == repr(b[1])
         manifest = json.loads((out / "vitlab_pack.json").read_text())
         for name in manifest.get("files", {}):  # COCO: images.json tables, the val JSON, copied as packed
@@ -274,3 +306,82 @@ def test_a_chunk_deleted_between_download_and_open_is_downloaded_again(s3, packe
     last = len(dm.train_set) - 1  # in another chunk, not opened yet
     with pytest.raises(ShardError, match=r"deleted as soon as downloaded three times.*data.cache_dir"):
         dm.train_set.read(last)
+
+
+def test_a_batch_from_a_bucket_is_requested_at_once(s3, packed, tmp_path, monkeypatch):
+    """The loader's fetch of a batch read in place (the uniform order): its items' ranged GETs are in
+    flight together (each waits at a barrier that opens only when all of them wait: one after
+    another they would time out), every image equal to the local pack's; a request that fails stops
+    the batch naming the object, under data.skip_corrupt=true too (a lost connection or object is
+    no corrupt image to skip)."""
+    import threading
+
+    from vitlab.data import remote
+    from vitlab.data.remote import RemoteError
+
+    url = upload(packed, "imagenet_batch")
+    copy = module(url, tmp_path).data_root()
+    far, local = PackedImages(copy / "train", raw=True, skip_corrupt=True), PackedImages(packed / "train", raw=True)
+    batch = [0, 17, 5, 9, 3, 12]
+    real, barrier = remote.S3Pack.read_range, threading.Barrier(len(batch), timeout=30)
+
+    def together(self, name, start, end):
+        if start > 0:  # an item (a chunk's header starts at 0)
+            barrier.wait()
+        return real(self, name, start, end)
+
+    monkeypatch.setattr(remote.S3Pack, "read_range", together)
+    got = far.__getitems__(batch)
+    assert [bytes(g[0].numpy()) for g in got] == [bytes(local[i][0].numpy()) for i in batch]
+    assert [g[1] for g in got] == [local[i][1] for i in batch]
+    monkeypatch.setattr(remote.S3Pack, "read_range", real)
+    chunk = far.chunks.names[0]
+    s3.delete_object(Bucket="data", Key=f"imagenet_batch/train/{chunk}")
+    with pytest.raises(RemoteError, match=rf"{url}/train/{chunk}: bytes \d+-\d+ cannot be read.*NoSuchKey"):
+        far.__getitems__([1])
+
+
+def test_a_bucket_pack_in_another_layout_is_refused(tmp_path):
+    """vitlab reads from a bucket only the item layout its packer writes (LitData's remote readers are
+    not used): a pack in another (here: compressed) stops at once, saying to pack it again."""
+    from vitlab.data.remote import ORIGIN
+
+    (tmp_path / ORIGIN).write_text(json.dumps({"url": "s3://data/other", "objects": {}}))
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "index.json").write_text(json.dumps({"chunks": [], "config": {"compression": "zstd"}}))
+    with pytest.raises(ShardError, match=r"s3://data/other/train/index.json: its items are not in the layout python "
+                                         r"-m vitlab.data.pack writes.*pack the dataset"):
+        PackedImages(tmp_path / "train")
+
+
+def test_a_ranged_read_cut_off_midway_is_asked_for_again(s3, packed, monkeypatch):
+    """botocore retries a request that fails before its body, not a body cut off midway: read_range
+    asks again (three tries in all, then the error names the object and range); the store's own
+    answer (no such key) is not asked again."""
+    from botocore.exceptions import ResponseStreamingError
+
+    from vitlab.data.remote import RemoteError, S3Pack
+
+    url = upload(packed, "imagenet_cut")
+    pack, chunk = S3Pack(f"{url}/train"), sorted(p.name for p in (packed / "train").glob("*.bin"))[0]
+    real, calls = pack.client.get_object, []
+
+    def cut_off(fail: int):
+        def get_object(**kw):
+            calls.append(kw["Range"])
+            if len(calls) <= fail:
+                raise ResponseStreamingError(error="Connection broken: IncompleteRead")
+            return real(**kw)
+        return get_object
+
+    monkeypatch.setattr(pack.client, "get_object", cut_off(2))
+    assert pack.read_range(chunk, 10, 30) == (packed / "train" / chunk).read_bytes()[10:30] and len(calls) == 3
+    calls.clear()
+    monkeypatch.setattr(pack.client, "get_object", cut_off(3))
+    with pytest.raises(RemoteError, match=rf"{url}/train/{chunk}: bytes 10-29 cannot be read \(ResponseStreamingError"):
+        pack.read_range(chunk, 10, 30)
+    calls.clear()
+    monkeypatch.setattr(pack.client, "get_object", cut_off(0))
+    with pytest.raises(RemoteError, match=r"missing.bin: bytes 10-29 cannot be read \(NoSuchKey"):
+        pack.read_range("missing.bin", 10, 30)
+    assert len(calls) == 1

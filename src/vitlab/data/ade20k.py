@@ -251,6 +251,11 @@ class PackedADE20KDataset(ADE20KDataset):
         self.num_classes, self.reduce_zero_label, self.skip_corrupt = num_classes, reduce_zero_label, skip_corrupt
         self.images = list(range(len(self.items)))  # item positions (debug=smoke keeps the first few)
 
+    def __getitems__(self, indices: list[int]) -> list:
+        """A batch (the loader's fetch): from a bucket its items requested at once."""
+        self.items.prefetch([self.images[i] for i in indices])
+        return [self[i] for i in indices]
+
     def load(self, index: int) -> tuple[Image.Image, torch.Tensor, str]:
         k = self.images[index]
         item = self.items[k]

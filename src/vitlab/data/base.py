@@ -7,6 +7,7 @@ error naming the path and the layout, never a silent fallback.
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=
 
 from vitlab.errors import VitlabUserError
 from vitlab.data.report import DataReport
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -274,6 +277,7 @@ class VitlabDataModule(L.LightningDataModule):
     def data_root(self) -> Path:
         if self.synthetic:
             root = Path(self.synthetic_root or Path(self.root) / "synthetic")
+            self.say_root_unread(root)
             marker = root / ".complete"
             if not marker.exists():  # generate once; a half-written folder is regenerated
                 root.mkdir(parents=True, exist_ok=True)
@@ -292,6 +296,19 @@ class VitlabDataModule(L.LightningDataModule):
                 f"generated dataset in the same format with data.synthetic=true."
             ) from None
         return root
+
+    def say_root_unread(self, generated: Path) -> None:
+        """``data.synthetic=true`` next to a ``data.root`` that holds data (a bucket, a directory not the
+        generated one's): the run would train on the generated dataset without a word (``experiment=demo``
+        sets synthetic), so it says so, once."""
+        root = str(self.root)
+        if getattr(self, "_said_unread", False) or not (is_url(root) or Path(root).is_dir()):
+            return
+        if Path(root).resolve() in (generated.resolve(), *generated.resolve().parents):
+            return
+        self._said_unread = True
+        log.warning("data.synthetic=true: this run reads the generated dataset at %s, not data.root=%s "
+                    "(data.synthetic=false reads it; experiment=demo sets data.synthetic=true)", generated, root)
 
     def preflight(self) -> DataReport | None:
         """The data check at the start of a run, as ``data.verify`` says: ``cheap`` (the default; no

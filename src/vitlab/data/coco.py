@@ -318,6 +318,11 @@ class PackedCocoDataset(CocoDetectionDataset):
     def aspect_groups(self) -> list[int]:
         return [int(self.table[k][1] < self.table[k][2]) for k in self.ids]
 
+    def __getitems__(self, indices: list[int]) -> list:
+        """A batch (the loader's fetch): from a bucket its items requested at once."""
+        self.items.prefetch([self.ids[i] for i in indices])
+        return [self[i] for i in indices]
+
     def load(self, index: int) -> tuple[Image.Image, dict, list[dict], str]:
         k = self.ids[index]
         item = self.items[k]

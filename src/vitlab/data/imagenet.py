@@ -423,7 +423,7 @@ class ImageNetDataModule(PackableDataModule):
                 self.train_set.read_whole_chunks()
             elif is_url(self.root) and not self.synthetic:
                 log.warning("data.root=%s in data.shuffle=uniform: each training image is fetched from the bucket "
-                            "alone (two requests an image); data.shuffle=block downloads whole chunks (a pack made "
+                            "alone (a request an image); data.shuffle=block downloads whole chunks (a pack made "
                             "with python -m vitlab.data.pack imagenet ... --order shuffled)", self.root)
             if self.smoke:
                 keep = self.batch_size * 2

@@ -1,11 +1,10 @@
 """Reading a dataset packed by ``python -m vitlab.data.pack`` (LitData chunks): ``data.format=litdata``.
 
-``PackedImages`` is a map-style dataset over the packed split (items by index: a local split in
-pack's layout read straight from the chunk files by ``ChunkFiles``, anything else through LitData's
-``StreamingDataset``; a pack in a bucket, ``data.root=s3://...``, is read from a local copy of its
-small files, its chunks downloaded whole by ``ChunkFiles`` in the block order, else its items
-fetched by LitData: ``vitlab.data.remote``), so the
-DataModule's resumable sampler and exact evaluation split apply unchanged: each DDP process reads
+``PackedImages`` is a map-style dataset over the packed split (items by index, read straight from
+the chunks by ``ChunkFiles``; a local split in another layout through LitData's ``StreamingDataset``;
+a pack in a bucket, ``data.root=s3://...``, from a local copy of its small files, its chunks
+downloaded whole in the block order, else each item fetched by one ranged GET: ``vitlab.data.remote``),
+so the DataModule's resumable sampler and exact evaluation split apply unchanged: each DDP process reads
 its own disjoint share, and a resumed run continues at the sampler's saved position. The JPEG
 bytes are decoded here exactly as the folder reader decodes files, so the augmentation and the
 ``DatasetInfo`` are the same for both formats.
@@ -29,6 +28,7 @@ import random
 import resource
 import struct
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import ClassVar
 
@@ -38,8 +38,9 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from vitlab.data import remote
-from vitlab.data.base import CorruptImageError, VitlabDataModule, is_url, reject_url
+from vitlab.data.base import CorruptImageError, DatasetLayoutError, VitlabDataModule, is_url, reject_url
 from vitlab.data.packing import MANIFEST, ShardError, sha256
+from vitlab.data.remote import REQUESTS_IN_FLIGHT
 from vitlab.data.report import DataReport, skip_or_raise
 
 
@@ -96,24 +97,33 @@ def check_packed(root: str | Path, kind: str, full: bool = False) -> dict:
 
 
 def open_stream(split_dir: str | Path):
-    """LitData's reader of a packed split; for a remote pack's local copy it reads each item from the
-    bucket alone (ranged GETs; its index.json cached beside the copy). ``batch_decode=0``: deserialise
-    only the item asked for. LitData's
-    default for a ``bytes`` leaf of < 64 KB (a JPEG) deserialises an aligned window of 256 items
-    around it, which the sampler's random order then throws away: ~13x the CPU per item (measured,
-    README)."""
+    """LitData's reader of a local packed split in a layout ``ChunkFiles`` does not read (an older or
+    another packer's). ``batch_decode=0``: deserialise only the item asked for. LitData's default for
+    a ``bytes`` leaf of < 64 KB (a JPEG) deserialises an aligned window of 256 items around it, which
+    the sampler's random order then throws away: ~13x the CPU per item (measured, README)."""
     from litdata import StreamingDataset
 
-    origin = remote.origin_of(Path(split_dir).parent)
-    if origin is None:
-        return StreamingDataset(str(split_dir), batch_decode=0)
-    remote.chunk_reads_over_plain_http()
-    return StreamingDataset(f"{origin['url']}/{Path(split_dir).name}", cache_dir=str(Path(split_dir) / "chunks"),
-                            batch_decode=0)
+    return StreamingDataset(str(split_dir), batch_decode=0)
 
 
-# the item layout python -m vitlab.data.pack writes (LitData's PyTreeLoader of {"index", "label", "jpeg"})
-PACKED_FORMAT = (["int", "int", "bytes"], ["index", "label", "jpeg"])
+# the leaf types python -m vitlab.data.pack writes, as LitData serialises them (int64, UTF-8, raw bytes)
+LEAF_TYPES = ("int", "str", "bytes")
+INT64 = struct.Struct("<q")
+
+
+def packed_fields(index: dict) -> list[tuple[str, str]] | None:
+    """[(field, leaf type)] of a split's items when they are in the layout python -m vitlab.data.pack
+    writes (LitData's PyTreeLoader of one flat dict of int / str / bytes leaves, neither compressed
+    nor encrypted), else None."""
+    config = index.get("config", {})
+    if config.get("compression") or config.get("encryption") or config.get("item_loader") != "PyTreeLoader":
+        return None
+    spec = json.loads(config.get("data_spec") or "[0, {}]")[1]
+    names, types = json.loads(spec.get("context") or "null"), config.get("data_format") or []
+    if (spec.get("type") != "builtins.dict" or not isinstance(names, list) or len(names) != len(types)
+            or any(child.get("type") for child in spec.get("children_spec", [])) or not set(types) <= set(LEAF_TYPES)):
+        return None
+    return list(zip(names, types))
 
 
 # open files a process keeps for other uses than chunks (sockets, pipes, loader workers, logs)
@@ -139,53 +149,85 @@ def open_files_limit(needed: int) -> int:
 
 
 class ChunkFiles:
-    """Items of a local packed split read straight from its chunk files (the item offsets each
-    chunk's header records, then one read per item), for the training loader's hot path.
+    """Items of a packed split read straight from its chunks (the item offsets each chunk's header
+    records, then one read per item), for the training loader's hot path. A local pack's chunks are
+    files; a bucket's (``bucket_url``: the split's URL, ``vitlab.data.remote``) are either downloaded
+    whole when first needed (``whole``: the block order, which reads all of a chunk's items soon)
+    and then read as files, or read in place: the header once per process, then one ranged GET per
+    item (the uniform order, COCO and ADE20K), a batch's items requested at once (``prefetch``).
 
     Hand-written because LitData's per-item path (index lookup, cache and item-loader layers) costs
-    ~5x the CPU of this one, a bisect and one read (measured in README "Data at scale"). It reads
-    only the layout pack writes (LitData chunk: uint32 item count, uint32 offsets, then per
-    item uint32 leaf sizes and the leaves int64 index, int64 label, JPEG bytes); tested item for item
-    against LitData's own reader. Other layouts and remote data read through LitData.
+    ~5x the CPU of this one, a bisect and one read (measured in README "Data at scale"), and from a
+    bucket two requests an item where this makes one. It reads only the layout pack writes
+    (``packed_fields``: LitData chunk = uint32 item count, uint32 offsets, then per item uint32 leaf
+    sizes and the leaves); tested item for item against LitData's own reader.
     """
 
-    def __init__(self, split_dir: str | Path, chunks: list[dict], bucket_url: str | None = None):
+    def __init__(self, split_dir: str | Path, index: dict, bucket_url: str | None = None):
+        chunks = index["chunks"]
+        self.fields = packed_fields(index)
         self.paths = [str(Path(split_dir) / c["filename"]) for c in chunks]
-        # a remote pack's local copy (data.shuffle=block): each chunk downloaded whole beside the copy's
-        # index.json when first opened (vitlab.data.remote.fetch_chunk), then read as a local one
-        self.bucket_url, self.bytes = bucket_url, [c["chunk_bytes"] for c in chunks]
+        self.names = [c["filename"] for c in chunks]
+        self.bucket_url, self.whole = bucket_url, False
+        self.bytes = [c["chunk_bytes"] for c in chunks]
         self.sizes = [c["chunk_size"] for c in chunks]
         self.starts = list(itertools.accumulate(self.sizes, initial=0))
-        # chunk -> (file descriptor, item offsets), per process, least recently used first: a dataset
-        # of more chunks than the process may keep open (ImageNet-21k: ~5,000) closes the oldest
-        self._open: OrderedDict[int, tuple] = OrderedDict()
-        self._max_open = 0
-        self._pid = None
+        # the smallest item: its leaf sizes and 8 bytes per int leaf (a header offering less is damaged)
+        self.min_item = 4 * len(self.fields) + 8 * sum(t == "int" for _, t in self.fields)
         # data.shuffle=block: a chunk's file is read ahead whole when first opened (the kernel reads it
         # in large requests; the block order reads all its items soon). Not in the uniform order, which
         # would read every chunk ahead for one item each.
         self.read_ahead = False
+        self._for_this_process()
 
-    @staticmethod
-    def readable(split_dir: str | Path, index: dict, from_bucket: bool = False) -> bool:
-        """Whether the split is in pack's layout and local (``from_bucket``: or a remote pack's copy)."""
-        config = index.get("config", {})
-        spec = json.loads(config.get("data_spec") or "[0, {}]")[1]
-        return ((from_bucket or remote.origin_of(Path(split_dir).parent) is None) and config.get("compression") is None
-                and config.get("encryption") is None and config.get("item_loader") == "PyTreeLoader"
-                and (config.get("data_format"), json.loads(spec.get("context") or "null")) == PACKED_FORMAT)
+    def _for_this_process(self) -> None:
+        # chunk -> (file descriptor, or None when read in place; item offsets), per process, least recently
+        # used first: a dataset of more chunks than the process may keep open (ImageNet-21k: ~5,000)
+        # closes the oldest
+        self._open: OrderedDict[int, tuple] = OrderedDict()
+        self._pid = os.getpid()
+        self._max_open = len(self.paths) if self.in_place else open_files_limit(len(self.paths))
+        self._pool, self._ready = None, {}  # read in place: this process's request threads, a batch's items
+        self._leaf_sizes = struct.Struct(f"<{len(self.fields)}I")  # an item's first bytes
+        self._first_leaf = self._leaf_sizes.size
+
+    def __getstate__(self):  # a spawned worker starts its own (no files, threads or buffers pickled)
+        return {k: v for k, v in self.__dict__.items() if k not in ("_open", "_pool", "_ready", "_leaf_sizes", "_first_leaf")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._pid = None
+
+    def read_whole_chunks(self) -> None:
+        """Each chunk read whole when first needed (set before reading): a file read ahead, a bucket's
+        chunk downloaded (``whole``)."""
+        self.whole = self.read_ahead = True
+        self._for_this_process()
+
+    @property
+    def in_place(self) -> bool:
+        return self.bucket_url is not None and not self.whole
+
+    def where(self, k: int) -> str:
+        return f"{self.bucket_url}/{self.names[k]}" if self.in_place else self.paths[k]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        k = bisect.bisect_right(self.starts, index) - 1
+        return k, index - self.starts[k]
+
+    def _in_this_process(self) -> None:
+        if self._pid != os.getpid():  # a forked or spawned worker opens the files itself
+            self._for_this_process()
 
     def chunk(self, k: int) -> tuple:
-        if self._pid != os.getpid():  # a forked worker opens the files itself
-            self._open, self._pid = OrderedDict(), os.getpid()
-            self._max_open = open_files_limit(len(self.paths))
+        self._in_this_process()
         if k in self._open:
             self._open.move_to_end(k)
             return self._open[k]
         if len(self._open) >= self._max_open:
             os.close(self._open.popitem(last=False)[1][0])
-        fd = self.open_chunk(k)
-        if self.read_ahead:
+        fd = None if self.in_place else self.open_chunk(k)
+        if fd is not None and self.read_ahead:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         self._open[k] = fd, self.header(k, fd)
         return self._open[k]
@@ -202,55 +244,117 @@ class ChunkFiles:
         raise ShardError(f"{self.paths[k]}: deleted as soon as downloaded three times: the disk of data.cache_dir "
                          f"cannot hold the chunks being read at once (give data.cache_dir more room)")
 
-    def header(self, k: int, fd: int) -> np.ndarray:
+    def read_at(self, k: int, fd: int | None, start: int, end: int) -> bytearray:
+        """Bytes ``start:end`` of chunk ``k`` (writable: torch.frombuffer shares them without a copy);
+        a read, not an mmap: on a cold page cache a fault reads around each page, a read what is asked."""
+        if fd is None:
+            return bytearray(remote.bucket(self.bucket_url).read_range(self.names[k], start, end))
+        buf = bytearray(end - start)
+        got = os.preadv(fd, [buf], start)
+        return buf if got == len(buf) else buf[:got]  # (a slice is a copy: only for a short read)
+
+    def header(self, k: int, fd: int | None) -> np.ndarray:
         """Chunk ``k``'s item offsets (uint32: 4 bytes an item, ~9x less than a tuple of ints), checked
         against index.json and the file: a damaged header would otherwise hand out wrong items (a read
         of the wrong bytes is no error), so it stops here, naming the chunk. ~10 us per chunk of
-        ImageNet's ~2,300 items, once per process."""
+        ImageNet's ~2,300 items, once per process (read in place: one request)."""
         n = self.sizes[k]
-        head = os.pread(fd, 4 * (n + 2), 0)
+        head = self.read_at(k, fd, 0, 4 * (n + 2))
         if len(head) == 4 * (n + 2) and struct.unpack_from("<I", head)[0] == n:
             offsets = np.frombuffer(head, "<u4", n + 1, 4)
-            sizes = np.diff(offsets.astype(np.int64))  # 28: an item's three sizes, its index and its label
-            if offsets[0] == 4 * (n + 2) and (n == 0 or sizes.min() >= 28) and offsets[-1] <= os.fstat(fd).st_size:
+            sizes = np.diff(offsets.astype(np.int64))
+            end = self.bytes[k] if fd is None else os.fstat(fd).st_size
+            if offsets[0] == 4 * (n + 2) and (n == 0 or sizes.min() >= self.min_item) and offsets[-1] <= end:
                 return offsets
         root = self.bucket_url.rsplit("/", 1)[0] if self.bucket_url else Path(self.paths[k]).parents[1]
-        raise ShardError(f"{self.paths[k]}: the chunk's header does not match index.json's {n} items (item "
+        raise ShardError(f"{self.where(k)}: the chunk's header does not match index.json's {n} items (item "
                          f"offsets missing, out of order or past the file's end): the chunk is damaged; check every "
                          f"chunk's hash with python -m vitlab.tools.check_data data.format=litdata data.root={root} "
                          f"data.verify=full, or pack it again")
 
-    def item(self, index: int) -> tuple[memoryview, int]:
-        """(the JPEG bytes, the label) of item ``index``: one read of the item's bytes (a read, not an
-        mmap: on a cold page cache a fault reads around each page, a read reads what is asked)."""
-        k = bisect.bisect_right(self.starts, index) - 1
+    def read_item(self, k: int, j: int) -> bytearray:
         fd, offsets = self.chunk(k)
-        j = index - self.starts[k]
+        return self._read_item(k, fd, offsets, j)
+
+    def _read_item(self, k: int, fd: int | None, offsets: np.ndarray, j: int) -> bytearray:
         start, end = int(offsets[j]), int(offsets[j + 1])
-        buf = bytearray(end - start)  # writable: torch.frombuffer shares it without a copy
-        if os.preadv(fd, [buf], start) != len(buf):
-            raise ValueError(f"{self.paths[k]}: item {j} is cut short (truncated chunk)")
-        index_size, label_size, jpeg_size = struct.unpack_from("<3I", buf, 0)
-        at = 12 + index_size + label_size
-        return memoryview(buf)[at:at + jpeg_size], struct.unpack_from("<q", buf, 12 + index_size)[0]
+        buf = self.read_at(k, fd, start, end)
+        if len(buf) != end - start:
+            raise ValueError(f"{self.where(k)}: item {j} is cut short (truncated chunk)")
+        return buf
+
+    def prefetch(self, indices) -> None:
+        """Read in place only: the items ``indices`` (a batch) requested at once, ``REQUESTS_IN_FLIGHT``
+        at a time, so a loader worker waits about one request's latency per that many items instead
+        of one per item (a bucket answers in tens of milliseconds; decoding an image takes a few).
+        ``record`` then hands them out; a failed request fails there, for its own item."""
+        if not self.in_place:
+            return
+        self._in_this_process()
+        located = [self.locate(i) for i in indices]
+        if self._pool is None:
+            remote.bucket(self.bucket_url)  # the client, made once here (not by the threads at once)
+            self._pool = ThreadPoolExecutor(REQUESTS_IN_FLIGHT, thread_name_prefix="vitlab-ranged-get")
+        new = sorted({k for k, _ in located} - self._open.keys())
+        for k, offsets in zip(new, self._pool.map(lambda k: self.header(k, None), new)):
+            self._open[k] = None, offsets
+
+        def attempt(kj):
+            try:
+                return self._read_item(kj[0], None, self._open[kj[0]][1], kj[1])
+            except Exception as err:  # noqa: BLE001  raised by record(), for its own item
+                return err
+
+        self._ready = dict(zip(indices, self._pool.map(attempt, located)))
+
+    def record(self, index: int) -> dict:
+        """Item ``index``'s fields: ints, strs, and bytes leaves as memoryviews of one buffer. (The
+        training loader's hot path: ~9 us an item here, most of it the read.)"""
+        self._in_this_process()
+        got = self._ready.get(index) if self._ready else None
+        if isinstance(got, Exception):
+            raise got
+        k = bisect.bisect_right(self.starts, index) - 1
+        buf = got if got is not None else self.read_item(k, index - self.starts[k])
+        view, at, out = memoryview(buf), self._first_leaf, {}
+        for (name, kind), size in zip(self.fields, self._leaf_sizes.unpack_from(buf)):
+            out[name] = (INT64.unpack_from(buf, at)[0] if kind == "int"
+                         else str(view[at:at + size], "utf-8") if kind == "str" else view[at:at + size])
+            at += size
+        if at != len(buf):
+            raise ValueError(f"{self.where(k)}: item {index - self.starts[k]}'s field sizes do not add up to its "
+                             f"{len(buf)} bytes")
+        return out
+
+
+def chunk_reader(split_dir: str | Path, index: dict) -> ChunkFiles | None:
+    """The split's ``ChunkFiles`` (local, or a bucket's when ``split_dir`` is in a remote pack's local
+    copy), or None for a local split in another layout (then read through LitData)."""
+    origin = remote.origin_of(Path(split_dir).parent)
+    url = f"{origin['url']}/{Path(split_dir).name}" if origin else None
+    if packed_fields(index):
+        return ChunkFiles(split_dir, index, url)
+    if url:
+        raise ShardError(f"{url}/index.json: its items are not in the layout python -m vitlab.data.pack writes "
+                         f"(another packer's, or compressed); vitlab reads packs in that layout from a bucket: pack "
+                         f"the dataset with python -m vitlab.data.pack and upload it")
+    import litdata  # noqa: F401  here, so that forked loader workers start with it (~0.2 CPU-s each otherwise)
+    return None
 
 
 class PackedImages(Dataset):
     """(image, label) items of a packed split; ``loader(file-like, name)`` opens the JPEG bytes as
-    the folder reader opens files (``load_rgb``, or lazily for ``fast_decode``). Local splits in
-    pack's layout are read by ``ChunkFiles``, others through LitData's ``StreamingDataset``."""
+    the folder reader opens files (``load_rgb``, or lazily for ``fast_decode``). Splits in pack's
+    layout are read by ``ChunkFiles``, others (local only) through LitData's ``StreamingDataset``."""
 
     def __init__(self, split_dir: str | Path, transform=None, skip_corrupt: bool = False, lazy: bool = False,
                  raw: bool = False):
         self.split_dir, self.transform, self.skip_corrupt, self.lazy = str(split_dir), transform, skip_corrupt, lazy
         self.raw = raw  # data.gpu_decode: the JPEG bytes as a uint8 tensor, decoded on the device
         self._stream = None
-        index = json.loads((Path(split_dir) / "index.json").read_text())
-        self._len = sum(c["chunk_size"] for c in index["chunks"])
-        self.chunks = ChunkFiles(split_dir, index["chunks"]) if ChunkFiles.readable(split_dir, index) else None
-        self.index = index
-        if self.chunks is None:
-            import litdata  # noqa: F401  here, so that forked loader workers start with it (~0.2 CPU-s each otherwise)
+        self.index = json.loads((Path(split_dir) / "index.json").read_text())
+        self._len = sum(c["chunk_size"] for c in self.index["chunks"])
+        self.chunks = chunk_reader(split_dir, self.index)
 
     @property
     def stream(self):
@@ -261,17 +365,14 @@ class PackedImages(Dataset):
     def read_whole_chunks(self) -> None:
         """``data.shuffle=block`` (it reads all of a chunk's items soon): each chunk read whole when
         first needed - a local chunk file read ahead by the kernel, a bucket's chunk downloaded in one
-        request (instead of two ranged requests per item) and then read as a local one.
+        request (instead of a request per item) and then read as a local one.
 
         Not LitData's whole-chunk mode for a bucket: its map-style reader deletes the chunk it read last
         whenever an item of another chunk is asked for (made for reading chunk after chunk), so the
         block order's items of ``shuffle_window`` chunks, shuffled together, downloaded the same chunks
         again and again (11 images/s here against a local S3 server, README)."""
-        origin = remote.origin_of(Path(self.split_dir).parent)
-        if self.chunks is None and origin is not None and ChunkFiles.readable(self.split_dir, self.index, True):
-            self.chunks = ChunkFiles(self.split_dir, self.index["chunks"], f"{origin['url']}/{Path(self.split_dir).name}")
         if self.chunks is not None:
-            self.chunks.read_ahead = True
+            self.chunks.read_whole_chunks()
 
     def __len__(self) -> int:
         return self._len
@@ -287,9 +388,16 @@ class PackedImages(Dataset):
     def read(self, index: int) -> tuple:
         """(the JPEG bytes: a buffer, the label) of item ``index``."""
         if self.chunks is not None:
-            return self.chunks.item(index)
+            item = self.chunks.record(index)
+            return item["jpeg"], item["label"]
         item = self.stream[index]
         return item["jpeg"], int(item["label"])
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """A batch (the loader's fetch): from a bucket its items requested at once (``ChunkFiles.prefetch``)."""
+        if self.chunks is not None:
+            self.chunks.prefetch(indices)
+        return [self[i] for i in indices]
 
     def __getitem__(self, index: int):
         name = f"{self.split_dir} item {index}"
@@ -301,8 +409,8 @@ class PackedImages(Dataset):
             img.filename = name  # errors in the lazy crop name the item
             if not self.lazy:
                 img = img.convert("RGB")
-        except ShardError:
-            raise  # a damaged chunk is no image to skip
+        except DatasetLayoutError:
+            raise  # a damaged chunk or an unreadable bucket is no image to skip
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error) as err:
             return skip_or_raise(CorruptImageError(f"{name}: cannot be decoded as an image ({err})"),
                                  self.skip_corrupt)
@@ -323,8 +431,9 @@ class PackedSplit:
 
     def __init__(self, split_dir: str | Path):
         self.split_dir, self._stream = str(split_dir), None
-        self._len = sum(c["chunk_size"] for c in json.loads((Path(split_dir) / "index.json").read_text())["chunks"])
-        import litdata  # noqa: F401  here, so that forked loader workers start with it
+        index = json.loads((Path(split_dir) / "index.json").read_text())
+        self._len = sum(c["chunk_size"] for c in index["chunks"])
+        self.chunks = chunk_reader(split_dir, index)
 
     def __len__(self) -> int:
         return self._len
@@ -332,12 +441,21 @@ class PackedSplit:
     def __getstate__(self):
         return {**self.__dict__, "_stream": None}
 
+    def prefetch(self, indices: list[int]) -> None:
+        """A batch's items requested at once from a bucket (``ChunkFiles.prefetch``)."""
+        if self.chunks is not None:
+            self.chunks.prefetch(indices)
+
     def __getitem__(self, index: int) -> dict:
-        if self._stream is None:  # opened in the process that reads (each loader worker its own)
-            self._stream = open_stream(self.split_dir)
         try:
+            if self.chunks is not None:  # bytes leaves copied out of the item's buffer, as LitData gives them
+                return {k: bytes(v) if isinstance(v, memoryview) else v for k, v in self.chunks.record(index).items()}
+            if self._stream is None:  # opened in the process that reads (each loader worker its own)
+                self._stream = open_stream(self.split_dir)
             return self._stream[index]
-        except (OSError, ValueError, KeyError, EOFError) as err:
+        except DatasetLayoutError:
+            raise  # a damaged chunk or an unreadable bucket is no item to skip
+        except (OSError, ValueError, KeyError, EOFError, struct.error) as err:
             raise CorruptImageError(f"{self.split_dir} item {index}: cannot be read ({err})") from err
 
 

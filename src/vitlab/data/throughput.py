@@ -414,7 +414,7 @@ def bucket_copy(packed: Path, url: str) -> str:
     its files' names and sizes."""
     from vitlab.data.remote import S3Pack
 
-    bucket = S3Pack(url)
+    bucket = S3Pack(url, option="--bucket")
     listed = bucket.listing()
     files = {str(p.relative_to(packed)): p for p in sorted(packed.rglob("*")) if p.is_file() and p.name != ".complete"}
     if any(listed.get(name, [None])[0] != path.stat().st_size for name, path in files.items()):
