@@ -385,3 +385,37 @@ def test_a_ranged_read_cut_off_midway_is_asked_for_again(s3, packed, monkeypatch
     with pytest.raises(RemoteError, match=r"missing.bin: bytes 10-29 cannot be read \(NoSuchKey"):
         pack.read_range("missing.bin", 10, 30)
     assert len(calls) == 1
+
+
+def test_a_cache_too_small_for_the_block_order_stops_before_training(s3, tmp_path, monkeypatch, caplog):
+    """A block-order run from a bucket checks data.cache_dir's disk first: room for twice a window of
+    the largest chunks (beside the twentieth make_room keeps free) or it stops, naming data.cache_dir;
+    with room for less than the whole split it says chunks are downloaded again each epoch, with
+    room for all that the bucket is read once."""
+    import logging
+    import shutil
+    from collections import namedtuple
+
+    from vitlab.data.pack import main
+    from vitlab.data.remote import RemoteError
+    from vitlab.data.synthetic import make_imagenet
+
+    folder = make_imagenet(tmp_path / "folder", num_classes=3, num_train=6, num_val=3, size=48)
+    main(["imagenet", "--root", str(folder), "--out", str(tmp_path / "packed"), "--shard-size", "6KB", "--workers",
+          "1", "--order", "shuffled"])
+    url = upload(tmp_path / "packed", "imagenet_room")
+    chunk_bytes = [p.stat().st_size for p in (tmp_path / "packed" / "train").glob("*.bin")]
+    assert len(chunk_bytes) >= 4
+    usage, real = namedtuple("usage", "total used free"), shutil.disk_usage
+    for free, said in ((3 * max(chunk_bytes), "downloaded again each epoch"), (10 * sum(chunk_bytes), "read once")):
+        monkeypatch.setattr(shutil, "disk_usage", lambda path, free=free: usage(free * 10 // 9, 0, free))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="vitlab"):
+            module(url, tmp_path / "cache", shuffle="block", shuffle_window=1)
+        assert said in caplog.text
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - max(chunk_bytes), max(chunk_bytes)))
+    with pytest.raises(RemoteError, match=r"data.cache_dir: .*train has room for .* MiB of chunks.*block order needs "
+                                          r"[\d.]+ MiB per process \(2 chunks.*larger local disk"):
+        module(url, tmp_path / "cache", shuffle="block", shuffle_window=1)
+    monkeypatch.setattr(shutil, "disk_usage", real)
+    module(url, tmp_path / "cache")  # the uniform order downloads no chunk: no room needed

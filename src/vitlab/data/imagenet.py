@@ -421,6 +421,11 @@ class ImageNetDataModule(PackableDataModule):
             if self.shuffle == "block":
                 self.check_block_order(root)
                 self.train_set.read_whole_chunks()
+                if is_url(self.root) and not self.synthetic:
+                    from vitlab.data.remote import check_cache_room
+
+                    log.info("data.cache_dir %s", check_cache_room(root / "train", [
+                        c["chunk_bytes"] for c in self.train_set.index["chunks"]], 2 * self.shuffle_window))
             elif is_url(self.root) and not self.synthetic:
                 log.warning("data.root=%s in data.shuffle=uniform: each training image is fetched from the bucket "
                             "alone (a request an image); data.shuffle=block downloads whole chunks (a pack made "
