@@ -400,17 +400,55 @@ def wandb_run_info(path: Path) -> dict:
 
 # ----------------------------------------------------------------------------- a bucket on this machine
 @contextlib.contextmanager
-def local_s3():
+def local_s3(tls_dir: Path | None = None):
     """moto's S3 server on 127.0.0.1 for the ``s3://`` tests; yields the environment that reaches it as
-    MinIO would be reached (``AWS_ENDPOINT_URL`` and test credentials), for this process or a command."""
+    MinIO would be reached (``AWS_ENDPOINT_URL`` and test credentials), for this process or a command.
+    ``tls_dir``: served over HTTPS with a certificate of a private authority written there
+    (``AWS_CA_BUNDLE`` names it, as for a store behind a company's own CA)."""
     from moto.server import ThreadedMotoServer
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    class Server(ThreadedMotoServer):
+        def _server_entry(self):  # ThreadedMotoServer's, with a TLS context
+            app = DomainDispatcherApplication(create_backend_app)
+            self._server = make_server(self._ip_address, self._port, app, True, request_handler=MotoRequestHandler,
+                                       ssl_context=self_signed(tls_dir) if tls_dir else None)
+            self._server_ready_event.set()
+            self._server.serve_forever()
+
+    server = Server(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"{'https' if tls_dir else 'http'}://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
     try:
-        yield {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
-               "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+        yield env | ({"AWS_CA_BUNDLE": str(tls_dir / "cert.pem")} if tls_dir else {})
     finally:
         server.stop()
 
+
+def self_signed(folder: Path) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 signed by its own key (cert.pem, key.pem in ``folder``)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    return str(folder / "cert.pem"), str(folder / "key.pem")

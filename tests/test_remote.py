@@ -419,3 +419,32 @@ def test_a_cache_too_small_for_the_block_order_stops_before_training(s3, tmp_pat
         module(url, tmp_path / "cache", shuffle="block", shuffle_window=1)
     monkeypatch.setattr(shutil, "disk_usage", real)
     module(url, tmp_path / "cache")  # the uniform order downloads no chunk: no room needed
+
+
+def test_an_https_store_behind_a_private_authority(packed, tmp_path):
+    """The same reads over HTTPS from a store whose certificate a private authority signed
+    (AWS_CA_BUNDLE): the listing and copy, the uniform order's ranged GETs and the block order's
+    chunk downloads, every image equal to the local pack's; without the bundle the listing stops
+    naming the bucket (the certificate is not trusted)."""
+    from support import local_s3
+    from vitlab.data.remote import RemoteError
+
+    with local_s3(tmp_path / "tls") as env, pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        assert env["AWS_ENDPOINT_URL"].startswith("https://")
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="data")
+        url = upload(packed, "imagenet_tls")
+        local = PackedImages(packed / "train")
+        for shuffle in ("uniform", "block"):
+            dm = module(url, tmp_path / "cache", shuffle=shuffle)
+            assert dm.train_set.chunks.in_place == (shuffle == "uniform")
+            got = dm.train_set.__getitems__(list(range(len(local))))
+            assert [bytes(jpeg) for jpeg, _ in map(local.read, range(len(local)))] == [
+                bytes(dm.train_set.read(i)[0]) for i in range(len(local))]
+            assert len(got) == len(local)
+        mp.delenv("AWS_CA_BUNDLE")
+        with pytest.raises(RemoteError, match=r"data.root=s3://data/imagenet_tls: cannot list the bucket.*SSL"):
+            module(url, tmp_path / "cache2")
