@@ -293,8 +293,8 @@ def test_a_chunk_deleted_between_download_and_open_is_downloaded_again(s3, packe
     dm = module(url, tmp_path, shuffle="block")
     real, calls = remote.fetch_chunk, []
 
-    def fetch_then_lose(url, path, size, lose=1):
-        real(url, path, size)
+    def fetch_then_lose(url, path, size, etag, lose=1):
+        real(url, path, size, etag)
         calls.append(path.name)
         if len(calls) <= lose:
             path.unlink()
@@ -448,3 +448,24 @@ def test_an_https_store_behind_a_private_authority(packed, tmp_path):
         mp.delenv("AWS_CA_BUNDLE")
         with pytest.raises(RemoteError, match=r"data.root=s3://data/imagenet_tls: cannot list the bucket.*SSL"):
             module(url, tmp_path / "cache2")
+
+
+def test_a_pack_uploaded_again_replaces_the_cached_chunks(s3, packed, tmp_path):
+    """A chunk replaced in the bucket by one of the same name and size (a pack uploaded again to the
+    same prefix) is downloaded again by the next run (its ETag changed), not read from the cache."""
+    from vitlab.data.remote import stamp
+
+    url = upload(packed, "imagenet_again")
+    first = module(url, tmp_path, shuffle="block")
+    for i in range(len(first.train_set)):
+        first.train_set.read(i)
+    chunk = first.train_set.chunks.names[0]
+    cached = first.data_root() / "train" / chunk
+    assert cached.read_bytes() == (packed / "train" / chunk).read_bytes() and stamp(cached).exists()
+    data = bytearray(cached.read_bytes())
+    at = first.train_set.chunks.chunk(0)[1][0] + 40  # inside the first item's JPEG
+    data[at] ^= 0xFF
+    s3.put_object(Bucket="data", Key=f"imagenet_again/train/{chunk}", Body=bytes(data))
+    again = module(url, tmp_path, shuffle="block")
+    again.train_set.read(0)
+    assert cached.read_bytes() == bytes(data)

@@ -157,20 +157,37 @@ def bucket(url: str) -> S3Pack:
     return _clients[key]
 
 
-def fetch_chunk(url: str, path: Path, size: int) -> None:
-    """The chunk at ``url``/``path.name`` downloaded whole to ``path`` unless there (of ``size`` bytes);
-    one process of a node downloads it while the others wait for it (a file lock). Room is made first
-    when the disk would keep less than a twentieth free: this cache's least recently downloaded chunks
-    go (a process that has one open keeps reading it)."""
+def fetch_chunk(url: str, path: Path, size: int, etag: str | None = None) -> None:
+    """The chunk at ``url``/``path.name`` downloaded whole to ``path`` unless there (of ``size`` bytes,
+    and of the bucket's ``etag`` when given: a pack uploaded again to the same prefix replaces chunks
+    of the same names, perhaps of the same sizes); one process of a node downloads it while the
+    others wait for it (a file lock). Room is made first when the disk would keep less than a
+    twentieth free: this cache's least recently downloaded chunks go (a process that has one open
+    keeps reading it)."""
     from filelock import FileLock
 
-    if path.exists() and path.stat().st_size == size:
+    if is_cached(path, size, etag):
         return
     with FileLock(f"{path}.lock"):
-        if path.exists() and path.stat().st_size == size:
+        if is_cached(path, size, etag):
             return
         make_room(path.parent, size)
         bucket(url).fetch(path.name, path)
+        if etag is not None:
+            tmp = stamp(path).with_name(f"{stamp(path).name}.tmp.{os.getpid()}")
+            tmp.write_text(etag)
+            os.replace(tmp, stamp(path))
+
+
+def stamp(chunk: Path) -> Path:
+    """Where the ETag of a downloaded chunk is kept."""
+    return chunk.with_name(f"{chunk.name}.etag")
+
+
+def is_cached(path: Path, size: int, etag: str | None) -> bool:
+    if not (path.exists() and path.stat().st_size == size):
+        return False
+    return etag is None or (stamp(path).exists() and stamp(path).read_text() == etag)
 
 
 def make_room(folder: Path, size: int) -> None:
@@ -178,7 +195,9 @@ def make_room(folder: Path, size: int) -> None:
     old = sorted(folder.glob("*.bin"), key=lambda p: p.stat().st_mtime)
     while old and usage.free - size < usage.total / 20:
         freed = old[0].stat().st_size
-        old.pop(0).unlink(missing_ok=True)
+        chunk = old.pop(0)
+        chunk.unlink(missing_ok=True)
+        stamp(chunk).unlink(missing_ok=True)
         usage = usage._replace(free=usage.free + freed)
 
 

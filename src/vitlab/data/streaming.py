@@ -163,8 +163,10 @@ class ChunkFiles:
     sizes and the leaves); tested item for item against LitData's own reader.
     """
 
-    def __init__(self, split_dir: str | Path, index: dict, bucket_url: str | None = None):
+    def __init__(self, split_dir: str | Path, index: dict, bucket_url: str | None = None,
+                 etags: list[str | None] | None = None):
         chunks = index["chunks"]
+        self.etags = etags or [None] * len(chunks)  # a bucket's chunks' ETags (its listing): cached chunks checked
         self.fields = packed_fields(index)
         self.paths = [str(Path(split_dir) / c["filename"]) for c in chunks]
         self.names = [c["filename"] for c in chunks]
@@ -236,7 +238,7 @@ class ChunkFiles:
         if self.bucket_url is None:
             return os.open(self.paths[k], os.O_RDONLY)
         for _ in range(3):  # another process making room may delete the chunk between its download and this open
-            remote.fetch_chunk(self.bucket_url, Path(self.paths[k]), self.bytes[k])
+            remote.fetch_chunk(self.bucket_url, Path(self.paths[k]), self.bytes[k], self.etags[k])
             try:
                 return os.open(self.paths[k], os.O_RDONLY)
             except FileNotFoundError:
@@ -333,7 +335,9 @@ def chunk_reader(split_dir: str | Path, index: dict) -> ChunkFiles | None:
     origin = remote.origin_of(Path(split_dir).parent)
     url = f"{origin['url']}/{Path(split_dir).name}" if origin else None
     if packed_fields(index):
-        return ChunkFiles(split_dir, index, url)
+        listed = origin["objects"] if origin else {}
+        etags = [listed.get(f"{Path(split_dir).name}/{c['filename']}", [None, None])[1] for c in index["chunks"]]
+        return ChunkFiles(split_dir, index, url, etags)
     if url:
         raise ShardError(f"{url}/index.json: its items are not in the layout python -m vitlab.data.pack writes "
                          f"(another packer's, or compressed); vitlab reads packs in that layout from a bucket: pack "
