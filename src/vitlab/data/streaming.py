@@ -229,8 +229,8 @@ class ChunkFiles:
         if len(self._open) >= self._max_open:
             os.close(self._open.popitem(last=False)[1][0])
         fd = None if self.in_place else self.open_chunk(k)
-        if fd is not None and self.read_ahead:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        if fd is not None:  # the block order reads the whole chunk soon; the uniform one an item here and there
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED if self.read_ahead else os.POSIX_FADV_RANDOM)
         self._open[k] = fd, self.header(k, fd)
         return self._open[k]
 
