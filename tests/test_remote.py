@@ -335,6 +335,13 @@ def test_a_batch_from_a_bucket_is_requested_at_once(s3, packed, tmp_path, monkey
     assert [bytes(g[0].numpy()) for g in got] == [bytes(local[i][0].numpy()) for i in batch]
     assert [g[1] for g in got] == [local[i][1] for i in batch]
     monkeypatch.setattr(remote.S3Pack, "read_range", real)
+    from vitlab.data.streaming import ChunkFiles
+
+    fetched, prefetch = [], ChunkFiles.prefetch  # the training loader hands the dataset whole batches
+    monkeypatch.setattr(ChunkFiles, "prefetch", lambda self, indices: fetched.append(len(indices)) or prefetch(
+        self, indices))
+    dm = module(url, tmp_path, auto_augment=None, reprob=0)
+    assert sum(len(b[1]) for b in dm.train_dataloader()) == 18 and fetched == [3] * 6
     chunk = far.chunks.names[0]
     s3.delete_object(Bucket="data", Key=f"imagenet_batch/train/{chunk}")
     with pytest.raises(RemoteError, match=rf"{url}/train/{chunk}: bytes \d+-\d+ cannot be read.*NoSuchKey"):
