@@ -76,6 +76,7 @@ def test_s3_pack_reads_as_the_local_pack(s3, packed, tmp_path, caplog):
     assert "data.shuffle=uniform: each training image is fetched from the bucket alone" in caplog.text
     copy = tmp_path / "cache" / "packed" / "s3" / "data" / "imagenet"
     assert remote.data_root() == copy
+    assert remote.packed_report(False).title.startswith(f"imagenet packed at {url} via its local copy {copy} (cheap")
     assert remote.info == local.info
     assert remote.train_set.chunks.in_place
     n = len(local.train_set)

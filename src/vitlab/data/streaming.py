@@ -508,7 +508,8 @@ class PackableDataModule(VitlabDataModule):
         shard (an error names the shard)."""
         root = self.data_root()
         how = "full: every shard hashed" if full else "cheap: indexes and shard sizes; data.verify=full hashes shards"
-        report = DataReport(f"{self.pack_kind} packed at {root} ({how})")
+        where = f"{self.root} via its local copy {root}" if is_url(self.root) and not self.synthetic else root
+        report = DataReport(f"{self.pack_kind} packed at {where} ({how})")
         manifest = check_packed(root, self.pack_kind, full=full)
         for split, written in manifest["splits"].items():
             report.checked.append(f"{split}/: {written['images']} images in {len(written['chunks'])} shards")
