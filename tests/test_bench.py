@@ -253,3 +253,28 @@ def test_suite_rows_give_mfu_against_the_data_sheet_and_the_measured_matmul():
     assert row.tflops == pytest.approx(24.0)  # 1000 images/s x 8 GFLOP x 3 (forward + backward)
     assert row.mfu_pct == pytest.approx(100 * 24.0 / 989.0) and row.matmul_pct == pytest.approx(4.0)
     assert timm_row.ratio == "ours/timm 1.25"
+
+
+def test_a_failed_packed_read_in_the_gpu_suite_says_which_side_is_wrong(tmp_path, monkeypatch):
+    """The suite's diagnosis of a failed packed read: the chunks' hashes against the manifest, then
+    the first item the packed reader reads otherwise than LitData's reader."""
+    from vitlab.data.pack import main
+    from vitlab.data.streaming import PackedImages
+    from vitlab.data.synthetic import make_imagenet
+
+    folder = make_imagenet(tmp_path / "folder", num_classes=2, num_train=4, num_val=2, size=32)
+    root = tmp_path / "packed"
+    main(["imagenet", "--root", str(folder), "--out", str(root), "--shard-size", "8KB", "--workers", "1"])
+    assert bench_suite.pack_diagnosis(root) == "every chunk's SHA-256 as packed; all 8 items equal to LitData's " \
+                                               "reader's in this process"
+    chunk = sorted((root / "train").glob("*.bin"))[0]
+    data = bytearray(chunk.read_bytes())
+    data[-10] ^= 0xFF  # inside the last item's JPEG: both readers read the changed byte
+    chunk.write_bytes(data)
+    said = bench_suite.pack_diagnosis(root)
+    assert f"{chunk}: shard's SHA-256 differs" in said and said.endswith("all 8 items equal to LitData's reader's in "
+                                                                         "this process")
+    read = PackedImages.read
+    monkeypatch.setattr(PackedImages, "read", lambda self, i: (b"", 0) if i == 3 else read(self, i))
+    assert "; item 3 (chunk-0-" in bench_suite.pack_diagnosis(root)
+    assert "the packed reader's 0 bytes differ from LitData's" in bench_suite.pack_diagnosis(root)

@@ -132,6 +132,37 @@ def _rows_from(item: str, results: list, report: Report, device: torch.device) -
     return rows
 
 
+def pack_diagnosis(root: Path) -> str:
+    """After a failed read of the generated pack: every chunk's hash against the manifest, and the
+    first training item the packed reader reads otherwise than LitData's reader (the H200 machine's
+    first packed read stopped on an empty item of a chunk just verified; this says which side is wrong)."""
+    from litdata import StreamingDataset
+
+    from vitlab.data.streaming import PackedImages, check_packed
+
+    notes = []
+    try:
+        check_packed(root, "imagenet", full=True)
+        notes.append("every chunk's SHA-256 as packed")
+    except Exception as err:  # noqa: BLE001
+        notes.append(f"check_packed(full): {err}")
+    ours, theirs = PackedImages(root / "train"), StreamingDataset(str(root / "train"))
+    for i in range(len(theirs)):
+        try:
+            mine = bytes(ours.read(i)[0])
+        except Exception as err:  # noqa: BLE001
+            notes.append(f"item {i}: the packed reader fails ({type(err).__name__}: {err})")
+            break
+        if mine != theirs[i]["jpeg"]:
+            k, j = ours.chunks.locate(i)
+            notes.append(f"item {i} ({ours.chunks.names[k]} item {j}): the packed reader's {len(mine)} bytes differ "
+                         f"from LitData's {len(theirs[i]['jpeg'])}")
+            break
+    else:
+        notes.append(f"all {len(theirs)} items equal to LitData's reader's in this process")
+    return "; ".join(notes)
+
+
 def _failed(item: str, model: str, kind: str, err: BaseException) -> Row:
     first = (str(err).strip().splitlines() or [""])[0][:120]
     status = "out of memory" if isinstance(err, torch.cuda.OutOfMemoryError) else f"failed: {type(err).__name__}"
@@ -211,8 +242,13 @@ def items(scale: Scale, device: torch.device, reference_dir: Path, data_dir: str
         root = packed_copy(folder)
         evict(dataset_files(root, "litdata"))
         n = scale.loader_images
-        wall, _, seen = time_loader(root, "litdata", 2, n, min(32, n), gpu_decode=True)
-        ok = "ok" if seen == n else f"failed: {seen} of {n} images read"
+        try:
+            wall, _, seen = time_loader(root, "litdata", 2, n, min(32, n), gpu_decode=True)
+        except Exception as err:  # noqa: BLE001 -- the row says what failed and what the pack holds
+            traceback.print_exc()
+            status = f"failed: {type(err).__name__}: {str(err)[:300]}; {pack_diagnosis(root)}"
+            return [Row("packed imagenet", "litdata, cold, 2 workers", "loader", status=status)]
+        ok = "ok" if seen == n else f"failed: {seen} of {n} images read; {pack_diagnosis(root)}"
         return [Row("packed imagenet", "litdata, cold, 2 workers", "loader", status=ok, images_s=seen / wall)]
 
     def lightning() -> list[Row]:
