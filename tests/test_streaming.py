@@ -448,3 +448,40 @@ def test_workers_needed_takes_the_most_workers_timed():
     rows = [FormatRow("litdata", "deit", "warm", n, 100, wall, cpu) for n, wall, cpu in
             ((0, 1.0, 0.2), (1, 1.0, 0.5), (2, 1.0, 0.4))]  # 500, 200 and 250 images per CPU-second
     assert workers_needed(rows, 1000.0) == [("deit", "litdata", "warm", 2, 250.0, 4)]
+
+
+def test_read_threads_read_a_batch_at_once_from_the_chunk_files(packed, packed_shuffled, monkeypatch):
+    """data.read_threads: the loader's fetch of a batch reads its items from the chunk files by that
+    many threads at once (each read waits at a barrier that opens only when all of them wait: one
+    after another they would time out), every image and label as read alone; a batch over more
+    chunks than the process keeps open, and the block order (each chunk read ahead whole), read one
+    after another; a negative count is refused naming the option."""
+    import threading
+
+    from vitlab.data import streaming
+
+    _, out = packed
+    alone = streaming.PackedImages(out / "train", raw=True)
+    batch = [0, 17, 5, 9, 3, 12]
+    expected = [(bytes(alone[i][0].numpy()), alone[i][1]) for i in batch]
+    items = streaming.PackedImages(out / "train", raw=True, read_threads=len(batch))
+    assert len({items.chunks.locate(i)[0] for i in batch}) >= 2
+    real, barrier = streaming.ChunkFiles.read_at, threading.Barrier(len(batch), timeout=30)
+
+    def together(self, k, fd, start, end):
+        if start >= 4 * (self.sizes[k] + 2):  # an item (not a chunk's header)
+            barrier.wait()
+        return real(self, k, fd, start, end)
+
+    monkeypatch.setattr(streaming.ChunkFiles, "read_at", together)
+    got = items.__getitems__(batch)
+    assert [(bytes(g[0].numpy()), g[1]) for g in got] == expected
+    monkeypatch.setattr(streaming.ChunkFiles, "read_at", real)
+    items.chunks._max_open = 1  # the batch's chunks would not all stay open: no threads
+    items.chunks._ready = {}
+    assert items.__getitems__(batch) and items.chunks._ready == {}
+    dm = module(packed_shuffled, "litdata", shuffle="block", read_threads=4)
+    dm.train_set.__getitems__(batch)
+    assert dm.train_set.chunks._pool is None and dm.train_set.chunks._ready == {}
+    with pytest.raises(ValueError, match=r"data.read_threads=-1: expected a thread count >= 0"):
+        module(out, "litdata", read_threads=-1)

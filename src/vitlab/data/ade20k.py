@@ -245,8 +245,8 @@ class PackedADE20KDataset(ADE20KDataset):
     as ``ADE20KDataset`` over the folder layout, each image and its label map's bytes in one item."""
 
     def __init__(self, split_dir: Path, transform, train: bool, num_classes: int = 150,
-                 reduce_zero_label: bool = True, skip_corrupt: bool = False):
-        self.items = PackedSplit(split_dir)
+                 reduce_zero_label: bool = True, skip_corrupt: bool = False, read_threads: int = 0):
+        self.items = PackedSplit(split_dir, read_threads)
         self.transform, self.train = transform, train
         self.num_classes, self.reduce_zero_label, self.skip_corrupt = num_classes, reduce_zero_label, skip_corrupt
         self.images = list(range(len(self.items)))  # item positions (debug=smoke keeps the first few)
@@ -304,6 +304,7 @@ class ADE20KDataModule(PackableDataModule):
         verify: str = "cheap",
         format: str = "folder",
         cache_dir: str | None = None,
+        read_threads: int = 0,
         num_classes: int = 150,
         reduce_zero_label: bool = True,
         img_scale: list[int] = (2048, 512),
@@ -323,7 +324,7 @@ class ADE20KDataModule(PackableDataModule):
         synthetic_size: int = 128,
     ):
         super().__init__(root, synthetic, synthetic_root, batch_size, num_workers, smoke, skip_corrupt, seed, verify,
-                         format, cache_dir)
+                         format, cache_dir, read_threads)
         if smoke:  # seconds-long runs: small crops and images
             img_scale = test_scale = (smoke_scale * 4, smoke_scale)
             crop_size = (smoke_scale, smoke_scale)
@@ -439,7 +440,7 @@ class ADE20KDataModule(PackableDataModule):
     def split_set(self, root: Path, split: str, transform, **kw) -> ADE20KDataset:
         """One split: its folders in the release layout, or its packed split of the same name."""
         if self.format == "litdata":
-            return PackedADE20KDataset(root / split, transform, **kw)
+            return PackedADE20KDataset(root / split, transform, read_threads=self.read_threads, **kw)
         return ADE20KDataset(self.dataset_dir(root), split, transform, **kw)
 
     def train_dataloader(self) -> DataLoader:

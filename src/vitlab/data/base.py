@@ -231,6 +231,7 @@ class VitlabDataModule(L.LightningDataModule):
         verify: str = "cheap",
         format: str = "folder",
         cache_dir: str | None = None,
+        read_threads: int = 0,
     ):
         super().__init__()
         if verify not in VERIFY_MODES:
@@ -239,6 +240,9 @@ class VitlabDataModule(L.LightningDataModule):
             raise ValueError(f"data.format={format!r}: expected one of {', '.join(FORMATS)}")
         self.format = format
         self.cache_dir = cache_dir  # data.format=litdata with an s3:// data.root: the local copy and chunk cache
+        if int(read_threads) < 0:
+            raise ValueError(f"data.read_threads={read_threads}: expected a thread count >= 0")
+        self.read_threads = int(read_threads)  # data.format=litdata: a batch's items read at once from chunk files
         self.root = root
         self.synthetic = synthetic
         self.synthetic_root = synthetic_root

@@ -303,8 +303,8 @@ class PackedCocoDataset(CocoDetectionDataset):
     groups without reading a chunk."""
 
     def __init__(self, split_dir: Path, manifest: dict, transforms, train: bool, with_masks: bool,
-                 skip_corrupt: bool = False):
-        self.items, self.ann_file = PackedSplit(split_dir), Path(split_dir)
+                 skip_corrupt: bool = False, read_threads: int = 0):
+        self.items, self.ann_file = PackedSplit(split_dir, read_threads), Path(split_dir)
         self.transforms, self.train, self.with_masks, self.skip_corrupt = transforms, train, with_masks, skip_corrupt
         if with_masks and manifest["splits"][self.ann_file.name]["without_segmentation"]:
             raise AnnotationError(f"{split_dir}: {manifest['splits'][self.ann_file.name]['without_segmentation']} "
@@ -405,6 +405,7 @@ class CocoDataModule(PackableDataModule):
         verify: str = "cheap",
         format: str = "folder",
         cache_dir: str | None = None,
+        read_threads: int = 0,
         train_scales: list[int] = (800,),
         test_scale: int = 800,
         max_size: int = 1333,
@@ -422,7 +423,7 @@ class CocoDataModule(PackableDataModule):
         synthetic_size: int = 160,
     ):
         super().__init__(root, synthetic, synthetic_root, batch_size, num_workers, smoke, skip_corrupt, seed, verify,
-                         format, cache_dir)
+                         format, cache_dir, read_threads)
         if smoke:  # seconds-long runs: small images, few of them
             train_scales, test_scale, max_size = [smoke_scale], smoke_scale, smoke_scale * 5 // 3
         self.train_scales = list(train_scales)
@@ -576,7 +577,8 @@ class CocoDataModule(PackableDataModule):
             raise AnnotationError(f"data.clip_boxes=true: {self.root} was packed without --clip-boxes, so its boxes "
                                   f"are as given; pack again with python -m vitlab.data.pack coco --clip-boxes --root "
                                   f"<the COCO folder> --out <new dir>, or set data.clip_boxes=false")
-        common = dict(manifest=manifest, with_masks=self.with_masks, skip_corrupt=self.skip_corrupt)
+        common = dict(manifest=manifest, with_masks=self.with_masks, skip_corrupt=self.skip_corrupt,
+                      read_threads=self.read_threads)
         self.val_set = PackedCocoDataset(root / "val2017", transforms=self.val_transforms(), train=False, **common)
         if stage in (None, "fit"):
             self.train_set = PackedCocoDataset(root / "train2017", transforms=self.train_transforms(), train=True,

@@ -237,6 +237,7 @@ class ImageNetDataModule(PackableDataModule):
         fast_decode: bool = False,
         format: str = "folder",
         cache_dir: str | None = None,
+        read_threads: int = 0,
         gpu_decode: bool = False,
         shuffle: str = "uniform",
         shuffle_window: int = 4,
@@ -252,7 +253,7 @@ class ImageNetDataModule(PackableDataModule):
             raise ValueError(f"data.shuffle_window={shuffle_window}: expected a chunk count >= 1")
         self.shuffle, self.shuffle_window = shuffle, int(shuffle_window)
         super().__init__(root, synthetic, synthetic_root, batch_size, num_workers, smoke, skip_corrupt, seed, verify,
-                         format, cache_dir)
+                         format, cache_dir, read_threads)
         self.img_size = 32 if smoke else img_size
         self.crop_pct = crop_pct
         self.interpolation = interpolation
@@ -416,8 +417,10 @@ class ImageNetDataModule(PackableDataModule):
             from vitlab.data.streaming import PackedImages
 
             self.train_set = PackedImages(root / "train", None if self.gpu_decode else self.train_transform(),
-                                          self.skip_corrupt, lazy=self.fast_decode, raw=self.gpu_decode)
-            self.val_set = PackedImages(root / "val", self.eval_transform(), self.skip_corrupt)
+                                          self.skip_corrupt, lazy=self.fast_decode, raw=self.gpu_decode,
+                                          read_threads=self.read_threads)
+            self.val_set = PackedImages(root / "val", self.eval_transform(), self.skip_corrupt,
+                                        read_threads=self.read_threads)
             if self.shuffle == "block":
                 self.check_block_order(root)
                 self.train_set.read_whole_chunks()

@@ -164,8 +164,9 @@ class ChunkFiles:
     """
 
     def __init__(self, split_dir: str | Path, index: dict, bucket_url: str | None = None,
-                 etags: list[str | None] | None = None):
+                 etags: list[str | None] | None = None, read_threads: int = 0):
         chunks = index["chunks"]
+        self.read_threads = read_threads  # local chunk files: a batch's items read by this many threads (prefetch)
         self.etags = etags or [None] * len(chunks)  # a bucket's chunks' ETags (its listing): cached chunks checked
         self.fields = packed_fields(index)
         self.paths = [str(Path(split_dir) / c["filename"]) for c in chunks]
@@ -286,24 +287,37 @@ class ChunkFiles:
         return buf
 
     def prefetch(self, indices) -> None:
-        """Read in place only: the items ``indices`` (a batch) requested at once, ``REQUESTS_IN_FLIGHT``
-        at a time, so a loader worker waits about one request's latency per that many items instead
-        of one per item (a bucket answers in tens of milliseconds; decoding an image takes a few).
-        ``record`` then hands them out; a failed request fails there, for its own item."""
-        if not self.in_place:
+        """The items ``indices`` (a batch) read at once by a few threads, so a loader worker waits about
+        one read's latency per that many items instead of one per item: always from a bucket read in
+        place (``REQUESTS_IN_FLIGHT``; it answers in tens of milliseconds, decoding an image takes a
+        few), and with ``read_threads`` from chunk files in the uniform order (a shared filesystem's
+        random reads take a millisecond or more; on a local disk's page cache threads cost more than
+        they save, README). ``record`` then hands them out; a failed read fails there, for its own item."""
+        threads = REQUESTS_IN_FLIGHT if self.in_place else 0 if self.read_ahead else self.read_threads
+        if not threads or not indices:
             return
         self._in_this_process()
+        self._ready = {}
         located = [self.locate(i) for i in indices]
         if self._pool is None:
-            remote.bucket(self.bucket_url)  # the client, made once here (not by the threads at once)
-            self._pool = ThreadPoolExecutor(REQUESTS_IN_FLIGHT, thread_name_prefix="vitlab-ranged-get")
-        new = sorted({k for k, _ in located} - self._open.keys())
-        for k, offsets in zip(new, self._pool.map(lambda k: self.header(k, None), new)):
-            self._open[k] = None, offsets
+            if self.in_place:
+                remote.bucket(self.bucket_url)  # the client, made once here (not by the threads at once)
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="vitlab-read")
+        needed = sorted({k for k, _ in located})
+        if self.in_place:  # the chunks' headers, one request each, at once
+            new = [k for k in needed if k not in self._open]
+            for k, offsets in zip(new, self._pool.map(lambda k: self.header(k, None), new)):
+                self._open[k] = None, offsets
+        elif len(needed) > self._max_open:
+            return  # more chunks than the files this process keeps open: read one after another
+        else:
+            for k in needed:  # opened (or kept) here, none closed while the threads read
+                self.chunk(k)
 
         def attempt(kj):
             try:
-                return self._read_item(kj[0], None, self._open[kj[0]][1], kj[1])
+                fd, offsets = self._open[kj[0]]
+                return self._read_item(kj[0], fd, offsets, kj[1])
             except Exception as err:  # noqa: BLE001  raised by record(), for its own item
                 return err
 
@@ -329,7 +343,7 @@ class ChunkFiles:
         return out
 
 
-def chunk_reader(split_dir: str | Path, index: dict) -> ChunkFiles | None:
+def chunk_reader(split_dir: str | Path, index: dict, read_threads: int = 0) -> ChunkFiles | None:
     """The split's ``ChunkFiles`` (local, or a bucket's when ``split_dir`` is in a remote pack's local
     copy), or None for a local split in another layout (then read through LitData)."""
     origin = remote.origin_of(Path(split_dir).parent)
@@ -337,7 +351,7 @@ def chunk_reader(split_dir: str | Path, index: dict) -> ChunkFiles | None:
     if packed_fields(index):
         listed = origin["objects"] if origin else {}
         etags = [listed.get(f"{Path(split_dir).name}/{c['filename']}", [None, None])[1] for c in index["chunks"]]
-        return ChunkFiles(split_dir, index, url, etags)
+        return ChunkFiles(split_dir, index, url, etags, read_threads)
     if url:
         raise ShardError(f"{url}/index.json: its items are not in the layout python -m vitlab.data.pack writes "
                          f"(another packer's, or compressed); vitlab reads packs in that layout from a bucket: pack "
@@ -352,13 +366,13 @@ class PackedImages(Dataset):
     layout are read by ``ChunkFiles``, others (local only) through LitData's ``StreamingDataset``."""
 
     def __init__(self, split_dir: str | Path, transform=None, skip_corrupt: bool = False, lazy: bool = False,
-                 raw: bool = False):
+                 raw: bool = False, read_threads: int = 0):
         self.split_dir, self.transform, self.skip_corrupt, self.lazy = str(split_dir), transform, skip_corrupt, lazy
         self.raw = raw  # data.gpu_decode: the JPEG bytes as a uint8 tensor, decoded on the device
         self._stream = None
         self.index = json.loads((Path(split_dir) / "index.json").read_text())
         self._len = sum(c["chunk_size"] for c in self.index["chunks"])
-        self.chunks = chunk_reader(split_dir, self.index)
+        self.chunks = chunk_reader(split_dir, self.index, read_threads)
 
     @property
     def stream(self):
@@ -398,7 +412,7 @@ class PackedImages(Dataset):
         return item["jpeg"], int(item["label"])
 
     def __getitems__(self, indices: list[int]) -> list:
-        """A batch (the loader's fetch): from a bucket its items requested at once (``ChunkFiles.prefetch``)."""
+        """A batch (the loader's fetch): its items read at once where that pays (``ChunkFiles.prefetch``)."""
         if self.chunks is not None:
             self.chunks.prefetch(indices)
         return [self[i] for i in indices]
@@ -433,11 +447,11 @@ class PackedSplit:
     """The items (dicts of the fields ``python -m vitlab.data.pack`` wrote) of one packed split, by
     index; an item that cannot be read is a ``CorruptImageError`` naming it."""
 
-    def __init__(self, split_dir: str | Path):
+    def __init__(self, split_dir: str | Path, read_threads: int = 0):
         self.split_dir, self._stream = str(split_dir), None
         index = json.loads((Path(split_dir) / "index.json").read_text())
         self._len = sum(c["chunk_size"] for c in index["chunks"])
-        self.chunks = chunk_reader(split_dir, index)
+        self.chunks = chunk_reader(split_dir, index, read_threads)
 
     def __len__(self) -> int:
         return self._len
@@ -446,7 +460,7 @@ class PackedSplit:
         return {**self.__dict__, "_stream": None}
 
     def prefetch(self, indices: list[int]) -> None:
-        """A batch's items requested at once from a bucket (``ChunkFiles.prefetch``)."""
+        """A batch's items read at once where that pays (``ChunkFiles.prefetch``)."""
         if self.chunks is not None:
             self.chunks.prefetch(indices)
 

@@ -19,6 +19,7 @@ timed here on the CPU: on a GPU it costs far less) as its own row.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import multiprocessing
 import os
@@ -266,7 +267,7 @@ def _cpu_seconds() -> float:
 
 
 def time_loader(root: Path | str, fmt: str, workers: int, images: int, batch: int, gpu_decode: bool,
-                seed: int = 0, cache_dir: Path | None = None) -> tuple[float, float, int]:
+                seed: int = 0, cache_dir: Path | None = None, read_threads: int = 0) -> tuple[float, float, int]:
     """(wall s, CPU s of this process + workers, images) for the first ``images`` training images of
     a shuffled epoch through the DataModule's own training loader (``litdata-block``: the packed
     format in ``data.shuffle=block``'s order; ``root`` may be an ``s3://`` pack, ``cache_dir`` its
@@ -277,7 +278,8 @@ def time_loader(root: Path | str, fmt: str, workers: int, images: int, batch: in
     if fmt == "litdata-block":
         fmt, extra = "litdata", {**extra, "shuffle": "block"}
     dm = ImageNetDataModule(str(root), batch_size=batch, num_workers=workers, format=fmt, gpu_decode=gpu_decode,
-                            seed=seed, cache_dir=str(cache_dir) if cache_dir else None, **extra)
+                            seed=seed, cache_dir=str(cache_dir) if cache_dir else None, read_threads=read_threads,
+                            **extra)
     dm.setup("fit")
     loader = dm.train_dataloader()
     threads = torch.get_num_threads()
@@ -426,14 +428,15 @@ def bucket_copy(packed: Path, url: str) -> str:
 def format_bench(dataset_images: int = 20_000, images: int = 1_000, formats=("folder", "litdata"),
                  workers=(1, 2), caches=("cold", "warm"), batch: int = 32, gpu_decode: bool = False,
                  data_dir: str | None = None, size: tuple[int, int] | None = None,
-                 bucket: str | None = None) -> list[FormatRow]:
+                 bucket: str | None = None, read_threads=(0,)) -> list[FormatRow]:
     """Every (format, cache, workers) on one generated ImageNet of ``dataset_images`` (made and
     packed once under the bench directory, the training split shuffled: read in the uniform order
     as ``litdata``, in the block order as ``litdata-block``): the DeiT training pipeline in the
     workers, and with ``gpu_decode`` also the workers' part of ``data.gpu_decode`` (reading bytes:
     the device work is not timed here). ``bucket``: the packed formats read the copy uploaded to that
     ``s3://`` prefix (``data.root=s3://...``); cold: an empty local chunk cache, warm: the chunks the
-    previous run left in it (the block order's; the uniform order caches none)."""
+    previous run left in it (the block order's; the uniform order caches none). ``read_threads``: the
+    ``data.read_threads`` values timed for ``litdata`` read from disk (rows ``litdata tN``)."""
     folder = generate("imagenet", bench_dir(data_dir), dataset_images, size)
     packed = packed_copy(folder)
     remote = bucket_copy(packed, bucket) if bucket else None
@@ -445,13 +448,15 @@ def format_bench(dataset_images: int = 20_000, images: int = 1_000, formats=("fo
             for fmt in formats:
                 from_bucket = remote is not None and fmt != "folder"
                 files = [] if from_bucket else dataset_files(roots[fmt], fmt)
-                for n in workers:
+                threaded = read_threads if fmt == "litdata" and not from_bucket else (0,)
+                for n, threads in itertools.product(workers, threaded):
                     if from_bucket and cache == "cold":
                         shutil.rmtree(cache_dir, ignore_errors=True)
                     evict(files) if cache == "cold" else warm(files)
                     wall, cpu, seen = time_loader(roots[fmt], fmt, n, images, min(batch, images),
-                                                  pipeline == "gpu_decode", cache_dir=cache_dir)
-                    rows.append(FormatRow(f"{fmt} s3" if from_bucket else fmt, pipeline, cache, n, seen, wall, cpu))
+                                                  pipeline == "gpu_decode", cache_dir=cache_dir, read_threads=threads)
+                    name = f"{fmt} s3" if from_bucket else f"{fmt} t{threads}" if threads else fmt
+                    rows.append(FormatRow(name, pipeline, cache, n, seen, wall, cpu))
     return rows
 
 

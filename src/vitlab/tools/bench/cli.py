@@ -117,6 +117,9 @@ def main(argv=None) -> None:
     p.add_argument("--bucket", default=None, metavar="s3://BUCKET/PREFIX",
                    help="--format: the packed formats read the generated pack uploaded there (data.root=s3://...; "
                         "credentials and endpoint from the AWS environment)")
+    p.add_argument("--read-threads", type=int, nargs="+", default=[0], metavar="N",
+                   help="--format litdata: data.read_threads values to time (a batch's images read from the chunk "
+                        "files by N threads at once; 0: one after another)")
     p.add_argument("--handover", action="store_true",
                    help="--format: only a gpu_decode worker's steps per image, each alone (read, shared-memory copy, "
                         "pickle), warm cache, on --images items of the generated set")
@@ -180,7 +183,7 @@ def main(argv=None) -> None:
             return
         rows = format_bench(args.dataset_images, args.images, args.format, args.workers, batch=32,
                             gpu_decode=args.gpu_decode, data_dir=args.data_dir, size=args.image_size,
-                            bucket=args.bucket)
+                            bucket=args.bucket, read_threads=args.read_threads)
         print(f"loader=imagenet dataset={args.dataset_images} images timed per run={args.images} "
               f"(one shuffled pass; CPU = this process + its workers; load average {os.getloadavg()[0]:.1f})")
         print(format_rows_table(rows))
