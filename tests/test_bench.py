@@ -278,3 +278,18 @@ def test_a_failed_packed_read_in_the_gpu_suite_says_which_side_is_wrong(tmp_path
     monkeypatch.setattr(PackedImages, "read", lambda self, i: (b"", 0) if i == 3 else read(self, i))
     assert "; item 3 (chunk-0-" in bench_suite.pack_diagnosis(root)
     assert "the packed reader's 0 bytes differ from LitData's" in bench_suite.pack_diagnosis(root)
+
+
+def test_a_bench_user_error_is_its_message_not_a_traceback(tmp_path):
+    """The bench command as a user runs it: a --bucket it cannot read prints the error's message (the
+    option, what it takes) and exits with code 2, as the other commands do."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "vitlab.tools.bench", "--loader", "imagenet", "--format", "litdata",
+                           "--bucket", "gs://data/bench", "--dataset-images", "8", "--images", "4", "--workers", "0",
+                           "--image-size", "64", "48", "--data-dir", str(tmp_path)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Error (DatasetLayoutError): --bucket=gs://data/bench: vitlab reads packed datasets from s3://" in proc.stderr
+    assert "Traceback" not in proc.stderr
