@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 from pathlib import Path
@@ -485,3 +486,48 @@ def test_read_threads_read_a_batch_at_once_from_the_chunk_files(packed, packed_s
     assert dm.train_set.chunks._pool is None and dm.train_set.chunks._ready == {}
     with pytest.raises(ValueError, match=r"data.read_threads=-1: expected a thread count >= 0"):
         module(out, "litdata", read_threads=-1)
+
+
+@pytest.mark.parametrize("pipeline", ["deit", "fast_decode", "gpu_decode"])
+def test_read_threads_read_a_batch_of_files_at_once(pipeline, packed, tmp_path, monkeypatch):
+    """data.read_threads on the folder layout: a batch's files read by that many threads at once (a
+    barrier that only all of them together pass), then each decoded from those bytes exactly as
+    from its file (every pipeline's loader: the same samples under the same seed); a file that
+    cannot be read is read by its loader, whose error names it."""
+    import threading
+
+    from vitlab.data import imagenet
+    from vitlab.data.base import CorruptImageError
+
+    folder, _ = packed
+    kw = {"deit": {}, "fast_decode": {"fast_decode": True}, "gpu_decode": {"gpu_decode": True, "auto_augment": None,
+                                                                        "color_jitter": 0}}[pipeline]
+    alone, threaded = module(folder, "folder", **kw).train_set, module(folder, "folder", read_threads=4, **kw).train_set
+    batch = [0, 7, 3, 11]
+
+    def sample(ds, fetch):
+        torch.manual_seed(0)
+        random.seed(0)
+        np.random.seed(0)
+        return [(s[0].clone(), s[1]) for s in fetch(ds)]
+
+    expected = sample(alone, lambda ds: [ds[i] for i in batch])
+    real, barrier = imagenet.read_whole_file, threading.Barrier(len(batch), timeout=30)
+    read = []
+
+    def together(path):
+        barrier.wait()
+        read.append(path)
+        return real(path)
+
+    monkeypatch.setattr(imagenet, "read_whole_file", together)
+    got = sample(threaded, lambda ds: ds.__getitems__(batch))
+    assert sorted(read) == sorted(threaded.samples[i][0] for i in batch)
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(expected, got))
+    monkeypatch.setattr(imagenet, "read_whole_file", real)
+    broken = tmp_path / "broken.JPEG"
+    broken.write_bytes(b"not a jpeg")
+    threaded.samples = [(str(broken), 0)] + threaded.samples[1:]
+    if pipeline != "gpu_decode":  # gpu_decode's workers read bytes only: the device decode names the item
+        with pytest.raises(CorruptImageError, match=f"{broken}: cannot be decoded as an image"):
+            threaded.__getitems__([0])

@@ -28,8 +28,10 @@ from vitlab.data.base import CorruptImageError, ImageBatch
 from vitlab.data.report import skip_or_raise
 
 
-def read_bytes(path: str) -> torch.Tensor:
-    """A worker's whole job: the file's bytes (ImageFolder's ``loader``)."""
+def read_bytes(path: str, data: bytearray | None = None) -> torch.Tensor:
+    """A worker's whole job: the file's bytes (ImageFolder's ``loader``; ``data``: read already)."""
+    if data is not None:
+        return torch.frombuffer(data, dtype=torch.uint8)
     try:
         return read_file(path)
     except RuntimeError as err:

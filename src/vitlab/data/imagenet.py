@@ -11,11 +11,13 @@ as timm's own ``PrefetchLoader`` does); mixup / cutmix already run there (the ta
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -91,15 +93,18 @@ def reading(path):
         raise CorruptImageError(f"{path}: cannot be decoded as an image ({err})") from err
 
 
-def load_rgb(path: str) -> Image.Image:
-    with reading(path), open(path, "rb") as f:
+def load_rgb(path: str, data: bytearray | None = None) -> Image.Image:
+    """The file decoded to RGB (``data``: its bytes, read already: ``ImageFolderDataset.__getitems__``)."""
+    with reading(path), (open(path, "rb") if data is None else io.BytesIO(data)) as f:
         return Image.open(f).convert("RGB")
 
 
-def open_lazy(path: str) -> Image.Image:
+def open_lazy(path: str, data: bytearray | None = None) -> Image.Image:
     """The image with only its header read (size, mode): ``FastRandomResizedCrop`` decodes it."""
     with reading(path):
-        return Image.open(path)
+        img = Image.open(path if data is None else io.BytesIO(data))
+        img.filename = path  # errors in the lazy crop name the file
+        return img
 
 
 def read_header(path: str) -> tuple[tuple[int, int], str]:
@@ -168,16 +173,56 @@ class ImageFolderDataset(ImageFolder):
     images is an error unless ``skip_corrupt`` (then the class simply has no training images).
     """
 
-    def __init__(self, root: str, transform=None, skip_corrupt: bool = False, loader=load_rgb):
+    def __init__(self, root: str, transform=None, skip_corrupt: bool = False, loader=load_rgb, read_threads: int = 0):
         super().__init__(root, transform=transform, loader=loader, is_valid_file=has_image_suffix,
                          allow_empty=skip_corrupt)
         self.skip_corrupt = skip_corrupt
+        # data.read_threads: a batch's files read by this many threads at once (__getitems__), then
+        # decoded one after another from those bytes by ``file_loader(path, data)``
+        self.read_threads = read_threads
+        self._pool, self._pid, self._ready = None, None, {}
+
+    @property
+    def loader(self):  # what ImageFolder calls with a path: the file's loader, given the bytes read ahead
+        return lambda path: self.file_loader(path, self._ready.get(path))
+
+    @loader.setter
+    def loader(self, loader) -> None:  # ImageFolder's __init__ sets it
+        self.file_loader = loader
+
+    def __getstate__(self):  # a spawned worker starts its own threads
+        return {**self.__dict__, "_pool": None, "_pid": None, "_ready": {}}
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """A batch (the loader's fetch): with ``read_threads`` its files are read at once, so a worker
+        waits about one read's latency (a shared filesystem's open and read: a millisecond or more)
+        per that many files instead of one per file. A file that cannot be read here is read again
+        by its loader, whose error names it."""
+        if self.read_threads:
+            if self._pid != os.getpid():
+                self._pool, self._pid = ThreadPoolExecutor(self.read_threads, thread_name_prefix="vitlab-read"), os.getpid()
+            paths = [self.samples[i][0] for i in indices]
+            self._ready = dict(zip(paths, self._pool.map(read_whole_file, paths)))
+        try:
+            return [self[i] for i in indices]
+        finally:
+            self._ready = {}
 
     def __getitem__(self, index: int):
         try:
             return super().__getitem__(index)
         except CorruptImageError as err:
             return skip_or_raise(err, self.skip_corrupt)
+
+
+def read_whole_file(path: str) -> bytearray | None:
+    """The file's bytes (writable: a tensor can share them), or None where it cannot be read."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            buf = bytearray(os.fstat(f.fileno()).st_size)
+            return buf if f.readinto(buf) == len(buf) else None
+    except OSError:
+        return None
 
 
 def collate_skipping(batch) -> ImageBatch:
@@ -441,11 +486,14 @@ class ImageNetDataModule(PackableDataModule):
         if self.gpu_decode:
             from vitlab.data.gpu_decode import read_bytes
 
-            self.train_set = ImageFolderDataset(str(root / "train"), None, self.skip_corrupt, loader=read_bytes)
+            self.train_set = ImageFolderDataset(str(root / "train"), None, self.skip_corrupt, loader=read_bytes,
+                                                read_threads=self.read_threads)
         else:
             self.train_set = ImageFolderDataset(str(root / "train"), self.train_transform(), self.skip_corrupt,
-                                                loader=open_lazy if self.fast_decode else load_rgb)
-        self.val_set = ImageFolderDataset(str(root / "val"), self.eval_transform(), self.skip_corrupt)
+                                                loader=open_lazy if self.fast_decode else load_rgb,
+                                                read_threads=self.read_threads)
+        self.val_set = ImageFolderDataset(str(root / "val"), self.eval_transform(), self.skip_corrupt,
+                                          read_threads=self.read_threads)
         if self.smoke:  # a few batches are enough to exercise the whole path
             keep = self.batch_size * 2
             self.train_set.samples = self.train_set.samples[:: max(1, len(self.train_set) // keep)][:keep]

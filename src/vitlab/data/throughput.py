@@ -436,7 +436,7 @@ def format_bench(dataset_images: int = 20_000, images: int = 1_000, formats=("fo
     the device work is not timed here). ``bucket``: the packed formats read the copy uploaded to that
     ``s3://`` prefix (``data.root=s3://...``); cold: an empty local chunk cache, warm: the chunks the
     previous run left in it (the block order's; the uniform order caches none). ``read_threads``: the
-    ``data.read_threads`` values timed for ``litdata`` read from disk (rows ``litdata tN``)."""
+    ``data.read_threads`` values timed for ``folder`` and ``litdata`` read from disk (rows ``... tN``)."""
     folder = generate("imagenet", bench_dir(data_dir), dataset_images, size)
     packed = packed_copy(folder)
     remote = bucket_copy(packed, bucket) if bucket else None
@@ -448,7 +448,7 @@ def format_bench(dataset_images: int = 20_000, images: int = 1_000, formats=("fo
             for fmt in formats:
                 from_bucket = remote is not None and fmt != "folder"
                 files = [] if from_bucket else dataset_files(roots[fmt], fmt)
-                threaded = read_threads if fmt == "litdata" and not from_bucket else (0,)
+                threaded = read_threads if fmt in ("folder", "litdata") and not from_bucket else (0,)
                 for n, threads in itertools.product(workers, threaded):
                     if from_bucket and cache == "cold":
                         shutil.rmtree(cache_dir, ignore_errors=True)

@@ -118,8 +118,8 @@ def main(argv=None) -> None:
                    help="--format: the packed formats read the generated pack uploaded there (data.root=s3://...; "
                         "credentials and endpoint from the AWS environment)")
     p.add_argument("--read-threads", type=int, nargs="+", default=[0], metavar="N",
-                   help="--format litdata: data.read_threads values to time (a batch's images read from the chunk "
-                        "files by N threads at once; 0: one after another)")
+                   help="--format folder / litdata: data.read_threads values to time (a batch's images read from "
+                        "disk by N threads at once; 0: one after another)")
     p.add_argument("--handover", action="store_true",
                    help="--format: only a gpu_decode worker's steps per image, each alone (read, shared-memory copy, "
                         "pickle), warm cache, on --images items of the generated set")
