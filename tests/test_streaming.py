@@ -71,7 +71,6 @@ def test_pack_verifies_and_reads_as_the_folder(packed):
     for i in (0, 7, 17):
         for dm in (fd, ld):
             torch.manual_seed(i), np.random.seed(i)
-            import random
             random.seed(i)
             dm.sample = dm.train_set[i]
         assert torch.equal(fd.sample[0], ld.sample[0]) and fd.sample[1] == ld.sample[1]
