@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import types
 from pathlib import Path
 
 import pytest
@@ -423,8 +424,16 @@ def test_a_cache_too_small_for_the_block_order_stops_before_training(s3, tmp_pat
         assert said in caplog.text
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - max(chunk_bytes), max(chunk_bytes)))
     with pytest.raises(RemoteError, match=r"data.cache_dir: .*train has room for .* MiB of chunks.*block order needs "
-                                          r"[\d.]+ MiB per process \(2 chunks.*larger local disk"):
+                                          r"[\d.]+ MiB for the node's 1 process\(es\) \(2 chunks each.*larger local"):
         module(url, tmp_path / "cache", shuffle="block", shuffle_window=1)
+    # a node's DDP processes share its disk: room for one process's chunks is not room for four
+    free = 3 * max(chunk_bytes)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(free * 10 // 9, 0, free))
+    dm = ImageNetDataModule(url, num_workers=0, batch_size=3, img_size=32, format="litdata",
+                            cache_dir=str(tmp_path / "cache"), shuffle="block", shuffle_window=1)
+    dm.trainer = types.SimpleNamespace(num_devices=4, world_size=4, global_rank=0)
+    with pytest.raises(RemoteError, match=r"for the node's 4 process\(es\)"):
+        dm.setup("fit")
     monkeypatch.setattr(shutil, "disk_usage", real)
     module(url, tmp_path / "cache")  # the uniform order downloads no chunk: no room needed
 

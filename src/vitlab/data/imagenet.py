@@ -472,8 +472,9 @@ class ImageNetDataModule(PackableDataModule):
                 if is_url(self.root) and not self.synthetic:
                     from vitlab.data.remote import check_cache_room
 
+                    on_node = self.trainer.num_devices if self.trainer is not None else 1  # DDP: a process each
                     log.info("data.cache_dir %s", check_cache_room(root / "train", [
-                        c["chunk_bytes"] for c in self.train_set.index["chunks"]], 2 * self.shuffle_window))
+                        c["chunk_bytes"] for c in self.train_set.index["chunks"]], 2 * self.shuffle_window, on_node))
             elif is_url(self.root) and not self.synthetic:
                 log.warning("data.root=%s in data.shuffle=uniform: each training image is fetched from the bucket "
                             "alone (a request an image); data.shuffle=block downloads whole chunks (a pack made "

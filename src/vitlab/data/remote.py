@@ -201,22 +201,23 @@ def make_room(folder: Path, size: int) -> None:
         usage = usage._replace(free=usage.free + freed)
 
 
-def check_cache_room(folder: Path, chunk_bytes: list[int], at_once: int) -> str:
-    """Before a block-order run downloads chunks into ``folder``: a process holds up to ``at_once``
-    chunks at a time (its window, and the next as they change over), so room for that many of the
-    largest, beside the twentieth of the disk ``make_room`` keeps free, is needed or the downloads
-    would delete each other (a ``RemoteError`` naming ``data.cache_dir``). Returns what the cache will
-    do: keep the whole split (the bucket read once per node) or download chunks again each epoch."""
+def check_cache_room(folder: Path, chunk_bytes: list[int], at_once: int, processes: int = 1) -> str:
+    """Before a block-order run downloads chunks into ``folder``: each of the node's ``processes`` holds
+    up to ``at_once`` chunks at a time (its window, and the next as they change over), so room for that
+    many of the largest, beside the twentieth of the disk ``make_room`` keeps free, is needed or the
+    downloads would delete each other (a ``RemoteError`` naming ``data.cache_dir``). Returns what the
+    cache will do: keep the whole split (the bucket read once per node) or download chunks again each
+    epoch."""
     folder.mkdir(parents=True, exist_ok=True)
     usage = shutil.disk_usage(folder)
     room = usage.free + sum(p.stat().st_size for p in folder.glob("*.bin")) - usage.total / 20
-    need, total = at_once * max(chunk_bytes, default=0), sum(chunk_bytes)
+    need, total = processes * at_once * max(chunk_bytes, default=0), sum(chunk_bytes)
     if room < need:
         raise RemoteError(f"data.cache_dir: {folder} has room for {mib(room)} of chunks (free space and chunks "
                           f"already there, less the twentieth of the disk kept free), and the block order needs "
-                          f"{mib(need)} per process ({at_once} chunks of up to {mib(max(chunk_bytes))}: "
-                          f"data.shuffle_window, twice; a node's processes each as much); set data.cache_dir to a "
-                          f"larger local disk")
+                          f"{mib(need)} for the node's {processes} process(es) ({at_once} chunks each of up to "
+                          f"{mib(max(chunk_bytes))}: data.shuffle_window, twice); set data.cache_dir to a larger "
+                          f"local disk")
     if room >= total:
         return f"{folder}: the {mib(total)} of chunks fit; the bucket is read once"
     return (f"{folder}: room for {mib(room)} of the {mib(total)} of chunks; the least recently downloaded make "
