@@ -266,24 +266,30 @@ def test_loader_bench_reads_from_a_bucket(s3, tmp_path):
 
 def test_chunk_cache_makes_room_least_recently_downloaded_first(tmp_path, monkeypatch):
     """Before a download that would leave under a twentieth of the disk free, the cache's oldest
-    chunks go (by download time) until it would not; nothing else in the folder is touched."""
+    chunks go (by download time), of any pack copied into it (a pack no longer read does not fill the
+    disk), until it would not; nothing else is touched."""
     import shutil
     from collections import namedtuple
 
     from vitlab.data import remote
 
-    for age, name in enumerate(("new.bin", "mid.bin", "old.bin")):
-        (tmp_path / name).write_bytes(b"x" * 100)
-        os.utime(tmp_path / name, (1_000_000 - age, 1_000_000 - age))
-    (tmp_path / "index.json").write_text("{}")
+    scope = tmp_path / "packed" / "s3"
+    new, old = scope / "data" / "inet" / "v2" / "train", scope / "other" / "inet" / "train"
+    assert remote.cache_scope("s3://data/inet/v2/train", new) == remote.cache_scope("s3://other/inet/train", old) == scope
+    for age, chunk in enumerate((new / "new.bin", new / "mid.bin", old / "old.bin")):
+        chunk.parent.mkdir(parents=True, exist_ok=True)
+        chunk.write_bytes(b"x" * 100)
+        os.utime(chunk, (1_000_000 - age, 1_000_000 - age))
+    (new / "index.json").write_text("{}")
+    (old / "old.bin.etag").write_text('"etag"')
     usage = namedtuple("usage", "total used free")
     free = {"now": 1000}  # total 10,000: 500 must stay free
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10_000, 10_000 - free["now"], free["now"]))
-    remote.make_room(tmp_path, 650)  # 1000 - 650 = 350 < 500: two chunks (200 bytes) make it 550
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", "new.bin"]
+    remote.make_room(scope, 650)  # 1000 - 650 = 350 < 500: two chunks (200 bytes) make it 550
+    assert sorted(p.name for p in new.iterdir()) == ["index.json", "new.bin"] and list(old.iterdir()) == []
     free["now"] = 5000
-    remote.make_room(tmp_path, 650)
-    assert (tmp_path / "new.bin").exists()
+    remote.make_room(scope, 650)
+    assert (new / "new.bin").exists()
 
 
 def test_a_chunk_deleted_between_download_and_open_is_downloaded_again(s3, packed, tmp_path, monkeypatch):
@@ -434,6 +440,16 @@ def test_a_cache_too_small_for_the_block_order_stops_before_training(s3, tmp_pat
     dm.trainer = types.SimpleNamespace(num_devices=4, world_size=4, global_rank=0)
     with pytest.raises(RemoteError, match=r"for the node's 4 process\(es\)"):
         dm.setup("fit")
+    # another pack's chunks in the same cache are room: making room deletes them
+    other = tmp_path / "cache" / "packed" / "s3" / "data" / "another" / "train" / "chunk-0-0.bin"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"\0" * (4 * max(chunk_bytes)))
+    free = max(chunk_bytes)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(free * 10 // 9, 0, free))
+    module(url, tmp_path / "cache", shuffle="block", shuffle_window=1)
+    other.unlink()
+    with pytest.raises(RemoteError, match=r"block order needs"):
+        module(url, tmp_path / "cache", shuffle="block", shuffle_window=1)
     monkeypatch.setattr(shutil, "disk_usage", real)
     module(url, tmp_path / "cache")  # the uniform order downloads no chunk: no room needed
 

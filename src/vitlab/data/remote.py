@@ -162,8 +162,7 @@ def fetch_chunk(url: str, path: Path, size: int, etag: str | None = None) -> Non
     and of the bucket's ``etag`` when given: a pack uploaded again to the same prefix replaces chunks
     of the same names, perhaps of the same sizes); one process of a node downloads it while the
     others wait for it (a file lock). Room is made first when the disk would keep less than a
-    twentieth free: this cache's least recently downloaded chunks go (a process that has one open
-    keeps reading it)."""
+    twentieth free: the least recently downloaded chunks of the cache's packs go (``make_room``)."""
     from filelock import FileLock
 
     if is_cached(path, size, etag):
@@ -171,7 +170,7 @@ def fetch_chunk(url: str, path: Path, size: int, etag: str | None = None) -> Non
     with FileLock(f"{path}.lock"):
         if is_cached(path, size, etag):
             return
-        make_room(path.parent, size)
+        make_room(cache_scope(url, path.parent), size)
         bucket(url).fetch(path.name, path)
         if etag is not None:
             tmp = stamp(path).with_name(f"{stamp(path).name}.tmp.{os.getpid()}")
@@ -190,9 +189,20 @@ def is_cached(path: Path, size: int, etag: str | None) -> bool:
     return etag is None or (stamp(path).exists() and stamp(path).read_text() == etag)
 
 
+def cache_scope(url: str, split_dir: Path) -> Path:
+    """The folder of every bucket pack's local copy in the cache that ``split_dir`` (the copy of the
+    split at ``url``) is in: ``<data.cache_dir>/packed/s3`` (``local_copy``'s layout). Making room
+    deletes chunks of any pack there, so the copies of packs no longer read do not fill the disk."""
+    parsed = urlparse(url)
+    parts = [parsed.netloc, *filter(None, parsed.path.split("/"))]
+    return split_dir.parents[len(parts) - 1]
+
+
 def make_room(folder: Path, size: int) -> None:
+    """Chunks under ``folder`` deleted, least recently downloaded first, until ``size`` more bytes
+    would leave a twentieth of the disk free (a process that has one open keeps reading it)."""
     usage = shutil.disk_usage(folder)
-    old = sorted(folder.glob("*.bin"), key=lambda p: p.stat().st_mtime)
+    old = sorted(folder.rglob("*.bin"), key=lambda p: p.stat().st_mtime)
     while old and usage.free - size < usage.total / 20:
         freed = old[0].stat().st_size
         chunk = old.pop(0)
@@ -202,15 +212,17 @@ def make_room(folder: Path, size: int) -> None:
 
 
 def check_cache_room(folder: Path, chunk_bytes: list[int], at_once: int, processes: int = 1) -> str:
-    """Before a block-order run downloads chunks into ``folder``: each of the node's ``processes`` holds
-    up to ``at_once`` chunks at a time (its window, and the next as they change over), so room for that
-    many of the largest, beside the twentieth of the disk ``make_room`` keeps free, is needed or the
-    downloads would delete each other (a ``RemoteError`` naming ``data.cache_dir``). Returns what the
-    cache will do: keep the whole split (the bucket read once per node) or download chunks again each
-    epoch."""
+    """Before a block-order run downloads chunks into ``folder`` (a split of a bucket pack's local
+    copy): each of the node's ``processes`` holds up to ``at_once`` chunks at a time (its window, and
+    the next as they change over), so room for that many of the largest, beside the twentieth of the
+    disk ``make_room`` keeps free, is needed or the downloads would delete each other (a
+    ``RemoteError`` naming ``data.cache_dir``). Room is free space and the cache's chunks of any pack
+    (``make_room`` deletes them). Returns what the cache will do: keep the whole split (the bucket read
+    once per node) or download chunks again each epoch."""
     folder.mkdir(parents=True, exist_ok=True)
     usage = shutil.disk_usage(folder)
-    room = usage.free + sum(p.stat().st_size for p in folder.glob("*.bin")) - usage.total / 20
+    cached = cache_scope(origin_of(folder.parent)["url"] + f"/{folder.name}", folder).rglob("*.bin")
+    room = usage.free + sum(p.stat().st_size for p in cached) - usage.total / 20
     need, total = processes * at_once * max(chunk_bytes, default=0), sum(chunk_bytes)
     if room < need:
         raise RemoteError(f"data.cache_dir: {folder} has room for {mib(room)} of chunks (free space and chunks "
