@@ -242,7 +242,7 @@ class VitlabDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir  # data.format=litdata with an s3:// data.root: the local copy and chunk cache
         if int(read_threads) < 0:
             raise ValueError(f"data.read_threads={read_threads}: expected a thread count >= 0")
-        self.read_threads = int(read_threads)  # data.format=litdata: a batch's items read at once from chunk files
+        self.read_threads = int(read_threads)  # a batch's images read at once (ImageNet's folder layout, chunk files)
         self.root = root
         self.synthetic = synthetic
         self.synthetic_root = synthetic_root
