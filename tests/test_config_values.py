@@ -34,6 +34,8 @@ def test_a_good_config_passes():
     ("data.batch_size", "two", "data.batch_size='two': expected an integer >= 1"),
     ("data.batch_size", 2.5, "expected an integer"),
     ("data.num_workers", -1, "data.num_workers=-1: expected an integer >= 0"),
+    ("data.read_threads", -1, "data.read_threads=-1: expected an integer >= 0"),
+    ("data.shuffle_window", 0, "data.shuffle_window=0: expected an integer >= 1"),
     ("data.synthetic", "yes", "data.synthetic='yes': expected true or false"),
     ("schedule.optimizer.lr", "fast", "schedule.optimizer.lr='fast': expected a number > 0"),
     ("schedule.optimizer.lr", 0, "schedule.optimizer.lr=0: expected a number > 0"),

@@ -106,6 +106,8 @@ RULES: dict[str, Any] = {
     "data.batch_size": _int(1),
     "data.val_batch_size": _int(1),
     "data.num_workers": _int(0),
+    "data.read_threads": _int(0),
+    "data.shuffle_window": _int(1),
     "data.synthetic": _bool,
     "data.smoke": _bool,
     "data.skip_corrupt": _bool,
