@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from support import call_in_children
 from vitlab.data.base import CorruptImageError
@@ -530,3 +531,31 @@ def test_read_threads_read_a_batch_of_files_at_once(pipeline, packed, tmp_path, 
     if pipeline != "gpu_decode":  # gpu_decode's workers read bytes only: the device decode names the item
         with pytest.raises(CorruptImageError, match=f"{broken}: cannot be decoded as an image"):
             threaded.__getitems__([0])
+
+
+def _item_with_extra_field(k: int, folder: str) -> dict:
+    files = sorted(Path(folder).rglob("*.JPEG"))
+    return {"index": k, "label": k % 3, "jpeg": files[k].read_bytes(), "extra": {"source": files[k].name}}
+
+
+def test_a_local_pack_in_another_layout_reads_through_litdata(packed, tmp_path):
+    """A split whose items the chunk reader does not read (here a nested field, as another packer may
+    write) is read through LitData's reader: the same JPEG bytes and labels as written, as images."""
+    from functools import partial
+
+    from litdata import optimize
+
+    from vitlab.data.streaming import PackedImages, PackedSplit
+
+    folder, _ = packed
+    out = tmp_path / "other"
+    optimize(partial(_item_with_extra_field, folder=str(folder)), list(range(5)), str(out), chunk_bytes="16KB",
+             num_workers=1)
+    items = PackedImages(out)
+    assert items.chunks is None and len(items) == 5
+    files = sorted(Path(folder).rglob("*.JPEG"))
+    for k in range(5):
+        jpeg, label = items.read(k)
+        assert bytes(jpeg) == files[k].read_bytes() and label == k % 3
+        assert items[k][0].size == Image.open(files[k]).size
+    assert PackedSplit(out)[2]["extra"] == {"source": files[2].name}

@@ -14,8 +14,9 @@ bytes are decoded here exactly as the folder reader decodes files, so the augmen
 beside the chunks (COCO's ``images.json`` tables and val JSON) likewise - an error names the shard
 or the file.
 
-``PackedSplit`` reads any packed split's items (dicts) by index: the COCO and ADE20K readers
-(``vitlab.data.coco.PackedCocoDataset``, ``vitlab.data.ade20k.PackedADE20KDataset``) build on it.
+``PackedSplit`` reads any packed split's items (dicts) by index: ``PackedImages`` and the COCO and
+ADE20K readers (``vitlab.data.coco.PackedCocoDataset``, ``vitlab.data.ade20k.PackedADE20KDataset``)
+build on it.
 """
 from __future__ import annotations
 
@@ -171,16 +172,16 @@ class ChunkFiles:
         self.fields = packed_fields(index)
         self.paths = [str(Path(split_dir) / c["filename"]) for c in chunks]
         self.names = [c["filename"] for c in chunks]
-        self.bucket_url, self.whole = bucket_url, False
+        self.bucket_url = bucket_url
         self.bytes = [c["chunk_bytes"] for c in chunks]
         self.sizes = [c["chunk_size"] for c in chunks]
         self.starts = list(itertools.accumulate(self.sizes, initial=0))
         # the smallest item: its leaf sizes and 8 bytes per int leaf (a header offering less is damaged)
         self.min_item = 4 * len(self.fields) + 8 * sum(t == "int" for _, t in self.fields)
-        # data.shuffle=block: a chunk's file is read ahead whole when first opened (the kernel reads it
-        # in large requests; the block order reads all its items soon). Not in the uniform order, which
-        # would read every chunk ahead for one item each.
-        self.read_ahead = False
+        # data.shuffle=block (read_whole_chunks): each chunk read whole when first needed - a file read
+        # ahead by the kernel in large requests, a bucket's chunk downloaded - as the block order reads all
+        # its items soon. Not in the uniform order, which would read every chunk for one item each.
+        self.whole = False
         self._for_this_process()
 
     def _for_this_process(self) -> None:
@@ -192,10 +193,9 @@ class ChunkFiles:
         self._max_open = len(self.paths) if self.in_place else open_files_limit(len(self.paths))
         self._pool, self._ready = None, {}  # read in place: this process's request threads, a batch's items
         self._leaf_sizes = struct.Struct(f"<{len(self.fields)}I")  # an item's first bytes
-        self._first_leaf = self._leaf_sizes.size
 
     def __getstate__(self):  # a spawned worker starts its own (no files, threads or buffers pickled)
-        return {k: v for k, v in self.__dict__.items() if k not in ("_open", "_pool", "_ready", "_leaf_sizes", "_first_leaf")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_open", "_pool", "_ready", "_leaf_sizes")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -203,8 +203,8 @@ class ChunkFiles:
 
     def read_whole_chunks(self) -> None:
         """Each chunk read whole when first needed (set before reading): a file read ahead, a bucket's
-        chunk downloaded (``whole``)."""
-        self.whole = self.read_ahead = True
+        chunk downloaded."""
+        self.whole = True
         self._for_this_process()
 
     @property
@@ -231,7 +231,7 @@ class ChunkFiles:
             os.close(self._open.popitem(last=False)[1][0])
         fd = None if self.in_place else self.open_chunk(k)
         if fd is not None:  # the block order reads the whole chunk soon; the uniform one an item here and there
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED if self.read_ahead else os.POSIX_FADV_RANDOM)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED if self.whole else os.POSIX_FADV_RANDOM)
         self._open[k] = fd, self.header(k, fd)
         return self._open[k]
 
@@ -293,7 +293,7 @@ class ChunkFiles:
         few), and with ``read_threads`` from chunk files in the uniform order (a shared filesystem's
         random reads take a millisecond or more; on a local disk's page cache threads cost more than
         they save, README). ``record`` then hands them out; a failed read fails there, for its own item."""
-        threads = REQUESTS_IN_FLIGHT if self.in_place else 0 if self.read_ahead else self.read_threads
+        threads = REQUESTS_IN_FLIGHT if self.in_place else 0 if self.whole else self.read_threads
         if not threads or not indices:
             return
         self._in_this_process()
@@ -332,7 +332,7 @@ class ChunkFiles:
             raise got
         k = bisect.bisect_right(self.starts, index) - 1
         buf = got if got is not None else self.read_item(k, index - self.starts[k])
-        view, at, out = memoryview(buf), self._first_leaf, {}
+        view, at, out = memoryview(buf), self._leaf_sizes.size, {}
         for (name, kind), size in zip(self.fields, self._leaf_sizes.unpack_from(buf)):
             out[name] = (INT64.unpack_from(buf, at)[0] if kind == "int"
                          else str(view[at:at + size], "utf-8") if kind == "str" else view[at:at + size])
@@ -360,25 +360,56 @@ def chunk_reader(split_dir: str | Path, index: dict, read_threads: int = 0) -> C
     return None
 
 
-class PackedImages(Dataset):
-    """(image, label) items of a packed split; ``loader(file-like, name)`` opens the JPEG bytes as
-    the folder reader opens files (``load_rgb``, or lazily for ``fast_decode``). Splits in pack's
-    layout are read by ``ChunkFiles``, others (local only) through LitData's ``StreamingDataset``."""
+class PackedSplit:
+    """The items (dicts of the fields ``python -m vitlab.data.pack`` wrote) of one packed split, by
+    index, read by ``ChunkFiles`` (a local split in another layout: LitData's ``StreamingDataset``);
+    an item that cannot be read is a ``CorruptImageError`` naming it."""
 
-    def __init__(self, split_dir: str | Path, transform=None, skip_corrupt: bool = False, lazy: bool = False,
-                 raw: bool = False, read_threads: int = 0):
-        self.split_dir, self.transform, self.skip_corrupt, self.lazy = str(split_dir), transform, skip_corrupt, lazy
-        self.raw = raw  # data.gpu_decode: the JPEG bytes as a uint8 tensor, decoded on the device
-        self._stream = None
+    def __init__(self, split_dir: str | Path, read_threads: int = 0):
+        self.split_dir, self._stream = str(split_dir), None
         self.index = json.loads((Path(split_dir) / "index.json").read_text())
         self._len = sum(c["chunk_size"] for c in self.index["chunks"])
         self.chunks = chunk_reader(split_dir, self.index, read_threads)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getstate__(self):
+        return {**self.__dict__, "_stream": None}
 
     @property
     def stream(self):
         if self._stream is None:  # opened in the process that reads (each loader worker its own)
             self._stream = open_stream(self.split_dir)
         return self._stream
+
+    def prefetch(self, indices: list[int]) -> None:
+        """A batch's items read at once where that pays (``ChunkFiles.prefetch``)."""
+        if self.chunks is not None:
+            self.chunks.prefetch(indices)
+
+    def record(self, index: int) -> dict:
+        """Item ``index``'s fields (from the chunks: bytes leaves as memoryviews of one buffer)."""
+        return self.chunks.record(index) if self.chunks is not None else self.stream[index]
+
+    def __getitem__(self, index: int) -> dict:
+        try:  # bytes leaves copied out of the item's buffer, as LitData gives them
+            return {k: bytes(v) if isinstance(v, memoryview) else v for k, v in self.record(index).items()}
+        except DatasetLayoutError:
+            raise  # a damaged chunk or an unreadable bucket is no item to skip
+        except (OSError, ValueError, KeyError, EOFError, struct.error) as err:
+            raise CorruptImageError(f"{self.split_dir} item {index}: cannot be read ({err})") from err
+
+
+class PackedImages(PackedSplit, Dataset):
+    """(image, label) items of a packed ImageNet split; the JPEG bytes are opened as the folder reader
+    opens files (``load_rgb``, or lazily for ``fast_decode``)."""
+
+    def __init__(self, split_dir: str | Path, transform=None, skip_corrupt: bool = False, lazy: bool = False,
+                 raw: bool = False, read_threads: int = 0):
+        super().__init__(split_dir, read_threads)
+        self.transform, self.skip_corrupt, self.lazy = transform, skip_corrupt, lazy
+        self.raw = raw  # data.gpu_decode: the JPEG bytes as a uint8 tensor, decoded on the device
 
     def read_whole_chunks(self) -> None:
         """``data.shuffle=block`` (it reads all of a chunk's items soon): each chunk read whole when
@@ -392,29 +423,19 @@ class PackedImages(Dataset):
         if self.chunks is not None:
             self.chunks.read_whole_chunks()
 
-    def __len__(self) -> int:
-        return self._len
-
     @property
     def block_sizes(self) -> list[int]:
         """Items per chunk, in index order (``data.shuffle=block``)."""
         return [c["chunk_size"] for c in self.index["chunks"]]
 
-    def __getstate__(self):
-        return {**self.__dict__, "_stream": None}
-
     def read(self, index: int) -> tuple:
         """(the JPEG bytes: a buffer, the label) of item ``index``."""
-        if self.chunks is not None:
-            item = self.chunks.record(index)
-            return item["jpeg"], item["label"]
-        item = self.stream[index]
+        item = self.record(index)
         return item["jpeg"], int(item["label"])
 
     def __getitems__(self, indices: list[int]) -> list:
         """A batch (the loader's fetch): its items read at once where that pays (``ChunkFiles.prefetch``)."""
-        if self.chunks is not None:
-            self.chunks.prefetch(indices)
+        self.prefetch(indices)
         return [self[i] for i in indices]
 
     def __getitem__(self, index: int):
@@ -441,40 +462,6 @@ def decode_rgb(data: bytes, name: str) -> Image.Image:
         return Image.open(io.BytesIO(data)).convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise CorruptImageError(f"{name}: cannot be decoded as an image ({err})") from err
-
-
-class PackedSplit:
-    """The items (dicts of the fields ``python -m vitlab.data.pack`` wrote) of one packed split, by
-    index; an item that cannot be read is a ``CorruptImageError`` naming it."""
-
-    def __init__(self, split_dir: str | Path, read_threads: int = 0):
-        self.split_dir, self._stream = str(split_dir), None
-        index = json.loads((Path(split_dir) / "index.json").read_text())
-        self._len = sum(c["chunk_size"] for c in index["chunks"])
-        self.chunks = chunk_reader(split_dir, index, read_threads)
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __getstate__(self):
-        return {**self.__dict__, "_stream": None}
-
-    def prefetch(self, indices: list[int]) -> None:
-        """A batch's items read at once where that pays (``ChunkFiles.prefetch``)."""
-        if self.chunks is not None:
-            self.chunks.prefetch(indices)
-
-    def __getitem__(self, index: int) -> dict:
-        try:
-            if self.chunks is not None:  # bytes leaves copied out of the item's buffer, as LitData gives them
-                return {k: bytes(v) if isinstance(v, memoryview) else v for k, v in self.chunks.record(index).items()}
-            if self._stream is None:  # opened in the process that reads (each loader worker its own)
-                self._stream = open_stream(self.split_dir)
-            return self._stream[index]
-        except DatasetLayoutError:
-            raise  # a damaged chunk or an unreadable bucket is no item to skip
-        except (OSError, ValueError, KeyError, EOFError, struct.error) as err:
-            raise CorruptImageError(f"{self.split_dir} item {index}: cannot be read ({err})") from err
 
 
 class PackableDataModule(VitlabDataModule):
