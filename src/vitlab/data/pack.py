@@ -25,7 +25,8 @@ the same pixels, the same augmentation). Items:
 
 Read with ``data.format=litdata data.root=<out>`` (``vitlab.data.streaming``): a directory (local or
 a bucket's file-system mount), or the packed directory uploaded whole to ``s3://bucket/prefix``
-(``vitlab.data.remote``: chunks streamed by LitData into a local cache).
+(``vitlab.data.remote``: each image read by a ranged GET, or in ``data.shuffle=block`` each chunk
+downloaded whole into a local cache).
 
 LitData rather than WebDataset: it is Lightning's own format, reads items by index (so the
 existing resumable sampler and the exact distributed split keep working unchanged: each process
