@@ -431,16 +431,17 @@ def test_format_bench_tiny(tmp_path, capsys):
 
 
 def test_handover_costs_tiny(tmp_path, capsys):
-    """--handover: a gpu_decode worker's steps per image (read, shared-memory copy, pickle) per format."""
+    """--handover: a gpu_decode batch's steps per image (read, into shared memory, pickle + unpickle, the
+    receiver's read) per format and way of handing over."""
     from vitlab.tools.bench.cli import main
 
     main(["--loader", "imagenet", "--format", "folder", "litdata", "--handover", "--images", "8", "--dataset-images",
           "8", "--image-size", "48", "36", "--data-dir", str(tmp_path)])
-    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in capsys.readouterr().out.splitlines()
-            if line.startswith(("folder ", "litdata "))}
-    assert set(rows) == {"folder", "litdata"}
-    for read, copy, pickle, total in rows.values():
-        assert min(read, copy, pickle) > 0 and total == pytest.approx(read + copy + pickle, abs=0.2)
+    rows = {tuple(line.split()[:3]): [float(v) for v in line.split()[3:]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith(("folder ", "litdata "))}
+    assert set(rows) == {(fmt, *way.split()) for fmt in ("folder", "litdata") for way in ("new block", "ring slot")}
+    for *steps, total in rows.values():
+        assert len(steps) == 4 and min(steps) > 0 and total == pytest.approx(sum(steps), abs=0.3)
 
 
 def test_workers_needed_takes_the_most_workers_timed():

@@ -63,12 +63,51 @@ class DatasetInfo:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
+# A loader worker hands each tensor of a batch to the training process in a shared-memory block of
+# its own, passed as a file descriptor over a socket (torch.multiprocessing's reduction): ~0.5 ms of
+# CPU per tensor on the two sides together here, whatever its size (README "Data at scale"). A
+# batch's small tensors (targets, counts, byte lengths, a detection target's boxes and labels) are
+# therefore pickled with the batch itself; large ones (images, masks) keep shared memory.
+SMALL_TENSOR_BYTES = 1 << 18
+
+
+def _tensor_from(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(array)
+
+
+class _ByValue:
+    """A small tensor pickled as its values (a numpy array) instead of a shared-memory block."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def __reduce__(self):
+        return _tensor_from, (self.tensor.numpy(),)
+
+
+def _small_by_value(t: torch.Tensor):
+    if t.nbytes > SMALL_TENSOR_BYTES or t.device.type != "cpu" or t.requires_grad or t.dtype == torch.bfloat16:
+        return t  # (numpy has no bfloat16; nothing here hands one over)
+    return _ByValue(t)
+
+
+def reduce_batch(batch: tuple):
+    """``__reduce__`` of the batch types: the fields, their small tensors by value (see above)."""
+    from lightning_utilities.core.apply_func import apply_to_collection
+
+    return type(batch), tuple(apply_to_collection(field, torch.Tensor, _small_by_value) for field in batch)
+
+
 class ImageBatch(NamedTuple):
     """Classification: a stacked image tensor, integer targets, and how many files were skipped."""
 
     images: torch.Tensor
     targets: torch.Tensor
     skipped: torch.Tensor
+
+    __reduce__ = reduce_batch
 
 
 class DetectionBatch(NamedTuple):
@@ -77,6 +116,8 @@ class DetectionBatch(NamedTuple):
     images: list[torch.Tensor]
     targets: list[dict]
     skipped: torch.Tensor
+
+    __reduce__ = reduce_batch
 
 
 class SegmentationBatch(NamedTuple):
@@ -88,6 +129,8 @@ class SegmentationBatch(NamedTuple):
     names: list[str]
     skipped: torch.Tensor
 
+    __reduce__ = reduce_batch
+
 
 class PredictBatch(NamedTuple):
     """``predict.py``: images as the evaluation transform leaves them (each its own size), the decoded
@@ -96,6 +139,8 @@ class PredictBatch(NamedTuple):
     images: list[torch.Tensor]
     originals: list[torch.Tensor]
     paths: list[str]
+
+    __reduce__ = reduce_batch
 
 
 class EpochSampler(DistributedSampler):
@@ -337,16 +382,17 @@ class VitlabDataModule(L.LightningDataModule):
         return (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
 
     def make_loader(self, dataset: Dataset, train: bool, collate_fn=None, batch_size: int | None = None,
-                    sampler: DistributedSampler | None = None) -> DataLoader:
+                    sampler: DistributedSampler | None = None, pin_memory: bool | None = None) -> DataLoader:
         """Training: torchdata's ``StatefulDataLoader``, whose position in the epoch Lightning saves in
         checkpoints, so a run resumed mid-epoch sees exactly the batches it had not seen; an
         epoch-seeded sampler (Lightning calls set_epoch) makes the order a function of (seed, epoch),
         and the loader's own generator keeps its iterator from drawing on the global RNG (which the
         checkpoint restores for the model's dropout, drop-path and mixup). Evaluation: every image
-        exactly once over the processes."""
+        exactly once over the processes. ``pin_memory``: default, where a GPU is."""
         world, rank = self.world()
+        pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         common = dict(batch_size=batch_size or self.batch_size, num_workers=self.num_workers, collate_fn=collate_fn,
-                      persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+                      persistent_workers=self.num_workers > 0, pin_memory=pin_memory)
         if not train:
             return DataLoader(dataset, sampler=EvalDistributedSampler(dataset, world, rank), shuffle=False, **common)
         if sampler is None:

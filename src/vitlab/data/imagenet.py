@@ -11,6 +11,7 @@ as timm's own ``PrefetchLoader`` does); mixup / cutmix already run there (the ta
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -44,6 +45,9 @@ from vitlab.data.report import EMPTY, IGNORED_FILE, MISSING, UNDECODABLE, DataRe
 log = logging.getLogger(__name__)  # a child of "vitlab": same handlers
 
 IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+# data.gpu_decode's shared batch slots (gpu_decode.ByteRing): room per image of a batch. ImageNet's JPEGs
+# average ~110 KB; a batch that does not fit (rare) is handed over in a block of its own
+RING_BYTES_PER_IMAGE = 192 << 10
 
 
 def has_image_suffix(path: str) -> bool:
@@ -524,11 +528,21 @@ class ImageNetDataModule(PackableDataModule):
             return self.make_loader(self.train_set, train=True, collate_fn=self.train_collate(), sampler=sampler)
         return self.make_loader(self.train_set, train=True, collate_fn=self.train_collate())
 
+    def make_loader(self, dataset, train: bool, collate_fn=None, **kwargs) -> DataLoader:
+        # gpu_decode: decode_jpeg reads the batch's bytes on the host; pinning them would copy them for nothing
+        pin = False if train and self.gpu_decode else None
+        return super().make_loader(dataset, train, collate_fn=collate_fn, pin_memory=pin, **kwargs)
+
     def train_collate(self):
         if self.gpu_decode:
-            from vitlab.data.gpu_decode import collate_bytes
+            from vitlab.data.gpu_decode import ByteRing, collate_bytes
 
-            return collate_bytes
+            if not self.num_workers:
+                return collate_bytes
+            # the workers' batches of bytes go into shared slots made here, before the workers start:
+            # prefetch_factor (2) batches in flight per worker, one held ahead by Lightning, one decoding
+            self._byte_ring = ByteRing(self.num_workers, slots=4, slot_bytes=self.batch_size * RING_BYTES_PER_IMAGE)
+            return functools.partial(collate_bytes, ring=self._byte_ring)
         return collate_skipping
 
     def val_dataloader(self) -> DataLoader:

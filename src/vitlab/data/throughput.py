@@ -23,6 +23,7 @@ import itertools
 import math
 import multiprocessing
 import os
+import pickle
 import resource
 import shutil
 import statistics
@@ -156,16 +157,23 @@ def gpu_decode_rate(folder: Path, device: str, batch: int = 128, rounds: int = 3
     return statistics.median(rates)
 
 
-def handover_costs(root: Path, fmt: str, images: int, batch: int = 32) -> dict[str, float]:
-    """CPU microseconds per image of a loader worker's steps for ``data.gpu_decode``, each timed alone
-    in this process (one torch thread) on ``images`` training items in a shuffled order: reading the
-    bytes (the format's part), copying a batch into a new shared-memory block (``collate_bytes`` as
-    in a worker: the block's page faults), pickling the batch for the worker's queue."""
+HANDOVER_STEPS = ("read", "into shared memory", "pickle + unpickle", "receiver reads")
+
+
+def handover_costs(root: Path, fmt: str, images: int, batch: int = 32, ring: bool = True) -> dict[str, float]:
+    """CPU microseconds per image of a ``data.gpu_decode`` batch's way from a loader worker to the
+    training process, each step timed alone in this process (one torch thread) on ``images`` training
+    items in a shuffled order: reading the bytes (the format's part), writing the batch into shared
+    memory (``ring``: a slot of the ``ByteRing`` the training loader uses, else a new block as torch's
+    collate makes: its pages faulted in), pickling and unpickling it as the worker's queue does (a
+    new block: its file descriptor passed over a socket), the training process reading it as the
+    decoder does (one byte a page: a new block's page faults again) and giving its slot back."""
     from multiprocessing import resource_sharer
     from multiprocessing.reduction import ForkingPickler
 
     import torch.multiprocessing  # noqa: F401 -- registers the shared-memory reductions the queue uses
-    from vitlab.data.gpu_decode import collate_bytes
+    from vitlab.data.gpu_decode import ByteRing, collate_bytes
+    from vitlab.data.imagenet import RING_BYTES_PER_IMAGE
 
     if fmt == "litdata-block":
         fmt = "litdata"  # the same reads; the order does not change a warm read's CPU
@@ -173,22 +181,26 @@ def handover_costs(root: Path, fmt: str, images: int, batch: int = 32) -> dict[s
                             auto_augment=None, color_jitter=0)
     dm.setup("fit")
     warm(dataset_files(root, fmt))
+    slots = ByteRing(1, slots=4, slot_bytes=batch * RING_BYTES_PER_IMAGE) if ring else None
     order = torch.randperm(len(dm.train_set), generator=torch.Generator().manual_seed(0)).tolist()[:images]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    spent = dict.fromkeys(("read", "shared-memory copy", "pickle"), 0.0)
+    spent = dict.fromkeys(HANDOVER_STEPS, 0.0)
     try:
         for start in range(0, len(order), batch):
             t0 = time.process_time()
             items = [dm.train_set[i] for i in order[start:start + batch]]
             t1 = time.process_time()
-            collated = collate_bytes(items, shared=True)
+            collated = collate_bytes(items, shared=True, ring=slots, worker=0)
             t2 = time.process_time()
-            ForkingPickler.dumps(collated)
+            arrived = pickle.loads(ForkingPickler.dumps(collated))
             t3 = time.process_time()
-            for key, dt in zip(spent, (t1 - t0, t2 - t1, t3 - t2)):
+            arrived.images.bytes()[::4096].sum()
+            arrived.images.release()
+            t4 = time.process_time()
+            for key, dt in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 spent[key] += dt
-            del collated
+            del collated, arrived
             if start // batch % 100 == 99:
                 resource_sharer.stop()  # the shared blocks' descriptors, kept for a receiver that never asks
     finally:
@@ -197,12 +209,13 @@ def handover_costs(root: Path, fmt: str, images: int, batch: int = 32) -> dict[s
     return {key: 1e6 * value / len(order) for key, value in spent.items()}
 
 
-def format_handover_table(costs: dict[str, dict[str, float]]) -> str:
-    head = f"{'format':<13} {'read':>6} {'shared-memory copy':>19} {'pickle':>7} {'total':>7}  (CPU us per image)"
+def format_handover_table(costs: dict[tuple[str, str], dict[str, float]]) -> str:
+    head = (f"{'format':<13} {'hand-over':<10} " + " ".join(f"{step:>{max(len(step), 6)}}" for step in HANDOVER_STEPS)
+            + f" {'total':>7}  (CPU us per image)")
     lines = [head, "-" * len(head)]
-    for fmt, c in costs.items():
-        lines.append(f"{fmt:<13} {c['read']:>6.1f} {c['shared-memory copy']:>19.1f} {c['pickle']:>7.1f} "
-                     f"{sum(c.values()):>7.1f}")
+    for (fmt, way), c in costs.items():
+        lines.append(f"{fmt:<13} {way:<10} " + " ".join(f"{c[step]:>{max(len(step), 6)}.1f}" for step in HANDOVER_STEPS)
+                     + f" {sum(c.values()):>7.1f}")
     return "\n".join(lines)
 
 
@@ -271,7 +284,8 @@ def time_loader(root: Path | str, fmt: str, workers: int, images: int, batch: in
     """(wall s, CPU s of this process + workers, images) for the first ``images`` training images of
     a shuffled epoch through the DataModule's own training loader (``litdata-block``: the packed
     format in ``data.shuffle=block``'s order; ``root`` may be an ``s3://`` pack, ``cache_dir`` its
-    ``data.cache_dir``)."""
+    ``data.cache_dir``). With ``gpu_decode`` this process also reads each batch's bytes once (one byte
+    a page, as the decoder reads them: the hand-over's cost on the receiving side)."""
     from vitlab.data.imagenet import ImageNetDataModule
 
     extra = dict(auto_augment=None, color_jitter=0) if gpu_decode else {}
@@ -289,9 +303,14 @@ def time_loader(root: Path | str, fmt: str, workers: int, images: int, batch: in
     it = iter(loader)
     while seen < images:
         try:
-            seen += len(next(it).targets)
+            batch = next(it)
         except StopIteration:
             break
+        seen += len(batch.targets)
+        if gpu_decode:  # the training process reads the bytes as the decoder does (a byte a page), then gives them back
+            batch.images.bytes()[::4096].sum()
+            batch.images.release()
+    batch = None
     wall = time.perf_counter() - t0
     del it, loader  # the workers end and are joined here: their CPU time counts from now on
     # a worker the loader had to terminate (one blocked in a download) is not joined by it: reaped here,

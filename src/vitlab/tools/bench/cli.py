@@ -121,8 +121,10 @@ def main(argv=None) -> None:
                    help="--format folder / litdata: data.read_threads values to time (a batch's images read from "
                         "disk by N threads at once; 0: one after another)")
     p.add_argument("--handover", action="store_true",
-                   help="--format: only a gpu_decode worker's steps per image, each alone (read, shared-memory copy, "
-                        "pickle), warm cache, on --images items of the generated set")
+                   help="--format: only a gpu_decode batch's steps per image from worker to training process, each "
+                        "alone (read, into shared memory, pickle + unpickle, receiver reads), through the loader's "
+                        "shared slots and through a new block per batch, warm cache, on --images items of the "
+                        "generated set")
     p.add_argument("--model", default=None, metavar="NAME",
                    help="--format: also time this model's training step (--device, --precision, --batch, --input, "
                         "--steps, --rounds) and print the loader workers per device that feed it")
@@ -176,9 +178,10 @@ def main(argv=None) -> None:
             folder = generate("imagenet", bench_dir(args.data_dir), args.dataset_images, args.image_size)
             packed = packed_copy(folder)
             roots = {"folder": folder, "litdata": packed, "litdata-block": packed}
-            costs = {fmt: handover_costs(roots[fmt], fmt, args.images) for fmt in args.format}
+            costs = {(fmt, way): handover_costs(roots[fmt], fmt, args.images, ring=way == "ring slot")
+                     for fmt in args.format for way in ("new block", "ring slot")}
             print(f"loader=imagenet dataset={args.dataset_images} images={args.images}, batches of 32, warm cache: "
-                  f"a data.gpu_decode loader worker's steps, each timed alone in one process")
+                  f"a data.gpu_decode batch's steps from loader worker to training process, each timed alone")
             print(format_handover_table(costs))
             return
         rows = format_bench(args.dataset_images, args.images, args.format, args.workers, batch=32,
