@@ -452,3 +452,22 @@ def self_signed(folder: Path) -> tuple[str, str]:
     (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                        serialization.NoEncryption()))
     return str(folder / "cert.pem"), str(folder / "key.pem")
+
+
+def timm_float_pipeline(dm):
+    """timm's DeiT training transform as timm builds it without its prefetcher (float32, normalised
+    in the transform; no random erasing), with ``dm``'s options: the independent reference for the
+    DataModule's uint8 form + normalisation after the transfer. Apply it to ``pil_rgb(path)``."""
+    from timm.data import create_transform
+
+    return create_transform(dm.img_size, is_training=True, scale=dm.scale, hflip=dm.hflip, color_jitter=dm.color_jitter,
+                            auto_augment=dm.auto_augment, interpolation=dm.interpolation, re_prob=0.0,
+                            use_prefetcher=False)
+
+
+def pil_rgb(path):
+    """An image file as torchvision's ImageFolder loader gives it to a transform."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        return Image.open(f).convert("RGB")

@@ -118,7 +118,8 @@ def test_loader_bench_on_generated_data_in_the_real_formats(kind, size, tmp_path
     rows = loader_bench(kind, images=4, rounds=2, fast_decode=kind == "imagenet", data_dir=str(tmp_path), size=size)
     assert set(timed_on) == {1} and torch.get_num_threads() == 2
     names = [r.name for r in rows]
-    assert names == (["default", "fast_decode", "fast_decode: device part"] if kind == "imagenet" else ["default"])
+    assert names == (["default", "fast_decode", "default: device part", "fast_decode: device part"]
+                     if kind == "imagenet" else ["default"])
     assert all(len(r.rounds) == 2 and r.images_per_s > 0 for r in rows)
     assert (tmp_path / "bench" / f"{kind}_{size[0]}x{size[1]}_4" / ".complete").exists()
     assert format_loader_table(rows).splitlines()[2].startswith("default")
@@ -203,11 +204,24 @@ def test_gpu_suite_runs_every_item_tiny_on_the_cpu_and_says_so(tmp_path, capsys,
     assert busy == sorted(busy, reverse=True) and 0 < sum(busy) <= 100.5
     packed = next(r for r in rows if r["item"] == "packed imagenet")
     assert packed["status"] == "ok" and packed["images_s"] > 0
+    slots = next(r for r in rows if r["item"] == "gpu_decode slots")
+    assert slots["status"] == "ok" and "worst mean diff 0.00" in slots["model"], slots  # the same decoder on the CPU
     demo = next(r for r in rows if r["item"] == "lightning demo")
     assert demo["status"].startswith("finished: 2 steps, val/top1 "), demo["status"]  # debug=smoke: 2 steps
     loader = {r["model"]: r for r in rows if r["kind"] == "loader" and r["item"] == "loader imagenet"}
     assert loader["default"]["images_s"] > 0 and loader["fast_decode"]["images_s"] > 0
     assert loader["gpu_decode: device part"]["status"] == "ok" and loader["gpu_decode: device part"]["images_s"] > 0
+
+
+def test_gpu_decode_slots_item_fails_on_images_unlike_their_bytes(tmp_path, monkeypatch):
+    """The suite's slot check compares what the device decoded with the CPU's decode of the bytes: a
+    decoder reading bytes the workers already overwrote (here: an image of the wrong bytes) fails it."""
+    from vitlab.data import gpu_decode
+
+    real = gpu_decode.DeviceAugment.decode
+    monkeypatch.setattr(gpu_decode.DeviceAugment, "decode", lambda self, data, device: real(self, data[::-1], device))
+    row, = bench_suite.ring_decode(torch.device("cpu"), str(tmp_path), 32)
+    assert row.status.startswith("failed: worst mean difference"), row.status
 
 
 def test_gpu_suite_keeps_going_past_failures_and_writes_json_after_each_item(tmp_path, monkeypatch, capsys):

@@ -1,6 +1,7 @@
 """``data.fast_decode`` against the default ImageNet training pipeline (timm's DeiT transforms on PIL).
 
-The fast pipeline must draw the same augmentation (crop box, flip, RandAugment ops: with the same
+The default pipeline hands uint8 images over and normalises after the transfer: equal to timm's
+own float pipeline. The fast pipeline must draw the same augmentation (crop box, flip, RandAugment ops: with the same
 seeds it consumes the random streams exactly as the default does) and give statistically the same
 pixels, not bit-equal ones: reduced-scale JPEG decoding and torch's resize only change resampling.
 The device-side half (normalisation, random erasing) is checked against torchvision's Normalize.
@@ -15,7 +16,7 @@ import torch
 from PIL import JpegImagePlugin
 from torchvision.transforms import Normalize
 
-from support import FAST
+from support import FAST, pil_rgb, timm_float_pipeline
 from vitlab.data.base import IMAGENET_MEAN, IMAGENET_STD, ImageBatch
 from vitlab.data.imagenet import ImageNetDataModule, normalise_uint8
 from vitlab.data.synthetic import make_imagenet
@@ -29,10 +30,33 @@ def photos(tmp_path_factory):
     return make_imagenet(tmp_path_factory.mktemp("photos"), num_classes=2, num_train=4, num_val=1, size=640, height=480)
 
 
-def _train_set(root, fast: bool, **kwargs):
+def _module(root, fast: bool, **kwargs):
     dm = ImageNetDataModule(str(root), num_workers=0, fast_decode=fast, reprob=0.0, **kwargs)
     dm.setup("fit")
-    return dm.train_set
+    return dm
+
+
+def _train_set(root, fast: bool, **kwargs):
+    return _module(root, fast, **kwargs).train_set
+
+
+@pytest.mark.parametrize("options", [{}, dict(auto_augment=None, color_jitter=0.4)])
+def test_default_pipeline_is_timms_float_pipeline_with_the_normalisation_after_the_transfer(photos, options):
+    """The default training pipeline hands uint8 images over (timm's prefetcher form): the worker's
+    part, then the DataModule's after-transfer normalisation, gives timm's own float pipeline's
+    pixels (ToTensor + Normalize in the transform) draw for draw: RandAugment (the default) or colour
+    jitter, crop and flip, the same random streams."""
+    dm = _module(photos, False, img_size=64, **options)
+    reference = timm_float_pipeline(dm)
+    for i in range(len(dm.train_set)):
+        for s in range(6):
+            _seed(s)
+            image, label = dm.train_set[i]
+            _seed(s)
+            expected = reference(pil_rgb(dm.train_set.samples[i][0]))
+            assert image.dtype == torch.uint8 and label == dm.train_set.samples[i][1]
+            got = dm.on_after_batch_transfer(ImageBatch(image[None], torch.tensor([label]), torch.tensor(0)), 0)
+            torch.testing.assert_close(got.images[0], expected, atol=1e-5, rtol=0)
 
 
 def _seed(s: int) -> None:  # the streams timm's pipeline draws from: crop (random), flip (torch), RandAugment (numpy, random)
@@ -54,11 +78,13 @@ def test_same_draws_give_the_default_pixels_up_to_resampling(photos, scale, monk
 
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
     default, fast = _train_set(photos, False, scale=scale), _train_set(photos, True, scale=scale)
+    reference = timm_float_pipeline(_module(photos, False, scale=scale))  # timm's float pipeline on PIL
     diffs, pixels_default, pixels_fast = [], [], []
     for i in range(len(default)):
         for s in range(10):
             _seed(s)
-            expected, label = default[i]
+            path, label = default.samples[i]
+            expected = reference(pil_rgb(path))
             _seed(s)
             image, fast_label = fast[i]
             assert image.dtype == torch.uint8 and image.shape == (3, 224, 224) and fast_label == label

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from support import pil_rgb, timm_float_pipeline
 from vitlab.data.base import ImageBatch
 from vitlab.data.gpu_decode import collate_bytes
 from vitlab.data.imagenet import ImageNetDataModule
@@ -45,11 +46,13 @@ def test_same_draws_as_the_cpu_pipeline(folder, device):
     gpu = ImageNetDataModule(str(folder), gpu_decode=True, **PLAIN)
     cpu.setup("fit"), gpu.setup("fit")
     std = torch.tensor(cpu.info.std).view(3, 1, 1) * 255
+    reference = timm_float_pipeline(cpu)  # timm's own float pipeline, PIL-decoded
     flips = 0
     for seed in range(16):
         i = seed % len(cpu.train_set)
         seeded(seed)
-        expected, label = cpu.train_set[i]
+        path, label = cpu.train_set.samples[i]
+        expected = reference(pil_rgb(path))
         seeded(seed)
         batch = to_device(gpu, collate_bytes([gpu.train_set[i]]), device)
         assert batch.targets.tolist() == [label] and batch.images.device.type == device

@@ -5,6 +5,7 @@ decoded. Checked with real DataLoader workers: every byte arrives as written whi
 keeps writing the next batches (a slot reused too early would show here)."""
 from __future__ import annotations
 
+import copy
 import functools
 import pickle
 from multiprocessing.reduction import ForkingPickler
@@ -56,6 +57,18 @@ def test_small_tensors_travel_with_the_batch_and_large_ones_in_shared_memory():
             assert b.dtype == a.dtype and b.shape == a.shape and torch.equal(a, b)
             assert b.is_shared() == (a.nbytes > SMALL_TENSOR_BYTES), (a.shape, a.dtype)
             b.copy_(b)  # writable, as a tensor from shared memory is
+
+
+def test_copies_of_a_batch_hold_tensors():
+    """The batch types' pickling (above) also serves copy.copy / copy.deepcopy: a shallow copy holds the
+    same tensors, a deep one equal new ones; neither holds the wrappers pickling uses."""
+    batch = DetectionBatch([torch.rand(3, 4, 4)], [{"boxes": torch.rand(2, 4), "labels": torch.tensor([1, 2])}],
+                           torch.tensor(0))
+    shallow, deep = copy.copy(batch), copy.deepcopy(batch)
+    assert type(shallow) is type(deep) is DetectionBatch
+    assert shallow.targets[0]["boxes"] is batch.targets[0]["boxes"] and shallow.skipped is batch.skipped
+    for a, b in zip(leaves(batch), leaves(deep)):
+        assert isinstance(b, torch.Tensor) and b is not a and torch.equal(a, b)
 
 
 class Numbered(Dataset):

@@ -205,7 +205,7 @@ def test_gpu_decode_loader_with_a_worker_hands_over_the_files(packed, monkeypatc
 
     parts = [torch.arange(5, dtype=torch.uint8), torch.arange(3, dtype=torch.uint8)]
     assert not gpu_decode.collate_bytes([(p, 0) for p in parts]).images.data.is_shared()
-    monkeypatch.setattr(gpu_decode, "get_worker_info", lambda: object())  # as in a loader worker
+    monkeypatch.setattr(gpu_decode, "get_worker_info", lambda: type("Info", (), {"id": 0})())  # as in loader worker 0
     in_worker = gpu_decode.collate_bytes([(p, 0) for p in parts]).images
     assert in_worker.data.is_shared() and in_worker.data.tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
     monkeypatch.undo()

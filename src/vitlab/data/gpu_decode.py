@@ -152,9 +152,9 @@ def collate_bytes(batch, shared: bool | None = None, ring: ByteRing | None = Non
     info = get_worker_info()
     if shared is None:
         shared = info is not None
-    if worker is None and info is not None:
-        worker = info.id
-    slot = ring.claim(nbytes, worker) if data and shared and ring is not None and worker is not None else None
+    slot = None
+    if data and shared and ring is not None and (worker is not None or info is not None):
+        slot = ring.claim(nbytes, info.id if worker is None else worker)
     if slot is not None:
         torch.cat(data, out=slot.tensor())
         return ImageBatch(JpegBytes(slot, lengths), targets, skipped)

@@ -3,11 +3,14 @@
 Transforms, mixup/cutmix and the repeated-augmentation sampler are timm's: the
 DeiT recipe the papers train with is exactly what timm implements.
 
+Training batches leave the loader workers as uint8 images (timm's ``use_prefetcher`` form, its
+train.py's default); normalisation + random erasing run on the device after the transfer
+(``on_after_batch_transfer``, as timm's own ``PrefetchLoader`` does); mixup / cutmix already run
+there (the task).
+
 ``fast_decode``: the same augmentation, cheaper for the loader workers (``python -m vitlab.tools.bench
 --loader imagenet --fast-decode`` shows the images/s): JPEGs are decoded at a reduced DCT scale
-where the random crop allows it and resized by torch (``FastRandomResizedCrop``), workers hand over uint8 images, and
-normalisation + random erasing run on the device after the transfer (``on_after_batch_transfer``,
-as timm's own ``PrefetchLoader`` does); mixup / cutmix already run there (the task).
+where the random crop allows it and resized by torch (``FastRandomResizedCrop``).
 """
 from __future__ import annotations
 
@@ -403,8 +406,11 @@ class ImageNetDataModule(PackableDataModule):
         return self._info
 
     def train_transform(self):
-        """timm's DeiT pipeline; with ``fast_decode`` the same up to uint8 tensors (timm's
-        ``use_prefetcher`` form) with the draft-decoding crop: the rest runs on the device."""
+        """timm's DeiT pipeline in timm's ``use_prefetcher`` form (its train.py's default): the workers'
+        part ends with uint8 tensors, and normalisation and random erasing run where the batch lands
+        (``on_after_batch_transfer``, on the device), so a worker hands over a quarter of the bytes of
+        float32 images (150 KB, not 600 KB, an image at 224: README "Data at scale"). With
+        ``fast_decode`` the crop decodes JPEGs at a reduced scale where it can."""
         transform = create_transform(
             self.img_size,
             is_training=True,
@@ -415,7 +421,7 @@ class ImageNetDataModule(PackableDataModule):
             interpolation=self.interpolation,
             re_prob=self.reprob,
             re_mode="pixel",
-            use_prefetcher=self.fast_decode,
+            use_prefetcher=True,
         )
         if self.fast_decode:
             crop = transform.transforms[0]
@@ -441,8 +447,8 @@ class ImageNetDataModule(PackableDataModule):
         return ImageBatch(images, targets.to(device, non_blocking=True), (batch.skipped + dropped).to(device))
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """``fast_decode`` and ``gpu_decode``: training batches arrive as uint8 on the device;
-        normalise them and apply timm's random erasing (per image, as in a worker) here."""
+        """Training batches arrive as uint8 on the device (every pipeline: ``train_transform``,
+        ``gpu_decode``); normalise them and apply timm's random erasing (per image, as in a worker) here."""
         if not isinstance(batch, ImageBatch) or batch.images.dtype != torch.uint8:
             return batch
         images = normalise_uint8(batch.images, IMAGENET_MEAN, IMAGENET_STD)
@@ -516,22 +522,18 @@ class ImageNetDataModule(PackableDataModule):
                 f"(or data.shuffle=uniform)")
 
     def train_dataloader(self) -> DataLoader:
+        sampler = None  # make_loader's: epoch-seeded uniform order
         if self.shuffle == "block":
             world, rank = self.world()
             sampler = BlockShuffleSampler(self.train_set, block_sizes(self.train_set), self.shuffle_window,
                                           num_replicas=world, rank=rank, seed=self.seed)
-            return self.make_loader(self.train_set, train=True, collate_fn=self.train_collate(), sampler=sampler)
-        if self.repeated_aug:
+        elif self.repeated_aug:
             world, rank = self.world()
             # timm's RA sampler repeats each image 3x across ranks (DeiT)
             sampler = DistributedRepeatAugSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True)
-            return self.make_loader(self.train_set, train=True, collate_fn=self.train_collate(), sampler=sampler)
-        return self.make_loader(self.train_set, train=True, collate_fn=self.train_collate())
-
-    def make_loader(self, dataset, train: bool, collate_fn=None, **kwargs) -> DataLoader:
         # gpu_decode: decode_jpeg reads the batch's bytes on the host; pinning them would copy them for nothing
-        pin = False if train and self.gpu_decode else None
-        return super().make_loader(dataset, train, collate_fn=collate_fn, pin_memory=pin, **kwargs)
+        return self.make_loader(self.train_set, train=True, collate_fn=self.train_collate(), sampler=sampler,
+                                pin_memory=False if self.gpu_decode else None)
 
     def train_collate(self):
         if self.gpu_decode:

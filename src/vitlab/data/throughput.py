@@ -78,21 +78,19 @@ def generate(kind: str, root: Path, images: int, size: tuple[int, int] | None = 
     return folder
 
 
-def datasets(kind: str, folder: Path, fast_decode: bool):
-    """{row name: training dataset} with the DataModules' default training transforms."""
+def datasets(kind: str, folder: Path, fast_decode: bool) -> dict:
+    """{row name: DataModule} with the DataModules' default training transforms, set up."""
     if kind == "imagenet":
         out = {}
         for fast in (False, True) if fast_decode else (False,):
-            dm = ImageNetDataModule(str(folder), num_workers=0, fast_decode=fast)
-            dm.setup("fit")
-            out["fast_decode" if fast else "default"] = dm
-        return {name: dm.train_set for name, dm in out.items()}, out.get("fast_decode")
-    if kind == "coco":
-        dm = CocoDataModule(str(folder), num_workers=0, with_masks=True)
+            out["fast_decode" if fast else "default"] = ImageNetDataModule(str(folder), num_workers=0, fast_decode=fast)
+    elif kind == "coco":
+        out = {"default": CocoDataModule(str(folder), num_workers=0, with_masks=True)}
     else:
-        dm = ADE20KDataModule(str(folder), num_workers=0)
-    dm.setup("fit")
-    return {"default": dm.train_set}, None
+        out = {"default": ADE20KDataModule(str(folder), num_workers=0)}
+    for dm in out.values():
+        dm.setup("fit")
+    return out
 
 
 def _time_samples(dataset, images: int, offset: int) -> tuple[float, list]:
@@ -105,32 +103,31 @@ def _time_samples(dataset, images: int, offset: int) -> tuple[float, list]:
 
 def loader_bench(kind: str, images: int = 64, rounds: int = 5, fast_decode: bool = False,
                  data_dir: str | None = None, size: tuple[int, int] | None = None) -> list[LoaderRow]:
+    """Images per CPU-second of each training pipeline's worker part (``dataset[i]``) and, for ImageNet
+    (whose batches leave the workers as uint8), of its part after the transfer (normalisation and
+    random erasing: on the device in a run, timed here on the CPU)."""
     if fast_decode and kind != "imagenet":
         raise SystemExit("--fast-decode applies to --loader imagenet (data.fast_decode is an ImageNet option)")
     folder = generate(kind, bench_dir(data_dir), images, size)
-    sets, fast_module = datasets(kind, folder, fast_decode)
-    rows = {name: LoaderRow(name) for name in sets}
-    device_row = LoaderRow("fast_decode: device part") if fast_module is not None else None
+    modules = datasets(kind, folder, fast_decode)
+    rows = {name: LoaderRow(name) for name in modules}
+    device_rows = {name: LoaderRow(f"{name}: device part") for name in modules} if kind == "imagenet" else {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a loader worker: per core (16 threads read 12 img/s on a 16-core host)
     try:
-        _rounds(sets, rows, device_row, fast_module, images, rounds)
+        for r in range(rounds):
+            for name, dm in modules.items():  # interleaved: every pipeline sees the same machine load
+                rate, samples = _time_samples(dm.train_set, images, r * images)
+                rows[name].rounds.append(rate)
+                if name in device_rows:
+                    batch = ImageBatch(torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples]),
+                                       torch.tensor(0))
+                    start = time.process_time()
+                    dm.on_after_batch_transfer(batch, 0)
+                    device_rows[name].rounds.append(images / (time.process_time() - start))
     finally:
         torch.set_num_threads(threads)
-    return [*rows.values(), *([device_row] if device_row else [])]
-
-
-def _rounds(sets, rows, device_row, fast_module, images, rounds) -> None:
-    for r in range(rounds):
-        for name, dataset in sets.items():  # interleaved: both see the same machine load
-            rate, samples = _time_samples(dataset, images, r * images)
-            rows[name].rounds.append(rate)
-            if name == "fast_decode":
-                batch = ImageBatch(torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples]),
-                                   torch.tensor(0))
-                start = time.process_time()
-                fast_module.on_after_batch_transfer(batch, 0)
-                device_row.rounds.append(images / (time.process_time() - start))
+    return [*rows.values(), *device_rows.values()]
 
 
 def gpu_decode_rate(folder: Path, device: str, batch: int = 128, rounds: int = 3) -> float:
@@ -274,18 +271,36 @@ def warm(files: list[Path]) -> None:
 
 
 def _cpu_seconds() -> float:
-    """CPU seconds of this process and of its ended, joined children (the loader's workers)."""
+    """CPU seconds of this process and of its ended, joined children."""
     me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
+def _running_children_cpu(leave_out: set[int] = frozenset()) -> float | None:
+    """CPU seconds so far of this process's running multiprocessing children but ``leave_out`` (pids
+    of those that are not the loader's workers), from /proc (getrusage counts a child only once it
+    has ended); None where there is no /proc."""
+    total = 0.0
+    for child in multiprocessing.active_children():
+        if child.pid in leave_out:
+            continue
+        try:
+            fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return total
+
+
 def time_loader(root: Path | str, fmt: str, workers: int, images: int, batch: int, gpu_decode: bool,
                 seed: int = 0, cache_dir: Path | None = None, read_threads: int = 0) -> tuple[float, float, int]:
-    """(wall s, CPU s of this process + workers, images) for the first ``images`` training images of
-    a shuffled epoch through the DataModule's own training loader (``litdata-block``: the packed
-    format in ``data.shuffle=block``'s order; ``root`` may be an ``s3://`` pack, ``cache_dir`` its
-    ``data.cache_dir``). With ``gpu_decode`` this process also reads each batch's bytes once (one byte
-    a page, as the decoder reads them: the hand-over's cost on the receiving side)."""
+    """(wall s, CPU s of this process + workers, images) for ``images`` training images of a shuffled
+    epoch through the DataModule's own training loader (``litdata-block``: the packed format in
+    ``data.shuffle=block``'s order; ``root`` may be an ``s3://`` pack, ``cache_dir`` its
+    ``data.cache_dir``), in the steady state: timed after each worker's first batch (its start-up:
+    forking, opening files, once per run with persistent workers) where the epoch has batches to
+    spare. With ``gpu_decode`` this process also reads each batch's bytes once (one byte a page, as
+    the decoder reads them: the hand-over's cost on the receiving side)."""
     from vitlab.data.imagenet import ImageNetDataModule
 
     extra = dict(auto_augment=None, color_jitter=0) if gpu_decode else {}
@@ -298,25 +313,36 @@ def time_loader(root: Path | str, fmt: str, workers: int, images: int, batch: in
     loader = dm.train_dataloader()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a loader worker (with workers=0 this process does their work)
-    cpu0, t0 = _cpu_seconds(), time.perf_counter()
-    seen = 0
-    it = iter(loader)
-    while seen < images:
+
+    def take(it) -> int | None:
         try:
-            batch = next(it)
+            got = next(it)
         except StopIteration:
-            break
-        seen += len(batch.targets)
+            return None
         if gpu_decode:  # the training process reads the bytes as the decoder does (a byte a page), then gives them back
-            batch.images.bytes()[::4096].sum()
-            batch.images.release()
-    batch = None
+            got.images.bytes()[::4096].sum()
+            got.images.release()
+        return len(got.targets)
+
+    start_up = max(workers, 1)
+    others = {child.pid for child in multiprocessing.active_children()}  # e.g. a local S3 server
+    it = iter(loader)
+    steady = len(loader) * batch > images + start_up * batch and _running_children_cpu(others) is not None
+    for _ in range(start_up if steady else 0):
+        take(it)
+    cpu0, children0, t0 = _cpu_seconds(), _running_children_cpu(others) if steady else 0.0, time.perf_counter()
+    seen = 0
+    while seen < images and (n := take(it)) is not None:
+        seen += n
     wall = time.perf_counter() - t0
-    del it, loader  # the workers end and are joined here: their CPU time counts from now on
+    if steady:
+        cpu = _cpu_seconds() - cpu0 + _running_children_cpu(others) - children0
+    del it, loader  # the workers end and are joined here
     # a worker the loader had to terminate (one blocked in a download) is not joined by it: reaped here,
     # or its CPU time would be missing from the figure
     multiprocessing.active_children()
-    cpu = _cpu_seconds() - cpu0
+    if not steady:  # the workers' whole lives, start-up included (getrusage, once they have ended)
+        cpu = _cpu_seconds() - cpu0
     torch.set_num_threads(threads)
     return wall, cpu, seen
 

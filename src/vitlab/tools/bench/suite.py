@@ -15,6 +15,8 @@ after every item, so a run cut short keeps what it measured):
   the wall time, kernel launches, the top ops);
 * the packed ImageNet reader from a cold page cache through two workers (every image once);
 * ``make train``'s demo as a Lightning run on the device (bf16, ``data.gpu_decode``), in its own process;
+* ``data.gpu_decode``'s shared batch slots: images decoded on the device from slots the workers refill
+  at once, against the CPU's decode of their bytes;
 * the ImageNet loader's images/s (one worker per core: decode + augmentation; ``data.fast_decode``),
   and the device's images/s for ``data.gpu_decode``'s part (decode, crop, flip, normalise, erase).
 
@@ -163,6 +165,48 @@ def pack_diagnosis(root: Path) -> str:
     return "; ".join(notes)
 
 
+# nvJPEG's pixels against libjpeg's on the generated JPEGs (tests/test_gpu_decode.py's NVJPEG_DIFF plus
+# room): an image decoded from bytes overwritten midway is off by tens of grey levels on average
+DECODE_DIFF_MEAN = 5.0
+
+
+def ring_decode(device: torch.device, data_dir: str | None, images: int) -> list[Row]:
+    """data.gpu_decode's batches through the training loader's shared slots (2 workers), decoded on
+    ``device`` as the DataModule's transfer does, each slot given back right after the decode call
+    while the workers fill the next ones: every image against the CPU's decode of a copy of its
+    bytes taken before. A decoder still reading the host bytes after returning (asynchronous
+    nvJPEG) would show here as images far from the CPU's."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from vitlab.data.gpu_decode import DeviceAugment, RingSlot
+    from vitlab.data.imagenet import ImageNetDataModule
+    from vitlab.data.throughput import bench_dir, generate
+
+    folder = generate("imagenet", bench_dir(data_dir), max(images, 64))
+    dm = ImageNetDataModule(str(folder), batch_size=16, num_workers=2, gpu_decode=True, auto_augment=None,
+                            color_jitter=0)
+    dm.setup("fit")
+    decoder = DeviceAugment(dm.img_size, dm.scale)
+    worst, in_slots, seen, pending = 0.0, 0, 0, []
+    for batch in dm.train_dataloader():
+        in_slots += isinstance(batch.images.data, RingSlot)
+        copies = [part.clone() for part in batch.images.split()]
+        decoded = decoder.decode(batch.images.split(), device)
+        batch.images.release()
+        pending.append((copies, decoded))
+        seen += len(copies)
+        if seen >= images:
+            break
+    for copies, decoded in pending:
+        for data, image in zip(copies, decoded):
+            cpu = decode_jpeg(data, mode=ImageReadMode.RGB).float()
+            worst = max(worst, float((image.cpu().float() - cpu).abs().mean()))
+    status = "ok" if worst <= DECODE_DIFF_MEAN and in_slots else (
+        f"failed: worst mean difference {worst:.1f} grey levels (limit {DECODE_DIFF_MEAN}), "
+        f"{in_slots} batches in slots")
+    return [Row("gpu_decode slots", f"{seen} images, worst mean diff {worst:.2f}", "loader", status=status)]
+
+
 def _failed(item: str, model: str, kind: str, err: BaseException) -> Row:
     first = (str(err).strip().splitlines() or [""])[0][:120]
     status = "out of memory" if isinstance(err, torch.cuda.OutOfMemoryError) else f"failed: {type(err).__name__}"
@@ -254,10 +298,14 @@ def items(scale: Scale, device: torch.device, reference_dir: Path, data_dir: str
     def lightning() -> list[Row]:
         return lightning_demo(device, data_dir)
 
+    def ring() -> list[Row]:
+        return ring_decode(device, data_dir, scale.loader_images)
+
     out = [(f"train {m}", m, "ours", classification(m)) for m in MODELS]
     out += [(f"profile {m}", m, "profile", profiled(m)) for m in PROFILED]
     out.append(("packed imagenet", "imagenet", "loader", packed))
     out.append(("lightning demo", "pvt_v2_b0", "run", lightning))
+    out.append(("gpu_decode slots", "imagenet", "loader", ring))
     out += [(f"compile {m}", m, "compiled", compiled(m)) for m in COMPILED]
     out += [(f"{task} {m}", m, "dense", dense(task, m, size)) for task, m, size in DENSE]
     out.append(("loader imagenet", "imagenet", "loader", loader))
