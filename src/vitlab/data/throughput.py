@@ -299,8 +299,8 @@ def time_loader(root: Path | str, fmt: str, workers: int, images: int, batch: in
     ``data.shuffle=block``'s order; ``root`` may be an ``s3://`` pack, ``cache_dir`` its
     ``data.cache_dir``), in the steady state: timed after each worker's first batch (its start-up:
     forking, opening files, once per run with persistent workers) where the epoch has batches to
-    spare. With ``gpu_decode`` this process also reads each batch's bytes once (one byte a page, as
-    the decoder reads them: the hand-over's cost on the receiving side)."""
+    spare. This process also reads each batch once (one byte a page, as the transfer to the device or
+    ``gpu_decode``'s decoder reads it: the hand-over's cost on the receiving side)."""
     from vitlab.data.imagenet import ImageNetDataModule
 
     extra = dict(auto_augment=None, color_jitter=0) if gpu_decode else {}
@@ -319,9 +319,12 @@ def time_loader(root: Path | str, fmt: str, workers: int, images: int, batch: in
             got = next(it)
         except StopIteration:
             return None
-        if gpu_decode:  # the training process reads the bytes as the decoder does (a byte a page), then gives them back
+        # this process reads each batch as the transfer to the device (or the decoder) would: a byte a page
+        if gpu_decode:
             got.images.bytes()[::4096].sum()
-            got.images.release()
+            got.images.release()  # decoded: its slot goes back to the workers
+        else:
+            got.images.flatten()[::4096].sum()
         return len(got.targets)
 
     start_up = max(workers, 1)
