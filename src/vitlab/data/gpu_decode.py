@@ -62,7 +62,7 @@ class ByteRing:
         self.key = uuid.uuid4().hex  # how a batch unpickled in the training process finds this ring
         _RINGS[self.key] = self
 
-    def __getstate__(self):  # a spawned worker (no inherited mapping) uses a new block per batch
+    def __getstate__(self):  # a spawned or forkserver worker (no inherited mapping) uses a new block per batch
         return {"key": None}
 
     def __setstate__(self, state):

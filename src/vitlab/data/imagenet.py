@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -539,8 +540,8 @@ class ImageNetDataModule(PackableDataModule):
         if self.gpu_decode:
             from vitlab.data.gpu_decode import ByteRing, collate_bytes
 
-            if not self.num_workers:
-                return collate_bytes
+            if not self.num_workers or "fork" not in multiprocessing.get_all_start_methods():
+                return collate_bytes  # (the slots are inherited by forked workers; Windows has no fork)
             # the workers' batches of bytes go into shared slots made here, before the workers start:
             # prefetch_factor (2) batches in flight per worker, one held ahead by Lightning, one decoding
             self._byte_ring = ByteRing(self.num_workers, slots=4, slot_bytes=self.batch_size * RING_BYTES_PER_IMAGE)
