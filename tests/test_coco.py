@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -228,6 +229,23 @@ def test_ground_truth_as_predictions_scores_ap_1(paste_workers, coco_root, tmp_p
         assert ev.stats[0] == pytest.approx(result[f"{iou_type}_map"], abs=1e-4)
 
 
+def test_images_leave_the_workers_as_uint8_and_reach_the_model_in_0_1(coco_root):
+    """A worker hands over uint8 images (a quarter of float32's bytes); the DataModule's after-transfer
+    hook gives the model what torchvision's ToDtype(float32, scale=True) gave in the workers before;
+    predict.py's transform (no transfer hook) scales itself."""
+    dm = datamodule(coco_root, num_workers=1)
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        batch = next(iter(loader))
+        assert batch.images and all(im.dtype == torch.uint8 for im in batch.images)
+        moved = dm.on_after_batch_transfer(batch, 0)
+        assert moved.targets is batch.targets
+        for raw, image in zip(batch.images, moved.images):
+            assert image.dtype == torch.float32 and image.shape == raw.shape
+            torch.testing.assert_close(image, raw.double().div(255).float(), atol=1e-7, rtol=0)
+    image = dm.eval_image_transform()(Image.new("RGB", (40, 30), (255, 0, 51)))
+    assert image.dtype == torch.float32 and image[:, 0, 0].tolist() == pytest.approx([1.0, 0.0, 0.2])
+
+
 def test_validation_loss_on_images_without_objects(coco_root):
     """Mask R-CNN's validation with ``val_loss`` on an image without annotations (COCO val has 48) and
     one with only a crowd region: the loss terms are finite, and the images are evaluated (their
@@ -249,7 +267,8 @@ def test_validation_loss_on_images_without_objects(coco_root):
     task.eval()
     task.on_validation_epoch_start()
     with torch.no_grad():
-        task.validation_step(DetectionBatch([image_a, image_b], [empty, crowd], skipped), 0)
+        batch = dm.on_after_batch_transfer(DetectionBatch([image_a, image_b], [empty, crowd], skipped), 0)  # as Lightning
+        task.validation_step(batch, 0)
     losses = {name: metric.compute() for name, metric in task.val_losses.items()}
     assert set(losses) == set(task.model.loss_names) and all(torch.isfinite(v) for v in losses.values())
     assert [im["id"] for im in task.val_coco.images] == [int(empty["image_id"]), int(crowd["image_id"])]

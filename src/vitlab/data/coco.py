@@ -17,7 +17,9 @@ the image.
 
 Padding to a multiple of 32 and the mean/std normalisation happen inside the
 model (torchvision's ``GeneralizedRCNNTransform``, see ``vitlab.heads.detection``):
-batches here are lists of float images in [0, 1] of different sizes.
+batches here are lists of images of different sizes, uint8 out of the loader (a quarter of the
+bytes a worker hands over as float32: measured 2x the CPU per image through a worker) and scaled to
+float [0, 1] after the transfer to the device (``CocoDataModule.on_after_batch_transfer``).
 
 Labels are contiguous ``0..K-1`` in the order of the sorted category ids;
 ``category_ids[label]`` maps back (used when writing the results JSON).
@@ -195,7 +197,7 @@ def image_problems(item: tuple[Path, dict, str], full: bool) -> list[tuple[str, 
 
 
 class CocoDetectionDataset(Dataset):
-    """One COCO split. Items: ``(image float CHW in [0,1], target dict)`` or ``None`` (skipped corrupt file).
+    """One COCO split. Items: ``(image uint8 CHW, target dict)`` or ``None`` (skipped corrupt file).
 
     Training targets: ``boxes`` (XYXY ``BoundingBoxes``), ``labels``, ``masks`` (``Mask``, N x H x W)
     after the transforms, crowd regions removed. Validation targets: original coordinates,
@@ -544,15 +546,22 @@ class CocoDataModule(PackableDataModule):
             resize,
             *crops,
             v2.RandomHorizontalFlip(self.flip_prob),
-            v2.ToDtype(torch.float32, scale=True),  # images only; normalisation is in the model
-            v2.SanitizeBoundingBoxes(min_size=1),  # drops boxes (and their labels, masks) squashed by the resize
+            v2.SanitizeBoundingBoxes(min_size=1),  # (images stay uint8: scaled after the transfer)  # drops boxes (and their labels, masks) squashed by the resize
         ])
 
     def val_transforms(self):
-        return v2.Compose([v2.Resize(self.test_scale, max_size=self.max_size), v2.ToDtype(torch.float32, scale=True)])
+        return v2.Compose([v2.Resize(self.test_scale, max_size=self.max_size)])  # uint8: scaled after the transfer
 
     def eval_image_transform(self):
-        return v2.Compose([v2.ToImage(), self.val_transforms()])  # uint8 tensor first, as the dataset does
+        # uint8 tensor first, as the dataset does; scaled here (predict.py's loader has no transfer hook)
+        return v2.Compose([v2.ToImage(), self.val_transforms(), v2.ToDtype(torch.float32, scale=True)])
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Images leave the loader as uint8; the model takes float [0, 1] (torchvision's ToDtype, on the
+        device: what the transforms did in the workers before). Normalisation stays in the model."""
+        if isinstance(batch, DetectionBatch):
+            batch = batch._replace(images=[TF.to_dtype(im, torch.float32, scale=True) for im in batch.images])
+        return batch
 
     def setup(self, stage: str | None = None) -> None:
         if self.val_set is not None:
