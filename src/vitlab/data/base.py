@@ -119,7 +119,8 @@ class ImageBatch(NamedTuple):
 
 
 class DetectionBatch(NamedTuple):
-    """Detection: images of different sizes in [0, 1] and their target dicts (boxes, labels, ...)."""
+    """Detection: images of different sizes (uint8 from the loader, float in [0, 1] after the
+    DataModule's transfer hook) and their target dicts (boxes, labels, ...)."""
 
     images: list[torch.Tensor]
     targets: list[dict]
