@@ -171,3 +171,47 @@ def test_gpu_decode_training_loader_uses_slots_and_decoding_gives_them_back(fold
     assert kinds == [RingSlot] * 6
     del batch
     assert not ring.taken.any()
+
+
+def _burn(seconds: float) -> None:
+    import time
+
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def test_running_workers_cpu_is_read_while_they_run():
+    """The loader bench's steady state reads its running workers' CPU time from /proc (getrusage counts
+    a child only after it ended); children that are not the loader's are left out."""
+    import multiprocessing
+
+    from vitlab.data.throughput import _running_children_cpu
+
+    busy = multiprocessing.get_context("fork").Process(target=_burn, args=(30,))
+    busy.start()
+    try:
+        import time
+
+        time.sleep(0.6)
+        got = _running_children_cpu()
+        assert got is not None and got >= 0.3, got
+        assert _running_children_cpu({busy.pid}) == 0.0
+    finally:
+        busy.terminate()
+        busy.join()
+
+
+def test_loader_bench_times_the_steady_state_where_the_epoch_allows(folder, monkeypatch):
+    """Each worker's first batch (its start-up) is left out of the timing when the epoch has batches to
+    spare; a short epoch is timed whole."""
+    from vitlab.data import throughput
+
+    calls = []
+    real = throughput._running_children_cpu
+    monkeypatch.setattr(throughput, "_running_children_cpu", lambda *a: calls.append(a) or real(*a))
+    wall, cpu, seen = throughput.time_loader(folder, "folder", 1, 8, 4, gpu_decode=False)  # 24 images: 6 batches
+    assert seen == 8 and wall > 0 and cpu > 0 and len(calls) == 3  # checked, then before and after
+    calls.clear()
+    wall, cpu, seen = throughput.time_loader(folder, "folder", 1, 24, 4, gpu_decode=False)  # the whole epoch
+    assert seen == 24 and cpu > 0 and not calls

@@ -546,7 +546,8 @@ class CocoDataModule(PackableDataModule):
             resize,
             *crops,
             v2.RandomHorizontalFlip(self.flip_prob),
-            v2.SanitizeBoundingBoxes(min_size=1),  # (images stay uint8: scaled after the transfer)  # drops boxes (and their labels, masks) squashed by the resize
+            v2.SanitizeBoundingBoxes(min_size=1),  # drops boxes (and their labels, masks) squashed by the resize
+            # (images stay uint8: on_after_batch_transfer scales them)
         ])
 
     def val_transforms(self):
