@@ -16,6 +16,7 @@ from typing import Any, ClassVar, NamedTuple
 import lightning as L
 import numpy as np
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -95,15 +96,11 @@ def _small_by_value(t: torch.Tensor):
 
 def reduce_batch(batch: tuple):
     """``__reduce__`` of the batch types: the fields, their small tensors by value (see above)."""
-    from lightning_utilities.core.apply_func import apply_to_collection
-
     return _rebuild_batch, (type(batch), tuple(apply_to_collection(field, torch.Tensor, _small_by_value)
                                                for field in batch))
 
 
 def _rebuild_batch(cls, fields: tuple):
-    from lightning_utilities.core.apply_func import apply_to_collection
-
     # unpickled, the small tensors are tensors again; copy.copy passes the wrappers as they are
     return cls(*apply_to_collection(fields, _ByValue, lambda wrapped: wrapped.tensor))
 

@@ -1,7 +1,8 @@
 """``data.gpu_decode=true``: JPEGs decoded and augmented on the accelerator.
 
 Loader workers only read the files' bytes (``read_bytes``; a packed dataset's items as they are)
-and hand over one uint8 tensor of a batch's files (``JpegBytes``). The batch's transfer to the device
+and hand over a batch's files end to end (``JpegBytes``), written into a shared slot that the
+training process gives back once decoded (``ByteRing``). The batch's transfer to the device
 (``ImageNetDataModule.transfer_batch_to_device``; the bytes stay on the host) is ``DeviceAugment``: it
 decodes the batch with ``torchvision.io.decode_jpeg(..., device=...)`` (nvJPEG, batched, on a GPU;
 libjpeg on the CPU when there is none: the same code), then draws timm's random-resized-crop box
